@@ -1,0 +1,42 @@
+# moegraph: set-up, training and tests in one place.
+#   make train   create .venv if missing, install, run the default experiment
+#   make test    same set-up, then the test suite
+# GPU users: create .venv and install your CUDA build of torch into it first;
+# the set-up installs TORCH_SPEC only when no torch is importable.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.moegraph-installed
+export MOEGRAPH_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup train test test-all bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: setup
+	$(BIN)/moegraph-train $(ARGS)
+
+# pytest exits 5 when it collects no test: make treats that as the failure it is.
+test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python experiments/bench_moe.py
+
+lint: setup
+	$(BIN)/ruff check moegraph tests experiments
+
+clean:
+	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache

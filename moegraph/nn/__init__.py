@@ -1,0 +1,28 @@
+r"""Layers of moegraph: pure PyTorch / PyG modules that know nothing of
+Lightning or Hydra."""
+from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.moe import MoEOutput, SparseMoE
+from moegraph.nn.routing import (
+    AUX_LOSS_NAMES,
+    ExpertChoiceRouter,
+    Router,
+    Routing,
+    TopKRouter,
+    TopPRouter,
+    sum_aux_losses,
+)
+
+__all__ = [
+    "AUX_LOSS_NAMES",
+    "ExpertChoiceRouter",
+    "Experts",
+    "MLPExperts",
+    "ModuleExperts",
+    "MoEOutput",
+    "Router",
+    "Routing",
+    "SparseMoE",
+    "TopKRouter",
+    "TopPRouter",
+    "sum_aux_losses",
+]

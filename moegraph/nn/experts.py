@@ -1,0 +1,279 @@
+r"""Expert banks: run each expert on the contiguous block of rows routed to it.
+
+An expert bank receives rows already sorted by expert (``x_sorted``) and the
+number of rows for each expert (``counts``), and returns one output row per
+input row, in the same order. Only the rows routed to an expert touch its
+weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import Module, ModuleList, Parameter
+from torch_geometric.nn.resolver import activation_resolver
+
+BACKENDS = ("auto", "loop", "grouped_mm")
+
+
+def _has_grouped_mm() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    r"""The compute path for stacked experts.
+
+    ``"loop"``: one matmul per non-empty expert block (pure PyTorch, every
+    device). ``"grouped_mm"``: :func:`torch._grouped_mm` over all blocks in one
+    call. ``"auto"`` picks ``"loop"``: on CPU it measured faster than
+    ``grouped_mm`` (see ``experiments/bench_moe.py``); the CUDA choice is left
+    to measurement on a GPU.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
+    if backend == "grouped_mm" and not _has_grouped_mm():
+        raise RuntimeError("backend='grouped_mm' needs torch._grouped_mm (PyTorch >= 2.8)")
+    return "loop" if backend == "auto" else backend
+
+
+class Experts(Module):
+    r"""Base class of expert banks.
+
+    ``forward(x_sorted, counts, weight=None) -> y_sorted``: rows sorted by
+    expert, ``counts[e]`` rows for expert ``e``; if ``weight [A]`` is given,
+    each output row is scaled by it (the combine weight of its assignment).
+    """
+
+    num_experts: int
+    in_channels: int
+    out_channels: int
+
+    def forward(self, x_sorted: Tensor, counts: Tensor,
+                weight: Optional[Tensor] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _SegmentMLP(torch.autograd.Function):
+    r"""Two-layer MLP experts over contiguous row blocks, one matmul per block.
+
+    Outputs and gradients are written into preallocated buffers (no ``cat`` of
+    blocks in either direction) and the combine weight is applied per block
+    while the block is still in cache. Saves what a dense FFN saves: the
+    input, and per block the activation's own autograd graph (its input and
+    output), so any activation module works and nothing is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, sizes, act, w1, b1, w2, b2):
+        A, O = x.size(0), w2.size(-1)
+        y = x.new_empty(A, O)
+        graphs = []  # per block: (activation input, activation output)
+        start = 0
+        for e, size in enumerate(sizes):
+            if size == 0:
+                continue
+            end = start + size
+            hp = x[start:end] @ w1[e] if b1 is None else torch.addmm(b1[e], x[start:end], w1[e])
+            with torch.enable_grad():
+                hp.requires_grad_()
+                h = act(hp)
+            graphs.append((hp, h))
+            if b2 is None:
+                torch.mm(h.detach(), w2[e], out=y[start:end])
+            else:
+                torch.addmm(b2[e], h.detach(), w2[e], out=y[start:end])
+            start = end
+        ctx.sizes, ctx.graphs = sizes, graphs
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        if weight is None:
+            ctx.save_for_backward(x, None, None, w1, w2)
+            return y
+        ctx.save_for_backward(x, weight, y, w1, w2)
+        return y * weight.unsqueeze(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, y, w1, w2 = ctx.saved_tensors
+        sizes, graphs = ctx.sizes, iter(ctx.graphs)
+        grad_out = grad_out.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_weight = torch.empty_like(weight) if (need_w and weight is not None) else None
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        gb1 = w1.new_empty(w1.size(0), w1.size(2)) if ctx.has_b1 else None
+        gb2 = w2.new_empty(w2.size(0), w2.size(2)) if ctx.has_b2 else None
+        start = 0
+        for e, size in enumerate(sizes):
+            if size == 0:
+                gw1[e].zero_()
+                gw2[e].zero_()
+                if gb1 is not None:
+                    gb1[e].zero_()
+                if gb2 is not None:
+                    gb2[e].zero_()
+                continue
+            end = start + size
+            g = grad_out[start:end]
+            if weight is not None:
+                if grad_weight is not None:
+                    grad_weight[start:end] = (g * y[start:end]).sum(dim=-1)
+                g = g * weight[start:end].unsqueeze(-1)
+            hp, h = next(graphs)
+            torch.mm(h.detach().t(), g, out=gw2[e])
+            if gb2 is not None:
+                torch.sum(g, dim=0, out=gb2[e])
+            grad_h = torch.autograd.grad(h, hp, g @ w2[e].t(), retain_graph=True)[0]
+            torch.mm(x[start:end].t(), grad_h, out=gw1[e])
+            if gb1 is not None:
+                torch.sum(grad_h, dim=0, out=gb1[e])
+            if grad_x is not None:
+                torch.mm(grad_h, w1[e].t(), out=grad_x[start:end])
+            start = end
+        return grad_x, grad_weight, None, None, gw1, gb1, gw2, gb2
+
+
+class MLPExperts(Experts):
+    r"""``E`` two-layer MLP experts with stacked weights.
+
+    .. math::
+        e_i(\mathbf{x}) = \sigma(\mathbf{x}\mathbf{W}^{(1)}_i + \mathbf{b}^{(1)}_i)
+        \mathbf{W}^{(2)}_i + \mathbf{b}^{(2)}_i,
+        \qquad \mathbf{W}^{(1)} \in \mathbb{R}^{E\times F\times H},\;
+        \mathbf{W}^{(2)} \in \mathbb{R}^{E\times H\times O}
+
+    Each slice is initialised like a :class:`torch.nn.Linear` of its shape.
+
+    Args:
+        in_channels (int): input size :math:`F`.
+        hidden_channels (int): hidden size :math:`H` of each expert.
+        out_channels (int): output size :math:`O`.
+        num_experts (int): number of experts :math:`E`.
+        act (str or Module, optional): activation, resolved by PyG's
+            :func:`activation_resolver`. (default: :obj:`"gelu"`)
+        act_kwargs (dict, optional): arguments of the activation.
+        bias (bool, optional): learn biases. (default: :obj:`True`)
+        backend (str, optional): ``"auto"``, ``"loop"`` or ``"grouped_mm"``
+            (see :func:`resolve_backend`). (default: :obj:`"auto"`)
+
+    Shapes:
+        - **input:** ``x_sorted [A, F]`` sorted by expert, ``counts [E]``
+        - **output:** ``[A, O]``
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
+                 num_experts: int, act: str | Module = "gelu",
+                 act_kwargs: Optional[dict[str, Any]] = None, bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
+                            ("out_channels", out_channels), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+        if backend not in BACKENDS:
+            raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        self.num_experts = num_experts
+        self.act = activation_resolver(act, **(act_kwargs or {}))
+        self.backend = backend
+        E = num_experts
+        self.weight1 = Parameter(torch.empty(E, in_channels, hidden_channels))
+        self.weight2 = Parameter(torch.empty(E, hidden_channels, out_channels))
+        if bias:
+            self.bias1 = Parameter(torch.empty(E, hidden_channels))
+            self.bias2 = Parameter(torch.empty(E, out_channels))
+        else:
+            self.register_parameter("bias1", None)
+            self.register_parameter("bias2", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for weight, bias in ((self.weight1, self.bias1), (self.weight2, self.bias2)):
+            bound = 1.0 / math.sqrt(weight.size(1))  # nn.Linear's default, per slice
+            for e in range(self.num_experts):
+                torch.nn.init.uniform_(weight[e], -bound, bound)
+                if bias is not None:
+                    torch.nn.init.uniform_(bias[e], -bound, bound)
+
+    def forward(self, x_sorted: Tensor, counts: Tensor,
+                weight: Optional[Tensor] = None) -> Tensor:
+        backend = resolve_backend(self.backend, x_sorted.device)
+        if backend == "grouped_mm":
+            y = self._grouped_mm(x_sorted, counts)
+            return y if weight is None else y * weight.to(y.dtype).unsqueeze(-1)
+        # Under autocast the block runs in the autocast dtype, as nn.Linear would.
+        dtype = (torch.get_autocast_dtype(x_sorted.device.type)
+                 if torch.is_autocast_enabled(x_sorted.device.type) else x_sorted.dtype)
+        params = [p if p is None else p.to(dtype)
+                  for p in (self.weight1, self.bias1, self.weight2, self.bias2)]
+        x_sorted = x_sorted.to(dtype).contiguous()
+        weight = None if weight is None else weight.to(dtype)
+        sizes = counts.tolist()  # host sync: block sizes are needed on the host
+        with torch.autocast(device_type=x_sorted.device.type, enabled=False):
+            return _SegmentMLP.apply(x_sorted, weight, sizes, self.act, *params)
+
+    def _grouped_mm(self, x: Tensor, counts: Tensor) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x, self.weight1.to(x.dtype), offs=offs)
+        if self.bias1 is not None or self.bias2 is not None:
+            eid = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device),
+                                          counts, output_size=x.size(0))
+        if self.bias1 is not None:
+            h = h + self.bias1.to(h.dtype)[eid]
+        h = self.act(h)
+        y = torch._grouped_mm(h, self.weight2.to(h.dtype), offs=offs)
+        if self.bias2 is not None:
+            y = y + self.bias2.to(y.dtype)[eid]
+        return y
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
+                f"{self.out_channels}, num_experts={self.num_experts})")
+
+
+class ModuleExperts(Experts):
+    r"""Arbitrary :class:`torch.nn.Module` experts, each mapping ``[n, F]`` to
+    ``[n, O]``. An expert is called only on the rows routed to it, and not at
+    all when none are.
+
+    Args:
+        experts (sequence of Module): the experts.
+        in_channels (int): input size :math:`F`.
+        out_channels (int): output size :math:`O` of every expert.
+    """
+
+    def __init__(self, experts: Sequence[Module], in_channels: int, out_channels: int):
+        super().__init__()
+        if len(experts) < 1:
+            raise ValueError("'experts' must hold at least one module")
+        self.experts = ModuleList(experts)
+        self.num_experts = len(self.experts)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+    def reset_parameters(self):
+        for expert in self.experts:
+            if hasattr(expert, "reset_parameters"):
+                expert.reset_parameters()
+
+    def forward(self, x_sorted: Tensor, counts: Tensor,
+                weight: Optional[Tensor] = None) -> Tensor:
+        sizes = counts.tolist()  # host sync
+        outs = []
+        for expert, xe, size in zip(self.experts, x_sorted.split(sizes), sizes):
+            if size == 0:
+                continue
+            y = expert(xe)
+            if y.dim() != 2 or y.size(0) != size or y.size(1) != self.out_channels:
+                raise ValueError(f"expert {expert.__class__.__name__} returned shape "
+                                 f"{tuple(y.shape)}, expected [{size}, {self.out_channels}]")
+            outs.append(y)
+        y = torch.cat(outs, dim=0) if outs else x_sorted.new_zeros(0, self.out_channels)
+        return y if weight is None else y * weight.to(y.dtype).unsqueeze(-1)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(num_experts={self.num_experts})"

@@ -1,0 +1,226 @@
+r"""Sparse Mixture-of-Experts feed-forward block."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.nn import Linear, Module, Sequential
+from torch_geometric.nn.resolver import activation_resolver
+
+from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.routing import (
+    ROUTERS,
+    ExpertChoiceRouter,
+    Router,
+    Routing,
+    drop_overflow,
+    expert_capacity,
+)
+
+
+class MoEOutput(NamedTuple):
+    r"""Output of :class:`SparseMoE`: the combined rows and the routing record."""
+
+    out: Tensor
+    routing: Routing
+
+
+def combine(y_sorted: Tensor, rows: Tensor, num_rows: int, fixed_k: Optional[int] = None,
+            deterministic: bool = False) -> Tensor:
+    r"""Sum weighted expert outputs back into their rows.
+
+    Args:
+        y_sorted (Tensor): ``[A, O]`` weighted expert outputs, sorted by expert.
+        rows (Tensor): ``[A]`` the row of each of them.
+        num_rows (int): ``N``.
+        fixed_k (int, optional): if every row has exactly ``k`` assignments,
+            laid out row-major before sorting.
+        deterministic (bool, optional): with ``fixed_k``, un-permute and sum
+            over ``k`` instead of a scatter-add, which is deterministic on
+            CUDA too (a CPU scatter-add already is). (default: :obj:`False`)
+    """
+    if deterministic and fixed_k is not None:
+        # Group each row's k outputs together (their order within a row does
+        # not matter for the sum), then reduce: a gather and a sum, no atomics.
+        order = torch.argsort(rows, stable=True)  # [A]
+        y = y_sorted.index_select(0, order).view(num_rows, fixed_k, y_sorted.size(-1))
+        return y.sum(dim=1)  # [N, O]
+    out = y_sorted.new_zeros(num_rows, y_sorted.size(-1))
+    return out.index_add_(0, rows, y_sorted)
+
+
+class SparseMoE(Module):
+    r"""Sparse Mixture-of-Experts feed-forward block (Shazeer et al., 2017;
+    Fedus et al., 2021), with optional always-on shared experts (Dai et al.,
+    2024, `"DeepSeekMoE" <https://arxiv.org/abs/2401.06066>`_).
+
+    .. math::
+        \mathbf{y}_n = \sum_{i \in \mathcal{S}(\mathbf{x}_n)} g_i(\mathbf{x}_n)\,
+        e_i(\mathbf{x}_n) \;+\; \sum_{j=1}^{S} s_j(\mathbf{x}_n)
+
+    where the router chooses the set :math:`\mathcal{S}(\mathbf{x}_n)` and the
+    weights :math:`g_i`, and :math:`s_j` are the shared experts. Rows are
+    sorted by expert and each expert runs once on its contiguous block, so a
+    row touches only the weights of the experts it was routed to (dropless by
+    default). Works on any ``[N, F]`` input: nodes, edges or tokens.
+
+    With ``capacity_factor`` set, each expert takes at most
+    ``ceil(capacity_factor * A / E)`` assignments (``A = N * k`` for top-k);
+    the overflow is dropped deterministically (first choices first, then by
+    row index) and contributes nothing.
+
+    Args:
+        in_channels (int): input size :math:`F`.
+        hidden_channels (int): hidden size of each MLP expert.
+        out_channels (int, optional): output size; :obj:`in_channels` if
+            :obj:`None`. (default: :obj:`None`)
+        num_experts (int, optional): routed experts :math:`E`. (default: :obj:`8`)
+        k (int, optional): experts per row for the ``"topk"`` router;
+            :obj:`None` means 2. Not accepted by the other routers.
+            (default: :obj:`None`)
+        router (str or Router, optional): ``"topk"``, ``"topp"``,
+            ``"expert_choice"``, or a router module. (default: :obj:`"topk"`)
+        router_kwargs (dict, optional): further arguments of a router given by
+            name (``noisy``, ``num_null_experts``, ``p``, ...).
+        experts (Experts or sequence of Module, optional): custom experts,
+            replacing the stacked MLP experts. (default: :obj:`None`)
+        num_shared_experts (int, optional): always-on experts :math:`S`.
+            (default: :obj:`0`)
+        shared_hidden_channels (int, optional): hidden size of each shared
+            expert; :obj:`hidden_channels` if :obj:`None`.
+        capacity_factor (float, optional): per-expert capacity factor;
+            :obj:`None` is dropless. (default: :obj:`None`)
+        act (str or Module, optional): expert activation. (default: :obj:`"gelu"`)
+        act_kwargs (dict, optional): arguments of the activation.
+        bias (bool, optional): experts learn biases. (default: :obj:`True`)
+        backend (str, optional): compute path of the stacked experts, see
+            :func:`moegraph.nn.experts.resolve_backend`. (default: :obj:`"auto"`)
+        deterministic (bool, optional): combine without scatter-add when every
+            row has exactly ``k`` experts; always on for CUDA inputs, where a
+            scatter-add is not deterministic. (default: :obj:`False`)
+
+    Shapes:
+        - **input:** ``[N, F]``
+        - **output:** :class:`MoEOutput` with ``out [N, O]`` and the
+          :class:`Routing`
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: Optional[int] = None,
+        num_experts: int = 8,
+        k: Optional[int] = None,
+        router: Union[str, Router] = "topk",
+        router_kwargs: Optional[dict[str, Any]] = None,
+        experts: Union[Experts, Sequence[Module], None] = None,
+        num_shared_experts: int = 0,
+        shared_hidden_channels: Optional[int] = None,
+        capacity_factor: Optional[float] = None,
+        act: Union[str, Module] = "gelu",
+        act_kwargs: Optional[dict[str, Any]] = None,
+        bias: bool = True,
+        backend: str = "auto",
+        deterministic: bool = False,
+    ):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        self.capacity_factor = capacity_factor
+        self.num_shared_experts = num_shared_experts
+        self.deterministic = deterministic
+
+        if isinstance(router, str):
+            if router not in ROUTERS:
+                raise ValueError(f"'router' must be one of {sorted(ROUTERS)} or a Router "
+                                 f"module (got {router!r})")
+            kwargs = dict(router_kwargs or {})
+            if router == "topk":
+                kwargs["k"] = 2 if k is None else k
+            elif k is not None:
+                raise ValueError(f"'k' applies to the 'topk' router only (router={router!r}); "
+                                 f"pass that router's own arguments in 'router_kwargs'")
+            router = ROUTERS[router](in_channels, num_experts, **kwargs)
+        elif not isinstance(router, Router):
+            raise TypeError(f"'router' must be a name or a Router (got {type(router).__name__})")
+        elif router.in_channels != in_channels or router.num_experts != num_experts:
+            raise ValueError(f"the router {router} does not match in_channels={in_channels}, "
+                             f"num_experts={num_experts}")
+        self.router = router
+        self.num_experts = num_experts
+
+        if capacity_factor is not None:
+            if isinstance(router, ExpertChoiceRouter):
+                raise ValueError("the expert-choice router sets its own capacity: pass "
+                                 "'capacity_factor' in 'router_kwargs', not to SparseMoE")
+            if not capacity_factor > 0:
+                raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+
+        if experts is None:
+            experts = MLPExperts(in_channels, hidden_channels, out_channels, num_experts, act,
+                                 act_kwargs, bias, backend)
+        elif not isinstance(experts, Experts):
+            experts = ModuleExperts(list(experts), in_channels, out_channels)
+        if experts.num_experts != num_experts:
+            raise ValueError(f"got {experts.num_experts} experts but num_experts={num_experts}")
+        self.experts = experts
+
+        if num_shared_experts < 0:
+            raise ValueError(f"'num_shared_experts' must be non-negative "
+                             f"(got {num_shared_experts})")
+        if num_shared_experts > 0:
+            # S shared experts of hidden size h summed == one MLP of hidden S * h.
+            width = num_shared_experts * (shared_hidden_channels or hidden_channels)
+            self.shared = Sequential(
+                Linear(in_channels, width, bias=bias),
+                activation_resolver(act, **(act_kwargs or {})),
+                Linear(width, out_channels, bias=bias),
+            )
+        else:
+            self.shared = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared is not None:
+            for module in self.shared:
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        r"""
+        Args:
+            x (Tensor): rows ``[N, F]`` (N rows, F features).
+
+        Returns:
+            :class:`MoEOutput`: ``out [N, O]`` and the :class:`Routing` over
+            the E experts (A assignments).
+        """
+        routing = self.router(x)  # checks x
+        N = x.size(0)
+        if self.capacity_factor is not None and routing.row.numel() > 0:
+            capacity = expert_capacity(routing.row.numel(), self.num_experts,
+                                       self.capacity_factor)
+            routing = drop_overflow(routing, capacity)
+
+        order = torch.argsort(routing.expert, stable=True)  # [A]
+        rows = routing.row[order]  # [A]
+        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
+        y_sorted = self.experts(x.index_select(0, rows), counts, routing.weight[order])  # [A, O]
+        out = combine(y_sorted, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return MoEOutput(out, routing)
+
+    def __repr__(self) -> str:
+        k = getattr(self.router, "k", None)
+        extra = f", k={k}" if k is not None else f", router={self.router.__class__.__name__}"
+        if self.num_shared_experts:
+            extra += f", num_shared_experts={self.num_shared_experts}"
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
+                f"{self.out_channels}, num_experts={self.num_experts}{extra})")

@@ -1,0 +1,516 @@
+r"""Routers for sparse Mixture-of-Experts layers.
+
+A router only routes: it maps rows ``x`` of shape ``[N, F]`` (nodes, edges or
+tokens) to a list of *assignments* ``(row, expert, weight)`` and returns the
+auxiliary losses that keep the routing healthy. It never runs experts and
+never stores state between calls; the layer that owns it dispatches, runs the
+experts and combines (see :class:`moegraph.nn.SparseMoE`).
+
+Routing is computed in float32 with autocast disabled, whatever precision the
+experts run in.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module, Parameter
+
+AUX_LOSS_NAMES = ("load_balance", "z_loss", "importance", "entropy")
+"""Names of the auxiliary losses a router can return (unweighted)."""
+
+
+class Routing(NamedTuple):
+    r"""The routing decision for ``N`` rows over ``E`` experts.
+
+    Assignments are stored flat (``A`` of them): assignment ``a`` sends row
+    ``row[a]`` to expert ``expert[a]`` with combine weight ``weight[a]``. This
+    covers a fixed number of experts per row (top-k), a variable number
+    (top-p, null experts, dropped overflow) and expert-chosen rows alike.
+
+    Attributes:
+        row (Tensor): ``[A]`` row index of each assignment.
+        expert (Tensor): ``[A]`` expert index of each assignment, in ``[0, E)``.
+            Null experts never appear here: they cost nothing.
+        weight (Tensor): ``[A]`` float32 combine weight of each assignment.
+        probs (Tensor): ``[N, E + E_null]`` float32 router probabilities.
+        load (Tensor): ``[E]`` float32 number of assignments per expert.
+        aux_loss (dict): unweighted auxiliary losses by name (see
+            :data:`AUX_LOSS_NAMES`); zero tensors in eval mode.
+        fixed_k (int, optional): if set, the assignments are laid out row-major
+            with exactly ``fixed_k`` per row (``row == arange(N).repeat_interleave(k)``),
+            which lets the layer combine without a scatter.
+        dropped (Tensor, optional): number of assignments dropped for lack of
+            capacity, when a capacity was applied.
+    """
+
+    row: Tensor
+    expert: Tensor
+    weight: Tensor
+    probs: Tensor
+    load: Tensor
+    aux_loss: dict[str, Tensor]
+    fixed_k: Optional[int] = None
+    dropped: Optional[Tensor] = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.probs.size(0)
+
+    @property
+    def num_experts(self) -> int:
+        return self.load.numel()
+
+    def experts_per_row(self) -> Tensor:
+        r"""Number of real experts each row was sent to, ``[N]``."""
+        return torch.bincount(self.row, minlength=self.num_rows)
+
+    def dense_weight(self) -> Tensor:
+        r"""Combine weights as a dense ``[N, E]`` matrix (zero where not routed).
+
+        Meant for diagnostics and tests, not for the forward pass.
+        """
+        out = self.weight.new_zeros(self.num_rows, self.num_experts)
+        return out.index_put_((self.row, self.expert), self.weight, accumulate=True)
+
+
+# Auxiliary losses ############################################################
+
+
+def load_balancing_loss(probs: Tensor, top1: Tensor) -> Tensor:
+    r"""Switch Transformer load-balancing loss (Fedus et al., 2021).
+
+    .. math::
+        \mathcal{L}_{\text{balance}} = E \sum_{i=1}^{E} f_i P_i,
+
+    with :math:`f_i` the fraction of rows whose first choice is expert
+    :math:`i` and :math:`P_i` the mean router probability of expert :math:`i`.
+    Equals 1 under perfectly uniform routing.
+
+    Args:
+        probs (Tensor): router probabilities ``[N, E]``.
+        top1 (Tensor): first-choice expert of each row ``[N]``.
+    """
+    N, E = probs.shape
+    if N == 0:
+        return probs.new_zeros(())
+    f = torch.bincount(top1, minlength=E).to(probs.dtype) / N
+    P = probs.mean(dim=0)
+    return E * (f * P).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    r"""Router z-loss of ST-MoE (Zoph et al., 2022):
+    :math:`\frac{1}{N}\sum_n \big(\log\sum_i e^{z_{ni}}\big)^2`."""
+    if logits.size(0) == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
+    r"""Squared coefficient of variation :math:`\mathrm{Var}(x) / \mathrm{mean}(x)^2`,
+    with the unbiased variance as in Shazeer et al. (2017); zero for one element."""
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean().pow(2) + eps)
+
+
+def importance_loss(gates: Tensor, load: Tensor) -> Tensor:
+    r"""Balance loss of Shazeer et al. (2017):
+    :math:`\mathrm{CV}(\text{importance})^2 + \mathrm{CV}(\text{load})^2`.
+
+    Args:
+        gates (Tensor): dense combine weights ``[N, E]``; importance is their
+            column sum.
+        load (Tensor): per-expert load ``[E]`` (the smooth estimator under
+            noisy gating, otherwise assignment counts).
+    """
+    return cv_squared(gates.sum(dim=0)) + cv_squared(load)
+
+
+def entropy_loss(probs: Tensor) -> Tensor:
+    r"""Mean entropy of the router distribution, the "dynamic loss" of top-p
+    routing (Huang et al., 2024) that keeps the router from going uniform."""
+    if probs.size(0) == 0:
+        return probs.new_zeros(())
+    return -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+
+
+def sum_aux_losses(routings: Iterable[Routing]) -> dict[str, Tensor]:
+    r"""Sum the auxiliary losses of several routings (e.g. one per layer) by name."""
+    total: dict[str, Tensor] = {}
+    for routing in routings:
+        for name, value in routing.aux_loss.items():
+            total[name] = total[name] + value if name in total else value
+    return total
+
+
+# Capacity ####################################################################
+
+
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+    r"""Per-expert capacity ``ceil(capacity_factor * A / E)`` for ``A`` assignments
+    (``A = N * k`` for top-k routing)."""
+    return math.ceil(capacity_factor * num_assignments / num_experts)
+
+
+def drop_overflow(routing: Routing, capacity: int) -> Routing:
+    r"""Keep at most ``capacity`` assignments per expert, dropping the rest
+    deterministically.
+
+    Priority follows GShard / Switch: all first choices come before all second
+    choices, and so on; within the same choice rank, lower row index first. A
+    dropped assignment contributes nothing to its row (its weight is not given
+    to the other experts). The routing must list each row's assignments
+    together, rows in ascending order, best choice first (as
+    :class:`TopKRouter` and :class:`TopPRouter` do).
+    """
+    if capacity < 0:
+        raise ValueError(f"'capacity' must be non-negative (got {capacity})")
+    A, N, E = routing.row.numel(), routing.num_rows, routing.num_experts
+    device = routing.row.device
+    # Rank of each assignment within its row (0 = first choice).
+    per_row = torch.bincount(routing.row, minlength=N)
+    start = torch.cumsum(per_row, 0) - per_row
+    rank = torch.arange(A, device=device) - start[routing.row]
+    # Order by (expert, rank, row) with two stable sorts.
+    order = torch.argsort(rank * max(N, 1) + routing.row, stable=True)
+    order = order[torch.argsort(routing.expert[order], stable=True)]
+    counts = torch.bincount(routing.expert, minlength=E)
+    expert_start = torch.cumsum(counts, 0) - counts
+    sorted_expert = routing.expert[order]
+    position = torch.arange(A, device=device) - expert_start[sorted_expert]
+    keep = torch.zeros(A, dtype=torch.bool, device=device)
+    keep[order] = position < capacity
+    expert = routing.expert[keep]
+    return routing._replace(
+        row=routing.row[keep],
+        expert=expert,
+        weight=routing.weight[keep],
+        load=torch.bincount(expert, minlength=E).to(routing.load.dtype),
+        fixed_k=None,
+        dropped=(~keep).sum(),
+    )
+
+
+# Routers #####################################################################
+
+
+class Router(Module):
+    r"""Base class of the routers: a float32 linear gate ``logits = x W_g^T``
+    plus the checks every router shares."""
+
+    def __init__(self, in_channels: int, num_experts: int, num_null_experts: int = 0):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"'in_channels' must be positive (got {in_channels})")
+        if num_experts < 1:
+            raise ValueError(f"'num_experts' must be positive (got {num_experts})")
+        if num_null_experts < 0:
+            raise ValueError(f"'num_null_experts' must be non-negative (got {num_null_experts})")
+        self.in_channels = in_channels
+        self.num_experts = num_experts
+        self.num_null_experts = num_null_experts
+        self.weight = Parameter(torch.empty(num_experts + num_null_experts, in_channels))
+
+    @property
+    def num_total_experts(self) -> int:
+        return self.num_experts + self.num_null_experts
+
+    def reset_parameters(self):
+        torch.nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _check_input(self, x: Tensor):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"'x' must be a tensor (got {type(x).__name__})")
+        if x.dim() != 2:
+            raise ValueError(
+                f"'x' must be 2-D [num_rows, in_channels] (got shape {tuple(x.shape)})")
+        if x.size(1) != self.in_channels:
+            raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
+                             f"expects in_channels={self.in_channels}")
+
+    def _logits(self, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        r"""Float32 logits, autocast off. Raises on non-finite values."""
+        weight = self.weight if weight is None else weight
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), weight.float())
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+            bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
+            raise ValueError(f"{self.__class__.__name__} got non-finite router logits in {bad} "
+                             f"row(s): 'x' contains NaN or Inf")
+        return logits
+
+    def _drop_null(self, row: Tensor, expert: Tensor, weight: Tensor,
+                   fixed_k: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Optional[int]]:
+        r"""Drop assignments to null experts."""
+        if self.num_null_experts > 0:
+            real = expert < self.num_experts
+            row, expert, weight = row[real], expert[real], weight[real]
+            fixed_k = None
+        return row, expert, weight, fixed_k
+
+    def __repr__(self) -> str:
+        extra = f", num_null_experts={self.num_null_experts}" if self.num_null_experts else ""
+        return (f"{self.__class__.__name__}({self.in_channels}, "
+                f"num_experts={self.num_experts}{self._repr_args()}{extra})")
+
+    def _repr_args(self) -> str:
+        return ""
+
+
+class TopKRouter(Router):
+    r"""Top-k softmax router (Shazeer et al., 2017, `"Outrageously Large Neural
+    Networks" <https://arxiv.org/abs/1701.06538>`_), optionally with noisy
+    gating and null experts (Zeng et al., 2024, `"AdaMoE"
+    <https://arxiv.org/abs/2406.13233>`_).
+
+    .. math::
+        h(\mathbf{x}) &= \mathbf{x}\mathbf{W}_g + \epsilon \cdot
+        \mathrm{softplus}(\mathbf{x}\mathbf{W}_n),\quad \epsilon\sim\mathcal{N}(0, 1)
+        \text{ (training, noisy only)}
+
+        \mathcal{K}(\mathbf{x}) &= \mathrm{TopK}(h(\mathbf{x}), k),\qquad
+        g_i(\mathbf{x}) = \frac{e^{h_i}}{\sum_{j\in\mathcal{K}} e^{h_j}},\; i\in\mathcal{K}
+
+    With ``num_null_experts > 0`` the top-k is taken over the real and the null
+    experts; assignments to null experts are dropped, so a row uses between
+    ``0`` and ``k`` real experts and its real weights sum to at most one.
+
+    Returned auxiliary losses: ``load_balance`` (Switch, over first choices),
+    ``z_loss``, and ``importance`` (Shazeer's :math:`\mathrm{CV}^2` of
+    importance plus load, with the smooth load estimator when noisy).
+
+    Args:
+        in_channels (int): size of each input row.
+        num_experts (int): number of real experts :math:`E`.
+        k (int, optional): experts per row, ``1 <= k <= E + num_null_experts``.
+            (default: :obj:`2`)
+        noisy (bool, optional): add learned Gaussian noise to the logits in
+            training. (default: :obj:`False`)
+        num_null_experts (int, optional): zero-compute experts. (default: :obj:`0`)
+        normalize (bool, optional): renormalise the weights over the chosen
+            experts; otherwise use the full-softmax probabilities.
+            (default: :obj:`True`)
+
+    Shapes:
+        - **input:** ``[N, in_channels]``
+        - **output:** :class:`Routing` with ``A <= N * k`` assignments
+    """
+
+    def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
+                 num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2):
+        super().__init__(in_channels, num_experts, num_null_experts)
+        if not isinstance(k, int) or k < 1 or k > num_experts + num_null_experts:
+            raise ValueError(f"'k' must be an integer in [1, {num_experts + num_null_experts}] "
+                             f"(num_experts + num_null_experts), got {k}")
+        self.k = k
+        self.noisy = noisy
+        self.normalize = normalize
+        self.noise_epsilon = noise_epsilon
+        if noisy:
+            self.noise_weight = Parameter(torch.empty_like(self.weight))
+        else:
+            self.register_parameter("noise_weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.noise_weight is not None:
+            torch.nn.init.zeros_(self.noise_weight)  # as in Shazeer et al.
+
+    def _repr_args(self) -> str:
+        return f", k={self.k}" + (", noisy=True" if self.noisy else "")
+
+    def forward(self, x: Tensor) -> Routing:
+        r"""Route ``x`` of shape ``[N, F]`` (N rows, F features) to ``K = k`` experts each."""
+        self._check_input(x)
+        N, k, Et = x.size(0), self.k, self.num_total_experts
+        clean = self._logits(x)  # [N, Et]
+        noise_std = None
+        if self.noisy and self.training:
+            noise_std = F.softplus(self._logits(x, self.noise_weight)) + self.noise_epsilon
+            logits = clean + torch.randn_like(clean) * noise_std
+        else:
+            logits = clean
+        probs = logits.softmax(dim=-1)  # [N, Et]
+        top_logits, top_idx = logits.topk(k, dim=-1)  # [N, K]
+        if self.normalize:
+            top_weight = top_logits.softmax(dim=-1)
+        else:
+            top_weight = probs.gather(1, top_idx)
+        row = torch.arange(N, device=x.device).repeat_interleave(k)
+        expert, weight = top_idx.reshape(-1), top_weight.reshape(-1)
+
+        if self.training:
+            gates = torch.zeros_like(probs).scatter(1, top_idx, top_weight)  # [N, Et]
+            if noise_std is not None and k < Et:
+                load = self._smooth_load(clean, logits, noise_std)
+            else:
+                load = torch.bincount(expert, minlength=Et).to(probs.dtype)
+            losses = {
+                "load_balance": load_balancing_loss(probs, top_idx[:, 0]),
+                "z_loss": z_loss(logits),
+                "importance": importance_loss(gates, load),
+            }
+        else:
+            losses = dict.fromkeys(("load_balance", "z_loss", "importance"), probs.new_zeros(()))
+
+        row, expert, weight, fixed_k = self._drop_null(row, expert, weight, k)
+        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        return Routing(row, expert, weight, probs, load, losses, fixed_k)
+
+    def _smooth_load(self, clean: Tensor, noisy: Tensor, noise_std: Tensor) -> Tensor:
+        r"""Shazeer's differentiable load estimate: the probability that each
+        expert stays in the top-k when only its own noise is re-drawn."""
+        top_vals, _ = noisy.topk(self.k + 1, dim=-1)  # [N, K+1]
+        threshold_if_in = top_vals[:, self.k:self.k + 1]
+        threshold_if_out = top_vals[:, self.k - 1:self.k]
+        is_in = noisy > threshold_if_in
+        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
+        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)  # [Et]
+
+
+class TopPRouter(Router):
+    r"""Top-p dynamic router (Huang et al., 2024, `"Harder Tasks Need More
+    Experts: Dynamic Routing in MoE Models" <https://arxiv.org/abs/2403.07652>`_).
+
+    Experts are sorted by probability; each row keeps the smallest prefix whose
+    probability mass reaches ``p`` (the expert that crosses ``p`` included):
+
+    .. math::
+        t = \min\Big\{m : \sum_{j\le m} P_{(j)}(\mathbf{x}) \ge p\Big\},\qquad
+        \mathcal{S}(\mathbf{x}) = \{(1), \dots, (t)\}
+
+    and the row's output is :math:`\sum_{i\in\mathcal{S}} P_i\, e_i(\mathbf{x})`
+    (``normalize=False``, as in the paper) or with the kept probabilities
+    renormalised to one.
+
+    Returned auxiliary losses: ``load_balance``, ``z_loss``, ``importance`` and
+    ``entropy`` (the paper's dynamic loss, which stops the router from
+    spreading mass to activate every expert).
+
+    Args:
+        in_channels (int): size of each input row.
+        num_experts (int): number of real experts.
+        p (float, optional): probability threshold in ``(0, 1]``. (default: :obj:`0.5`)
+        max_k (int, optional): cap on experts per row. (default: :obj:`None`)
+        num_null_experts (int, optional): zero-compute experts. (default: :obj:`0`)
+        normalize (bool, optional): renormalise kept weights to sum to one.
+            (default: :obj:`False`)
+    """
+
+    def __init__(self, in_channels: int, num_experts: int, p: float = 0.5,
+                 max_k: Optional[int] = None, num_null_experts: int = 0,
+                 normalize: bool = False):
+        super().__init__(in_channels, num_experts, num_null_experts)
+        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+            raise ValueError(f"'p' must be in (0, 1] (got {p})")
+        if max_k is not None and not (1 <= max_k <= self.num_total_experts):
+            raise ValueError(f"'max_k' must be in [1, {self.num_total_experts}] (got {max_k})")
+        self.p = float(p)
+        self.max_k = max_k
+        self.normalize = normalize
+        self.reset_parameters()
+
+    def _repr_args(self) -> str:
+        return f", p={self.p}"
+
+    def forward(self, x: Tensor) -> Routing:
+        r"""Route ``x`` of shape ``[N, F]``; the number of experts varies per row."""
+        self._check_input(x)
+        logits = self._logits(x)  # [N, Et]
+        probs = logits.softmax(dim=-1)
+        sorted_p, sorted_idx = probs.sort(dim=-1, descending=True)  # [N, Et]
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        keep = mass_before < self.p  # [N, Et]
+        keep[:, 0] = True
+        if self.max_k is not None:
+            keep[:, self.max_k:] = False
+        row, col = keep.nonzero(as_tuple=True)  # row-major: grouped by row, best first
+        expert, weight = sorted_idx[row, col], sorted_p[row, col]
+        if self.normalize:
+            total = torch.zeros_like(probs[:, 0]).index_add_(0, row, weight)
+            weight = weight / total[row]
+
+        if self.training:
+            gates = torch.zeros_like(probs).index_put_((row, expert), weight)
+            load = torch.bincount(expert, minlength=self.num_total_experts).to(probs.dtype)
+            losses = {
+                "load_balance": load_balancing_loss(probs, sorted_idx[:, 0]),
+                "z_loss": z_loss(logits),
+                "importance": importance_loss(gates, load),
+                "entropy": entropy_loss(probs),
+            }
+        else:
+            losses = dict.fromkeys(("load_balance", "z_loss", "importance", "entropy"),
+                                   probs.new_zeros(()))
+        row, expert, weight, _ = self._drop_null(row, expert, weight, None)
+        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        return Routing(row, expert, weight, probs, load, losses, None)
+
+
+class ExpertChoiceRouter(Router):
+    r"""Expert-choice router (Zhou et al., 2022, `"Mixture-of-Experts with
+    Expert Choice Routing" <https://arxiv.org/abs/2202.09368>`_).
+
+    Each expert picks its top-``c`` rows by router score, so the load is
+    balanced by construction and a row may be taken by any number of experts
+    (zero included):
+
+    .. math::
+        \mathbf{S} = \mathrm{softmax}(\mathbf{X}\mathbf{W}_g) \in \mathbb{R}^{N\times E},
+        \qquad c = \Big\lceil \frac{N \cdot \text{capacity\_factor}}{E} \Big\rceil,
+
+    expert :math:`i` takes the rows of :math:`\mathrm{TopK}(\mathbf{S}_{:, i}, c)`
+    with weights :math:`S_{ni}`. Since the choice depends on the whole batch,
+    a row's output depends on the other rows in it (not on their order).
+
+    Returned auxiliary losses: ``z_loss``.
+
+    Args:
+        in_channels (int): size of each input row.
+        num_experts (int): number of experts.
+        capacity_factor (float, optional): average experts per row.
+            (default: :obj:`1.0`)
+    """
+
+    def __init__(self, in_channels: int, num_experts: int, capacity_factor: float = 1.0):
+        super().__init__(in_channels, num_experts, 0)
+        if not capacity_factor > 0:
+            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+        self.capacity_factor = float(capacity_factor)
+        self.reset_parameters()
+
+    def _repr_args(self) -> str:
+        return f", capacity_factor={self.capacity_factor}"
+
+    def capacity(self, num_rows: int) -> int:
+        return min(num_rows, math.ceil(num_rows * self.capacity_factor / self.num_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        r"""Route ``x`` of shape ``[N, F]``; each of the E experts takes ``c`` rows."""
+        self._check_input(x)
+        E = self.num_experts
+        logits = self._logits(x)  # [N, E]
+        probs = logits.softmax(dim=-1)
+        c = self.capacity(x.size(0))
+        top_w, top_rows = probs.topk(c, dim=0)  # [c, E]
+        row = top_rows.t().reshape(-1)  # grouped by expert
+        weight = top_w.t().reshape(-1)
+        expert = torch.arange(E, device=x.device).repeat_interleave(c)
+        losses = {"z_loss": z_loss(logits) if self.training else probs.new_zeros(())}
+        load = torch.full((E,), float(c), device=x.device)
+        return Routing(row, expert, weight, probs, load, losses, None)
+
+
+ROUTERS = {
+    "topk": TopKRouter,
+    "topp": TopPRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
