@@ -2,6 +2,7 @@ r"""Layers of moegraph: pure PyTorch / PyG modules that know nothing of
 Lightning or Hydra."""
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
 from moegraph.nn.moe import MoEOutput, SparseMoE
+from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import (
     AUX_LOSS_NAMES,
     ExpertChoiceRouter,
@@ -18,11 +19,13 @@ __all__ = [
     "Experts",
     "MLPExperts",
     "ModuleExperts",
+    "ModelOutput",
     "MoEOutput",
     "Router",
     "Routing",
     "SparseMoE",
     "TopKRouter",
     "TopPRouter",
+    "as_model_output",
     "sum_aux_losses",
 ]

@@ -62,11 +62,13 @@ class _SegmentMLP(torch.autograd.Function):
     blocks in either direction) and the combine weight is applied per block
     while the block is still in cache. Saves what a dense FFN saves: the
     input, and per block the activation's own autograd graph (its input and
-    output), so any activation module works and nothing is recomputed.
+    output), so any activation module works and nothing is recomputed; the
+    activation's own trainable parameters are passed as trailing inputs so that
+    they get their gradient too (e.g. PReLU).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, sizes, act, w1, b1, w2, b2):
+    def forward(ctx, x, weight, sizes, act, w1, b1, w2, b2, *act_params):
         A, O = x.size(0), w2.size(-1)
         y = x.new_empty(A, O)
         graphs = []  # per block: (activation input, activation output)
@@ -85,7 +87,7 @@ class _SegmentMLP(torch.autograd.Function):
             else:
                 torch.addmm(b2[e], h.detach(), w2[e], out=y[start:end])
             start = end
-        ctx.sizes, ctx.graphs = sizes, graphs
+        ctx.sizes, ctx.graphs, ctx.act_params = sizes, graphs, act_params
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         if weight is None:
             ctx.save_for_backward(x, None, None, w1, w2)
@@ -105,6 +107,7 @@ class _SegmentMLP(torch.autograd.Function):
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1 = w1.new_empty(w1.size(0), w1.size(2)) if ctx.has_b1 else None
         gb2 = w2.new_empty(w2.size(0), w2.size(2)) if ctx.has_b2 else None
+        grad_act = [torch.zeros_like(p) for p in ctx.act_params]
         start = 0
         for e, size in enumerate(sizes):
             if size == 0:
@@ -125,14 +128,18 @@ class _SegmentMLP(torch.autograd.Function):
             torch.mm(h.detach().t(), g, out=gw2[e])
             if gb2 is not None:
                 torch.sum(g, dim=0, out=gb2[e])
-            grad_h = torch.autograd.grad(h, hp, g @ w2[e].t(), retain_graph=True)[0]
+            grad_h, *grad_p = torch.autograd.grad(h, (hp, *ctx.act_params), g @ w2[e].t(),
+                                                  retain_graph=True, allow_unused=True)
+            for acc, grad in zip(grad_act, grad_p, strict=True):
+                if grad is not None:
+                    acc += grad
             torch.mm(x[start:end].t(), grad_h, out=gw1[e])
             if gb1 is not None:
                 torch.sum(grad_h, dim=0, out=gb1[e])
             if grad_x is not None:
                 torch.mm(grad_h, w1[e].t(), out=grad_x[start:end])
             start = end
-        return grad_x, grad_weight, None, None, gw1, gb1, gw2, gb2
+        return (grad_x, grad_weight, None, None, gw1, gb1, gw2, gb2, *grad_act)
 
 
 class MLPExperts(Experts):
@@ -214,7 +221,8 @@ class MLPExperts(Experts):
         weight = None if weight is None else weight.to(dtype)
         sizes = counts.tolist()  # host sync: block sizes are needed on the host
         with torch.autocast(device_type=x_sorted.device.type, enabled=False):
-            return _SegmentMLP.apply(x_sorted, weight, sizes, self.act, *params)
+            act_params = [p for p in self.act.parameters() if p.requires_grad]
+            return _SegmentMLP.apply(x_sorted, weight, sizes, self.act, *params, *act_params)
 
     def _grouped_mm(self, x: Tensor, counts: Tensor) -> Tensor:
         offs = counts.cumsum(0).to(torch.int32)

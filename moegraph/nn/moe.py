@@ -140,7 +140,9 @@ class SparseMoE(Module):
                                  f"module (got {router!r})")
             kwargs = dict(router_kwargs or {})
             if router == "topk":
-                kwargs["k"] = 2 if k is None else k
+                if k is not None and kwargs.get("k", k) != k:
+                    raise ValueError(f"'k' given twice: k={k} and router_kwargs['k']={kwargs['k']}")
+                kwargs.setdefault("k", 2 if k is None else k)
             elif k is not None:
                 raise ValueError(f"'k' applies to the 'topk' router only (router={router!r}); "
                                  f"pass that router's own arguments in 'router_kwargs'")

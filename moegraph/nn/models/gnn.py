@@ -1,0 +1,195 @@
+r"""GNN backbones whose feed-forward part can be a sparse MoE block."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Identity, Linear, Module, ModuleList
+from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+from torch_geometric.nn.resolver import activation_resolver
+
+from moegraph.nn.moe import SparseMoE
+from moegraph.nn.output import ModelOutput
+from moegraph.nn.routing import sum_aux_losses
+
+CONVS = ("gcn", "sage", "gat", "gin")
+NORMS = (None, "none", "layer_norm", "batch_norm")
+
+
+def make_conv(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> Module:
+    r"""A PyG graph convolution by name: ``"gcn"``, ``"sage"``, ``"gat"``
+    (heads concatenated to ``out_channels``) or ``"gin"`` (two-layer MLP)."""
+    if name == "gcn":
+        return GCNConv(in_channels, out_channels, **kwargs)
+    if name == "sage":
+        return SAGEConv(in_channels, out_channels, **kwargs)
+    if name == "gat":
+        heads = kwargs.pop("heads", 1)
+        if out_channels % heads != 0:
+            raise ValueError(f"GAT: out_channels={out_channels} is not divisible by "
+                             f"heads={heads}")
+        return GATConv(in_channels, out_channels // heads, heads=heads, **kwargs)
+    if name == "gin":
+        mlp = torch.nn.Sequential(Linear(in_channels, out_channels), torch.nn.ReLU(),
+                                  Linear(out_channels, out_channels))
+        return GINConv(mlp, **kwargs)
+    raise ValueError(f"'conv' must be one of {CONVS} (got {name!r})")
+
+
+def make_norm(name: Optional[str], channels: int) -> Module:
+    r"""Per-node normalisation: ``"layer_norm"``, ``"batch_norm"`` or none."""
+    if name in (None, "none"):
+        return Identity()
+    if name == "layer_norm":
+        return torch.nn.LayerNorm(channels)
+    if name == "batch_norm":
+        return torch.nn.BatchNorm1d(channels)
+    raise ValueError(f"'norm' must be one of {NORMS} (got {name!r})")
+
+
+class MoEGNN(Module):
+    r"""A GNN of residual blocks, each a graph convolution followed by a
+    feed-forward part that is a sparse MoE block every ``moe_every``-th layer
+    (Switch-style) and a dense FFN (or nothing) elsewhere.
+
+    .. math::
+        \mathbf{H} &\leftarrow \mathrm{Norm}\big(\mathbf{H} + \mathrm{Drop}(
+        \sigma(\mathrm{Conv}(\mathbf{H}, \mathcal{E})))\big)
+
+        \mathbf{H} &\leftarrow \mathrm{Norm}\big(\mathbf{H} + \mathrm{Drop}(
+        \mathrm{FFN}(\mathbf{H}))\big),\qquad
+        \mathrm{FFN} \in \{\mathrm{SparseMoE}, \mathrm{MLP}, 0\}
+
+    with an input projection to ``hidden_channels`` before the first block
+    and a linear classifier after the last.
+
+    Args:
+        in_channels (int): node feature size.
+        hidden_channels (int): width of every block.
+        out_channels (int): number of classes.
+        num_layers (int, optional): number of blocks. (default: :obj:`2`)
+        conv (str, optional): ``"gcn"``, ``"sage"``, ``"gat"`` or ``"gin"``.
+            (default: :obj:`"gcn"`)
+        conv_kwargs (dict, optional): further arguments of the convolution.
+        ffn (str, optional): ``"moe"``, ``"dense"`` or ``"none"``.
+            (default: :obj:`"moe"`)
+        moe_every (int, optional): put the MoE block in every n-th layer, a
+            dense FFN in the others. (default: :obj:`1`)
+        ffn_hidden_channels (int, optional): hidden size of each expert (and
+            of the dense FFN); :obj:`hidden_channels` if :obj:`None`.
+        num_experts (int, optional): experts per MoE block. (default: :obj:`8`)
+        k (int, optional): experts per node for the top-k router.
+        moe_kwargs (dict, optional): further arguments of
+            :class:`~moegraph.nn.SparseMoE` (router, router_kwargs,
+            num_shared_experts, capacity_factor, ...).
+        act (str, optional): activation. (default: :obj:`"relu"`)
+        norm (str, optional): ``"layer_norm"``, ``"batch_norm"`` or
+            :obj:`None`. (default: :obj:`"layer_norm"`)
+        dropout (float, optional): dropout rate. (default: :obj:`0.0`)
+        input_dropout (float, optional): dropout on the input features.
+            (default: :obj:`0.0`)
+
+    Shapes:
+        - **input:** ``x [N, F]``, ``edge_index [2, M]``
+        - **output:** :class:`~moegraph.nn.output.ModelOutput` with
+          ``logits [N, C]`` and one routing record per MoE block
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        num_layers: int = 2,
+        conv: str = "gcn",
+        conv_kwargs: Optional[dict[str, Any]] = None,
+        ffn: str = "moe",
+        moe_every: int = 1,
+        ffn_hidden_channels: Optional[int] = None,
+        num_experts: int = 8,
+        k: Optional[int] = None,
+        moe_kwargs: Optional[dict[str, Any]] = None,
+        act: Union[str, Module] = "relu",
+        norm: Optional[str] = "layer_norm",
+        dropout: float = 0.0,
+        input_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"'num_layers' must be positive (got {num_layers})")
+        if ffn not in ("moe", "dense", "none"):
+            raise ValueError(f"'ffn' must be 'moe', 'dense' or 'none' (got {ffn!r})")
+        if moe_every < 1:
+            raise ValueError(f"'moe_every' must be positive (got {moe_every})")
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        self.num_layers = num_layers
+        self.conv_name = conv
+        self.ffn = ffn
+        self.moe_every = moe_every
+        self.dropout = dropout
+        self.input_dropout = input_dropout
+        self.act = activation_resolver(act)
+        ffn_hidden = ffn_hidden_channels or hidden_channels
+
+        self.lin_in = Linear(in_channels, hidden_channels)
+        self.convs = ModuleList()
+        self.conv_norms = ModuleList()
+        self.ffns = ModuleList()
+        self.ffn_norms = ModuleList()
+        for layer in range(num_layers):
+            self.convs.append(make_conv(conv, hidden_channels, hidden_channels,
+                                        **dict(conv_kwargs or {})))
+            self.conv_norms.append(make_norm(norm, hidden_channels))
+            if ffn == "moe" and (layer + 1) % moe_every == 0:
+                block: Module = SparseMoE(hidden_channels, ffn_hidden, hidden_channels,
+                                          num_experts=num_experts, k=k, act=act,
+                                          **dict(moe_kwargs or {}))
+            elif ffn in ("moe", "dense"):
+                block = torch.nn.Sequential(Linear(hidden_channels, ffn_hidden),
+                                            activation_resolver(act),
+                                            Linear(ffn_hidden, hidden_channels))
+            else:
+                block = Identity()
+            self.ffns.append(block)
+            self.ffn_norms.append(make_norm(norm, hidden_channels))
+        self.lin_out = Linear(hidden_channels, out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
+        r"""
+        Args:
+            x (Tensor): node features ``[N, F]``.
+            edge_index (Tensor): edges ``[2, M]``.
+        """
+        x = F.dropout(x, self.input_dropout, self.training)
+        h = self.lin_in(x)  # [N, H]
+        routings = []
+        for conv, conv_norm, ffn, ffn_norm in zip(self.convs, self.conv_norms, self.ffns,
+                                                  self.ffn_norms):
+            h = conv_norm(h + F.dropout(self.act(conv(h, edge_index)), self.dropout,
+                                        self.training))
+            if isinstance(ffn, Identity):
+                continue
+            if isinstance(ffn, SparseMoE):
+                y, routing = ffn(h)
+                routings.append(routing)
+            else:
+                y = ffn(h)
+            h = ffn_norm(h + F.dropout(y, self.dropout, self.training))
+        logits = self.lin_out(h)  # [N, C]
+        return ModelOutput(logits, sum_aux_losses(routings), tuple(routings))
+
+    def __repr__(self) -> str:
+        num_moe = sum(isinstance(f, SparseMoE) for f in self.ffns)
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
+                f"{self.out_channels}, num_layers={self.num_layers}, conv={self.conv_name}, "
+                f"moe_layers={num_moe})")

@@ -1,0 +1,120 @@
+r"""Node classification as a LightningModule around any moegraph or PyG network."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module
+from torch_geometric.data import Data
+from torchmetrics import Accuracy, MetricCollection
+
+from moegraph.nn.output import ModelOutput, as_model_output
+from moegraph.nn.routing import AUX_LOSS_NAMES
+
+
+def check_aux_loss_weights(weights: Optional[dict[str, float]]) -> dict[str, float]:
+    r"""Validate the weights of the auxiliary losses by name."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(AUX_LOSS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown auxiliary loss(es) {unknown} in 'aux_loss_weights'; known: "
+                         f"{list(AUX_LOSS_NAMES)}")
+    return {name: float(w) for name, w in weights.items() if w}
+
+
+def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
+                      ref: Tensor) -> Tensor:
+    r"""``sum_name weights[name] * aux_loss[name]`` over the losses the model returned."""
+    total = ref.new_zeros(())
+    for name, w in weights.items():
+        if name in aux_loss:
+            total = total + w * aux_loss[name]
+    return total
+
+
+class NodeClassificationTask(L.LightningModule):
+    r"""Full-batch node classification.
+
+    The network is a plain :class:`torch.nn.Module` called as
+    ``net(x, edge_index)``; it returns logits or a
+    :class:`~moegraph.nn.output.ModelOutput`, whose auxiliary losses are
+    weighted here and added to the cross-entropy. Logs ``{split}/loss``,
+    ``{split}/acc``, ``train/aux_loss`` and each ``train/aux/<name>``.
+
+    Args:
+        net (Module): the network.
+        num_classes (int): number of classes.
+        optimizer (callable): partial optimizer, called with the parameters.
+        scheduler (callable, optional): partial LR scheduler.
+        aux_loss_weights (dict, optional): weight of each auxiliary loss by
+            name (``load_balance``, ``z_loss``, ``importance``, ``entropy``).
+    """
+
+    def __init__(self, net: Module, num_classes: int,
+                 optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Optional[Callable[..., Any]] = None,
+                 aux_loss_weights: Optional[dict[str, float]] = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights)
+        metrics = MetricCollection({"acc": Accuracy(task="multiclass", num_classes=num_classes)})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, data: Data) -> ModelOutput:
+        return as_model_output(self.net(data.x, data.edge_index))
+
+    def _check_labels(self, y: Tensor) -> None:
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] "
+                             f"(got [{int(y.min())}, {int(y.max())}])")
+
+    def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
+        out = self(data)
+        mask = data[f"{split}_mask"]
+        logits, y = out.logits[mask], data.y[mask]
+        self._check_labels(y)
+        batch_size = int(mask.sum())
+        loss = F.cross_entropy(logits, y) if batch_size else logits.sum() * 0.0
+        self.log(f"{split}/loss", loss, batch_size=max(batch_size, 1),
+                 prog_bar=split != "test")
+        if batch_size:
+            metrics.update(logits, y)
+            self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val")
+        if split == "train":
+            aux = weighted_aux_loss(out.aux_loss, self.aux_loss_weights, loss)
+            self.log("train/aux_loss", aux, batch_size=max(batch_size, 1))
+            for name, value in out.aux_loss.items():
+                self.log(f"train/aux/{name}", value, batch_size=max(batch_size, 1))
+            return loss + aux
+        return loss
+
+    def training_step(self, data: Data, batch_idx: int) -> Tensor:
+        return self._step(data, "train", self.train_metrics)
+
+    def validation_step(self, data: Data, batch_idx: int) -> Tensor:
+        return self._step(data, "val", self.val_metrics)
+
+    def test_step(self, data: Data, batch_idx: int) -> Tensor:
+        return self._step(data, "test", self.test_metrics)
+
+    def predict_step(self, data: Data, batch_idx: int) -> ModelOutput:
+        return self(data)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
