@@ -209,33 +209,41 @@ class MLPExperts(Experts):
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:
         backend = resolve_backend(self.backend, x_sorted.device)
-        if backend == "grouped_mm":
-            y = self._grouped_mm(x_sorted, counts)
-            return y if weight is None else y * weight.to(y.dtype).unsqueeze(-1)
-        # Under autocast the block runs in the autocast dtype, as nn.Linear would.
-        dtype = (torch.get_autocast_dtype(x_sorted.device.type)
-                 if torch.is_autocast_enabled(x_sorted.device.type) else x_sorted.dtype)
+        # Under autocast the experts run in the autocast dtype, as nn.Linear would.
+        device_type = x_sorted.device.type
+        dtype = (torch.get_autocast_dtype(device_type)
+                 if torch.is_autocast_enabled(device_type) else x_sorted.dtype)
         params = [p if p is None else p.to(dtype)
                   for p in (self.weight1, self.bias1, self.weight2, self.bias2)]
         x_sorted = x_sorted.to(dtype).contiguous()
         weight = None if weight is None else weight.to(dtype)
-        sizes = counts.tolist()  # host sync: block sizes are needed on the host
-        with torch.autocast(device_type=x_sorted.device.type, enabled=False):
+        with torch.autocast(device_type=device_type, enabled=False):
+            if backend == "grouped_mm":
+                y = self._grouped_mm(x_sorted, counts, *params)
+                return y if weight is None else y * weight.unsqueeze(-1)
+            sizes = counts.tolist()  # host sync: block sizes are needed on the host
             act_params = [p for p in self.act.parameters() if p.requires_grad]
             return _SegmentMLP.apply(x_sorted, weight, sizes, self.act, *params, *act_params)
 
-    def _grouped_mm(self, x: Tensor, counts: Tensor) -> Tensor:
+    def _grouped_mm(self, x: Tensor, counts: Tensor, w1: Tensor, b1: Optional[Tensor],
+                    w2: Tensor, b2: Optional[Tensor]) -> Tensor:
+        step = 16 // x.element_size()
+        sizes = (self.in_channels, self.hidden_channels, self.out_channels)
+        if any(size % step for size in sizes):
+            raise ValueError(f"backend='grouped_mm' in {x.dtype} needs in/hidden/out channels "
+                             f"that are multiples of {step} (16-byte rows), got {sizes}; "
+                             f"use backend='loop'")
         offs = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(x, self.weight1.to(x.dtype), offs=offs)
-        if self.bias1 is not None or self.bias2 is not None:
+        h = torch._grouped_mm(x, w1, offs=offs)
+        if b1 is not None or b2 is not None:
             eid = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device),
                                           counts, output_size=x.size(0))
-        if self.bias1 is not None:
-            h = h + self.bias1.to(h.dtype)[eid]
+        if b1 is not None:
+            h = h + b1[eid]
         h = self.act(h)
-        y = torch._grouped_mm(h, self.weight2.to(h.dtype), offs=offs)
-        if self.bias2 is not None:
-            y = y + self.bias2.to(y.dtype)[eid]
+        y = torch._grouped_mm(h, w2, offs=offs)
+        if b2 is not None:
+            y = y + b2[eid]
         return y
 
     def __repr__(self) -> str:

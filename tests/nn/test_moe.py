@@ -1,0 +1,558 @@
+r"""Tests of moegraph.nn.SparseMoE against a naive dense reference.
+
+The reference routes each row with plain Python (softmax of ``x W_g^T``,
+sorting, the capacity rule replayed assignment by assignment), then applies
+*every* expert to *every* row with the stacked weights and mixes the results
+with the dense ``[N, E]`` routing weights. It shares no code with the block.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from moegraph.nn import (
+    ExpertChoiceRouter,
+    MLPExperts,
+    MoEOutput,
+    SparseMoE,
+    TopKRouter,
+    TopPRouter,
+)
+
+N, FEAT, HID, OUT, E = 40, 8, 16, 12, 4
+
+# Naive reference ##############################################################
+
+
+def naive_probs(m, x):
+    r"""Softmax of ``x W_g^T`` per row, in double precision."""
+    logits = x.detach().double() @ m.router.weight.detach().double().t()
+    out = []
+    for row in logits.tolist():
+        mx = max(row)
+        ex = [math.exp(v - mx) for v in row]
+        out.append([v / sum(ex) for v in ex])
+    return out
+
+
+def ranked(row):
+    return sorted(range(len(row)), key=lambda i: -row[i])
+
+
+def naive_route(m, x):
+    r"""Per row, the list of ``(expert, weight)`` best first, null experts dropped."""
+    router, probs = m.router, naive_probs(m, x)
+    num_real = router.num_experts
+    out = []
+    if isinstance(router, ExpertChoiceRouter):
+        n = len(probs)
+        c = min(n, math.ceil(n * router.capacity_factor / num_real))
+        out = [[] for _ in probs]
+        for e in range(num_real):
+            for r in sorted(range(n), key=lambda r: -probs[r][e])[:c]:
+                out[r].append((e, probs[r][e]))
+        return out
+    for row in probs:
+        if isinstance(router, TopKRouter):
+            kept = ranked(row)[:router.k]
+            norm = sum(row[i] for i in kept) if router.normalize else 1.0
+        else:  # top-p: smallest prefix whose mass reaches p
+            kept, mass = [], 0.0
+            for i in ranked(row):
+                kept.append(i)
+                mass += row[i]
+                if mass >= router.p:
+                    break
+            norm = sum(row[i] for i in kept) if router.normalize else 1.0
+        out.append([(i, row[i] / norm) for i in kept if i < num_real])
+    return out
+
+
+def naive_capacity(assignments, num_experts, capacity_factor):
+    r"""GShard / Switch drop rule: all first choices, then all second choices,
+    ..., each rank in row order; an expert takes at most
+    ``ceil(cf * A / E)`` assignments; a dropped one contributes nothing."""
+    A = sum(len(pairs) for pairs in assignments)
+    capacity = math.ceil(capacity_factor * A / num_experts)
+    taken = [0] * num_experts
+    kept = [[] for _ in assignments]
+    dropped = 0
+    for rank in range(max((len(p) for p in assignments), default=0)):
+        for n, pairs in enumerate(assignments):
+            if rank < len(pairs):
+                e, w = pairs[rank]
+                if taken[e] < capacity:
+                    taken[e] += 1
+                    kept[n].append((e, w))
+                else:
+                    dropped += 1
+    return kept, dropped, taken, capacity
+
+
+def to_dense(assignments, num_experts):
+    dense = torch.zeros(len(assignments), num_experts, dtype=torch.float64)
+    for n, pairs in enumerate(assignments):
+        for e, w in pairs:
+            dense[n, e] += w
+    return dense
+
+
+def every_expert_on_every_row(m, x):
+    r"""``[E, N, O]``: each expert on all rows, from the stacked weights (or the
+    expert modules), in double precision."""
+    x = x.double()
+    experts = m.experts
+    if isinstance(experts, MLPExperts):
+        W1, W2 = experts.weight1.double(), experts.weight2.double()
+        ys = []
+        for e in range(experts.num_experts):
+            h = x @ W1[e] + (experts.bias1[e].double() if experts.bias1 is not None else 0)
+            y = F.gelu(h) @ W2[e] + (experts.bias2[e].double() if experts.bias2 is not None else 0)
+            ys.append(y)
+        return torch.stack(ys)
+    return torch.stack([copy.deepcopy(module).double()(x) for module in experts.experts])
+
+
+def naive_moe(m, x, assignments):
+    dense = to_dense(assignments, m.num_experts)  # [N, E]
+    Y = every_expert_on_every_row(m, x)  # [E, N, O]
+    out = (dense.t().unsqueeze(-1) * Y).sum(dim=0)
+    if m.shared is not None:
+        out = out + copy.deepcopy(m.shared).double()(x.double())
+    return out
+
+
+def make_x(n=N, seed=0, f=FEAT):
+    return torch.randn(n, f, generator=torch.Generator().manual_seed(seed))
+
+
+def check_against_naive(m, x, capacity_factor=None):
+    out, routing = m(x)
+    assert out.shape == (x.size(0), m.out_channels) and out.dtype == torch.float32
+    ref = naive_route(m, x)
+    if capacity_factor is not None:
+        ref, dropped, taken, capacity = naive_capacity(ref, m.num_experts, capacity_factor)
+        assert int(routing.dropped) == dropped
+        assert routing.load.tolist() == [float(t) for t in taken]
+        assert max(taken) <= capacity
+    else:
+        assert routing.dropped is None
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, m.num_experts),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), naive_moe(m, x, ref), atol=2e-5, rtol=1e-4)
+    return routing
+
+
+# Equivalence with the naive reference #########################################
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("shared", [0, 2])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_topk_moe_matches_naive(k, shared, capacity_factor, deterministic, backend):
+    torch.manual_seed(k)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=k, num_shared_experts=shared,
+                  capacity_factor=capacity_factor, deterministic=deterministic, backend=backend)
+    routing = check_against_naive(m, make_x(seed=k), capacity_factor)
+    if capacity_factor is None:
+        assert routing.fixed_k == k
+    else:
+        assert float(routing.load.max()) <= math.ceil(capacity_factor * N * k / E)
+        if capacity_factor < 1 or k < E:
+            assert int(routing.dropped) > 0  # the capacity did bite
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_topp_moe_matches_naive(p, normalize, shared, capacity_factor, backend):
+    torch.manual_seed(1)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, router="topp",
+                  router_kwargs=dict(p=p, normalize=normalize), num_shared_experts=shared,
+                  capacity_factor=capacity_factor, backend=backend)
+    check_against_naive(m, make_x(seed=2), capacity_factor)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_expert_choice_moe_matches_naive(capacity_factor, shared, backend):
+    torch.manual_seed(2)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, router="expert_choice",
+                  router_kwargs=dict(capacity_factor=capacity_factor),
+                  num_shared_experts=shared, backend=backend)
+    routing = check_against_naive(m, make_x(seed=3))
+    c = math.ceil(N * capacity_factor / E)
+    assert torch.bincount(routing.expert, minlength=E).tolist() == [c] * E
+
+
+@pytest.mark.parametrize("router,kwargs", [("topk", dict(num_null_experts=2)),
+                                           ("topp", dict(num_null_experts=2, p=0.5))])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_null_experts_moe_matches_naive(router, kwargs, capacity_factor, deterministic):
+    torch.manual_seed(3)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=3 if router == "topk" else None,
+                  router=router, router_kwargs=kwargs, capacity_factor=capacity_factor,
+                  deterministic=deterministic)
+    with torch.no_grad():
+        m.router.weight[E:] *= 3.0  # null experts win often
+    routing = check_against_naive(m, make_x(seed=4), capacity_factor)
+    assert routing.fixed_k is None
+    assert int(routing.experts_per_row().min()) < (3 if router == "topk" else 1)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_k_equals_e_is_the_dense_softmax_mixture(backend, deterministic, shared):
+    torch.manual_seed(4)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=E, backend=backend,
+                  deterministic=deterministic, num_shared_experts=shared)
+    x = make_x(seed=5)
+    gate = torch.softmax(x.double() @ m.router.weight.double().t(), dim=-1)  # [N, E]
+    Y = every_expert_on_every_row(m, x)  # [E, N, O]
+    ref = sum(gate[:, e:e + 1] * Y[e] for e in range(E))
+    if shared:
+        ref = ref + copy.deepcopy(m.shared).double()(x.double())
+    torch.testing.assert_close(m(x).out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_no_bias_and_out_channels_default():
+    torch.manual_seed(5)
+    m = SparseMoE(FEAT, HID, num_experts=E, k=2, bias=False, num_shared_experts=1)
+    assert m.out_channels == FEAT and m.experts.bias1 is None and m.shared[0].bias is None
+    check_against_naive(m, make_x(seed=6))
+
+
+def make_module_experts():
+    return [
+        torch.nn.Sequential(torch.nn.Linear(FEAT, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6)),
+        torch.nn.Linear(FEAT, 6),
+        torch.nn.Sequential(torch.nn.Linear(FEAT, 6, bias=False), torch.nn.Tanh()),
+    ]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_module_experts_moe_matches_naive(k, capacity_factor, shared):
+    torch.manual_seed(6)
+    m = SparseMoE(FEAT, HID, 6, num_experts=3, k=k, experts=make_module_experts(),
+                  num_shared_experts=shared, capacity_factor=capacity_factor)
+    check_against_naive(m, make_x(seed=7), capacity_factor)
+
+
+# Gradients ####################################################################
+
+GRAD_CONFIGS = {
+    "topk": dict(k=2),
+    "topk_deterministic": dict(k=2, deterministic=True),
+    "topk1_unnormalized": dict(k=1, router_kwargs=dict(normalize=False)),
+    "topp": dict(router="topp", router_kwargs=dict(p=0.6)),
+    "topp_normalized": dict(router="topp", router_kwargs=dict(p=0.6, normalize=True)),
+    "expert_choice": dict(router="expert_choice"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CONFIGS))
+def test_gradcheck_expert_parameters(name):
+    # Routing does not depend on the expert weights: a strict float64 check.
+    torch.manual_seed(7)
+    m = SparseMoE(4, 4, 4, num_experts=3, num_shared_experts=1, **GRAD_CONFIGS[name]).double()
+    x = make_x(n=9, f=4, seed=8).double()
+    names = [n for n, p in m.named_parameters() if not n.startswith("router.")]
+    params = [m.get_parameter(n).detach().clone().requires_grad_() for n in names]
+
+    def f(*params):
+        return functional_call(m, dict(zip(names, params, strict=True)), (x,)).out
+
+    assert torch.autograd.gradcheck(f, tuple(params))
+
+
+def clear_margins(m, x, margin):
+    r"""Keep the rows whose routing cannot flip under a perturbation of the
+    input: consecutive sorted logits and top-p prefix masses far apart."""
+    logits = x.double() @ m.router.weight.double().t()
+    keep = []
+    for row in logits.tolist():
+        s = sorted(row, reverse=True)
+        ok = all(a - b > margin for a, b in zip(s, s[1:], strict=False))
+        if isinstance(m.router, TopPRouter):
+            probs = torch.tensor(s).softmax(0).cumsum(0).tolist()
+            ok = ok and all(abs(c - m.router.p) > margin for c in probs)
+        keep.append(ok)
+    return x[torch.tensor(keep)]
+
+
+@pytest.mark.parametrize("name", ["topk", "topk1_unnormalized", "topp", "topp_normalized"])
+def test_gradcheck_input(name):
+    # The router runs in float32 by design, so the check on x uses a larger
+    # step and tolerance; rows are chosen so that no step flips the routing.
+    torch.manual_seed(9)
+    m = SparseMoE(4, 4, 4, num_experts=3, num_shared_experts=1, **GRAD_CONFIGS[name]).double()
+    x = clear_margins(m, make_x(n=40, f=4, seed=10).double(), margin=0.05)[:8]
+    assert x.size(0) >= 4
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: m(x).out, (x,), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+def naive_differentiable_moe(m, x, assignments):
+    r"""The naive reference with differentiable combine weights: the selection
+    is fixed by ``assignments`` but the weights are recomputed from
+    ``softmax(x W_g^T)`` with autograd."""
+    router = m.router
+    probs = torch.softmax(x.double() @ router.weight.double().t(), dim=-1)  # [N, Et]
+    Y = every_expert_on_every_row(m, x)  # [E, N, O]
+    rows = []
+    for n, pairs in enumerate(assignments):
+        row = torch.zeros(Y.size(-1), dtype=torch.float64)
+        if isinstance(router, TopKRouter):
+            chosen = ranked(probs[n].tolist())[:router.k]  # null ones included
+            norm = probs[n, chosen].sum() if router.normalize else 1.0
+        elif isinstance(router, TopPRouter):
+            chosen = ranked(probs[n].tolist())[:len(pairs)]
+            norm = probs[n, chosen].sum() if router.normalize else 1.0
+        else:
+            norm = 1.0
+        for e, _ in pairs:
+            row = row + probs[n, e] / norm * Y[e, n]
+        rows.append(row)
+    out = torch.stack(rows)
+    if m.shared is not None:
+        out = out + shared_double(m, x)
+    return out
+
+
+def shared_double(m, x):
+    params = {n: p.double() for n, p in m.shared.named_parameters()}
+    return functional_call(m.shared, params, (x.double(),))
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CONFIGS))
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_gradients_match_naive(name, backend):
+    torch.manual_seed(10)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, num_shared_experts=1, backend=backend,
+                  **GRAD_CONFIGS[name])
+    x = make_x(seed=11).requires_grad_()
+    g = torch.randn(N, OUT, generator=torch.Generator().manual_seed(12))
+    (m(x).out * g).sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    got_x = x.grad.clone()
+
+    m.zero_grad()
+    x.grad = None
+    ref = naive_differentiable_moe(m, x, naive_route(m, x))
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-4)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # The router learns through the combine weights alone (no aux loss here).
+    assert float(got["router.weight"].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CONFIGS))
+@pytest.mark.parametrize("experts", ["mlp", "modules"])
+def test_every_parameter_learns(name, experts):
+    torch.manual_seed(11)
+    kwargs = dict(GRAD_CONFIGS[name])
+    if experts == "modules":
+        kwargs.update(num_experts=3, experts=make_module_experts(), out_channels=6)
+    else:
+        kwargs.update(num_experts=E, out_channels=OUT)
+    m = SparseMoE(FEAT, HID, num_shared_experts=2, **kwargs)
+    out, routing = m(make_x(n=60, seed=12))
+    out.square().sum().backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, n
+    # The aux losses alone reach the router too.
+    m.zero_grad()
+    out, routing = m(make_x(n=60, seed=12))
+    sum(routing.aux_loss.values()).backward()
+    assert float(m.router.weight.grad.abs().sum()) > 0
+
+
+def test_noisy_gating_parameters_learn():
+    torch.manual_seed(12)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2, router_kwargs=dict(noisy=True))
+    out, routing = m(make_x(seed=13))
+    (out.square().sum() + routing.aux_loss["importance"]).backward()
+    assert float(m.router.noise_weight.grad.abs().sum()) > 0
+    assert float(m.router.weight.grad.abs().sum()) > 0
+
+
+# Precision, symmetry, determinism #############################################
+
+ROUTER_CONFIGS = {
+    "topk": dict(k=2),
+    "topk_null": dict(k=2, router_kwargs=dict(num_null_experts=2)),
+    "topk_noisy": dict(k=2, router_kwargs=dict(noisy=True)),
+    "topk_capacity": dict(k=2, capacity_factor=1.0),
+    "topp": dict(router="topp"),
+    "topp_capacity": dict(router="topp", capacity_factor=1.0),
+    "expert_choice": dict(router="expert_choice"),
+}
+
+
+@pytest.mark.parametrize("name", ["topk", "topp", "expert_choice"])
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_autocast_bf16(name, backend):
+    torch.manual_seed(13)
+    # bf16 grouped_mm needs 16-byte rows: channels that are multiples of 8.
+    feat, out_channels = (FEAT, 16) if backend == "grouped_mm" else (FEAT, OUT)
+    m = SparseMoE(feat, HID, out_channels, num_experts=E, num_shared_experts=1,
+                  backend=backend, **ROUTER_CONFIGS[name])
+    x = make_x(seed=14, f=feat)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, routing = m(x)
+    assert routing.probs.dtype == routing.weight.dtype == torch.float32
+    assert torch.equal(routing.probs, ref.routing.probs)
+    assert torch.equal(routing.dense_weight(), ref.routing.dense_weight())
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out.float(), ref.out, atol=5e-2, rtol=5e-2)
+
+
+def test_grouped_mm_unaligned_sizes_raise():
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, backend="grouped_mm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="grouped_mm.*multiples of 8"):
+            m(make_x(seed=1))
+
+
+@pytest.mark.parametrize("name", ["topk", "topk_null", "topp", "expert_choice"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_permutation_equivariance(name, deterministic):
+    torch.manual_seed(14)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, num_shared_experts=1,
+                  deterministic=deterministic, **ROUTER_CONFIGS[name])
+    x = make_x(seed=15)
+    perm = torch.randperm(N)
+    torch.testing.assert_close(m(x[perm]).out, m(x).out[perm], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_CONFIGS))
+def test_same_seed_same_output(name):
+    x = make_x(seed=16)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(15)  # same initialisation and, in training, same noise
+        m = SparseMoE(FEAT, HID, OUT, num_experts=E, **ROUTER_CONFIGS[name])
+        outs.append(m(x))
+    assert torch.equal(outs[0].out, outs[1].out)
+    for key, value in outs[0].routing.aux_loss.items():
+        assert torch.equal(value, outs[1].routing.aux_loss[key])
+
+
+def test_deterministic_combine_equals_scatter():
+    torch.manual_seed(16)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=3)
+    x = make_x(seed=17)
+    a = m(x).out
+    m.deterministic = True
+    torch.testing.assert_close(m(x).out, a, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_CONFIGS))
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_empty_input(name, backend, deterministic):
+    torch.manual_seed(17)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, num_shared_experts=1, backend=backend,
+                  deterministic=deterministic, **ROUTER_CONFIGS[name])
+    x = torch.empty(0, FEAT, requires_grad=True)
+    out, routing = m(x)
+    assert out.shape == (0, OUT)
+    assert routing.row.numel() == 0
+    out.sum().backward()
+    assert x.grad.shape == (0, FEAT)
+
+
+def test_eval_aux_losses_are_zero():
+    torch.manual_seed(18)
+    for config in ROUTER_CONFIGS.values():
+        m = SparseMoE(FEAT, HID, OUT, num_experts=E, **config).eval()
+        out = m(make_x(seed=19))
+        assert isinstance(out, MoEOutput)
+        assert all(float(v) == 0.0 for v in out.routing.aux_loss.values())
+
+
+# Bad input ####################################################################
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(k=0), ValueError, "'k'"),
+    (dict(k=5), ValueError, "'k'"),
+    (dict(router="topp", router_kwargs=dict(p=1.5)), ValueError, "'p'"),
+    (dict(router="topp", router_kwargs=dict(p=0.0)), ValueError, "'p'"),
+    (dict(router="switch"), ValueError, "'router' must be one of"),
+    (dict(router=torch.nn.Linear(8, 4)), TypeError, "'router'"),
+    (dict(router=TopKRouter(8, 3)), ValueError, "num_experts=4"),
+    (dict(router=TopKRouter(6, 4)), ValueError, "in_channels=8"),
+    (dict(router="topp", k=2), ValueError, "'k' applies to the 'topk' router only"),
+    (dict(router="expert_choice", k=1), ValueError, "'k'"),
+    (dict(router="expert_choice", capacity_factor=1.0), ValueError, "'capacity_factor'"),
+    (dict(capacity_factor=0.0), ValueError, "'capacity_factor'"),
+    (dict(backend="triton"), ValueError, "'backend'"),
+    (dict(experts=[torch.nn.Linear(8, 8)] * 3), ValueError, "num_experts=4"),
+    (dict(experts=MLPExperts(8, 16, 8, num_experts=2)), ValueError, "num_experts=4"),
+    (dict(num_shared_experts=-1), ValueError, "'num_shared_experts'"),
+])
+def test_bad_arguments(kwargs, error, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        SparseMoE(8, 16, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["topk", "topp", "expert_choice"])
+def test_bad_input(name):
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, **ROUTER_CONFIGS[name])
+    with pytest.raises(ValueError, match="'x' must be 2-D"):
+        m(torch.randn(FEAT))
+    with pytest.raises(ValueError, match="'x' must be 2-D"):
+        m(torch.randn(2, 3, FEAT))
+    with pytest.raises(ValueError, match=f"in_channels={FEAT}"):
+        m(torch.randn(5, FEAT + 1))
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(5, FEAT)
+        x[1, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            m(x)
+
+
+def test_k_in_router_kwargs():
+    # k may come in router_kwargs (as from a config); it must not be dropped.
+    assert SparseMoE(8, 16, num_experts=4, router_kwargs=dict(k=3)).router.k == 3
+    assert SparseMoE(8, 16, num_experts=4, k=3, router_kwargs=dict(k=3)).router.k == 3
+    assert SparseMoE(8, 16, num_experts=4, k=1).router.k == 1
+    assert SparseMoE(8, 16, num_experts=4).router.k == 2
+    with pytest.raises(ValueError, match="'k' given twice"):
+        SparseMoE(8, 16, num_experts=4, k=1, router_kwargs=dict(k=3))
+
+
+def test_router_module_accepted():
+    torch.manual_seed(19)
+    router = TopPRouter(FEAT, E, p=0.4)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, router=router)
+    assert m.router is router
+    check_against_naive(m, make_x(seed=20))
+
+
+def test_repr():
+    assert repr(SparseMoE(16, 32, 16, num_experts=4, k=2)) == \
+        "SparseMoE(16, 32, 16, num_experts=4, k=2)"
+    assert repr(SparseMoE(16, 32, num_experts=4)) == "SparseMoE(16, 32, 16, num_experts=4, k=2)"
+    assert repr(SparseMoE(16, 32, 8, num_experts=4, k=1, num_shared_experts=2)) == \
+        "SparseMoE(16, 32, 8, num_experts=4, k=1, num_shared_experts=2)"
+    assert repr(SparseMoE(16, 32, 16, num_experts=4, router="topp")) == \
+        "SparseMoE(16, 32, 16, num_experts=4, router=TopPRouter)"
+    assert repr(SparseMoE(16, 32, 16, num_experts=4, router="expert_choice")) == \
+        "SparseMoE(16, 32, 16, num_experts=4, router=ExpertChoiceRouter)"

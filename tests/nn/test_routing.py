@@ -1,0 +1,691 @@
+r"""Tests of moegraph.nn.routing against naive references written here.
+
+Every reference below is plain Python over lists of floats (loops, ``sorted``,
+``math.exp``), so it shares no code with the routers it checks.
+"""
+import math
+import statistics
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from moegraph.nn import (
+    AUX_LOSS_NAMES,
+    ExpertChoiceRouter,
+    Routing,
+    TopKRouter,
+    TopPRouter,
+    sum_aux_losses,
+)
+from moegraph.nn.routing import drop_overflow, expert_capacity
+
+# Naive references #############################################################
+
+
+def naive_logits(x, weight):
+    r"""``x W^T`` with plain loops, in double precision."""
+    W = weight.detach().double().tolist()
+    X = x.detach().double().tolist()
+    return [[sum(a * b for a, b in zip(row, w, strict=True)) for w in W] for row in X]
+
+
+def naive_softmax(logits):
+    out = []
+    for row in logits:
+        m = max(row)
+        ex = [math.exp(v - m) for v in row]
+        s = sum(ex)
+        out.append([v / s for v in ex])
+    return out
+
+
+def naive_logsumexp(row):
+    m = max(row)
+    return m + math.log(sum(math.exp(v - m) for v in row))
+
+
+def ranked(row):
+    r"""Expert indices of one row, best first."""
+    return sorted(range(len(row)), key=lambda i: -row[i])
+
+
+def naive_topk(probs, k, num_experts, normalize=True):
+    r"""Per row: the k most probable experts (null ones dropped), best first."""
+    out = []
+    for row in probs:
+        chosen = ranked(row)[:k]
+        mass = sum(row[i] for i in chosen)
+        out.append([(i, row[i] / mass if normalize else row[i]) for i in chosen if i < num_experts])
+    return out
+
+
+def naive_topp(probs, p, num_experts, max_k=None, normalize=False):
+    r"""Per row: the smallest prefix (by probability) whose mass reaches p."""
+    out = []
+    for row in probs:
+        kept, mass = [], 0.0
+        for i in ranked(row):
+            kept.append(i)
+            mass += row[i]
+            if mass >= p:
+                break
+        if max_k is not None:
+            kept = kept[:max_k]
+        total = sum(row[i] for i in kept)
+        out.append([(i, row[i] / total if normalize else row[i]) for i in kept if i < num_experts])
+    return out
+
+
+def naive_expert_choice(probs, capacity_factor, num_experts):
+    r"""Per expert: its c best rows, ``c = ceil(N * cf / E)`` (at most N)."""
+    N = len(probs)
+    c = min(N, math.ceil(N * capacity_factor / num_experts))
+    out = [[] for _ in range(N)]
+    for e in range(num_experts):
+        rows = sorted(range(N), key=lambda n: -probs[n][e])[:c]
+        for n in rows:
+            out[n].append((e, probs[n][e]))
+    return out, c
+
+
+def to_dense(assignments, num_experts):
+    dense = torch.zeros(len(assignments), num_experts, dtype=torch.float64)
+    for n, pairs in enumerate(assignments):
+        for e, w in pairs:
+            dense[n, e] += w
+    return dense
+
+
+def naive_cv_squared(values):
+    return statistics.variance(values) / statistics.mean(values) ** 2  # unbiased variance
+
+
+def pairs_of(routing):
+    return sorted(zip(routing.row.tolist(), routing.expert.tolist(), strict=True))
+
+
+def pairs_of_naive(assignments):
+    return sorted((n, e) for n, pairs in enumerate(assignments) for e, _ in pairs)
+
+
+def make_x(N=50, F=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, F, generator=g)
+
+
+# Top-k ########################################################################
+
+
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (4, 3), (4, 4), (6, 2), (6, 5)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_topk_matches_naive(E, k, normalize):
+    torch.manual_seed(E * 10 + k)
+    router = TopKRouter(8, E, k=k, normalize=normalize)
+    x = make_x(N=50, seed=k)
+    routing = router(x)
+    probs = naive_softmax(naive_logits(x, router.weight))
+    ref = naive_topk(probs, k, E, normalize)
+
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routing.probs.double(), torch.tensor(probs, dtype=torch.float64),
+                               atol=1e-6, rtol=1e-5)
+    # Layout: row-major with exactly k per row, best choice first.
+    assert routing.fixed_k == k
+    assert routing.row.tolist() == [n for n in range(50) for _ in range(k)]
+    w = routing.weight.view(50, k)
+    assert bool((w[:, :-1] >= w[:, 1:]).all())
+    if normalize:
+        torch.testing.assert_close(w.sum(dim=1), torch.ones(50))
+    # Fields.
+    assert routing.weight.dtype == routing.probs.dtype == routing.load.dtype == torch.float32
+    assert routing.row.dtype == routing.expert.dtype == torch.long
+    assert routing.probs.shape == (50, E)
+    load = [sum(1 for pairs in ref for e, _ in pairs if e == i) for i in range(E)]
+    assert routing.load.tolist() == load
+    assert routing.experts_per_row().tolist() == [k] * 50
+    assert routing.num_rows == 50 and routing.num_experts == E
+    assert routing.dropped is None
+
+
+@pytest.mark.parametrize("E,num_null,k", [(4, 2, 2), (4, 4, 3), (3, 1, 4), (2, 3, 1)])
+def test_topk_null_experts_match_naive(E, num_null, k):
+    torch.manual_seed(E + num_null + k)
+    router = TopKRouter(8, E, k=k, num_null_experts=num_null)
+    with torch.no_grad():  # make the null experts win often enough to matter
+        router.weight[E:] *= 3.0
+    x = make_x(N=60, seed=1)
+    routing = router(x)
+    probs = naive_softmax(naive_logits(x, router.weight))
+    ref = naive_topk(probs, k, E)
+
+    assert routing.probs.shape == (60, E + num_null)
+    assert routing.load.shape == (E,)
+    assert bool((routing.expert < E).all())
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    per_row = routing.experts_per_row()
+    assert int(per_row.min()) >= 0 and int(per_row.max()) <= k
+    assert int(per_row.min()) < k  # some row did use a null expert
+    assert bool((routing.dense_weight().sum(dim=1) <= 1 + 1e-6).all())
+    assert routing.fixed_k is None
+    assert routing.load.tolist() == torch.bincount(routing.expert, minlength=E).float().tolist()
+
+
+# Top-p ########################################################################
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("max_k", [None, 2])
+def test_topp_matches_naive(p, normalize, max_k):
+    torch.manual_seed(3)
+    E = 5
+    router = TopPRouter(8, E, p=p, max_k=max_k, normalize=normalize)
+    x = make_x(N=60, seed=2)
+    routing = router(x)
+    probs = naive_softmax(naive_logits(x, router.weight))
+    ref = naive_topp(probs, p, E, max_k, normalize)
+
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    assert routing.fixed_k is None
+    assert routing.experts_per_row().tolist() == [len(pairs) for pairs in ref]
+    # Rows listed in ascending order, each row's experts best first.
+    assert routing.row.tolist() == sorted(routing.row.tolist())
+    for n in range(60):
+        w = routing.weight[routing.row == n]
+        assert bool((w[:-1] >= w[1:]).all())
+    if p == 1.0 and max_k is None:
+        assert routing.experts_per_row().tolist() == [E] * 60
+    if normalize:
+        torch.testing.assert_close(routing.dense_weight().sum(dim=1), torch.ones(60))
+    sizes = {len(pairs) for pairs in ref}
+    if 0.2 < p < 1.0 and max_k is None:
+        assert len(sizes) > 1  # the number of experts does vary per row
+
+
+def test_topp_null_experts_match_naive():
+    torch.manual_seed(4)
+    E, num_null = 4, 2
+    router = TopPRouter(8, E, p=0.6, num_null_experts=num_null)
+    with torch.no_grad():
+        router.weight[E:] *= 3.0
+    x = make_x(N=60, seed=3)
+    routing = router(x)
+    probs = naive_softmax(naive_logits(x, router.weight))
+    ref = naive_topp(probs, 0.6, E)
+    assert routing.probs.shape == (60, E + num_null)
+    assert bool((routing.expert < E).all())
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    assert int(routing.experts_per_row().min()) == 0  # some row went to null experts only
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(logits=st.lists(st.floats(-4, 4), min_size=2, max_size=6),
+       p=st.floats(0.05, 1.0))
+def test_topp_prefix_property(logits, p):
+    E = len(logits)
+    router = TopPRouter(E, E, p=p)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))
+    probs = naive_softmax([logits])[0]
+    order = ranked(probs)
+    prefix = [sum(probs[i] for i in order[:m + 1]) for m in range(E)]
+    assume(all(abs(mass - p) > 1e-5 for mass in prefix))  # away from float ties
+    assume(all(abs(probs[a] - probs[b]) > 1e-6 for a in range(E) for b in range(a)))
+    routing = router(torch.tensor([logits]))
+    kept = routing.expert.tolist()
+    t = len(kept)
+    # The kept set is a prefix of the ranking ...
+    assert kept == order[:t]
+    # ... whose mass reaches p, and no shorter prefix does (the crossing one is kept).
+    assert prefix[t - 1] >= p or t == E
+    assert t == 1 or prefix[t - 2] < p
+    torch.testing.assert_close(routing.weight.double(),
+                               torch.tensor([probs[i] for i in order[:t]], dtype=torch.float64),
+                               atol=1e-6, rtol=1e-5)
+
+
+# Expert choice ################################################################
+
+
+@pytest.mark.parametrize("N", [7, 50])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0, 8.0])
+def test_expert_choice_matches_naive(N, capacity_factor):
+    torch.manual_seed(5)
+    E = 4
+    router = ExpertChoiceRouter(8, E, capacity_factor=capacity_factor)
+    x = make_x(N=N, seed=4)
+    routing = router(x)
+    probs = naive_softmax(naive_logits(x, router.weight))
+    ref, c = naive_expert_choice(probs, capacity_factor, E)
+
+    assert router.capacity(N) == c
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    assert routing.load.tolist() == [float(c)] * E
+    assert torch.bincount(routing.expert, minlength=E).tolist() == [c] * E
+    assert routing.expert.tolist() == sorted(routing.expert.tolist())  # grouped by expert
+    assert routing.fixed_k is None
+    assert set(routing.aux_loss) == {"z_loss"}
+
+
+# Noisy gating #################################################################
+
+
+def noisy_reference(router, x, eps):
+    r"""Shazeer et al. (2017): h = x W_g + eps * (softplus(x W_n) + noise_epsilon)."""
+    clean = naive_logits(x, router.weight)
+    raw = naive_logits(x, router.noise_weight)
+    std = [[math.log1p(math.exp(v)) + router.noise_epsilon for v in row] for row in raw]
+    eps = eps.double().tolist()
+    noisy = [[c + e * s for c, e, s in zip(*rows, strict=True)]
+             for rows in zip(clean, eps, std, strict=True)]
+    return clean, noisy, std
+
+
+def naive_smooth_load(clean, noisy, std, k):
+    r"""Per expert, sum over rows of P(expert stays in the top-k when only its own
+    noise is re-drawn) = Phi((clean_i - kth best of the other noisy logits) / std_i)."""
+    E = len(clean[0])
+    load = [0.0] * E
+    for n in range(len(clean)):
+        for i in range(E):
+            others = sorted((noisy[n][j] for j in range(E) if j != i), reverse=True)
+            z = (clean[n][i] - others[k - 1]) / std[n][i]
+            load[i] += 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    return load
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_noisy_topk_matches_naive(k):
+    torch.manual_seed(6)
+    E, N = 5, 40
+    router = TopKRouter(8, E, k=k, noisy=True)
+    assert torch.count_nonzero(router.noise_weight) == 0  # zero init, as in the paper
+    with torch.no_grad():
+        router.noise_weight.normal_(0, 0.3)
+    x = make_x(N=N, seed=5)
+
+    torch.manual_seed(123)
+    routing = router(x)
+    torch.manual_seed(123)
+    eps = torch.randn(N, E)  # the draw the router makes
+    clean, noisy, std = noisy_reference(router, x, eps)
+    probs = naive_softmax(noisy)
+    ref = naive_topk(probs, k, E)
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-5, rtol=1e-4)
+    # Noise changed the decision somewhere (otherwise the test proves little).
+    assert pairs_of_naive(ref) != pairs_of_naive(naive_topk(naive_softmax(clean), k, E))
+
+    # Shazeer's importance loss with the smooth load estimate.
+    gates = to_dense(ref, E)
+    importance = gates.sum(dim=0).tolist()
+    load = naive_smooth_load(clean, noisy, std, k)
+    expected = naive_cv_squared(importance) + naive_cv_squared(load)
+    assert routing.aux_loss["importance"].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # Switch loss and z-loss are computed on the noisy logits.
+    top1 = [ranked(row)[0] for row in probs]
+    f = [top1.count(i) / N for i in range(E)]
+    P = [sum(row[i] for row in probs) / N for i in range(E)]
+    assert routing.aux_loss["load_balance"].item() == pytest.approx(
+        E * sum(a * b for a, b in zip(f, P, strict=True)), rel=1e-5)
+    assert routing.aux_loss["z_loss"].item() == pytest.approx(
+        sum(naive_logsumexp(row) ** 2 for row in noisy) / N, rel=1e-5)
+
+    # No noise in eval mode.
+    router.eval()
+    routing = router(x)
+    ref = naive_topk(naive_softmax(clean), k, E)
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_noisy_smooth_load_is_differentiable():
+    torch.manual_seed(7)
+    router = TopKRouter(8, 4, k=2, noisy=True)
+    routing = router(make_x(N=30))
+    routing.aux_loss["importance"].backward()
+    assert router.noise_weight.grad is not None
+    assert float(router.noise_weight.grad.abs().sum()) > 0
+    assert float(router.weight.grad.abs().sum()) > 0
+
+
+def test_noisy_same_seed_same_routing():
+    torch.manual_seed(8)
+    router = TopKRouter(8, 4, k=2, noisy=True)
+    with torch.no_grad():
+        router.noise_weight.normal_()
+    x = make_x(N=30)
+    torch.manual_seed(1)
+    a = router(x)
+    torch.manual_seed(1)
+    b = router(x)
+    c = router(x)  # another draw
+    assert torch.equal(a.dense_weight(), b.dense_weight())
+    assert torch.equal(a.aux_loss["importance"], b.aux_loss["importance"])
+    assert not torch.equal(a.probs, c.probs)
+
+
+# Auxiliary losses on hand-computed examples ###################################
+
+X_HAND = [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.5], [0.0, 0.5, 4.0], [0.5, 0.2, 0.1]]
+
+
+def identity_router(cls, E, **kwargs):
+    router = cls(E, E, **kwargs)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(E))  # logits == x
+    return router
+
+
+def test_switch_load_balance_hand_computed():
+    router = identity_router(TopKRouter, 3, k=2)
+    routing = router(torch.tensor(X_HAND))
+    probs = naive_softmax(X_HAND)
+    # First choices: 0, 1, 0, 2, 0 -> f = (3/5, 1/5, 1/5).
+    f = [3 / 5, 1 / 5, 1 / 5]
+    P = [sum(row[i] for row in probs) / 5 for i in range(3)]
+    expected = 3 * sum(a * b for a, b in zip(f, P, strict=True))
+    assert routing.aux_loss["load_balance"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_z_loss_hand_computed():
+    router = identity_router(TopKRouter, 3, k=1)
+    routing = router(torch.tensor(X_HAND))
+    expected = sum(naive_logsumexp(row) ** 2 for row in X_HAND) / len(X_HAND)
+    assert routing.aux_loss["z_loss"].item() == pytest.approx(expected, rel=1e-6)
+    # All-zero logits over 4 experts: (log 4)^2.
+    routing = identity_router(TopKRouter, 4, k=1)(torch.zeros(3, 4))
+    assert routing.aux_loss["z_loss"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    routing = identity_router(ExpertChoiceRouter, 4)(torch.zeros(3, 4))
+    assert routing.aux_loss["z_loss"].item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+
+
+def test_importance_loss_hand_computed():
+    router = identity_router(TopKRouter, 3, k=2)
+    routing = router(torch.tensor(X_HAND))
+    probs = naive_softmax(X_HAND)
+    gates = to_dense(naive_topk(probs, 2, 3), 3)
+    importance = gates.sum(dim=0).tolist()
+    # Chosen pairs: {0,1}, {1,2}, {0,2}, {2,1}, {0,1} -> load (3, 4, 3).
+    load = [3.0, 4.0, 3.0]
+    assert routing.load.tolist() == load
+    expected = naive_cv_squared(importance) + naive_cv_squared(load)
+    assert routing.aux_loss["importance"].item() == pytest.approx(expected, rel=1e-5)
+    # Unbiased variance: CV^2 of the load (3, 4, 3) is (1/3) / (10/3)^2 = 0.03.
+    assert naive_cv_squared(load) == pytest.approx(0.03)
+
+
+def test_topp_aux_losses_hand_computed():
+    router = identity_router(TopPRouter, 3, p=0.7)
+    routing = router(torch.tensor(X_HAND))
+    probs = naive_softmax(X_HAND)
+    ref = naive_topp(probs, 0.7, 3)
+    importance = to_dense(ref, 3).sum(dim=0).tolist()
+    load = [float(sum(1 for pairs in ref for e, _ in pairs if e == i)) for i in range(3)]
+    entropy = -sum(p * math.log(p) for row in probs for p in row) / len(probs)
+    top1 = [ranked(row)[0] for row in probs]
+    f = [top1.count(i) / 5 for i in range(3)]
+    P = [sum(row[i] for row in probs) / 5 for i in range(3)]
+    aux = routing.aux_loss
+    assert set(aux) == {"load_balance", "z_loss", "importance", "entropy"}
+    assert aux["entropy"].item() == pytest.approx(entropy, rel=1e-6)
+    assert aux["importance"].item() == pytest.approx(
+        naive_cv_squared(importance) + naive_cv_squared(load), rel=1e-5)
+    assert aux["load_balance"].item() == pytest.approx(
+        3 * sum(a * b for a, b in zip(f, P, strict=True)), rel=1e-6)
+    # Uniform router: entropy log E.
+    routing = identity_router(TopPRouter, 4)(torch.zeros(2, 4))
+    assert routing.aux_loss["entropy"].item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [TopKRouter, TopPRouter])
+def test_load_balance_is_one_under_uniform_routing(cls):
+    E = 4
+    # Uniform probabilities: P_i = 1/E whatever the first choices.
+    routing = identity_router(cls, E)(torch.zeros(8, E))
+    assert routing.aux_loss["load_balance"].item() == pytest.approx(1.0, abs=1e-6)
+    # Cyclic shifts of one logit vector: f_i = P_i = 1/E by symmetry.
+    base = [3.0, 1.0, 0.5, 0.0]
+    x = torch.tensor([base[-s:] + base[:-s] for s in range(E)])
+    routing = identity_router(cls, E)(x)
+    assert routing.aux_loss["load_balance"].item() == pytest.approx(1.0, abs=1e-6)
+    # Maximal imbalance: every row sure of expert 0 -> close to E.
+    x = torch.tensor([[30.0, 0.0, 0.0, 0.0]] * 6)
+    routing = identity_router(cls, E)(x)
+    assert routing.aux_loss["load_balance"].item() == pytest.approx(E, rel=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TopKRouter(8, 4, k=2),
+    lambda: TopKRouter(8, 4, k=2, noisy=True),
+    lambda: TopKRouter(8, 4, k=2, num_null_experts=2),
+    lambda: TopPRouter(8, 4, p=0.5),
+    lambda: ExpertChoiceRouter(8, 4),
+])
+def test_aux_losses_zero_in_eval(make):
+    torch.manual_seed(9)
+    router = make()
+    x = make_x(N=20)
+    train = router(x).aux_loss
+    assert set(train) <= set(AUX_LOSS_NAMES)
+    assert any(float(v.detach()) != 0 for v in train.values())
+    router.eval()
+    aux = router(x).aux_loss
+    assert set(aux) == set(train)
+    for value in aux.values():
+        assert value.dim() == 0 and float(value) == 0.0
+
+
+def test_sum_aux_losses():
+    torch.manual_seed(10)
+    a = TopKRouter(8, 4)(make_x(seed=1))
+    b = TopPRouter(8, 4)(make_x(seed=2))
+    total = sum_aux_losses([a, b])
+    assert set(total) == set(a.aux_loss) | set(b.aux_loss)
+    for name in a.aux_loss:
+        torch.testing.assert_close(total[name], a.aux_loss[name] + b.aux_loss[name])
+    torch.testing.assert_close(total["entropy"], b.aux_loss["entropy"])
+    assert sum_aux_losses([]) == {}
+
+
+# Routing record ###############################################################
+
+
+def test_dense_weight_naive():
+    routing = Routing(row=torch.tensor([0, 0, 2, 1, 2]), expert=torch.tensor([1, 2, 0, 2, 0]),
+                      weight=torch.tensor([0.5, 0.25, 0.125, 1.0, 0.375]),
+                      probs=torch.zeros(4, 3), load=torch.zeros(3), aux_loss={})
+    expected = [[0.0] * 3 for _ in range(4)]
+    rows, experts, weights = [0, 0, 2, 1, 2], [1, 2, 0, 2, 0], [0.5, 0.25, 0.125, 1.0, 0.375]
+    for n, e, w in zip(rows, experts, weights, strict=True):
+        expected[n][e] += w  # repeated pairs accumulate
+    assert routing.dense_weight().tolist() == expected
+    assert routing.experts_per_row().tolist() == [2, 1, 2, 0]
+
+
+def test_drop_overflow_hand_computed():
+    # k = 2 choices per row, best first; E = 2 experts, capacity 2.
+    row = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    expert = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1])
+    weight = torch.arange(1, 9, dtype=torch.float32)
+    routing = Routing(row, expert, weight, torch.zeros(4, 2), torch.tensor([4.0, 4.0]), {}, 2)
+    out = drop_overflow(routing, capacity=2)
+    # First choices in row order: r0->e0, r1->e0, r2->e1 kept; r3->e0 dropped.
+    # Second choices: r0->e1 kept (e1 now full); r1->e1, r2->e0, r3->e1 dropped.
+    kept = zip(out.row.tolist(), out.expert.tolist(), out.weight.tolist(), strict=True)
+    assert sorted(kept) == [(0, 0, 1.0), (0, 1, 2.0), (1, 0, 3.0), (2, 1, 5.0)]
+    assert int(out.dropped) == 4
+    assert out.load.tolist() == [2.0, 2.0]
+    assert out.fixed_k is None
+    assert int(drop_overflow(routing, capacity=4).dropped) == 0
+    with pytest.raises(ValueError, match="'capacity'"):
+        drop_overflow(routing, capacity=-1)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(data=st.data(), N=st.integers(1, 8), E=st.integers(1, 4), capacity=st.integers(0, 6))
+def test_drop_overflow_matches_naive(data, N, E, capacity):
+    # Each row: a variable number of distinct experts, best first.
+    choices = []
+    for _ in range(N):
+        perm = data.draw(st.permutations(range(E)))
+        choices.append(perm[:data.draw(st.integers(0, E))])
+    row = torch.tensor([n for n, c in enumerate(choices) for _ in c], dtype=torch.long)
+    expert = torch.tensor([e for c in choices for e in c], dtype=torch.long)
+    weight = torch.rand(row.numel())
+    routing = Routing(row, expert, weight, torch.zeros(N, E), torch.zeros(E), {})
+    out = drop_overflow(routing, capacity)
+    # Naive: replay all first choices in row order, then all second choices, ...
+    taken, kept, a_of = [0] * E, [], {}
+    for n, c in enumerate(choices):
+        for r in range(len(c)):
+            a_of[(n, r)] = len(a_of)  # assignment index in the flat layout
+    for r in range(E):
+        for n, c in enumerate(choices):
+            if r < len(c):
+                if taken[c[r]] < capacity:
+                    taken[c[r]] += 1
+                    kept.append(a_of[(n, r)])
+    kept.sort()
+    assert out.row.tolist() == row[kept].tolist()
+    assert out.expert.tolist() == expert[kept].tolist()
+    assert out.weight.tolist() == weight[kept].tolist()
+    assert out.load.tolist() == [float(t) for t in taken]
+    assert int(out.dropped) == row.numel() - len(kept)
+
+
+def test_expert_capacity():
+    assert expert_capacity(10, 4, 1.25) == 4  # ceil(3.125)
+    assert expert_capacity(8, 4, 1.0) == 2
+    assert expert_capacity(0, 4, 1.0) == 0
+
+
+# Precision, symmetry, edge cases ##############################################
+
+
+ROUTER_MAKERS = {
+    "topk": lambda: TopKRouter(8, 4, k=2),
+    "topk_null": lambda: TopKRouter(8, 4, k=2, num_null_experts=2),
+    "noisy": lambda: TopKRouter(8, 4, k=2, noisy=True),
+    "topp": lambda: TopPRouter(8, 4, p=0.6),
+    "expert_choice": lambda: ExpertChoiceRouter(8, 4, capacity_factor=1.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_is_float32_under_autocast(name, dtype):
+    torch.manual_seed(11)
+    router = ROUTER_MAKERS[name]().eval()
+    x = make_x(N=30).to(dtype)
+    ref = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(x)
+    assert routing.probs.dtype == routing.weight.dtype == torch.float32
+    assert torch.equal(routing.probs, ref.probs)
+    assert torch.equal(routing.dense_weight(), ref.dense_weight())
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+def test_permutation_equivariance(name):
+    torch.manual_seed(12)
+    router = ROUTER_MAKERS[name]().eval()
+    x = make_x(N=40)
+    perm = torch.randperm(40)
+    a, b = router(x), router(x[perm])
+    torch.testing.assert_close(b.probs, a.probs[perm])
+    torch.testing.assert_close(b.dense_weight(), a.dense_weight()[perm])
+    torch.testing.assert_close(b.load, a.load)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+def test_empty_input(name):
+    router = ROUTER_MAKERS[name]()
+    routing = router(torch.empty(0, 8))
+    assert routing.row.numel() == routing.expert.numel() == routing.weight.numel() == 0
+    assert routing.probs.shape == (0, router.num_total_experts)
+    assert routing.load.tolist() == [0.0] * 4
+    assert routing.dense_weight().shape == (0, 4)
+    for value in routing.aux_loss.values():
+        assert float(value.detach()) == 0.0
+
+
+# Bad input ####################################################################
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=0), "'k'"),
+    (dict(k=5), "'k'"),
+    (dict(k=7, num_null_experts=2), "'k'"),
+    (dict(k=1.5), "'k'"),
+    (dict(num_null_experts=-1), "'num_null_experts'"),
+])
+def test_topk_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKRouter(8, 4, **kwargs)
+
+
+def test_topk_k_may_count_null_experts():
+    assert TopKRouter(8, 4, k=6, num_null_experts=2).k == 6
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(p=0.0), r"'p' must be in \(0, 1\]"),
+    (dict(p=-0.1), "'p'"),
+    (dict(p=1.01), "'p'"),
+    (dict(max_k=0), "'max_k'"),
+    (dict(max_k=5), "'max_k'"),
+])
+def test_topp_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopPRouter(8, 4, **kwargs)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: ExpertChoiceRouter(8, 4, capacity_factor=0), "'capacity_factor'"),
+    (lambda: TopKRouter(0, 4), "'in_channels'"),
+    (lambda: TopPRouter(8, 0), "'num_experts'"),
+])
+def test_router_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+def test_router_bad_input(name):
+    router = ROUTER_MAKERS[name]()
+    with pytest.raises(ValueError, match="'x' must be 2-D"):
+        router(torch.randn(8))
+    with pytest.raises(ValueError, match="'x' must be 2-D"):
+        router(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="in_channels=8"):
+        router(torch.randn(5, 7))
+    with pytest.raises(TypeError, match="'x'"):
+        router([[0.0] * 8])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 8)
+        x[3, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            router(x)
+
+
+def test_router_repr():
+    assert repr(TopKRouter(64, num_experts=8, k=2)) == "TopKRouter(64, num_experts=8, k=2)"
+    assert (repr(TopKRouter(16, 4, k=3, noisy=True, num_null_experts=2))
+            == "TopKRouter(16, num_experts=4, k=3, noisy=True, num_null_experts=2)")
+    assert repr(TopPRouter(16, 4, p=0.5)) == "TopPRouter(16, num_experts=4, p=0.5)"
+    assert (repr(ExpertChoiceRouter(16, 4, capacity_factor=2))
+            == "ExpertChoiceRouter(16, num_experts=4, capacity_factor=2.0)")
