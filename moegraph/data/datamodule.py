@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 

@@ -280,7 +280,7 @@ class ModuleExperts(Experts):
                 weight: Optional[Tensor] = None) -> Tensor:
         sizes = counts.tolist()  # host sync
         outs = []
-        for expert, xe, size in zip(self.experts, x_sorted.split(sizes), sizes):
+        for expert, xe, size in zip(self.experts, x_sorted.split(sizes), sizes, strict=True):
             if size == 0:
                 continue
             y = expert(xe)

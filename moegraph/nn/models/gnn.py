@@ -155,7 +155,8 @@ class MoEGNN(Module):
             else:
                 block = Identity()
             self.ffns.append(block)
-            self.ffn_norms.append(make_norm(norm, hidden_channels))
+            # No FFN, no residual step to normalise: no dead norm parameters.
+            self.ffn_norms.append(make_norm(norm if ffn != "none" else None, hidden_channels))
         self.lin_out = Linear(hidden_channels, out_channels)
         self.reset_parameters()
 
@@ -174,7 +175,7 @@ class MoEGNN(Module):
         h = self.lin_in(x)  # [N, H]
         routings = []
         for conv, conv_norm, ffn, ffn_norm in zip(self.convs, self.conv_norms, self.ffns,
-                                                  self.ffn_norms):
+                                                  self.ffn_norms, strict=True):
             h = conv_norm(h + F.dropout(self.act(conv(h, edge_index)), self.dropout,
                                         self.training))
             if isinstance(ffn, Identity):
