@@ -74,13 +74,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["time/epochs"] = float(trainer.current_epoch)
     _report_expert_load(model, datamodule, output_dir)
     with open(output_dir / "metrics.json", "w") as f:
-        json.dump({"metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)},
-                  f, indent=2)
+        json.dump({"metrics": metrics, "config": _run_config(cfg)}, f, indent=2)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
                         if k.startswith(("test/", "val/")))
     log.info("metrics: %s", summary)
     print(f"[moegraph] {summary}")
     return metrics
+
+
+def _run_config(cfg: DictConfig) -> dict[str, Any]:
+    r"""The resolved run config, without the ``hydra`` node that a config composed
+    with ``return_hydra_config=True`` carries (some of its values exist only in a
+    real Hydra run or multirun, and the CLI does not pass it to :func:`train`)."""
+    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
+            else value for key, value in cfg.items() if key != "hydra"}
 
 
 @torch.no_grad()

@@ -90,7 +90,9 @@ class NodeClassificationTask(L.LightningModule):
                  prog_bar=split != "test")
         if batch_size:
             metrics.update(logits, y)
-            self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val")
+            # A metric given only update() has no step value: log it per epoch.
+            self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val",
+                          on_step=False, on_epoch=True)
         if split == "train":
             aux = weighted_aux_loss(out.aux_loss, self.aux_loss_weights, loss)
             self.log("train/aux_loss", aux, batch_size=max(batch_size, 1))

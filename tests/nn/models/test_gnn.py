@@ -1,0 +1,262 @@
+r"""Tests of moegraph.nn.models.MoEGNN and its builders make_conv / make_norm."""
+import pytest
+import torch
+from torch.nn import BatchNorm1d, Identity, LayerNorm, Sequential
+from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+from torch_geometric.testing import get_random_edge_index
+
+from moegraph.nn import ModelOutput, SparseMoE, TopPRouter
+from moegraph.nn.models import CONVS, MoEGNN, make_conv, make_norm
+
+N, FEAT, HID, OUT = 30, 6, 16, 3
+FFNS = ("moe", "dense", "none")
+
+
+def make_graph(n=N, num_edges=90, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(n, FEAT)
+    edge_index = get_random_edge_index(n, n, num_edges)
+    return x, edge_index
+
+
+def make_net(conv="gcn", ffn="moe", **kwargs):
+    kwargs = {"num_layers": 2, "num_experts": 4, "k": 2, **kwargs}
+    if conv == "gat":
+        kwargs.setdefault("conv_kwargs", {"heads": 2})
+    return MoEGNN(FEAT, HID, OUT, conv=conv, ffn=ffn, **kwargs)
+
+
+def num_moe_layers(net):
+    return sum(isinstance(f, SparseMoE) for f in net.ffns)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("ffn", FFNS)
+def test_output_fields(conv, ffn):
+    torch.manual_seed(0)
+    net = make_net(conv, ffn)
+    x, edge_index = make_graph()
+    out = net(x, edge_index)
+    assert isinstance(out, ModelOutput)
+    assert out.logits.shape == (N, OUT)
+    assert torch.isfinite(out.logits).all()
+    assert out.confidence is None
+    assert isinstance(out.routing, tuple)
+    if ffn == "moe":
+        assert len(out.routing) == 2 == num_moe_layers(net)
+        for routing in out.routing:
+            assert routing.num_rows == N and routing.num_experts == 4
+            assert int(routing.load.sum()) == N * 2  # top-2, dropless
+        assert set(out.aux_loss) == {"load_balance", "z_loss", "importance"}
+    else:
+        assert out.routing == () and out.aux_loss == {}
+        assert num_moe_layers(net) == 0
+
+
+@pytest.mark.parametrize("ffn,num_layers,moe_every,moe_layers", [
+    ("moe", 4, 2, [1, 3]), ("moe", 4, 1, [0, 1, 2, 3]), ("moe", 3, 2, [1]),
+    ("moe", 1, 2, []), ("dense", 4, 1, []), ("none", 4, 1, []),
+])
+def test_moe_every(ffn, num_layers, moe_every, moe_layers):
+    torch.manual_seed(0)
+    net = make_net(ffn=ffn, num_layers=num_layers, moe_every=moe_every)
+    assert [i for i, f in enumerate(net.ffns) if isinstance(f, SparseMoE)] == moe_layers
+    for i, f in enumerate(net.ffns):
+        if i not in moe_layers:
+            assert isinstance(f, Identity if ffn == "none" else Sequential)
+    # Without a feed-forward part there is no residual step to normalise.
+    assert all(isinstance(n, Identity) == (ffn == "none") for n in net.ffn_norms)
+    out = net(*make_graph())
+    assert len(out.routing) == len(moe_layers)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_aux_loss_is_the_sum_over_layers(conv):
+    torch.manual_seed(1)
+    net = make_net(conv, num_layers=4, moe_every=2).train()
+    out = net(*make_graph())
+    assert len(out.routing) == 2
+    names = set().union(*(r.aux_loss for r in out.routing))
+    assert set(out.aux_loss) == names == {"load_balance", "z_loss", "importance"}
+    for name in names:
+        by_hand = out.routing[0].aux_loss[name] + out.routing[1].aux_loss[name]
+        assert torch.allclose(out.aux_loss[name], by_hand), name
+        assert float(out.aux_loss[name].detach()) > 0, name  # training: the losses are live
+    net.eval()
+    out = net(*make_graph())
+    assert all(float(v) == 0.0 for v in out.aux_loss.values())
+
+
+def test_aux_loss_names_of_other_routers():
+    torch.manual_seed(1)
+    x, edge_index = make_graph()
+    net = make_net(k=None, moe_kwargs={"router": "topp", "router_kwargs": {"p": 0.6}})
+    assert isinstance(net.ffns[0].router, TopPRouter) and net.ffns[0].router.p == 0.6
+    out = net(x, edge_index)
+    assert set(out.aux_loss) == {"load_balance", "z_loss", "importance", "entropy"}
+    net = make_net(k=None, moe_kwargs={"router": "expert_choice"})
+    out = net(x, edge_index)
+    assert set(out.aux_loss) == {"z_loss"}
+    assert torch.allclose(out.aux_loss["z_loss"],
+                          sum(r.aux_loss["z_loss"] for r in out.routing))
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("ffn", FFNS)
+def test_permutation_equivariance(conv, ffn):
+    torch.manual_seed(2)
+    net = make_net(conv, ffn, norm="batch_norm" if conv == "sage" else "layer_norm").eval()
+    x, edge_index = make_graph(seed=3)
+    perm = torch.randperm(N)  # new node i is old node perm[i]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(N)
+    out = net(x, edge_index)
+    out_perm = net(x[perm], inv[edge_index])
+    assert torch.allclose(out_perm.logits, out.logits[perm], atol=1e-5)
+
+
+@pytest.mark.parametrize("router,k", [("topp", None), ("expert_choice", None)])
+def test_permutation_equivariance_other_routers(router, k):
+    torch.manual_seed(2)
+    net = make_net(k=k, moe_kwargs={"router": router}).eval()
+    x, edge_index = make_graph(seed=3)
+    perm = torch.randperm(N)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(N)
+    out, out_perm = net(x, edge_index), net(x[perm], inv[edge_index])
+    assert torch.allclose(out_perm.logits, out.logits[perm], atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("ffn", FFNS)
+def test_every_parameter_learns(conv, ffn):
+    torch.manual_seed(4)
+    net = make_net(conv, ffn, dropout=0.0, input_dropout=0.0).train()
+    x, edge_index = make_graph(n=60, num_edges=200, seed=5)
+    out = net(x, edge_index)
+    loss = (out.logits * torch.randn_like(out.logits)).sum() + sum(out.aux_loss.values())
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    for routing in out.routing:
+        assert bool((routing.load > 0).all())  # so every expert slice got a gradient
+
+
+def test_graph_without_edges():
+    torch.manual_seed(0)
+    x = torch.randn(N, FEAT)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    for conv in CONVS:
+        out = make_net(conv)(x, empty)
+        assert out.logits.shape == (N, OUT) and torch.isfinite(out.logits).all(), conv
+
+
+def test_graph_without_nodes():
+    torch.manual_seed(0)
+    out = make_net("sage").eval()(torch.empty(0, FEAT), torch.empty(2, 0, dtype=torch.long))
+    assert out.logits.shape == (0, OUT)
+
+
+def test_same_seed_same_model():
+    x, edge_index = make_graph()
+    torch.manual_seed(7)
+    a = make_net("gat", dropout=0.5).eval()
+    torch.manual_seed(7)
+    b = make_net("gat", dropout=0.5).eval()
+    assert torch.equal(a(x, edge_index).logits, b(x, edge_index).logits)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(8)
+    net = make_net(dropout=0.5, input_dropout=0.5)
+    x, edge_index = make_graph()
+    net.eval()
+    assert torch.equal(net(x, edge_index).logits, net(x, edge_index).logits)
+    net.train()
+    assert not torch.equal(net(x, edge_index).logits, net(x, edge_index).logits)
+
+
+def test_reset_parameters():
+    torch.manual_seed(9)
+    net = make_net("gin")
+    x, edge_index = make_graph()
+    before = net.eval()(x, edge_index).logits
+    net.reset_parameters()
+    assert not torch.allclose(net(x, edge_index).logits, before)
+
+
+def test_ffn_hidden_channels_and_moe_kwargs():
+    net = make_net(ffn_hidden_channels=24, moe_every=2, num_layers=2,
+                   moe_kwargs={"num_shared_experts": 1})
+    dense, moe = net.ffns
+    assert dense[0].out_features == 24 and dense[2].in_features == 24
+    assert moe.hidden_channels == 24 and moe.num_shared_experts == 1
+
+
+def test_conv_kwargs_not_mutated():
+    conv_kwargs = {"heads": 4}
+    net = MoEGNN(FEAT, HID, OUT, num_layers=2, conv="gat", conv_kwargs=conv_kwargs)
+    assert conv_kwargs == {"heads": 4}
+    assert all(c.heads == 4 and c.out_channels == HID // 4 for c in net.convs)
+
+
+def test_repr():
+    assert repr(make_net("gcn", num_layers=4, moe_every=2)) == \
+        "MoEGNN(6, 16, 3, num_layers=4, conv=gcn, moe_layers=2)"
+    assert repr(make_net("sage", "dense")) == \
+        "MoEGNN(6, 16, 3, num_layers=2, conv=sage, moe_layers=0)"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(conv="gcnn"), r"'conv' must be one of \('gcn', 'sage', 'gat', 'gin'\) "
+                        r"\(got 'gcnn'\)"),
+    (dict(norm="group_norm"), r"'norm' must be one of .* \(got 'group_norm'\)"),
+    (dict(ffn="sparse"), r"'ffn' must be 'moe', 'dense' or 'none' \(got 'sparse'\)"),
+    (dict(num_layers=0), r"'num_layers' must be positive \(got 0\)"),
+    (dict(moe_every=0), r"'moe_every' must be positive \(got 0\)"),
+    (dict(conv="gat", conv_kwargs={"heads": 3}),
+     r"GAT: out_channels=16 is not divisible by heads=3"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEGNN(FEAT, HID, OUT, **kwargs)
+
+
+# Builders #####################################################################
+
+
+@pytest.mark.parametrize("name,cls", [("gcn", GCNConv), ("sage", SAGEConv), ("gat", GATConv),
+                                      ("gin", GINConv)])
+def test_make_conv(name, cls):
+    torch.manual_seed(0)
+    conv = make_conv(name, 5, 8)
+    assert isinstance(conv, cls)
+    x, edge_index = torch.randn(10, 5), get_random_edge_index(10, 10, 20)
+    assert conv(x, edge_index).shape == (10, 8)
+
+
+def test_make_conv_kwargs():
+    assert make_conv("gcn", 5, 8, add_self_loops=False).add_self_loops is False
+    assert make_conv("sage", 5, 8, aggr="max").aggr == "max"
+    gat = make_conv("gat", 5, 8, heads=4)
+    assert gat.heads == 4 and gat.out_channels == 2
+    assert make_conv("gat", 5, 8, heads=4)(torch.randn(3, 5),
+                                           torch.tensor([[0], [1]])).shape == (3, 8)
+    gin = make_conv("gin", 5, 8, train_eps=True)
+    assert isinstance(gin.eps, torch.nn.Parameter)
+    assert gin.nn[0].in_features == 5 and gin.nn[2].out_features == 8
+    with pytest.raises(ValueError, match="not divisible by heads=3"):
+        make_conv("gat", 5, 8, heads=3)
+    with pytest.raises(ValueError, match=r"'conv' must be one of .* \(got 'gcn2'\)"):
+        make_conv("gcn2", 5, 8)
+
+
+def test_make_norm():
+    assert isinstance(make_norm(None, 8), Identity)
+    assert isinstance(make_norm("none", 8), Identity)
+    ln = make_norm("layer_norm", 8)
+    assert isinstance(ln, LayerNorm) and ln.normalized_shape == (8,)
+    bn = make_norm("batch_norm", 8)
+    assert isinstance(bn, BatchNorm1d) and bn.num_features == 8
+    with pytest.raises(ValueError, match=r"'norm' must be one of .* \(got 'LayerNorm'\)"):
+        make_norm("LayerNorm", 8)

@@ -1,0 +1,218 @@
+r"""Tests of moegraph.tasks.NodeClassificationTask.
+
+The step methods are called directly (no Trainer: Lightning then skips
+``self.log`` with a warning, filtered below); the logged values are checked
+through one ``fast_dev_run``.
+"""
+import copy
+import functools
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_geometric.data import Data
+from torch_geometric.nn.models import GCN
+
+from moegraph.data import NodeDataModule, csbm_graph
+from moegraph.nn import ModelOutput
+from moegraph.nn.models import MoEGNN
+from moegraph.tasks import NodeClassificationTask
+
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning")
+
+N, FEAT, C = 40, 5, 3
+WEIGHTS = {"load_balance": 0.1, "z_loss": 0.01, "importance": 0.5}
+ADAM = functools.partial(torch.optim.Adam, lr=0.05)
+
+
+def make_data(**kwargs):
+    return csbm_graph(**{"num_nodes": N, "num_classes": C, "num_features": FEAT, **kwargs})
+
+
+def make_net(**kwargs):
+    torch.manual_seed(0)
+    return MoEGNN(FEAT, 8, C, num_experts=4, k=2, dropout=0.0, **kwargs)
+
+
+def make_task(net=None, **kwargs):
+    kwargs = {"num_classes": C, "optimizer": ADAM, "aux_loss_weights": WEIGHTS, **kwargs}
+    return NodeClassificationTask(make_net() if net is None else net, **kwargs)
+
+
+def test_training_step_loss_by_hand():
+    data, task = make_data(), make_task().train()
+    out = task.net(data.x, data.edge_index)
+    mask = data.train_mask
+    expected = F.cross_entropy(out.logits[mask], data.y[mask])
+    for name, weight in WEIGHTS.items():
+        expected = expected + weight * out.aux_loss[name]
+    loss = task.training_step(data, 0)
+    assert loss.dim() == 0 and loss.requires_grad
+    assert torch.allclose(loss, expected)
+    # The aux losses do change the loss: they are live in training.
+    assert not torch.allclose(loss, F.cross_entropy(out.logits[mask], data.y[mask]))
+
+
+def test_weights_of_losses_the_model_does_not_return_are_ignored():
+    data = make_data()
+    task = make_task(aux_loss_weights={"entropy": 3.0, "z_loss": 0.5}).train()
+    out = task.net(data.x, data.edge_index)  # top-k: no entropy loss
+    assert "entropy" not in out.aux_loss
+    mask = data.train_mask
+    expected = F.cross_entropy(out.logits[mask], data.y[mask]) + 0.5 * out.aux_loss["z_loss"]
+    assert torch.allclose(task.training_step(data, 0), expected)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_steps_are_plain_cross_entropy(split):
+    data, task = make_data(), make_task().eval()
+    with torch.no_grad():
+        logits = task.net(data.x, data.edge_index).logits
+        mask = data[f"{split}_mask"]
+        step = task.validation_step if split == "val" else task.test_step
+        loss = step(data, 0)
+    assert torch.allclose(loss, F.cross_entropy(logits[mask], data.y[mask]))
+
+
+def test_zero_weights_are_dropped():
+    task = make_task(aux_loss_weights={"load_balance": 0.0, "z_loss": 1})
+    assert task.aux_loss_weights == {"z_loss": 1.0}
+    assert make_task(aux_loss_weights=None).aux_loss_weights == {}
+
+
+def test_unknown_aux_loss_name():
+    with pytest.raises(ValueError, match=r"unknown auxiliary loss\(es\) \['balance'\] in "
+                                         r"'aux_loss_weights'; known: \['load_balance', "):
+        make_task(aux_loss_weights={"balance": 0.1, "z_loss": 0.1})
+
+
+@pytest.mark.parametrize("num_classes", [1, 0])
+def test_too_few_classes(num_classes):
+    with pytest.raises(ValueError, match=rf"'num_classes' must be at least 2 \(got "
+                                         rf"{num_classes}\)"):
+        make_task(num_classes=num_classes)
+
+
+@pytest.mark.parametrize("bad,expected", [(C, rf"\[0, {C}\]"), (-1, rf"\[-1, {C - 1}\]")])
+def test_labels_out_of_range(bad, expected):
+    data = make_data()
+    node = int(data.train_mask.nonzero()[0])
+    data.y[node] = bad
+    task = make_task()
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, {C - 1}\] \(got {expected}\)"):
+        task.training_step(data, 0)
+    # A bad label outside the split being evaluated is not looked at.
+    assert torch.isfinite(task.validation_step(data, 0))
+
+
+def test_empty_mask_gives_a_finite_zero_loss():
+    data = make_data()
+    data.val_mask[:] = False
+    task = make_task()
+    loss = task.validation_step(data, 0)
+    assert torch.isfinite(loss) and float(loss.detach()) == 0.0
+
+
+def test_plain_tensor_net():
+    torch.manual_seed(0)
+    net = GCN(FEAT, 8, num_layers=2, out_channels=C)
+    data, task = make_data(), make_task(net)
+    out = task(data)
+    assert isinstance(out, ModelOutput)
+    assert out.aux_loss == {} and out.routing == ()
+    expected = F.cross_entropy(out.logits[data.train_mask], data.y[data.train_mask])
+    assert torch.allclose(task.training_step(data, 0), expected)
+
+
+def test_net_with_a_bad_return_type():
+    class Bad(torch.nn.Module):
+        def forward(self, x, edge_index):
+            return x, edge_index
+
+    with pytest.raises(TypeError, match="must return a Tensor or a ModelOutput"):
+        make_task(Bad()).training_step(make_data(), 0)
+
+
+def test_predict_step():
+    data, task = make_data(), make_task().eval()
+    out = task.predict_step(data, 0)
+    assert isinstance(out, ModelOutput) and out.logits.shape == (N, C)
+    assert len(out.routing) == 2
+
+
+def test_configure_optimizers():
+    task = make_task()
+    optimizer = task.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 0.05
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(params) == len(list(task.parameters())) > 0
+    assert {id(p) for p in params} == {id(p) for p in task.net.parameters()}
+
+
+def test_configure_optimizers_with_scheduler():
+    scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=5, gamma=0.5)
+    conf = make_task(scheduler=scheduler).configure_optimizers()
+    assert isinstance(conf["optimizer"], torch.optim.Adam)
+    assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert conf["lr_scheduler"]["scheduler"].optimizer is conf["optimizer"]
+    assert conf["lr_scheduler"]["monitor"] == "val/loss"
+
+
+def test_hyperparameters_exclude_the_net():
+    task = make_task()
+    assert task.hparams["num_classes"] == C
+    assert dict(task.hparams["aux_loss_weights"]) == WEIGHTS
+    assert "net" not in task.hparams and "optimizer" not in task.hparams
+
+
+def fast_dev_run(task, data):
+    trainer = L.Trainer(fast_dev_run=True, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    dm = NodeDataModule()
+    dm.data = data
+    trainer.fit(task, datamodule=dm)
+    return trainer, dm
+
+
+def test_logged_values_in_a_trainer():
+    data = make_data()
+    task = make_task()
+    before = copy.deepcopy(task.net).train()  # the net of the one training step
+    out = before(data.x, data.edge_index)
+    trainer, dm = fast_dev_run(task, data)
+    metrics = trainer.callback_metrics
+    mask = data.train_mask
+    ce = F.cross_entropy(out.logits[mask], data.y[mask])
+    aux = sum(w * out.aux_loss[name] for name, w in WEIGHTS.items())
+    assert torch.allclose(metrics["train/loss"], ce.detach())
+    assert torch.allclose(metrics["train/aux_loss"], aux.detach())
+    for name, value in out.aux_loss.items():
+        assert torch.allclose(metrics[f"train/aux/{name}"], value.detach()), name
+    acc = (out.logits[mask].argmax(-1) == data.y[mask]).float().mean()
+    assert torch.allclose(metrics["train/acc"], acc)
+    assert {"val/loss", "val/acc"} <= set(metrics)
+    result = trainer.test(task, datamodule=dm, verbose=False)[0]
+    assert set(result) == {"test/loss", "test/acc"} and 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_empty_val_mask_in_a_trainer():
+    data = make_data()
+    data.val_mask[:] = False
+    trainer, _ = fast_dev_run(make_task(), data)
+    assert float(trainer.callback_metrics["val/loss"]) == 0.0
+    assert "val/acc" not in trainer.callback_metrics
+
+
+def test_training_reduces_the_loss():
+    data = Data(**dict(make_data(num_nodes=200)))
+    task = make_task()
+    optimizer = task.configure_optimizers()
+    first = float(task.training_step(data, 0).detach())
+    for _ in range(30):
+        optimizer.zero_grad()
+        task.training_step(data, 0).backward()
+        optimizer.step()
+    assert float(task.training_step(data, 0).detach()) < 0.7 * first
