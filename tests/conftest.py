@@ -33,3 +33,30 @@ def compose_cfg(tmp_path):
 
     yield _compose
     HydraConfig.instance().cfg = None
+
+
+@pytest.fixture
+def real_data(tmp_path):
+    r"""Copy a real dataset folder from ``$MOEGRAPH_DATA_DIR`` into ``tmp_path``
+    and return the copy's root (PyG writes ``processed/`` beside ``raw/``, so the
+    shared folder is never loaded in place). Skips when the data is absent.
+
+    Usage: ``root = real_data("Planetoid/Cora")`` gives ``tmp_path/Planetoid``
+    holding ``Cora/raw``; pass it as ``root`` to the PyG dataset class.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    def _copy(relative: str) -> Path:
+        base = os.environ.get("MOEGRAPH_DATA_DIR")
+        if not base:
+            pytest.skip("real data: MOEGRAPH_DATA_DIR is not set (e.g. ../shared/data)")
+        source = Path(base) / relative
+        if not source.is_dir():
+            pytest.skip(f"real data: {source} does not exist")
+        target = tmp_path / relative
+        shutil.copytree(source, target)
+        return tmp_path / Path(relative).parts[0]
+
+    return _copy
