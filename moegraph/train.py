@@ -32,6 +32,27 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
+    r"""Build what a run needs from ``cfg``: ``datamodule`` (set up), ``net``
+    (given the data's feature and class counts), ``task`` (the LightningModule
+    around it), ``callbacks``, ``loggers`` and, unless ``trainer=False``, the
+    ``trainer``."""
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
+    datamodule.setup("fit")
+    net = hydra.utils.instantiate(cfg.model.net, _convert_="partial",
+                                  in_channels=datamodule.num_features,
+                                  out_channels=datamodule.num_classes)
+    task = hydra.utils.instantiate(cfg.model, _convert_="partial", net=net,
+                                   num_classes=datamodule.num_classes)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
+    run = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
+    if trainer:
+        run["trainer"] = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
+                                                 logger=loggers or False)
+    return run
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     r"""Fit and test the model that ``cfg`` describes; return its metrics.
 
@@ -47,17 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
-    datamodule.setup("fit")
-    net = hydra.utils.instantiate(cfg.model.net, _convert_="partial",
-                                  in_channels=datamodule.num_features,
-                                  out_channels=datamodule.num_classes)
-    model = hydra.utils.instantiate(cfg.model, _convert_="partial", net=net,
-                                    num_classes=datamodule.num_classes)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
-                                                 logger=loggers or False)
+    run = instantiate_run(cfg)
+    datamodule, model, trainer = run["datamodule"], run["task"], run["trainer"]
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)

@@ -1,17 +1,15 @@
 r"""Every option of the config tree in ``conf/`` composes and instantiates."""
 from pathlib import Path
 
-import hydra
 import lightning as L
 import pytest
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
 
 from moegraph.data import NodeDataModule
 from moegraph.nn import ExpertChoiceRouter, SparseMoE, TopKRouter, TopPRouter
 from moegraph.nn.models import MoEGNN
 from moegraph.tasks import NodeClassificationTask
-from moegraph.train import CONFIG_DIR, _instantiate_all
+from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
 OPTIONS = {
@@ -23,23 +21,6 @@ OPTIONS = {
     "experiment": ["synthetic_gnn", "synthetic_moe_gnn"],
     "debug": ["fdr"],
 }
-
-
-def instantiate_run(cfg: DictConfig, trainer: bool = True):
-    r"""What :func:`moegraph.train.train` instantiates, in the same way."""
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
-    net = hydra.utils.instantiate(cfg.model.net, _convert_="partial",
-                                  in_channels=datamodule.num_features,
-                                  out_channels=datamodule.num_classes)
-    task = hydra.utils.instantiate(cfg.model, _convert_="partial", net=net,
-                                   num_classes=datamodule.num_classes)
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
-    out = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
-    if trainer:
-        out["trainer"] = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks,
-                                                 logger=loggers or False)
-    return out
 
 
 def test_every_option_is_tested():
