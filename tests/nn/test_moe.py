@@ -11,6 +11,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from naive_reference import (
+    naive_expert_choice,
+    naive_logits,
+    naive_softmax,
+    naive_topk,
+    naive_topp,
+    ranked,
+    to_dense,
+)
 from torch.func import functional_call
 
 from moegraph.nn import (
@@ -27,48 +36,15 @@ N, FEAT, HID, OUT, E = 40, 8, 16, 12, 4
 # Naive reference ##############################################################
 
 
-def naive_probs(m, x):
-    r"""Softmax of ``x W_g^T`` per row, in double precision."""
-    logits = x.detach().double() @ m.router.weight.detach().double().t()
-    out = []
-    for row in logits.tolist():
-        mx = max(row)
-        ex = [math.exp(v - mx) for v in row]
-        out.append([v / sum(ex) for v in ex])
-    return out
-
-
-def ranked(row):
-    return sorted(range(len(row)), key=lambda i: -row[i])
-
-
 def naive_route(m, x):
     r"""Per row, the list of ``(expert, weight)`` best first, null experts dropped."""
-    router, probs = m.router, naive_probs(m, x)
-    num_real = router.num_experts
-    out = []
+    router = m.router
+    probs = naive_softmax(naive_logits(x, router.weight))
     if isinstance(router, ExpertChoiceRouter):
-        n = len(probs)
-        c = min(n, math.ceil(n * router.capacity_factor / num_real))
-        out = [[] for _ in probs]
-        for e in range(num_real):
-            for r in sorted(range(n), key=lambda r: -probs[r][e])[:c]:
-                out[r].append((e, probs[r][e]))
-        return out
-    for row in probs:
-        if isinstance(router, TopKRouter):
-            kept = ranked(row)[:router.k]
-            norm = sum(row[i] for i in kept) if router.normalize else 1.0
-        else:  # top-p: smallest prefix whose mass reaches p
-            kept, mass = [], 0.0
-            for i in ranked(row):
-                kept.append(i)
-                mass += row[i]
-                if mass >= router.p:
-                    break
-            norm = sum(row[i] for i in kept) if router.normalize else 1.0
-        out.append([(i, row[i] / norm) for i in kept if i < num_real])
-    return out
+        return naive_expert_choice(probs, router.capacity_factor, router.num_experts)[0]
+    if isinstance(router, TopKRouter):
+        return naive_topk(probs, router.k, router.num_experts, router.normalize)
+    return naive_topp(probs, router.p, router.num_experts, router.max_k, router.normalize)
 
 
 def naive_capacity(assignments, num_experts, capacity_factor):
@@ -90,14 +66,6 @@ def naive_capacity(assignments, num_experts, capacity_factor):
                 else:
                     dropped += 1
     return kept, dropped, taken, capacity
-
-
-def to_dense(assignments, num_experts):
-    dense = torch.zeros(len(assignments), num_experts, dtype=torch.float64)
-    for n, pairs in enumerate(assignments):
-        for e, w in pairs:
-            dense[n, e] += w
-    return dense
 
 
 def every_expert_on_every_row(m, x):
