@@ -17,10 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
-
-from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -34,16 +31,14 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
 
 def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
     r"""Build what a run needs from ``cfg``: ``datamodule`` (set up), ``net``
-    (given the data's feature and class counts), ``task`` (the LightningModule
-    around it), ``callbacks``, ``loggers`` and, unless ``trainer=False``, the
+    (given ``datamodule.net_kwargs()``, e.g. the feature and class counts),
+    ``task`` (the LightningModule around it, given ``datamodule.task_kwargs()``), ``callbacks``, ``loggers`` and, unless ``trainer=False``, the
     ``trainer``."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
     datamodule.setup("fit")
-    net = hydra.utils.instantiate(cfg.model.net, _convert_="partial",
-                                  in_channels=datamodule.num_features,
-                                  out_channels=datamodule.num_classes)
+    net = hydra.utils.instantiate(cfg.model.net, _convert_="partial", **datamodule.net_kwargs())
     task = hydra.utils.instantiate(cfg.model, _convert_="partial", net=net,
-                                   num_classes=datamodule.num_classes)
+                                   **datamodule.task_kwargs())
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
     run = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
@@ -57,11 +52,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     r"""Fit and test the model that ``cfg`` describes; return its metrics.
 
     Instantiates ``cfg.data`` (a LightningDataModule), ``cfg.model.net`` (a
-    network, given the data's feature and class counts), ``cfg.model`` (the
+    network, given what the data says it needs), ``cfg.model`` (the
     LightningModule around it), ``cfg.callbacks``, ``cfg.logger`` and
-    ``cfg.trainer``; fits, tests the best checkpoint, prints the per-expert
-    load and writes ``metrics.json`` (and ``expert_load.png``) to
-    ``cfg.paths.output_dir``.
+    ``cfg.trainer``; fits, tests the best checkpoint, lets the task write its
+    diagnostics (``task.write_diagnostics(datamodule, output_dir)``, e.g. the
+    per-expert load) and writes ``metrics.json`` to ``cfg.paths.output_dir``.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -84,7 +79,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics["time/fit_seconds"] = fit_seconds
     metrics["time/epochs"] = float(trainer.current_epoch)
-    _report_expert_load(model, datamodule, output_dir)
+    write_diagnostics = getattr(model, "write_diagnostics", None)
+    if write_diagnostics is not None:
+        metrics.update(write_diagnostics(datamodule, output_dir) or {})
     with open(output_dir / "metrics.json", "w") as f:
         json.dump({"metrics": metrics, "config": _run_config(cfg)}, f, indent=2)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
@@ -100,19 +97,6 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
     real Hydra run or multirun, and the CLI does not pass it to :func:`train`)."""
     return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
             else value for key, value in cfg.items() if key != "hydra"}
-
-
-@torch.no_grad()
-def _report_expert_load(model: L.LightningModule, datamodule, output_dir: Path) -> None:
-    model.eval()
-    data = datamodule.data.to(model.device)
-    out = model(data)
-    if not out.routing:
-        return
-    load = expert_load(out.routing)
-    print("[moegraph] per-expert load on the full graph (% of assignments):")
-    print(format_expert_load(load))
-    plot_expert_load(load, output_dir / "expert_load.png")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

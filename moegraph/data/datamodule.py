@@ -76,6 +76,14 @@ class NodeDataModule(L.LightningDataModule):
         self.setup()
         return int(self.data.y.max()) + 1
 
+    def net_kwargs(self) -> dict[str, int]:
+        r"""What the network needs to know of the data (given by ``train``)."""
+        return {"in_channels": self.num_features, "out_channels": self.num_classes}
+
+    def task_kwargs(self) -> dict[str, int]:
+        r"""What the LightningModule needs to know of the data."""
+        return {"num_classes": self.num_classes}
+
     def _loader(self) -> DataLoader:
         self.setup()
         return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)

@@ -1,6 +1,7 @@
 r"""Node classification as a LightningModule around any moegraph or PyG network."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -11,6 +12,7 @@ from torch.nn import Module
 from torch_geometric.data import Data
 from torchmetrics import Accuracy, MetricCollection
 
+from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import AUX_LOSS_NAMES
 
@@ -112,6 +114,19 @@ class NodeClassificationTask(L.LightningModule):
 
     def predict_step(self, data: Data, batch_idx: int) -> ModelOutput:
         return self(data)
+
+    @torch.no_grad()
+    def write_diagnostics(self, datamodule, output_dir: Path) -> dict[str, float]:
+        r"""After training: print the per-expert load of every routed layer on
+        the full graph and save it as ``expert_load.png`` in ``output_dir``."""
+        self.eval()
+        out = self(datamodule.data.to(self.device))
+        if out.routing:
+            load = expert_load(out.routing)
+            print("[moegraph] per-expert load on the full graph (% of assignments):")
+            print(format_expert_load(load))
+            plot_expert_load(load, Path(output_dir) / "expert_load.png")
+        return {}
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
