@@ -58,3 +58,51 @@ def plot_expert_load(load: Tensor, path: str | Path, title: str = "expert load")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def confidence_histogram(confidence: Tensor, correct: Tensor, bins: int = 20
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Counts of the Mowst confidence :math:`C \in [0, 1]` in ``bins`` equal
+    bins, for nodes the weak expert classifies rightly and wrongly.
+
+    Returns:
+        ``(edges [bins + 1], right [bins], wrong [bins])``
+    """
+    confidence = torch.as_tensor(confidence, dtype=torch.float).flatten().cpu()
+    correct = torch.as_tensor(correct, dtype=torch.bool).flatten().cpu()
+    if confidence.shape != correct.shape:
+        raise ValueError("'confidence' and 'correct' must have one entry per node")
+    edges = torch.linspace(0, 1, bins + 1)
+    index = (confidence.clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    right = torch.bincount(index[correct], minlength=bins)
+    wrong = torch.bincount(index[~correct], minlength=bins)
+    return edges, right, wrong
+
+
+def plot_confidence_histogram(confidence: Tensor, correct: Tensor, path: str | Path,
+                              title: str = "Mowst confidence", bins: int = 20) -> Path:
+    r"""Save the histogram of :func:`confidence_histogram` as a PNG: where
+    the gate puts the nodes the MLP gets right (ideally near 1) and wrong
+    (ideally near 0, deferred to the GNN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, right, wrong = confidence_histogram(confidence, correct, bins)
+    centers = ((edges[1:] + edges[:-1]) / 2).numpy()
+    width = 1.0 / bins
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(centers, right.numpy(), width=width * 0.9, alpha=0.6, label="weak expert right")
+    ax.bar(centers, wrong.numpy(), width=width * 0.9, alpha=0.6, label="weak expert wrong")
+    ax.set_xlabel("confidence C")
+    ax.set_ylabel("nodes")
+    ax.set_xlim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -9,6 +9,7 @@ r"""The one training entry point: ``train(cfg)`` and the ``moegraph-train`` CLI.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -31,12 +32,15 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
 
 def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
     r"""Build what a run needs from ``cfg``: ``datamodule`` (set up), ``net``
-    (given ``datamodule.net_kwargs()``, e.g. the feature and class counts),
-    ``task`` (the LightningModule around it, given ``datamodule.task_kwargs()``), ``callbacks``, ``loggers`` and, unless ``trainer=False``, the
-    ``trainer``."""
+    (given ``datamodule.net_kwargs()``, e.g. the feature and class counts; a
+    partial net config is called), ``task`` (the LightningModule around it,
+    given ``datamodule.task_kwargs()``), ``callbacks``, ``loggers`` and,
+    unless ``trainer=False``, the ``trainer``."""
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="partial")
     datamodule.setup("fit")
     net = hydra.utils.instantiate(cfg.model.net, _convert_="partial", **datamodule.net_kwargs())
+    if isinstance(net, functools.partial):  # a net config may be a factory (`_partial_`)
+        net = net()
     task = hydra.utils.instantiate(cfg.model, _convert_="partial", net=net,
                                    **datamodule.task_kwargs())
     callbacks = _instantiate_all(cfg.get("callbacks"))

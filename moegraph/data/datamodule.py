@@ -1,28 +1,152 @@
-r"""Node-classification data behind one LightningDataModule interface."""
+r"""Node-classification data behind one LightningDataModule interface: real
+datasets through PyG's own classes, and the synthetic generator."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import shutil
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
-from moegraph.data.synthetic import csbm_graph
-
-DATASETS = ("synthetic",)
+from moegraph.data.synthetic import csbm_graph, random_split_masks
 
 
-def load_node_dataset(name: str, root: Optional[str] = None, **kwargs: Any) -> Data:
+class DatasetSpec(NamedTuple):
+    r"""Where a real dataset lives and how it is evaluated."""
+
+    folder: str            # PyG root under the data dir, e.g. "Planetoid"
+    subfolder: str         # folder holding raw/ under that root, e.g. "Cora"
+    factory: Callable[[str], Any]  # root -> PyG dataset
+    metric: str            # "acc" or "auroc"
+    split: str             # "public", "official" (10 given) or "random" (50/25/25)
+
+
+def _planetoid(name: str) -> Callable[[str], Any]:
+    def make(root: str):
+        from torch_geometric.datasets import Planetoid
+        return Planetoid(root, name)
+    return make
+
+
+def _heterophilous(name: str) -> Callable[[str], Any]:
+    def make(root: str):
+        from torch_geometric.datasets import HeterophilousGraphDataset
+        return HeterophilousGraphDataset(root, name)
+    return make
+
+
+def _linkx(name: str) -> Callable[[str], Any]:
+    def make(root: str):
+        from torch_geometric.datasets import LINKXDataset
+        return LINKXDataset(root, name)
+    return make
+
+
+REAL_DATASETS: dict[str, DatasetSpec] = {
+    "cora": DatasetSpec("Planetoid", "Cora", _planetoid("Cora"), "acc", "public"),
+    "citeseer": DatasetSpec("Planetoid", "CiteSeer", _planetoid("CiteSeer"), "acc", "public"),
+    "minesweeper": DatasetSpec("HeterophilousGraphDataset", "minesweeper",
+                               _heterophilous("Minesweeper"), "auroc", "official"),
+    "tolokers": DatasetSpec("HeterophilousGraphDataset", "tolokers",
+                            _heterophilous("Tolokers"), "auroc", "official"),
+    "amherst41": DatasetSpec("LINKX", "amherst41", _linkx("amherst41"), "acc", "random"),
+    "reed98": DatasetSpec("LINKX", "reed98", _linkx("reed98"), "acc", "random"),
+}
+DATASETS = ("synthetic", *REAL_DATASETS)
+METRICS = ("acc", "auroc")
+
+
+def dataset_metric(name: str) -> str:
+    r"""The metric the literature reports for a dataset: ``"acc"`` or ``"auroc"``."""
+    return REAL_DATASETS[name].metric if name in REAL_DATASETS else "acc"
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] = None) -> Data:
+    r"""Load a real dataset through its PyG class.
+
+    The raw files are looked up under ``root`` in PyG's layout (e.g.
+    ``root/Planetoid/Cora/raw``). With ``cache_dir``, they are first copied to
+    ``cache_dir`` (PyG writes ``processed/`` beside ``raw/``, and ``root`` may
+    be read-only); without it, PyG reads and writes under ``root``. When the
+    files are absent, PyG downloads them; offline, a :class:`FileNotFoundError`
+    says where to put them.
+    """
+    _check_name(name)
+    spec = REAL_DATASETS[name]
+    source = Path(root).expanduser() / spec.folder if root else None
+    target = Path(cache_dir).expanduser() / spec.folder if cache_dir else source
+    if target is None:
+        raise ValueError(f"{name}: give 'root' (the data folder) or 'cache_dir'")
+    raw_source = source / spec.subfolder / "raw" if source is not None else None
+    raw_target = target / spec.subfolder / "raw"
+    if (raw_source is not None and raw_source != raw_target and raw_source.is_dir()
+            and not (raw_target.is_dir() and any(raw_target.iterdir()))):
+        shutil.copytree(raw_source, raw_target, dirs_exist_ok=True)
+    try:
+        dataset = spec.factory(str(target))
+    except OSError as error:  # URLError (offline) and missing files are OSErrors
+        where = raw_source if raw_source is not None else raw_target
+        raise FileNotFoundError(
+            f"dataset {name!r}: the raw files are not at {where} and could not be "
+            f"downloaded ({error}). Put PyG's raw files of {name!r} there (e.g. copy "
+            f"../shared/data/{spec.folder}/{spec.subfolder}/raw) or set "
+            f"MOEGRAPH_DATA_DIR / paths.data_dir to a folder that has them."
+        ) from error
+    return dataset[0]
+
+
+def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5,
+                 val_ratio: float = 0.25) -> Data:
+    r"""Leave ``data`` with one-dimensional ``train_mask``/``val_mask``/``test_mask``:
+    the public split (Planetoid), column ``split`` of the official ones
+    (heterophilous graphs, 10 splits), or a random ``train_ratio``/``val_ratio``/
+    rest split of the labelled nodes seeded by ``split`` (LINKX)."""
+    kind = REAL_DATASETS[name].split
+    data = data.clone()
+    if kind == "official":
+        num_splits = data.train_mask.size(1)
+        if not 0 <= split < num_splits:
+            raise ValueError(f"{name}: 'split' must lie in [0, {num_splits - 1}] (got {split})")
+        for key in ("train_mask", "val_mask", "test_mask"):
+            data[key] = data[key][:, split].contiguous()
+    elif kind == "random":
+        if split < 0:
+            raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
+        generator = torch.Generator().manual_seed(split)
+        labelled = (data.y >= 0).nonzero().view(-1)
+        data.train_mask, data.val_mask, data.test_mask = random_split_masks(
+            data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
+    elif split != 0:
+        raise ValueError(f"{name} has one public split: 'split' must be 0 (got {split})")
+    data.x = data.x.float()
+    return data
+
+
+def load_node_dataset(name: str, root: Optional[str] = None, cache_dir: Optional[str] = None,
+                      split: int = 0, **kwargs: Any) -> Data:
     r"""One node-classification graph with ``train_mask``/``val_mask``/``test_mask``.
 
     Args:
         name (str): dataset name, one of :data:`DATASETS`.
-        root (str, optional): folder holding the raw files (real datasets).
-        **kwargs: arguments of the generator (``synthetic``).
+        root (str, optional): folder holding the raw files (real datasets), in
+            PyG's layout.
+        cache_dir (str, optional): where raw files are copied and processed.
+        split (int, optional): which split (official or random seed).
+        **kwargs: arguments of the generator (``synthetic``) or of the random
+            split (``train_ratio``, ``val_ratio``).
     """
+    _check_name(name)
     if name == "synthetic":
         return csbm_graph(**kwargs)
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    return select_split(load_real_dataset(name, root, cache_dir), name, split, **kwargs)
 
 
 def check_graph(data: Data, name: str) -> None:
@@ -38,31 +162,66 @@ def check_graph(data: Data, name: str) -> None:
     labels = data.y[data.y >= 0]
     if labels.unique().numel() < 2:
         raise ValueError(f"{name}: node classification needs at least two classes")
+    for key in ("train_mask", "val_mask", "test_mask"):
+        mask = data.get(key)
+        if mask is None or mask.dtype != torch.bool or mask.shape != (N,):
+            raise ValueError(f"{name}: '{key}' must be a boolean mask of shape [{N}]")
+        if bool((data.y[mask] < 0).any()):
+            raise ValueError(f"{name}: '{key}' holds unlabelled nodes (y < 0)")
 
 
 class NodeDataModule(L.LightningDataModule):
-    r"""Full-batch node classification: each loader yields the one graph, and
-    the task reads the split from its masks.
+    r"""Node classification on one graph.
+
+    Full-batch by default: each loader yields the whole graph and the task
+    reads the split from its masks. With ``batch_size``, loaders are PyG
+    :class:`~torch_geometric.loader.NeighborLoader` mini-batches whose seed
+    nodes are the split's nodes (for graphs too large for one step).
 
     Args:
         name (str): dataset name (see :func:`load_node_dataset`).
-        root (str, optional): data folder of real datasets.
-        dataset_kwargs (dict, optional): arguments of the dataset / generator.
+        root (str, optional): data folder of real datasets (PyG layout).
+        cache_dir (str, optional): where real datasets are copied and
+            processed (``root`` may be read-only).
+        split (int, optional): official split index or random-split seed.
+            (default: :obj:`0`)
+        metric (str, optional): ``"acc"`` or ``"auroc"``; the dataset's own
+            (:func:`dataset_metric`) if :obj:`None`.
+        batch_size (int, optional): seed nodes per mini-batch; full-batch if
+            :obj:`None`. (default: :obj:`None`)
+        num_neighbors (list of int, optional): neighbours sampled per hop in
+            mini-batch mode. (default: :obj:`[10, 10]`)
+        num_workers (int, optional): loader workers. (default: :obj:`0`)
+        dataset_kwargs (dict, optional): arguments of the generator / split.
     """
 
     def __init__(self, name: str = "synthetic", root: Optional[str] = None,
+                 cache_dir: Optional[str] = None, split: int = 0,
+                 metric: Optional[str] = None, batch_size: Optional[int] = None,
+                 num_neighbors: Optional[Sequence[int]] = None, num_workers: int = 0,
                  dataset_kwargs: Optional[dict[str, Any]] = None):
         super().__init__()
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        _check_name(name)
+        metric = metric or dataset_metric(name)
+        if metric not in METRICS:
+            raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"'batch_size' must be positive (got {batch_size})")
         self.name = name
         self.root = root
+        self.cache_dir = cache_dir
+        self.split = split
+        self.metric = metric
+        self.batch_size = batch_size
+        self.num_neighbors = list(num_neighbors or [10, 10])
+        self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.data: Optional[Data] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
-            data = load_node_dataset(self.name, self.root, **self.dataset_kwargs)
+            data = load_node_dataset(self.name, self.root, self.cache_dir, self.split,
+                                     **self.dataset_kwargs)
             check_graph(data, self.name)
             self.data = data
 
@@ -80,24 +239,31 @@ class NodeDataModule(L.LightningDataModule):
         r"""What the network needs to know of the data (given by ``train``)."""
         return {"in_channels": self.num_features, "out_channels": self.num_classes}
 
-    def task_kwargs(self) -> dict[str, int]:
+    def task_kwargs(self) -> dict[str, Any]:
         r"""What the LightningModule needs to know of the data."""
-        return {"num_classes": self.num_classes}
+        if self.metric == "auroc" and self.num_classes != 2:
+            raise ValueError(f"{self.name}: metric 'auroc' needs a binary task "
+                             f"(got {self.num_classes} classes)")
+        return {"num_classes": self.num_classes, "metric": self.metric}
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False):
         self.setup()
-        return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)
+        if self.batch_size is None:
+            return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)
+        from torch_geometric.loader import NeighborLoader
+        return NeighborLoader(self.data, num_neighbors=self.num_neighbors,
+                              input_nodes=self.data[f"{split}_mask"],
+                              batch_size=self.batch_size, shuffle=shuffle,
+                              num_workers=self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
+    def val_dataloader(self):
+        return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
+    def test_dataloader(self):
+        return self._loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()
-
-
+    def predict_dataloader(self):
+        return self._loader("test")

@@ -2,6 +2,17 @@ r"""Layers of moegraph: pure PyTorch / PyG modules that know nothing of
 Lightning or Hydra."""
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
 from moegraph.nn.moe import MoEOutput, SparseMoE
+from moegraph.nn.mowst import (
+    ConfidenceGate,
+    Mowst,
+    MowstOutput,
+    MowstPrediction,
+    dispersions,
+    entropy_dispersion,
+    mowst_loss,
+    mowst_star_loss,
+    variance_dispersion,
+)
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import (
     AUX_LOSS_NAMES,
@@ -15,6 +26,15 @@ from moegraph.nn.routing import (
 
 __all__ = [
     "AUX_LOSS_NAMES",
+    "ConfidenceGate",
+    "Mowst",
+    "MowstOutput",
+    "MowstPrediction",
+    "dispersions",
+    "entropy_dispersion",
+    "mowst_loss",
+    "mowst_star_loss",
+    "variance_dispersion",
     "ExpertChoiceRouter",
     "Experts",
     "MLPExperts",

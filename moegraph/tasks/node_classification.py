@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
 from torchmetrics import Accuracy, MetricCollection
+from torchmetrics.classification import BinaryAUROC
 
 from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
 from moegraph.nn.output import ModelOutput, as_model_output
@@ -25,6 +26,43 @@ def check_aux_loss_weights(weights: Optional[dict[str, float]]) -> dict[str, flo
         raise ValueError(f"unknown auxiliary loss(es) {unknown} in 'aux_loss_weights'; known: "
                          f"{list(AUX_LOSS_NAMES)}")
     return {name: float(w) for name, w in weights.items() if w}
+
+
+METRICS = ("acc", "auroc")
+
+
+def make_metrics(metric: str, num_classes: int) -> MetricCollection:
+    r"""Accuracy, plus binary ROC-AUC (on the positive-class probability)
+    when ``metric="auroc"``."""
+    if metric not in METRICS:
+        raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
+    metrics = {"acc": Accuracy(task="multiclass", num_classes=num_classes)}
+    if metric == "auroc":
+        if num_classes != 2:
+            raise ValueError(f"metric 'auroc' needs two classes (got {num_classes})")
+        metrics["auroc"] = BinaryAUROC()
+    return MetricCollection(metrics)
+
+
+def update_metrics(metrics: MetricCollection, logits: Tensor, target: Tensor) -> None:
+    r"""Feed class scores ``[N, C]`` to each metric in the form it takes."""
+    for name, metric in metrics.items(keep_base=True):
+        if name.endswith("auroc"):
+            metric.update(logits.float().softmax(-1)[:, 1], target)
+        else:
+            metric.update(logits, target)
+
+
+def split_mask(data: Data, split: str) -> Tensor:
+    r"""The nodes of ``data`` a step is scored on: the split's mask of a full
+    graph, or the ``batch_size`` seed nodes (first in order) of a
+    :class:`~torch_geometric.loader.NeighborLoader` mini-batch."""
+    batch_size = getattr(data, "batch_size", None)
+    if isinstance(batch_size, int):
+        mask = torch.zeros(data.num_nodes, dtype=torch.bool, device=data.y.device)
+        mask[:batch_size] = True
+        return mask
+    return data[f"{split}_mask"]
 
 
 def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
@@ -44,7 +82,11 @@ class NodeClassificationTask(L.LightningModule):
     ``net(x, edge_index)``; it returns logits or a
     :class:`~moegraph.nn.output.ModelOutput`, whose auxiliary losses are
     weighted here and added to the cross-entropy. Logs ``{split}/loss``,
-    ``{split}/acc``, ``train/aux_loss`` and each ``train/aux/<name>``.
+    ``{split}/acc`` (and ``{split}/auroc`` for a binary task with
+    ``metric="auroc"``), ``train/aux_loss`` and each ``train/aux/<name>``.
+    Takes a full graph (split by its masks) or a
+    :class:`~torch_geometric.loader.NeighborLoader` mini-batch (scored on its
+    seed nodes).
 
     Args:
         net (Module): the network.
@@ -53,12 +95,15 @@ class NodeClassificationTask(L.LightningModule):
         scheduler (callable, optional): partial LR scheduler.
         aux_loss_weights (dict, optional): weight of each auxiliary loss by
             name (``load_balance``, ``z_loss``, ``importance``, ``entropy``).
+        metric (str, optional): ``"acc"`` or ``"auroc"``, the metric the
+            dataset is judged by. (default: :obj:`"acc"`)
     """
 
     def __init__(self, net: Module, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Optional[Callable[..., Any]] = None,
-                 aux_loss_weights: Optional[dict[str, float]] = None):
+                 aux_loss_weights: Optional[dict[str, float]] = None,
+                 metric: str = "acc"):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
@@ -68,7 +113,8 @@ class NodeClassificationTask(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights)
-        metrics = MetricCollection({"acc": Accuracy(task="multiclass", num_classes=num_classes)})
+        self.metric = metric
+        metrics = make_metrics(metric, num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -83,7 +129,7 @@ class NodeClassificationTask(L.LightningModule):
 
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
-        mask = data[f"{split}_mask"]
+        mask = split_mask(data, split)
         logits, y = out.logits[mask], data.y[mask]
         self._check_labels(y)
         batch_size = int(mask.sum())
@@ -91,7 +137,7 @@ class NodeClassificationTask(L.LightningModule):
         self.log(f"{split}/loss", loss, batch_size=max(batch_size, 1),
                  prog_bar=split != "test")
         if batch_size:
-            metrics.update(logits, y)
+            update_metrics(metrics, logits, y)
             # A metric given only update() has no step value: log it per epoch.
             self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val",
                           on_step=False, on_epoch=True)

@@ -1,4 +1,6 @@
 r"""Assembled networks built from moegraph layers."""
-from moegraph.nn.models.gnn import CONVS, MoEGNN, make_conv, make_norm
+from moegraph.nn.models.backbone import BACKBONES, make_backbone
+from moegraph.nn.models.gnn import CONVS, MoEGNN, NodeLinear, make_conv, make_norm
 
-__all__ = ["CONVS", "MoEGNN", "make_conv", "make_norm"]
+__all__ = ["BACKBONES", "CONVS", "MoEGNN", "NodeLinear", "make_backbone", "make_conv",
+           "make_norm"]

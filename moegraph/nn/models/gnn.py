@@ -14,13 +14,26 @@ from moegraph.nn.moe import SparseMoE
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import sum_aux_losses
 
-CONVS = ("gcn", "sage", "gat", "gin")
+CONVS = ("gcn", "sage", "gat", "gin", "none")
+
+
+class NodeLinear(Linear):
+    r"""A linear layer with a convolution's signature, ``forward(x,
+    edge_index=None)``, that ignores the graph: ``conv="none"`` turns
+    :class:`MoEGNN` into a residual MLP on node features (the weak expert of
+    :class:`~moegraph.nn.Mowst`, the ResNet baseline of Platonov et al.)."""
+
+    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> Tensor:
+        return super().forward(x)
 NORMS = (None, "none", "layer_norm", "batch_norm")
 
 
 def make_conv(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> Module:
     r"""A PyG graph convolution by name: ``"gcn"``, ``"sage"``, ``"gat"``
-    (heads concatenated to ``out_channels``) or ``"gin"`` (two-layer MLP)."""
+    (heads concatenated to ``out_channels``), ``"gin"`` (two-layer MLP) or
+    ``"none"`` (a :class:`NodeLinear` that ignores the graph)."""
+    if name == "none":
+        return NodeLinear(in_channels, out_channels, **kwargs)
     if name == "gcn":
         return GCNConv(in_channels, out_channels, **kwargs)
     if name == "sage":
@@ -70,8 +83,8 @@ class MoEGNN(Module):
         hidden_channels (int): width of every block.
         out_channels (int): number of classes.
         num_layers (int, optional): number of blocks. (default: :obj:`2`)
-        conv (str, optional): ``"gcn"``, ``"sage"``, ``"gat"`` or ``"gin"``.
-            (default: :obj:`"gcn"`)
+        conv (str, optional): ``"gcn"``, ``"sage"``, ``"gat"``, ``"gin"`` or
+            ``"none"`` (no message passing: a residual MLP). (default: :obj:`"gcn"`)
         conv_kwargs (dict, optional): further arguments of the convolution.
         ffn (str, optional): ``"moe"``, ``"dense"`` or ``"none"``.
             (default: :obj:`"moe"`)
@@ -165,12 +178,15 @@ class MoEGNN(Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
+    def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> ModelOutput:
         r"""
         Args:
             x (Tensor): node features ``[N, F]``.
-            edge_index (Tensor): edges ``[2, M]``.
+            edge_index (Tensor, optional): edges ``[2, M]`` (unused when
+                ``conv="none"``).
         """
+        if edge_index is None and self.conv_name != "none":
+            raise ValueError(f"'edge_index' is required by conv={self.conv_name!r}")
         x = F.dropout(x, self.input_dropout, self.training)
         h = self.lin_in(x)  # [N, H]
         routings = []

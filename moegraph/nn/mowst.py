@@ -1,0 +1,472 @@
+r"""Mixture of weak and strong experts (Mowst, `Zeng et al., ICLR 2024
+<https://arxiv.org/abs/2311.05185>`_): a light MLP expert and a GNN expert per
+node, mixed by a confidence computed from the MLP's own prediction.
+
+The GNN is needed only where the MLP is unsure, so :meth:`Mowst.predict` can
+run it on the computation subgraph of those nodes alone (sparse inference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module
+from torch_geometric.nn import GCNConv, MessagePassing
+from torch_geometric.utils import k_hop_subgraph
+
+from moegraph.nn.output import ModelOutput, as_model_output
+
+VARIANTS = ("mowst", "mowst_star")
+DISPERSIONS = ("variance", "entropy")
+GATES = ("mlp", "variance", "entropy")
+
+
+def variance_dispersion(probs: Tensor) -> Tensor:
+    r"""Variance of each row of a probability matrix, divided by that of a
+    one-hot row, so that a uniform row gives 0 and a one-hot row gives 1.
+
+    .. math::
+        D_{\mathrm{var}}(\mathbf{p}) = \frac{\mathrm{Var}(\mathbf{p})}
+        {\mathrm{Var}(\mathbf{e}_1)} = \frac{C \sum_c (p_c - 1/C)^2}{C - 1}
+
+    Shapes:
+        - **input:** ``probs [N, C]`` (rows sum to one)
+        - **output:** ``[N]`` in ``[0, 1]``
+    """
+    C = probs.size(-1)
+    if C < 2:
+        raise ValueError(f"dispersion needs at least two classes (got {C})")
+    return ((probs - 1.0 / C).pow(2).sum(-1) * C / (C - 1)).clamp(0.0, 1.0)
+
+
+def entropy_dispersion(probs: Tensor) -> Tensor:
+    r"""One minus the normalised entropy of each row: uniform gives 0,
+    one-hot gives 1.
+
+    .. math::
+        D_{\mathrm{ent}}(\mathbf{p}) = 1 - \frac{H(\mathbf{p})}{\log C}
+
+    Shapes:
+        - **input:** ``probs [N, C]`` (rows sum to one)
+        - **output:** ``[N]`` in ``[0, 1]``
+    """
+    C = probs.size(-1)
+    if C < 2:
+        raise ValueError(f"dispersion needs at least two classes (got {C})")
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    return (1.0 - entropy / math.log(C)).clamp(0.0, 1.0)
+
+
+def dispersions(logits: Tensor) -> Tensor:
+    r"""Both dispersions of ``softmax(logits)``, computed from the logits
+    (never from already-softmaxed outputs) in float32.
+
+    Shapes:
+        - **input:** ``logits [N, C]``
+        - **output:** ``[N, 2]`` (variance, entropy)
+    """
+    probs = logits.float().softmax(dim=-1)
+    return torch.stack([variance_dispersion(probs), entropy_dispersion(probs)], dim=-1)
+
+
+class ConfidenceGate(Module):
+    r"""The confidence :math:`C = G(D)` of the weak expert, in ``[0, 1]``.
+
+    ``gate="mlp"``: a small MLP with a sigmoid output over the dispersions
+    :math:`[D_{\mathrm{var}}, D_{\mathrm{ent}}]`, optionally concatenated
+    with the node features (as in the reference code). ``gate="variance"``
+    or ``"entropy"``: the fixed function :math:`C = D^{p}` of one dispersion
+    (``power`` :math:`p > 0`), monotone and hence quasiconvex as the theory
+    asks; it has no parameters.
+
+    Args:
+        gate (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``.
+            (default: :obj:`"mlp"`)
+        hidden_channels (int, optional): hidden size of the MLP.
+            (default: :obj:`32`)
+        num_layers (int, optional): layers of the MLP. (default: :obj:`2`)
+        in_channels (int, optional): node-feature size to concatenate with the
+            dispersions; :obj:`0` uses the dispersions alone. (default: :obj:`0`)
+        power (float, optional): exponent of the fixed gates. (default: :obj:`1.0`)
+
+    Shapes:
+        - **input:** ``disp [N, 2]``, ``x [N, F]`` (when ``in_channels > 0``)
+        - **output:** logit of the confidence ``[N]`` (``sigmoid`` of it is
+          ``C``; fixed gates return ``logit(C)``)
+    """
+
+    def __init__(self, gate: str = "mlp", hidden_channels: int = 32, num_layers: int = 2,
+                 in_channels: int = 0, power: float = 1.0):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"'gate' must be one of {GATES} (got {gate!r})")
+        if power <= 0:
+            raise ValueError(f"'power' must be positive (got {power})")
+        if num_layers < 1:
+            raise ValueError(f"'num_layers' must be positive (got {num_layers})")
+        self.gate = gate
+        self.hidden_channels = hidden_channels
+        self.num_layers = num_layers
+        self.in_channels = in_channels
+        self.power = power
+        if gate == "mlp":
+            from torch_geometric.nn.models import MLP
+            channels = [2 + in_channels] + [hidden_channels] * (num_layers - 1) + [1]
+            self.mlp = MLP(channels, norm=None, dropout=0.0)
+        else:
+            self.register_module("mlp", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.mlp is not None:
+            self.mlp.reset_parameters()
+
+    def forward(self, disp: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        if self.gate != "mlp":
+            d = disp[:, DISPERSIONS.index(self.gate)].pow(self.power)
+            return torch.logit(d.clamp(1e-6, 1 - 1e-6))
+        h = disp
+        if self.in_channels > 0:
+            if x is None or x.size(-1) != self.in_channels:
+                raise ValueError(f"the gate expects node features of size {self.in_channels}")
+            h = torch.cat([disp, x.to(disp.dtype)], dim=-1)
+        return self.mlp(h).squeeze(-1)
+
+    def __repr__(self) -> str:
+        if self.gate != "mlp":
+            return f"{self.__class__.__name__}(gate={self.gate}, power={self.power})"
+        return (f"{self.__class__.__name__}(gate=mlp, hidden_channels={self.hidden_channels}, "
+                f"in_channels={self.in_channels})")
+
+
+class MowstOutput(NamedTuple):
+    r"""Everything a Mowst forward pass computes, per node.
+
+    Attributes:
+        weak_logits (Tensor): ``[N, C]`` of the MLP expert.
+        strong_logits (Tensor): ``[N, C]`` of the GNN expert.
+        gate_logit (Tensor): ``[N]``; the confidence is its sigmoid.
+        confidence (Tensor): ``[N]`` in ``[0, 1]``.
+    """
+
+    weak_logits: Tensor
+    strong_logits: Tensor
+    gate_logit: Tensor
+    confidence: Tensor
+
+
+def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, confidence: Tensor,
+               target: Tensor) -> Tensor:
+    r"""The Mowst loss, the confidence-weighted sum of the experts' losses:
+
+    .. math::
+        \mathcal{L} = \frac{1}{|V|}\sum_{v} C_v\,\mathrm{CE}(\mathbf{p}^{w}_v, y_v)
+        + (1 - C_v)\,\mathrm{CE}(\mathbf{p}^{s}_v, y_v)
+    """
+    ce_weak = F.cross_entropy(weak_logits.float(), target, reduction="none")
+    ce_strong = F.cross_entropy(strong_logits.float(), target, reduction="none")
+    return (confidence * ce_weak + (1 - confidence) * ce_strong).mean()
+
+
+def mixture_log_probs(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Tensor) -> Tensor:
+    r"""``log(C p_weak + (1 - C) p_strong)`` computed stably from logits, with
+    ``C = sigmoid(gate_logit)``.
+
+    Shapes:
+        - **output:** ``[N, C]``
+    """
+    log_c = F.logsigmoid(gate_logit.float()).unsqueeze(-1)
+    log_1mc = F.logsigmoid(-gate_logit.float()).unsqueeze(-1)
+    return torch.logaddexp(log_c + weak_logits.float().log_softmax(-1),
+                           log_1mc + strong_logits.float().log_softmax(-1))
+
+
+def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Tensor,
+                    target: Tensor) -> Tensor:
+    r"""The Mowst\* loss, the cross-entropy of the probability mixture:
+
+    .. math::
+        \mathcal{L} = -\frac{1}{|V|}\sum_{v}\log\big(C_v\,p^{w}_{v,y_v}
+        + (1 - C_v)\,p^{s}_{v,y_v}\big)
+    """
+    return F.nll_loss(mixture_log_probs(weak_logits, strong_logits, gate_logit), target)
+
+
+def receptive_hops(module: Module) -> int:
+    r"""Hops of the computation subgraph that a GNN needs to compute a node's
+    output exactly: one per message-passing layer, plus one when a GCN layer
+    normalises by degree (the degree of a node at the last hop counts its own
+    neighbours)."""
+    convs = [m for m in module.modules() if isinstance(m, MessagePassing)]
+    extra = any(isinstance(m, GCNConv) and m.normalize for m in convs)
+    return len(convs) + int(extra)
+
+
+def _build(expert: Union[Module, Callable[..., Module]], in_channels: Optional[int],
+           out_channels: Optional[int], name: str) -> Module:
+    if isinstance(expert, Module):
+        return expert
+    if callable(expert):
+        if in_channels is None or out_channels is None:
+            raise ValueError(f"'{name}' is a factory: 'in_channels' and 'out_channels' are needed")
+        return expert(in_channels=in_channels, out_channels=out_channels)
+    raise TypeError(f"'{name}' must be a Module or a factory of one (got {type(expert).__name__})")
+
+
+class Mowst(Module):
+    r"""Mixture of a weak (MLP) and a strong (GNN) expert, gated per node by a
+    confidence computed from the weak expert's prediction (`Zeng et al.
+    <https://arxiv.org/abs/2311.05185>`_):
+
+    .. math::
+        y_v = C_v \, f_{\mathrm{weak}}(\mathbf{x}_v)
+        + (1 - C_v) \, f_{\mathrm{strong}}(\mathbf{X}, \mathcal{E})_v,
+        \qquad C_v = G\big(D(\mathrm{softmax}(f_{\mathrm{weak}}(\mathbf{x}_v)))\big)
+
+    ``variant="mowst"`` trains with :func:`mowst_loss` and predicts with the
+    weak expert where a draw :math:`q \sim U[0,1]` falls below :math:`C_v`
+    (the reported metric is its expectation) or, deterministically, where
+    :math:`C_v \ge \tau`. ``variant="mowst_star"`` trains with
+    :func:`mowst_star_loss` and predicts the argmax of the mixture.
+
+    Args:
+        weak (Module or callable): the weak expert ``weak(x) -> [N, C]`` (an
+            MLP; it is called with ``x`` alone, or ``(x, edge_index)`` if it
+            needs it), or a factory called with ``in_channels`` and
+            ``out_channels``.
+        strong (Module or callable): the strong expert
+            ``strong(x, edge_index) -> [N, C]``, any PyG GNN, or a factory.
+        in_channels (int, optional): node feature size (for factories).
+        out_channels (int, optional): number of classes (for factories).
+        variant (str, optional): ``"mowst"`` or ``"mowst_star"``.
+            (default: :obj:`"mowst"`)
+        gate (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``, see
+            :class:`ConfidenceGate`. (default: :obj:`"mlp"`)
+        gate_hidden_channels (int, optional): (default: :obj:`32`)
+        gate_num_layers (int, optional): (default: :obj:`2`)
+        gate_features (bool, optional): concatenate ``x`` to the dispersions
+            in the gate's input. (default: :obj:`False`)
+        threshold (float, optional): :math:`\tau` of the deterministic
+            prediction and of sparse inference. (default: :obj:`0.5`)
+        num_hops (int, optional): hops of the strong expert's computation
+            subgraph for sparse inference; found from its message-passing
+            layers if :obj:`None` (see :func:`receptive_hops`).
+
+    Shapes:
+        - **input:** ``x [N, F]``, ``edge_index [2, M]``
+        - **output:** :class:`~moegraph.nn.output.ModelOutput` whose
+          ``logits [N, C]`` are the log-probabilities of the mixture and whose
+          ``confidence [N]`` is :math:`C`; :meth:`experts` returns
+          :class:`MowstOutput` with both experts' logits.
+    """
+
+    def __init__(
+        self,
+        weak: Union[Module, Callable[..., Module]],
+        strong: Union[Module, Callable[..., Module]],
+        in_channels: Optional[int] = None,
+        out_channels: Optional[int] = None,
+        variant: str = "mowst",
+        gate: str = "mlp",
+        gate_hidden_channels: int = 32,
+        gate_num_layers: int = 2,
+        gate_features: bool = False,
+        threshold: float = 0.5,
+        num_hops: Optional[int] = None,
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"'variant' must be one of {VARIANTS} (got {variant!r})")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"'threshold' must lie in [0, 1] (got {threshold})")
+        self.weak = _build(weak, in_channels, out_channels, "weak")
+        self.strong = _build(strong, in_channels, out_channels, "strong")
+        for name, expert in (("weak", self.weak), ("strong", self.strong)):
+            c = getattr(expert, "out_channels", None)
+            if out_channels is not None and isinstance(c, int) and c != out_channels:
+                raise ValueError(f"the {name} expert predicts {c} classes, but "
+                                 f"'out_channels' is {out_channels}")
+        c_weak = getattr(self.weak, "out_channels", None)
+        c_strong = getattr(self.strong, "out_channels", None)
+        if isinstance(c_weak, int) and isinstance(c_strong, int) and c_weak != c_strong:
+            raise ValueError(f"the weak expert predicts {c_weak} classes and the strong "
+                             f"expert {c_strong}: they must agree")
+        if gate_features and in_channels is None:
+            in_channels = getattr(self.weak, "in_channels", None)
+            if in_channels is None:
+                raise ValueError("'gate_features=True' needs 'in_channels'")
+        self.in_channels = in_channels
+        self.out_channels = out_channels if out_channels is not None else c_weak
+        self.variant = variant
+        self.threshold = threshold
+        self.gate = ConfidenceGate(gate, gate_hidden_channels, gate_num_layers,
+                                   in_channels if gate_features else 0)
+        self.num_hops = receptive_hops(self.strong) if num_hops is None else num_hops
+        self._weak_takes_graph = _takes_graph(self.weak)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in (self.weak, self.strong, self.gate):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    # -- the three parts ---------------------------------------------------------
+    def weak_forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> Tensor:
+        r"""Logits of the weak expert ``[N, C]``."""
+        out = self.weak(x, edge_index) if self._weak_takes_graph else self.weak(x)
+        return as_model_output(out).logits
+
+    def strong_forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
+        r"""Logits of the strong expert ``[N, C]``."""
+        return as_model_output(self.strong(x, edge_index)).logits
+
+    def gate_forward(self, weak_logits: Tensor, x: Tensor) -> Tensor:
+        r"""The gate's logit ``[N]`` from the weak expert's logits: the
+        confidence is its sigmoid, computed the same way in training and
+        evaluation (from logits, never from softmaxed outputs)."""
+        return self.gate(dispersions(weak_logits), x)
+
+    def experts(self, x: Tensor, edge_index: Tensor) -> MowstOutput:
+        r"""Both experts and the gate on the whole graph."""
+        weak_logits = self.weak_forward(x, edge_index)
+        strong_logits = self.strong_forward(x, edge_index)
+        if weak_logits.shape != strong_logits.shape:
+            raise ValueError(f"the weak expert returns {tuple(weak_logits.shape)} and the "
+                             f"strong expert {tuple(strong_logits.shape)}: they must predict "
+                             f"the same classes for the same nodes")
+        gate_logit = self.gate_forward(weak_logits, x)
+        return MowstOutput(weak_logits, strong_logits, gate_logit, torch.sigmoid(gate_logit))
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
+        r"""
+        Args:
+            x (Tensor): node features ``[N, F]``.
+            edge_index (Tensor): edges ``[2, M]``.
+        """
+        out = self.experts(x, edge_index)
+        logits = mixture_log_probs(out.weak_logits, out.strong_logits, out.gate_logit)
+        return ModelOutput(logits, confidence=out.confidence)
+
+    def loss(self, out: MowstOutput, target: Tensor) -> Tensor:
+        r"""The training loss of :attr:`variant` on the nodes of ``out``."""
+        if self.variant == "mowst":
+            return mowst_loss(out.weak_logits, out.strong_logits, out.confidence, target)
+        return mowst_star_loss(out.weak_logits, out.strong_logits, out.gate_logit, target)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, edge_index: Tensor, threshold: Optional[float] = None,
+                sparse: bool = True) -> MowstPrediction:
+        r"""Deterministic prediction with threshold :math:`\tau`: the weak
+        expert where :math:`C_v \ge \tau`, the strong one elsewhere.
+
+        With ``sparse=True`` (the point of Mowst) the strong expert runs only
+        on the :attr:`num_hops`-hop computation subgraph of the nodes below
+        the threshold; their predictions equal those of the full graph.
+
+        Returns:
+            :class:`MowstPrediction` with ``probs [N, C]`` (weak softmax where
+            confident, strong softmax elsewhere), ``confidence [N]``,
+            ``strong_mask [N]`` (nodes the strong expert decided) and
+            ``num_subgraph_nodes`` (nodes the strong expert ran on).
+        """
+        tau = self.threshold if threshold is None else threshold
+        weak_logits = self.weak_forward(x, edge_index)
+        confidence = torch.sigmoid(self.gate_forward(weak_logits, x))
+        probs = weak_logits.float().softmax(-1)
+        strong_mask = confidence < tau
+        idx = strong_mask.nonzero().view(-1)
+        num_sub = 0
+        if idx.numel():
+            if sparse:
+                strong_logits, num_sub = self.strong_forward_at(x, edge_index, idx)
+            else:
+                strong_logits, num_sub = self.strong_forward(x, edge_index)[idx], x.size(0)
+            probs[idx] = strong_logits.float().softmax(-1)
+        return MowstPrediction(probs, confidence, strong_mask, num_sub)
+
+    @torch.no_grad()
+    def strong_forward_at(self, x: Tensor, edge_index: Tensor, index: Tensor
+                          ) -> tuple[Tensor, int]:
+        r"""Logits of the strong expert at the nodes ``index`` only, computed
+        on their :attr:`num_hops`-hop computation subgraph (equal to the
+        full-graph logits there). Returns the logits ``[len(index), C]`` and
+        the number of nodes of the subgraph."""
+        subset, sub_edge_index, mapping, _ = k_hop_subgraph(
+            index, self.num_hops, edge_index, relabel_nodes=True, num_nodes=x.size(0))
+        return self.strong_forward(x[subset], sub_edge_index)[mapping], subset.numel()
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(weak={self.weak.__class__.__name__}, "
+                f"strong={self.strong.__class__.__name__}, variant={self.variant}, "
+                f"gate={self.gate.gate})")
+
+
+class MowstPrediction(NamedTuple):
+    r"""The result of :meth:`Mowst.predict`."""
+
+    probs: Tensor
+    confidence: Tensor
+    strong_mask: Tensor
+    num_subgraph_nodes: int
+
+
+def _takes_graph(module: Module) -> bool:
+    r"""Whether ``module.forward`` has an ``edge_index`` argument (PyG's
+    :class:`~torch_geometric.nn.models.MLP` takes ``batch`` second, so the
+    name decides, not the position)."""
+    import inspect
+    try:
+        return "edge_index" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+
+
+def expected_accuracy(weak_logits: Tensor, strong_logits: Tensor, confidence: Tensor,
+                      target: Tensor) -> Tensor:
+    r"""Expected accuracy of Mowst's sampled prediction (weak with probability
+    :math:`C_v`): :math:`\frac{1}{|V|}\sum_v C_v [\hat y^w_v = y_v]
+    + (1 - C_v)[\hat y^s_v = y_v]`."""
+    weak_ok = (weak_logits.argmax(-1) == target).float()
+    strong_ok = (strong_logits.argmax(-1) == target).float()
+    return (confidence * weak_ok + (1 - confidence) * strong_ok).mean()
+
+
+def _count_less(values: Tensor, sorted_ref: Tensor, prefix: Tensor) -> tuple[Tensor, Tensor]:
+    r"""For each value: the weight of ``sorted_ref`` strictly below it and equal to
+    it, given ``prefix`` (cumulative weights with a leading zero)."""
+    lo = torch.searchsorted(sorted_ref, values, right=False)
+    hi = torch.searchsorted(sorted_ref, values, right=True)
+    return prefix[lo], prefix[hi] - prefix[lo]
+
+
+def expected_binary_auroc(weak_scores: Tensor, strong_scores: Tensor, confidence: Tensor,
+                          target: Tensor) -> Tensor:
+    r"""Exact expected ROC-AUC of Mowst's sampled prediction, each node scored
+    by the weak expert with probability :math:`C_v` and by the strong one
+    otherwise, independently:
+
+    .. math::
+        \mathbb{E}[\mathrm{AUC}] = \frac{1}{|P||N|}\sum_{i\in P}\sum_{j\in N}
+        \sum_{a, b \in \{w, s\}} \pi^a_i \pi^b_j \big([s^a_i > s^b_j]
+        + \tfrac12 [s^a_i = s^b_j]\big)
+
+    computed in :math:`O(n \log n)` by sorting. ``NaN`` when a class is absent.
+    """
+    pos = target == 1
+    neg = ~pos
+    if not pos.any() or not neg.any():
+        return weak_scores.new_tensor(float("nan"))
+    c = confidence.double()
+    s_w, s_s = weak_scores.double(), strong_scores.double()
+    total = s_w.new_zeros(())
+    for s_neg, w_neg in ((s_w[neg], c[neg]), (s_s[neg], 1 - c[neg])):
+        order = s_neg.argsort()
+        ref, weights = s_neg[order], w_neg[order]
+        prefix = torch.cat([weights.new_zeros(1), weights.cumsum(0)])
+        for s_pos, w_pos in ((s_w[pos], c[pos]), (s_s[pos], 1 - c[pos])):
+            below, equal = _count_less(s_pos, ref, prefix)
+            total = total + (w_pos * (below + 0.5 * equal)).sum()
+    return (total / (pos.sum() * neg.sum())).float()
