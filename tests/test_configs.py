@@ -6,19 +6,24 @@ import pytest
 from hydra.errors import InstantiationException
 
 from moegraph.data import NodeDataModule
-from moegraph.nn import ExpertChoiceRouter, SparseMoE, TopKRouter, TopPRouter
+from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
+
+from moegraph.nn import ExpertChoiceRouter, Mowst, SparseMoE, TopKRouter, TopPRouter
 from moegraph.nn.models import MoEGNN
-from moegraph.tasks import NodeClassificationTask
+from moegraph.tasks import MowstTask, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
 OPTIONS = {
-    "data": ["synthetic"],
-    "model": ["gnn", "moe_gnn"],
+    "data": ["amherst41", "citeseer", "cora", "minesweeper", "reed98", "synthetic", "tolokers"],
+    "model": ["dense_gnn", "gnn", "mlp", "moe_gnn", "mowst"],
+    "model/strong": ["gat", "gcn", "gin", "sage"],
+    "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
     "logger": ["csv", "none"],
     "trainer": ["cpu", "default", "gpu"],
-    "experiment": ["synthetic_gnn", "synthetic_moe_gnn"],
+    "experiment": ["nc_amherst41", "nc_citeseer", "nc_cora", "nc_minesweeper", "nc_reed98",
+                   "nc_tolokers", "synthetic_gnn", "synthetic_moe_gnn"],
     "debug": ["fdr"],
 }
 
@@ -64,8 +69,13 @@ def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     run = instantiate_run(cfg)
     assert len(run["callbacks"]) == (3 if callbacks == "default" else 0)
     assert len(run["loggers"]) == (1 if logger == "csv" else 0)
-    num_moe = sum(isinstance(f, SparseMoE) for f in run["net"].ffns)
-    assert num_moe == (2 if model == "moe_gnn" else 0)
+    net = run["net"]
+    expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst}
+    assert isinstance(net, expected[model])
+    if isinstance(net, MoEGNN):
+        num_moe = sum(isinstance(f, SparseMoE) for f in net.ffns)
+        assert num_moe == (2 if model == "moe_gnn" else 0)
+    assert isinstance(run["task"], MowstTask if model == "mowst" else NodeClassificationTask)
 
 
 @pytest.mark.parametrize("experiment,task_name,num_moe", [("synthetic_moe_gnn",
@@ -79,7 +89,7 @@ def test_experiments(compose_cfg, experiment, task_name, num_moe):
 
 
 def test_gnn_baseline(compose_cfg):
-    run = instantiate_run(compose_cfg(TINY, "model=gnn"), trainer=False)
+    run = instantiate_run(compose_cfg(TINY, "model=dense_gnn"), trainer=False)
     net, task = run["net"], run["task"]
     dense = net.ffns[0]
     assert dense[0].out_features == 128  # k * expert hidden = 2 * 64
@@ -148,3 +158,52 @@ def test_unknown_override_fails(compose_cfg):
         compose_cfg("model.net.no_such_key=1")
     with pytest.raises(ConfigCompositionException):
         compose_cfg("model=no_such_model")
+
+
+STRONG = {"gcn": GCN, "sage": GraphSAGE, "gat": GAT, "gin": GIN}
+
+
+@pytest.mark.parametrize("strong", OPTIONS["model/strong"])
+@pytest.mark.parametrize("variant", ["mowst", "mowst_star"])
+def test_mowst_options(compose_cfg, strong, variant):
+    cfg = compose_cfg(TINY, "model=mowst", f"model/strong={strong}",
+                      f"model.net.variant={variant}", "backbone.hidden_channels=16")
+    run = instantiate_run(cfg, trainer=False)
+    net, task = run["net"], run["task"]
+    assert isinstance(net, Mowst) and net.variant == variant
+    assert isinstance(net.weak, MLP) and isinstance(net.strong, STRONG[strong])
+    assert net.strong.hidden_channels == 16 and net.strong.out_channels == 4
+    assert isinstance(task, MowstTask) and task.pretrain_weak_epochs == 100
+
+
+@pytest.mark.parametrize("strong", OPTIONS["model/strong"])
+def test_gnn_and_mlp_baselines_share_the_backbone(compose_cfg, strong):
+    cfg = compose_cfg(TINY, "model=gnn", f"model/strong={strong}", "backbone.num_layers=3",
+                      "backbone.residual=true", "backbone.norm=layer_norm")
+    net = instantiate_run(cfg, trainer=False)["net"]
+    assert isinstance(net, MoEGNN) and net.num_layers == 3 and net.conv_name == strong
+    net = instantiate_run(compose_cfg(TINY, "model=mlp"), trainer=False)["net"]
+    assert isinstance(net, MLP) and net.channel_list == [32, 64, 4]
+
+
+@pytest.mark.parametrize("experiment", [e for e in OPTIONS["experiment"] if e.startswith("nc_")])
+def test_node_classification_experiments(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}", "model=mowst")
+    name = experiment[3:]
+    assert cfg.data.name == name and cfg.task_name == experiment
+    metric = "auroc" if name in ("minesweeper", "tolokers") else "acc"
+    assert cfg.data.metric == metric and cfg.optimized_metric == f"val/{metric}"
+    assert cfg.callbacks.model_checkpoint.monitor == f"val/{metric}"
+    assert cfg.backbone.residual == (metric == "auroc")
+
+
+@pytest.mark.parametrize("data", [d for d in OPTIONS["data"] if d != "synthetic"])
+def test_real_data_options(compose_cfg, real_data, data):
+    from moegraph.data import REAL_DATASETS
+
+    spec = REAL_DATASETS[data]
+    root = real_data(f"{spec.folder}/{spec.subfolder}").parent
+    cfg = compose_cfg(f"data={data}", f"paths.data_dir={root}",
+                      f"paths.cache_dir={root.parent / 'cache'}")
+    dm = instantiate_run(cfg, trainer=False)["datamodule"]
+    assert isinstance(dm, NodeDataModule) and dm.name == data and dm.metric == spec.metric

@@ -26,7 +26,7 @@ def check_outputs(metrics, output_dir: Path, moe: bool):
 
 @pytest.mark.parametrize("overrides,moe", [
     (["model=moe_gnn"], True),
-    (["model=gnn"], False),
+    (["model=dense_gnn"], False),
     (["+model.net.moe_kwargs.router=topp", "model.net.k=null"], True),
     (["+model.net.moe_kwargs.router=expert_choice", "model.net.k=null"], True),
     (["model.net.conv=gat", "+model.net.conv_kwargs.heads=4", "model.net.num_layers=3"], True),
@@ -40,6 +40,27 @@ def test_fast_dev_run(compose_cfg, tmp_path, capsys, overrides, moe):
     out = capsys.readouterr().out
     assert f"[moegraph] test/acc={metrics['test/acc']:.4f}" in out
     assert ("| layer | e0 | e1 |" in out) == moe
+
+
+@pytest.mark.parametrize("strong", ["gcn", "sage", "gat", "gin"])
+@pytest.mark.parametrize("variant", ["mowst", "mowst_star"])
+def test_fast_dev_run_mowst(compose_cfg, tmp_path, strong, variant):
+    cfg = compose_cfg("debug=fdr", TINY, "model=mowst", f"model/strong={strong}",
+                      f"model.net.variant={variant}")
+    metrics = train(cfg)
+    for key in ("test/acc", "test/acc_tau", "test/acc_weak", "test/acc_strong",
+                "test/confidence", "diag/strong_fraction", "diag/subgraph_fraction"):
+        assert key in metrics, key
+    assert 0 <= metrics["diag/strong_fraction"] <= metrics["diag/subgraph_fraction"] <= 1
+    record = json.loads((tmp_path / "confidence.json").read_text())
+    assert len(record["confidence"]) == len(record["weak_correct"]) > 0
+    assert (tmp_path / "confidence.png").is_file()
+
+
+@pytest.mark.parametrize("model", ["mlp", "gnn"])
+def test_fast_dev_run_baselines(compose_cfg, tmp_path, model):
+    metrics = train(compose_cfg("debug=fdr", TINY, f"model={model}"))
+    check_outputs(metrics, tmp_path, moe=False)
 
 
 def test_without_test(compose_cfg, tmp_path):

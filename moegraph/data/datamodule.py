@@ -170,13 +170,61 @@ def check_graph(data: Data, name: str) -> None:
             raise ValueError(f"{name}: '{key}' holds unlabelled nodes (y < 0)")
 
 
+class KHopLoader:
+    r"""Mini-batches of seed nodes with their full ``num_hops``-hop
+    neighbourhoods, in pure PyTorch (the fallback of
+    :class:`~torch_geometric.loader.NeighborLoader`, which needs ``pyg-lib`` or
+    ``torch-sparse``). Like it, each batch puts its ``batch_size`` seed nodes
+    first and carries ``n_id`` (the original node ids).
+
+    Args:
+        data (Data): the graph.
+        input_nodes (Tensor): boolean mask of the seed nodes.
+        num_hops (int): hops of neighbourhood.
+        batch_size (int): seed nodes per batch.
+        shuffle (bool, optional): shuffle the seeds each epoch. (default: :obj:`False`)
+    """
+
+    def __init__(self, data: Data, input_nodes: torch.Tensor, num_hops: int, batch_size: int,
+                 shuffle: bool = False):
+        self.data = data
+        self.seeds = input_nodes.nonzero().view(-1)
+        self.num_hops = num_hops
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return (self.seeds.numel() + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        from torch_geometric.utils import k_hop_subgraph
+
+        data, N = self.data, self.data.num_nodes
+        seeds = self.seeds[torch.randperm(self.seeds.numel())] if self.shuffle else self.seeds
+        for chunk in seeds.split(self.batch_size):
+            subset, edge_index, _, _ = k_hop_subgraph(chunk, self.num_hops, data.edge_index,
+                                                      num_nodes=N)
+            is_seed = torch.zeros(N, dtype=torch.bool)
+            is_seed[chunk] = True
+            n_id = torch.cat([chunk, subset[~is_seed[subset]]])  # seeds first
+            relabel = torch.full((N,), -1, dtype=torch.long)
+            relabel[n_id] = torch.arange(n_id.numel())
+            batch = Data(edge_index=relabel[edge_index], num_nodes=n_id.numel())
+            for key in ("x", "y"):
+                batch[key] = data[key][n_id]
+            batch.n_id, batch.batch_size = n_id, chunk.numel()
+            yield batch
+
+
 class NodeDataModule(L.LightningDataModule):
     r"""Node classification on one graph.
 
     Full-batch by default: each loader yields the whole graph and the task
     reads the split from its masks. With ``batch_size``, loaders are PyG
     :class:`~torch_geometric.loader.NeighborLoader` mini-batches whose seed
-    nodes are the split's nodes (for graphs too large for one step).
+    nodes are the split's nodes (for graphs too large for one step), or,
+    without ``pyg-lib`` / ``torch-sparse``, :class:`KHopLoader` batches with
+    full ``len(num_neighbors)``-hop neighbourhoods.
 
     Args:
         name (str): dataset name (see :func:`load_node_dataset`).
@@ -250,6 +298,10 @@ class NodeDataModule(L.LightningDataModule):
         self.setup()
         if self.batch_size is None:
             return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)
+        from torch_geometric.typing import WITH_PYG_LIB, WITH_TORCH_SPARSE
+        if not (WITH_PYG_LIB or WITH_TORCH_SPARSE):  # NeighborLoader needs one of them
+            return KHopLoader(self.data, self.data[f"{split}_mask"], len(self.num_neighbors),
+                              self.batch_size, shuffle)
         from torch_geometric.loader import NeighborLoader
         return NeighborLoader(self.data, num_neighbors=self.num_neighbors,
                               input_nodes=self.data[f"{split}_mask"],

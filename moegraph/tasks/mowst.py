@@ -210,9 +210,11 @@ class MowstTask(NodeClassificationTask):
                 if id(m) not in trained]
 
     def _apply_freeze(self) -> None:
-        r"""Frozen parts: eval mode, no gradients; trained parts: gradients on."""
+        r"""Frozen parts: eval mode, no gradients; trained parts: gradients on,
+        and in the task's mode (a part frozen in the last turn was in eval)."""
         for module in self.trained_modules():
             module.requires_grad_(True)
+            module.train(self.training)
         for module in self._frozen_modules():
             module.eval()
             module.requires_grad_(False)

@@ -54,17 +54,34 @@ def test_load_node_dataset():
     assert data.num_nodes == 120 and data.train_mask is not None
 
 
-@pytest.mark.parametrize("factory", [lambda: NodeDataModule(name="cora"),
-                                     lambda: load_node_dataset("cora")])
+@pytest.mark.parametrize("factory", [lambda: NodeDataModule(name="coraa"),
+                                     lambda: load_node_dataset("coraa")])
 def test_unknown_dataset(factory):
-    assert "synthetic" in DATASETS
-    with pytest.raises(ValueError, match=r"unknown dataset 'cora'; known datasets: synthetic"):
+    assert "synthetic" in DATASETS and "cora" in DATASETS
+    with pytest.raises(ValueError, match=r"unknown dataset 'coraa'; known datasets: synthetic"):
         factory()
 
 
 def make_graph(edge_index, y, num_nodes=4):
-    return Data(x=torch.randn(num_nodes, 3), edge_index=torch.tensor(edge_index), y=torch.tensor(y),
-                num_nodes=num_nodes)
+    y = torch.tensor(y)
+    labelled = y >= 0
+    return Data(x=torch.randn(num_nodes, 3), edge_index=torch.tensor(edge_index), y=y,
+                num_nodes=num_nodes, train_mask=labelled, val_mask=labelled,
+                test_mask=torch.zeros(num_nodes, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("key", ["train_mask", "val_mask", "test_mask"])
+def test_check_graph_bad_masks(key):
+    data = make_graph([[0], [1]], [0, 1, 0, 1])
+    data[key] = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=rf"g: '{key}' must be a boolean mask of shape \[4\]"):
+        check_graph(data, "g")
+    data[key] = torch.tensor([False, False, True, False])
+    data.y = torch.tensor([0, 1, -1, 1])
+    for other in {"train_mask", "val_mask", "test_mask"} - {key}:
+        data[other] = torch.tensor([True, True, False, False])
+    with pytest.raises(ValueError, match=rf"g: '{key}' holds unlabelled nodes"):
+        check_graph(data, "g")
 
 
 def test_check_graph_accepts_a_valid_graph():

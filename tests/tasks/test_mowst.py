@@ -1,0 +1,302 @@
+r"""Tests of moegraph.tasks.MowstTask: the schedule, freezing, roll-back,
+metrics, checkpoints and a real-data run on Cora."""
+import copy
+import functools
+import types
+
+import lightning as L
+import pytest
+import torch
+from torch_geometric.nn.models import GCN, MLP
+
+from moegraph.data import NodeDataModule, csbm_graph
+from moegraph.nn import Mowst, MowstOutput
+from moegraph.nn.mowst import expected_accuracy
+from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
+
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning",
+    "ignore:MowstTask early-stops each turn itself:UserWarning")
+
+N, FEAT, C = 60, 6, 3
+ADAM = functools.partial(torch.optim.Adam, lr=0.05)
+
+
+def make_net(variant="mowst"):
+    torch.manual_seed(0)
+    return Mowst(MLP([FEAT, 8, C], dropout=0.2), GCN(FEAT, 8, 2, C, dropout=0.2),
+                 variant=variant)
+
+
+def make_task(variant="mowst", **kwargs):
+    kwargs = {"num_classes": C, "optimizer": ADAM, **kwargs}
+    return MowstTask(make_net(variant), **kwargs)
+
+
+def make_dm(**kwargs):
+    return NodeDataModule("synthetic", dataset_kwargs={
+        "num_nodes": N, "num_classes": C, "num_features": FEAT, **kwargs})
+
+
+def trainer(**kwargs):
+    return L.Trainer(**{"max_epochs": 40, "logger": False, "enable_checkpointing": False,
+                        "enable_progress_bar": False, "enable_model_summary": False,
+                        "num_sanity_val_steps": 0, **kwargs})
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Recorder(L.Callback):
+    r"""Per training epoch: the phase, and whether each part's parameters
+    changed in its (one, full-batch) training step (checked before validation,
+    which may roll a turn back); per step: the train/eval mode of each part."""
+
+    def __init__(self):
+        self.epochs = []
+        self.modes = []
+
+    def on_train_epoch_start(self, trainer, task):
+        net = task.net
+        self._before = {n: params(getattr(net, n)) for n in ("weak", "gate", "strong")}
+        self._phase = task.phase
+
+    def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
+        net = task.net
+        self.modes.append((task.phase, net.weak.training, net.gate.training,
+                           net.strong.training))
+        after = {n: params(getattr(net, n)) for n in ("weak", "gate", "strong")}
+        self.epochs.append((self._phase, {n: same(self._before[n], after[n])
+                                          for n in after}))
+
+
+def test_alternating_schedule_trains_only_what_it_should():
+    task = make_task(pretrain_weak_epochs=3, pretrain_strong_epochs=3, max_turn_epochs=3,
+                     turn_patience=2, max_rounds=2, round_patience=5)
+    recorder = Recorder()
+    trainer(callbacks=[recorder]).fit(task, datamodule=make_dm())
+    phases = [phase for phase, _ in recorder.epochs]
+    assert phases[0] == "pretrain_weak" and "pretrain_strong" in phases
+    assert "weak" in phases and "strong" in phases
+    assert phases.index("pretrain_strong") < phases.index("weak") < phases.index("strong")
+    for phase, unchanged in recorder.epochs:
+        if phase == "pretrain_weak":
+            assert unchanged["strong"] and unchanged["gate"] and not unchanged["weak"]
+        elif phase == "pretrain_strong":
+            assert unchanged["weak"] and unchanged["gate"] and not unchanged["strong"]
+        elif phase == "weak":
+            assert unchanged["strong"] and not unchanged["weak"] and not unchanged["gate"]
+        else:
+            assert unchanged["weak"] and unchanged["gate"] and not unchanged["strong"]
+    # Frozen parts are in eval mode during training steps (dropout off).
+    for phase, weak, gate, strong in recorder.modes:
+        if phase in ("weak", "pretrain_weak"):
+            assert weak and not strong
+        if phase in ("strong", "pretrain_strong"):
+            assert strong and not weak and not gate
+    # Two rounds at most.
+    assert task._schedule["round"] <= 2 and task._schedule["done"]
+
+
+def test_mowst_star_trains_everything_jointly():
+    task = make_task("mowst_star", turn_patience=3)
+    recorder = Recorder()
+    trainer(callbacks=[recorder], max_epochs=5).fit(task, datamodule=make_dm())
+    for phase, unchanged in recorder.epochs:
+        assert phase == "joint" and not any(unchanged.values())
+
+
+def attach(task):
+    task._trainer = types.SimpleNamespace(should_stop=False, sanity_checking=False)
+    task._begin_turn()
+    return task
+
+
+def test_schedule_rolls_back_a_turn_without_gain_and_keeps_a_better_one():
+    task = attach(make_task(turn_patience=1, max_rounds=5, round_patience=1, min_delta=0.0))
+    net = task.net
+    # Weak turn: gains (0.5 > -inf); its best epoch is the first.
+    assert task.phase == "weak"
+    start = params(net.weak)
+    with torch.no_grad():
+        net.weak.lins[0].weight.add_(1.0)
+    best = params(net.weak)
+    task._advance(0.5, 0.5)                # best epoch of the turn
+    with torch.no_grad():
+        net.weak.lins[0].weight.add_(1.0)  # a worse epoch
+    task._advance(0.4, 0.4)                # patience 1: the turn ends, best kept
+    assert same(params(net.weak), best) and not same(params(net.weak), start)
+    assert task.phase == "strong" and task._schedule["best"] == 0.5
+    # Strong turn: no gain over 0.5 -> rolled back to where it began.
+    start = params(net.strong)
+    with torch.no_grad():
+        net.strong.convs[0].lin.weight.add_(1.0)
+    task._advance(0.45, 0.45)
+    task._advance(0.45, 0.45)
+    assert same(params(net.strong), start)
+    # The round had a gain (the weak turn): training goes on.
+    assert task.phase == "weak" and task._schedule["round"] == 2
+    assert not task.trainer.should_stop
+    # A round without gain ends training (round_patience=1).
+    for _ in range(4):
+        task._advance(0.1, 0.1)
+    assert task._schedule["done"] and task.trainer.should_stop
+
+
+def test_pretraining_keeps_its_best_epoch_and_moves_on():
+    task = attach(make_task(pretrain_weak_epochs=2, turn_patience=5))
+    assert task.phase == "pretrain_weak"
+    with torch.no_grad():
+        task.net.weak.lins[0].weight.add_(1.0)
+    best = params(task.net.weak)
+    task._advance(0.2, 0.9)
+    with torch.no_grad():
+        task.net.weak.lins[0].weight.add_(1.0)
+    task._advance(0.3, 0.5)   # limit of 2 epochs reached
+    assert same(params(task.net.weak), best)
+    assert task.phase == "weak"
+    assert task._schedule["best"] == -float("inf")  # pre-training sets no Mowst best
+
+
+def test_loss_of_each_phase():
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    for phase in ("pretrain_weak", "pretrain_strong", "weak", "strong"):
+        task = make_task()
+        task._schedule["phase"] = phase
+        out = task.net.experts(data.x, data.edge_index)
+        y = data.y
+        expected = {"pretrain_weak": torch.nn.functional.cross_entropy(out.weak_logits, y),
+                    "pretrain_strong": torch.nn.functional.cross_entropy(out.strong_logits, y)
+                    }.get(phase, task.net.loss(out, y))
+        assert torch.allclose(task._loss(out, y), expected)
+
+
+def test_metrics_by_formula():
+    metric = MowstMetrics("acc", threshold=0.5)
+    g = torch.Generator().manual_seed(0)
+    out = MowstOutput(torch.randn(20, C, generator=g), torch.randn(20, C, generator=g),
+                      torch.randn(20, generator=g), None)
+    y = torch.randint(0, C, (20,), generator=g)
+    metric.update(MowstOutput(*(t[:10] for t in out[:3]), None), y[:10])
+    metric.update(MowstOutput(*(t[10:] for t in out[:3]), None), y[10:])
+    values = metric.compute()
+    c = torch.sigmoid(out.gate_logit)
+    assert values["expected"].item() == pytest.approx(
+        expected_accuracy(out.weak_logits, out.strong_logits, c, y).item())
+    pick = torch.where((c >= 0.5)[:, None], out.weak_logits, out.strong_logits)
+    assert values["tau"].item() == pytest.approx((pick.argmax(-1) == y).float().mean().item())
+    assert values["confident"].item() == pytest.approx((c >= 0.5).float().mean().item())
+    assert values["weak"].item() == pytest.approx(
+        (out.weak_logits.argmax(-1) == y).float().mean().item())
+
+
+def test_logged_values_and_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    task = make_task(turn_patience=2, max_rounds=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    tr = trainer(callbacks=[ckpt], enable_checkpointing=True)
+    tr.fit(task, datamodule=make_dm())
+    logged = tr.callback_metrics
+    for key in ("train/loss", "val/acc", "val/acc_tau", "val/acc_weak", "val/acc_strong",
+                "val/acc_mixture", "val/confidence", "val/confident", "schedule/round"):
+        assert key in logged, key
+    saved = torch.load(ckpt.best_model_path, weights_only=False)
+    # The gate is checkpointed with the experts, and the schedule too.
+    assert any(k.startswith("net.gate.") for k in saved["state_dict"])
+    assert any(k.startswith("net.weak.") for k in saved["state_dict"])
+    assert "mowst_schedule" in saved
+    result = tr.test(task, datamodule=make_dm(), ckpt_path="best", verbose=False)[0]
+    assert 0 <= result["test/acc"] <= 1
+
+
+def test_early_stopping_callback_is_removed():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    tr = trainer(callbacks=[EarlyStopping("val/acc", patience=1)], max_epochs=2)
+    with pytest.warns(UserWarning, match="is removed"):
+        tr.fit(make_task(), datamodule=make_dm())
+    assert not any(isinstance(c, EarlyStopping) for c in tr.callbacks)
+
+
+def test_empty_val_mask_and_isolated_nodes():
+    dm = make_dm(avg_degree=0.5)  # many isolated nodes
+    dm.setup()
+    dm.data.val_mask[:] = False
+    tr = trainer(max_epochs=3)
+    tr.fit(make_task(), datamodule=dm)
+    assert torch.isfinite(tr.callback_metrics["train/loss"])
+
+
+def test_auroc_metric():
+    dm = NodeDataModule("synthetic", metric="auroc", dataset_kwargs={
+        "num_nodes": N, "num_classes": 2, "num_features": FEAT})
+    torch.manual_seed(0)
+    net = Mowst(MLP([FEAT, 8, 2]), GCN(FEAT, 8, 2, 2))
+    task = MowstTask(net, **dm.task_kwargs(), optimizer=ADAM, turn_patience=1, max_rounds=1)
+    tr = trainer(max_epochs=4)
+    tr.fit(task, datamodule=dm)
+    for key in ("val/auroc", "val/auroc_tau", "val/auroc_weak"):
+        assert 0 <= float(tr.callback_metrics[key]) <= 1
+
+
+def test_mini_batches_with_a_neighbor_loader():
+    dm = NodeDataModule("synthetic", batch_size=16, num_neighbors=[4, 4], dataset_kwargs={
+        "num_nodes": N, "num_classes": C, "num_features": FEAT})
+    tr = trainer(max_epochs=2)
+    tr.fit(make_task(turn_patience=1), datamodule=dm)
+    assert torch.isfinite(tr.callback_metrics["val/acc"])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)},
+     ValueError, "does not take a scheduler"),
+    ({"turn_patience": 0}, ValueError, "'turn_patience' must be positive"),
+    ({"pretrain_weak_epochs": -1}, ValueError, "'pretrain_weak_epochs' must be non-negative"),
+    ({"min_delta": -1.0}, ValueError, "'min_delta' must be non-negative"),
+    ({"num_classes": 4}, ValueError, "predicts 3 classes, the data has 4"),
+])
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_task(**kwargs)
+
+
+def test_needs_a_mowst_network():
+    with pytest.raises(TypeError, match="needs a moegraph.nn.Mowst"):
+        MowstTask(GCN(FEAT, 8, 2, C), num_classes=C, optimizer=ADAM)
+
+
+def test_labels_out_of_range():
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    data.y[data.train_mask.nonzero()[0]] = 7
+    task = make_task()
+    task._trainer = None
+    with pytest.raises(ValueError, match="labels must lie in"):
+        task._eval_step(data, "train")
+
+
+def test_real_cora_beats_the_mlp(real_data, tmp_path):
+    root = real_data("Planetoid/Cora")
+    dm = NodeDataModule("cora", root=str(root.parent), cache_dir=str(tmp_path / "cache"))
+    dm.setup()
+    F_, K = dm.num_features, dm.num_classes
+    scores = {}
+    for name in ("mlp", "mowst_star"):
+        L.seed_everything(0)
+        if name == "mlp":
+            task = NodeClassificationTask(MLP([F_, 64, K], dropout=0.5), K, ADAM)
+        else:
+            net = Mowst(MLP([F_, 64, K], dropout=0.5), GCN(F_, 64, 2, K, dropout=0.5),
+                        variant="mowst_star")
+            task = MowstTask(net, K, functools.partial(torch.optim.AdamW, lr=0.01,
+                                                         weight_decay=5e-4), turn_patience=20)
+        tr = trainer(max_epochs=100)
+        tr.fit(task, datamodule=dm)
+        scores[name] = tr.test(task, datamodule=dm, verbose=False)[0]["test/acc"]
+    assert scores["mowst_star"] > scores["mlp"] + 0.1, scores
+    assert scores["mowst_star"] > 0.75, scores
