@@ -4,10 +4,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 from hydra.errors import InstantiationException
-
-from moegraph.data import NodeDataModule
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 
+from moegraph.data import NodeDataModule
 from moegraph.nn import ExpertChoiceRouter, Mowst, SparseMoE, TopKRouter, TopPRouter
 from moegraph.nn.models import MoEGNN
 from moegraph.tasks import MowstTask, NodeClassificationTask

@@ -270,7 +270,8 @@ def test_isolated_nodes():
 def test_class_count_mismatch_of_the_experts():
     with pytest.raises(ValueError, match="weak expert predicts 3 classes and the strong expert 4"):
         Mowst(MLP([FEAT, 8, 3]), GCN(FEAT, 8, 2, 4))
-    with pytest.raises(ValueError, match="strong expert predicts 4 classes, but 'out_channels' is 3"):
+    with pytest.raises(ValueError,
+                       match="strong expert predicts 4 classes, but 'out_channels' is 3"):
         Mowst(MLP([FEAT, 8, 3]), GCN(FEAT, 8, 2, 4), out_channels=3)
 
 

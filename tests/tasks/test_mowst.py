@@ -1,6 +1,5 @@
 r"""Tests of moegraph.tasks.MowstTask: the schedule, freezing, roll-back,
 metrics, checkpoints and a real-data run on Cora."""
-import copy
 import functools
 import types
 
