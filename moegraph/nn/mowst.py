@@ -196,13 +196,156 @@ def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Tens
 
 
 def receptive_hops(module: Module) -> int:
-    r"""Hops of the computation subgraph that a GNN needs to compute a node's
-    output exactly: one per message-passing layer, plus one when a GCN layer
-    normalises by degree (the degree of a node at the last hop counts its own
-    neighbours)."""
+    r"""Hops of the computation subgraph that :meth:`Mowst.strong_forward_at`
+    needs to compute a node's output exactly: one per message-passing layer.
+
+    A model that :meth:`Mowst.strong_forward_at` cannot trim layer by layer
+    (anything but a PyG :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN`
+    without jumping knowledge, see :func:`trimmable_convs`) runs on the plain
+    :func:`~torch_geometric.utils.k_hop_subgraph`, and needs one hop more when
+    a :class:`~torch_geometric.nn.conv.GCNConv` normalises by degree (the
+    degree of a node at the last hop counts its own neighbours). A trimmable
+    GCN does not: its normalisation is computed on the whole graph and carried
+    into the subgraph as edge weights."""
     convs = [m for m in module.modules() if isinstance(m, MessagePassing)]
+    if trimmable_convs(module) is not None:
+        return len(convs)
     extra = any(isinstance(m, GCNConv) and m.normalize for m in convs)
     return len(convs) + int(extra)
+
+
+def trimmable_convs(module: Module) -> Optional[list[MessagePassing]]:
+    r"""The message-passing layers of ``module`` if
+    :meth:`Mowst.strong_forward_at` can run it trimmed layer by layer on a
+    hop-ordered subgraph (:func:`hop_ordered_subgraph`), else :obj:`None`.
+
+    That is a PyG :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN`
+    (``GCN``, ``GraphSAGE``, ``GAT``, ``GIN``, ...) without jumping knowledge,
+    whose layers pass messages from source to target, whose normalisations act
+    on each node alone (none, batch norm, or node-wise layer norm) and whose
+    layers, if GCN layers, share the same normalisation flags.
+    """
+    from torch_geometric.nn.models.basic_gnn import BasicGNN
+    from torch_geometric.nn.norm import BatchNorm
+    from torch_geometric.nn.norm import LayerNorm as PyGLayerNorm
+
+    if not isinstance(module, BasicGNN) or module.jk_mode is not None:
+        return None
+    convs = list(module.convs)
+    inner = [m for m in module.modules() if isinstance(m, MessagePassing)]
+    if len(inner) != len(convs) or any(c.flow != "source_to_target" for c in convs):
+        return None
+    gcn = [c for c in convs if isinstance(c, GCNConv)]
+    if gcn and (len(gcn) != len(convs)
+                or len({(c.normalize, c.improved, c.add_self_loops) for c in gcn}) != 1):
+        return None  # one edge weight is shared by all layers
+    nodewise = (torch.nn.Identity, torch.nn.BatchNorm1d, torch.nn.LayerNorm, BatchNorm)
+    for norm in module.norms:
+        if not (isinstance(norm, nodewise)
+                or (isinstance(norm, PyGLayerNorm) and norm.mode == "node")):
+            return None
+    return convs
+
+
+class HopSubgraph(NamedTuple):
+    r"""The computation subgraph of some nodes, ordered by hop distance, as
+    returned by :func:`hop_ordered_subgraph`.
+
+    Attributes:
+        subset (Tensor): ``[n]`` the original ids of its nodes, sorted by hop
+            (then by id).
+        edge_index (Tensor): ``[2, e]`` its edges, relabelled, grouped by the
+            hop of their target node.
+        edge_id (Tensor): ``[e]`` positions of its edges in the original
+            ``edge_index`` (to carry edge weights over).
+        mapping (Tensor): ``[len(index)]`` the position of each node of
+            ``index`` in :attr:`subset`.
+        num_nodes_per_hop (list[int]): ``num_hops + 1`` node counts, hop 0 first.
+        num_edges_per_hop (list[int]): ``num_hops`` edge counts, by the hop of
+            the target node (0 to ``num_hops - 1``).
+    """
+
+    subset: Tensor
+    edge_index: Tensor
+    edge_id: Tensor
+    mapping: Tensor
+    num_nodes_per_hop: list[int]
+    num_edges_per_hop: list[int]
+
+
+def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
+                         num_nodes: int) -> HopSubgraph:
+    r"""The ``num_hops``-hop computation subgraph of the nodes ``index``
+    (messages flow from ``edge_index[0]`` to ``edge_index[1]``), laid out as
+    :class:`~torch_geometric.loader.NeighborLoader` lays out its samples so
+    that a :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN` can trim it
+    layer by layer (``num_sampled_nodes_per_hop`` /
+    ``num_sampled_edges_per_hop``): nodes sorted by their hop distance from
+    ``index`` (a breadth-first search against the edge direction), edges
+    whose target lies within ``num_hops - 1`` hops grouped by the hop of their
+    target. Layer :math:`\ell` of :math:`k` then computes outputs at the nodes
+    within :math:`k - \ell` hops from the edges into them only, which is
+    exact: such a node keeps all its in-edges.
+
+    Args:
+        index (Tensor): the target nodes (ids, duplicates allowed).
+        num_hops (int): hops :math:`k \ge 0`.
+        edge_index (Tensor): edges of the whole graph.
+        num_nodes (int): nodes of the whole graph.
+
+    Shapes:
+        - **input:** ``index [B]``, ``edge_index [2, M]``
+        - **output:** :class:`HopSubgraph` with ``subset [n]``,
+          ``edge_index [2, e]``, ``edge_id [e]``, ``mapping [B]``
+    """
+    device = edge_index.device
+    index = index.to(device=device, dtype=torch.long).view(-1)
+    row, col = edge_index[0], edge_index[1]
+    unreached = num_hops + 1
+    hop = torch.full((num_nodes,), unreached, dtype=torch.long, device=device)
+    hop[index] = 0
+    target_hop = hop[col]
+    for h in range(1, num_hops + 1):  # one pass over the edges per hop
+        src = row[target_hop == h - 1]
+        hop[src[hop[src] > h]] = h
+        if h < num_hops:  # hops below h are final, and so are those of targets
+            target_hop = hop[col]
+    nodes_by_hop = [(hop == h).nonzero().view(-1) for h in range(num_hops + 1)]
+    subset = torch.cat(nodes_by_hop)
+    new_id = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
+    new_id[subset] = torch.arange(subset.numel(), device=device)
+    if num_hops > 0:  # targets within num_hops - 1 hops (their hops are final)
+        edges_by_hop = [(target_hop == h).nonzero().view(-1) for h in range(num_hops)]
+        edge_id = torch.cat(edges_by_hop)
+    else:
+        edges_by_hop, edge_id = [], torch.empty(0, dtype=torch.long, device=device)
+    return HopSubgraph(
+        subset=subset,
+        edge_index=new_id[edge_index[:, edge_id]],
+        edge_id=edge_id,
+        mapping=new_id[index],
+        num_nodes_per_hop=[t.numel() for t in nodes_by_hop],
+        num_edges_per_hop=[t.numel() for t in edges_by_hop],
+    )
+
+
+def _gcn_norm_of(convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    r"""The normalised, self-looped edges of the whole graph exactly as the
+    GCN layers ``convs`` compute them (sharing flags), from or into their
+    cache when they are ``cached``."""
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+    for conv in convs:
+        if conv.cached and conv._cached_edge_index is not None:
+            return conv._cached_edge_index
+    conv = convs[0]
+    edge_index, edge_weight = gcn_norm(edge_index, None, num_nodes, conv.improved,
+                                       conv.add_self_loops, conv.flow, dtype)
+    for conv in convs:
+        if conv.cached:
+            conv._cached_edge_index = (edge_index, edge_weight)
+    return edge_index, edge_weight
 
 
 def _build(expert: Union[Module, Callable[..., Module]], in_channels: Optional[int],
@@ -252,8 +395,12 @@ class Mowst(Module):
         threshold (float, optional): :math:`\tau` of the deterministic
             prediction and of sparse inference. (default: :obj:`0.5`)
         num_hops (int, optional): hops of the strong expert's computation
-            subgraph for sparse inference; found from its message-passing
-            layers if :obj:`None` (see :func:`receptive_hops`).
+            subgraph for sparse inference (:meth:`strong_forward_at`); found
+            from its message-passing layers if :obj:`None` (see
+            :func:`receptive_hops`: one per layer, plus one for a GCN that
+            cannot be trimmed layer by layer). A value other than the number
+            of layers of a trimmable model runs it untrimmed on the
+            ``num_hops``-hop subgraph.
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -390,13 +537,57 @@ class Mowst(Module):
     @torch.no_grad()
     def strong_forward_at(self, x: Tensor, edge_index: Tensor, index: Tensor
                           ) -> tuple[Tensor, int]:
-        r"""Logits of the strong expert at the nodes ``index`` only, computed
-        on their :attr:`num_hops`-hop computation subgraph (equal to the
-        full-graph logits there). Returns the logits ``[len(index), C]`` and
-        the number of nodes of the subgraph."""
-        subset, sub_edge_index, mapping, _ = k_hop_subgraph(
-            index, self.num_hops, edge_index, relabel_nodes=True, num_nodes=x.size(0))
-        return self.strong_forward(x[subset], sub_edge_index)[mapping], subset.numel()
+        r"""Logits of the strong expert at the nodes ``index`` only, equal to
+        the full-graph logits there.
+
+        A strong expert that :func:`trimmable_convs` accepts (PyG's ``GCN``,
+        ``GraphSAGE``, ``GAT``, ``GIN``, ...) runs on the hop-ordered
+        :attr:`num_hops`-hop subgraph of ``index`` (:func:`hop_ordered_subgraph`),
+        trimmed layer by layer: layer :math:`\ell` of :math:`k` computes only
+        the nodes within :math:`k - \ell` hops, from the edges into them. GCN
+        layers get their normalised edge weights (with self-loops, ``improved``
+        and ``cached`` honoured) from the whole graph and run with
+        ``normalize=False`` for the call, so the outermost nodes' degrees are
+        those of the whole graph. Any other expert runs untrimmed on
+        :func:`~torch_geometric.utils.k_hop_subgraph`.
+
+        Args:
+            x (Tensor): node features of the whole graph.
+            edge_index (Tensor): edges of the whole graph.
+            index (Tensor): the nodes to predict.
+
+        Returns:
+            The logits at ``index`` and the number of nodes of the subgraph
+            (those within :attr:`num_hops` hops of ``index``).
+
+        Shapes:
+            - **input:** ``x [N, F]``, ``edge_index [2, M]``, ``index [B]``
+            - **output:** ``[B, C]``, int
+        """
+        num_nodes = x.size(0)
+        convs = trimmable_convs(self.strong)
+        if convs is None or len(convs) != self.num_hops or not isinstance(edge_index, Tensor):
+            subset, sub_edge_index, mapping, _ = k_hop_subgraph(
+                index, self.num_hops, edge_index, relabel_nodes=True, num_nodes=num_nodes)
+            return self.strong_forward(x[subset], sub_edge_index)[mapping], subset.numel()
+
+        gcn = [c for c in convs if isinstance(c, GCNConv) and c.normalize]
+        edge_weight = None
+        if gcn:
+            edge_index, edge_weight = _gcn_norm_of(gcn, edge_index, num_nodes, x.dtype)
+        sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes)
+        kwargs = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
+                      num_sampled_edges_per_hop=sub.num_edges_per_hop)
+        if edge_weight is not None:
+            kwargs["edge_weight"] = edge_weight[sub.edge_id]
+        try:
+            for conv in gcn:
+                conv.normalize = False  # the weights are normalised already
+            out = self.strong(x[sub.subset], sub.edge_index, **kwargs)
+        finally:
+            for conv in gcn:
+                conv.normalize = True
+        return as_model_output(out).logits[sub.mapping], sub.subset.numel()
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(weak={self.weak.__class__.__name__}, "
