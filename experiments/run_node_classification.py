@@ -54,8 +54,8 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
         out.append("model=mlp")
     else:
         out += [f"model={'gnn' if model == 'gnn' else 'mowst'}", f"model/strong={backbone}"]
-        if model == "mowst_star":
-            out.append("model.net.variant=mowst_star")
+        if model == "mowst_star":  # joint training: the baselines' patience
+            out += ["model.net.variant=mowst_star", "model.turn_patience=50"]
         if model.startswith("mowst"):
             out.append("trainer.max_epochs=2000")  # the schedule decides when to stop
     return out
@@ -162,7 +162,8 @@ def build_table(runs: Path, command: str) -> str:
                 protocols[dataset] = r["protocol"]
     lines += ["", "Protocol actually used per dataset (all models share it; Mowst runs "
               "pre-train both experts, then alternate turns of at most 100 epochs with "
-              "patience 20, min gain 0.001, until 2 rounds bring no gain):", "",
+              "patience 20, min gain 0.001, until 2 rounds bring no gain; Mowst* trains "
+              "jointly with patience 50, as the baselines' early stopping):", "",
               "| dataset | hidden | layers | residual + LayerNorm | max epochs (baselines, "
               "early stopping) | lr |", "|---|---|---|---|---|---|"]
     for dataset, p in protocols.items():
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
                             todo.append((dataset, model, backbone, seed))
         print(f"[study] {len(todo)} runs to do (cached runs are skipped)", flush=True)
         for i, (dataset, model, backbone, seed) in enumerate(todo, 1):
+            if (args.runs / run_name(dataset, model, backbone, seed)).exists():
+                continue  # finished meanwhile by another process of the study
             start = time.perf_counter()
             record = run_one(dataset, model, backbone, seed, args.runs)
             score = record["metrics"].get(f"test/{record['metric']}", float("nan"))
