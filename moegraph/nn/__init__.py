@@ -2,6 +2,16 @@ r"""Layers of moegraph: pure PyTorch / PyG modules that know nothing of
 Lightning or Hydra."""
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
 from moegraph.nn.moe import MoEOutput, SparseMoE
+from moegraph.nn.multitask import (
+    CGC,
+    PLE,
+    HoME,
+    MMoE,
+    MultiGateLevel,
+    MultiTaskHead,
+    MultiTaskOutput,
+    SharedBottom,
+)
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import (
     AUX_LOSS_NAMES,
@@ -14,6 +24,14 @@ from moegraph.nn.routing import (
 )
 
 __all__ = [
+    "CGC",
+    "HoME",
+    "MMoE",
+    "MultiGateLevel",
+    "MultiTaskHead",
+    "MultiTaskOutput",
+    "PLE",
+    "SharedBottom",
     "AUX_LOSS_NAMES",
     "ExpertChoiceRouter",
     "Experts",
