@@ -1,5 +1,6 @@
 r"""LightningModules: each wraps a plain network from :mod:`moegraph.nn` and owns
 losses, metrics and logging."""
+from moegraph.tasks.multitask import GroupAUROC, MultiTaskLearning, grouped_auc
 from moegraph.tasks.node_classification import NodeClassificationTask
 
-__all__ = ["NodeClassificationTask"]
+__all__ = ["GroupAUROC", "MultiTaskLearning", "NodeClassificationTask", "grouped_auc"]
