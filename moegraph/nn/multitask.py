@@ -219,13 +219,6 @@ class MultiGateLevel(Module):
             for lin in self.self_gates:
                 lin.reset_parameters()
 
-    def _expert_inputs(self, streams: dict[str, Tensor]) -> tuple[Tensor, bool]:
-        r"""``[N, F]`` when every expert reads one stream, else ``[N, E, F]``."""
-        names = set(self.expert_inputs)
-        if len(names) == 1:
-            return streams[self.expert_inputs[0]], True
-        return torch.stack([streams[s] for s in self.expert_inputs], dim=1), False
-
     def forward(self, streams: dict[str, Tensor]
                 ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         r"""
@@ -235,27 +228,27 @@ class MultiGateLevel(Module):
         Letters: N rows, F input features, E experts, G gates, H expert width,
         r feature-gate rank.
         """
-        E, H = self.num_experts, self.hidden_channels
-        x, single = self._expert_inputs(streams)
+        E, H, F_in = self.num_experts, self.hidden_channels, self.in_channels
+        names = self.expert_inputs
+        single = len(set(names)) == 1
+        x = streams[names[0]]
         N = x.size(0)
-        if self.fg_a is not None:
-            r = self.feature_gate_rank
-            if single:
-                z = (x @ self.fg_a).view(N, E, r)  # [N, E, r]
-                gate = torch.einsum("ner,erf->nef", z, self.fg_b)  # [N, E, F]
-                x = x.unsqueeze(1) * (2.0 * torch.sigmoid(gate))  # [N, E, F]
-            else:
-                a = self.fg_a.view(-1, E, r)  # [F, E, r]
-                z = torch.einsum("nef,fer->ner", x, a)  # [N, E, r]
-                gate = torch.einsum("ner,erf->nef", z, self.fg_b)
-                x = x * (2.0 * torch.sigmoid(gate))
-            single = False
-        if single:
-            w = self.weight.permute(1, 0, 2).reshape(self.in_channels, E * H)
+        if single and self.fg_a is None:
+            # Every expert reads the same input: one matmul for all of them.
+            w = self.weight.permute(1, 0, 2).reshape(F_in, E * H)
             h = torch.addmm(self.bias.view(-1), x, w)  # [N, E*H]
         else:
-            h = torch.einsum("nef,efh->neh", x, self.weight) + self.bias  # [N, E, H]
-            h = h.reshape(N, E * H)
+            xs = x.unsqueeze(0) if single else torch.stack([streams[s] for s in names])
+            if self.fg_a is not None:
+                r = self.feature_gate_rank
+                if single:
+                    z = (x @ self.fg_a).view(N, E, r).transpose(0, 1)  # [E, N, r]
+                else:
+                    z = torch.bmm(xs, self.fg_a.view(F_in, E, r).transpose(0, 1))  # [E, N, r]
+                xs = xs * (2.0 * torch.sigmoid(torch.bmm(z, self.fg_b)))  # [E, N, F]
+            h = torch.baddbmm(self.bias.unsqueeze(1), xs.expand(E, N, F_in),
+                              self.weight)  # [E, N, H]
+            h = h.transpose(0, 1).reshape(N, E * H)
         if self.norm is not None:
             h = self.norm(h)
         h = h.view(N, E, H)
@@ -271,8 +264,7 @@ class MultiGateLevel(Module):
         weights = torch.softmax(dense.view(N, G, E), dim=-1)  # [N, G, E], 0 where hidden
         mixed = torch.bmm(weights, h)  # [N, G, H]
         out = {}
-        for gi, g in enumerate(self.gate_specs):
-            y = mixed[:, gi]
+        for gi, (g, y) in enumerate(zip(self.gate_specs, mixed.unbind(1), strict=True)):
             if self.self_gates is not None:
                 res = streams[g.input]
                 y = y + torch.sigmoid(self.self_gates[gi](res)) * res
@@ -606,7 +598,8 @@ class HoME(MultiTaskHead):
         tasks (list or dict): task names, or names -> output counts.
         groups (dict): meta-task group name -> list of its tasks; every task
             in exactly one group. :obj:`None` puts each task in its own group.
-        num_shared_experts (int, optional): shared experts per level.
+        num_shared_experts (int or list of two ints, optional): shared
+            experts per level, once for both levels or per level.
             (default: :obj:`2`)
         num_group_experts (int, optional): experts per group and level.
             (default: :obj:`1`)
@@ -633,7 +626,7 @@ class HoME(MultiTaskHead):
 
     def __init__(self, in_channels: int, hidden_channels: int, tasks: Tasks,
                  groups: Optional[Mapping[str, Sequence[str]]] = None,
-                 num_shared_experts: int = 2, num_group_experts: int = 1,
+                 num_shared_experts: Union[int, Sequence[int]] = 2, num_group_experts: int = 1,
                  num_task_experts: Union[int, Mapping[str, int]] = 1,
                  tower_channels: int = 16, expert_norm: Optional[str] = "batch_norm",
                  hierarchy_mask: bool = True, feature_gate: bool = True,
@@ -643,15 +636,18 @@ class HoME(MultiTaskHead):
             str(g): list(ts) for g, ts in dict(groups).items()}
         self.group_of = self._check_groups(groups)
         self.groups = groups
-        if num_shared_experts < 1:
-            raise ValueError("'num_shared_experts': the shared expert group is empty "
-                             f"({num_shared_experts} experts)")
+        shared = ([int(num_shared_experts)] * 2 if isinstance(num_shared_experts, int)
+                  else [int(n) for n in num_shared_experts])
+        if len(shared) != 2 or min(shared) < 1:
+            raise ValueError("'num_shared_experts' must be a positive count, or two (one per "
+                             f"level); an empty shared expert group is not allowed (got "
+                             f"{num_shared_experts})")
         if num_group_experts < 1:
             raise ValueError("'num_group_experts': every meta-task group's expert group is "
                              f"empty ({num_group_experts} experts)")
         if feature_gate and feature_gate_rank < 1:
             raise ValueError(f"'feature_gate_rank' must be positive (got {feature_gate_rank})")
-        self.num_shared_experts = num_shared_experts
+        self.num_shared_experts = shared
         self.num_group_experts = num_group_experts
         self.num_task_experts = _per_task_count(num_task_experts, self.tasks,
                                                 "num_task_experts")
@@ -661,7 +657,7 @@ class HoME(MultiTaskHead):
         self.feature_gate_rank = feature_gate_rank
         self.self_gate = self_gate
         rank = feature_gate_rank if feature_gate else None
-        S, Gn = num_shared_experts, num_group_experts
+        S, Gn = shared[0], num_group_experts
 
         # Level 1: shared + one expert group per meta-task group.
         labels, inputs = ["shared"] * S, [INPUT] * S
@@ -678,6 +674,7 @@ class HoME(MultiTaskHead):
                         feature_gate_rank=rank)
 
         # Level 2: shared + group + task experts; one gate per task.
+        S = shared[1]
         labels, inputs = ["shared"] * S, ["shared"] * S
         own2: dict[str, list[int]] = {}
         for g in groups:
