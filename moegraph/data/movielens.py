@@ -115,19 +115,26 @@ def synthetic_ratings(num_users: int = 60, num_items: int = 80, num_ratings: int
                       seed: int = 0) -> dict[str, Tensor]:
     r"""A small random rating table in the layout of :func:`load_movielens100k`
     (for tests and smoke runs without the real files): ratings depend on a
-    user and an item factor, so that the tasks are learnable."""
+    user and an item factor, which pairs are observed on a user activity and
+    an item popularity; all four are feature columns, so every task is
+    learnable (``user_channels`` and ``item_channels`` at least 2)."""
     g = torch.Generator().manual_seed(seed)
-    keys = torch.randperm(num_users * num_items, generator=g)[:num_ratings]
-    user, item = keys // num_items, keys % num_items
     pu, pi = torch.randn(num_users, generator=g), torch.randn(num_items, generator=g)
+    activity, popularity = torch.randn(num_users, generator=g), torch.randn(num_items,
+                                                                           generator=g)
+    # Observed pairs: the top scores of activity + popularity + Gumbel noise.
+    gumbel = -torch.log(-torch.log(torch.rand(num_users, num_items, generator=g)))
+    keys = torch.topk((activity[:, None] + popularity[None, :] + gumbel).flatten(),
+                      num_ratings).indices
+    user, item = keys // num_items, keys % num_items
     score = pu[user] * pi[item] + 0.5 * torch.randn(num_ratings, generator=g)
     rating = (3 + score.round()).clamp(1, 5).long()
     return dict(user=user, item=item, rating=rating,
                 time=torch.randint(10**6, (num_ratings,), generator=g),
-                user_x=torch.cat([pu[:, None], torch.randn(num_users, user_channels - 1,
-                                                           generator=g)], 1),
-                item_x=torch.cat([pi[:, None], torch.randn(num_items, item_channels - 1,
-                                                           generator=g)], 1))
+                user_x=torch.cat([pu[:, None], activity[:, None],
+                                  torch.randn(num_users, user_channels - 2, generator=g)], 1),
+                item_x=torch.cat([pi[:, None], popularity[:, None],
+                                  torch.randn(num_items, item_channels - 2, generator=g)], 1))
 
 
 def load_movielens100k(root: str | Path, cache_dir: Optional[str | Path] = None
