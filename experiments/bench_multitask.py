@@ -13,7 +13,9 @@ Configurations at the default ``--experts 10`` (3 tasks, HoME groups
 * **HoME**: level 1: 2 shared + 1 per group = 4, level 2: 1 shared + 1 per
   group + 1 per task = 6 (10 in all); batch-norm + Swish experts,
   hierarchy mask, feature-gates (rank 4) and self-gates all on;
-* **HoME (no feature gate)**: the same without the feature-gates.
+* **HoME w/o <part>**: the same with one part off, to show what each costs;
+  with all parts off but the hierarchy mask it is a two-level masked mixture
+  of ReLU experts.
 
 Timing on a noisy shared machine: one warm-up step per method, then
 ``--repeats`` rounds, each running every method once in an order rotated
@@ -52,15 +54,19 @@ def build(experts: int, F: int, H: int) -> dict[str, Module]:
     return {
         "MMoE": MMoE(F, H, TASKS, num_experts=10),
         "PLE": PLE(F, H, TASKS, num_levels=2, num_shared_experts=2, num_task_experts=1),
-        "HoME": _home(F, H, feature_gate=True),
-        "HoME (no feature gate)": _home(F, H, feature_gate=False),
+        "HoME": _home(F, H),
+        "HoME w/o feature gate": _home(F, H, feature_gate=False),
+        "HoME w/o expert norm (ReLU)": _home(F, H, expert_norm=None),
+        "HoME w/o self gate": _home(F, H, self_gate=False),
+        "HoME, all parts off but the mask": _home(F, H, feature_gate=False, expert_norm=None,
+                                                  self_gate=False),
     }
 
 
-def _home(F: int, H: int, feature_gate: bool) -> Module:
+def _home(F: int, H: int, **parts) -> Module:
     # level 1: 2 shared + 2 groups = 4; level 2: 1 shared + 2 groups + 3 tasks = 6
     return HoME(F, H, TASKS, groups=GROUPS, num_shared_experts=[2, 1], num_group_experts=1,
-                num_task_experts=1, feature_gate=feature_gate)
+                num_task_experts=1, **parts)
 
 
 def count(model: Module) -> int:

@@ -118,8 +118,9 @@ class MultiTaskLearning(L.LightningModule):
     Logs ``{split}/loss`` (the weighted sum, without the uncertainty terms),
     ``{split}/<task>/loss`` and per task ``auc`` and ``gauc`` (binary: AUC per
     user, averaged over users with both classes), ``acc`` (multiclass) or
-    ``rmse`` (regression), and in validation the diagnostics of
-    :func:`~moegraph.diagnostics.multitask_summary` as ``val/diag/...``.
+    ``rmse`` (regression), and, on the first validation batch of each
+    epoch, the diagnostics of :func:`~moegraph.diagnostics.multitask_summary`
+    as ``val/diag/...`` (expert collapse, degradation, underfitting).
 
     Args:
         net (Module): called as ``net(user_x, item_x, edge_index, user, item)``

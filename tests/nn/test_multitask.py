@@ -191,7 +191,7 @@ def test_home_expert_norm_feature_gate_and_self_gate(x):
     # Self-gate at level 2: the output minus the mixture is sigma(y1 U) * y1.
     lv2 = model.levels[1]
     s1 = {}
-    for gi, g in enumerate(lv.gate_specs):
+    for g in lv.gate_specs:
         s1[g.name] = (out.gates[f"0/{g.name}"].unsqueeze(-1) * out.experts[0]).sum(1)
     assert not lv.self_gate and lv2.self_gate
     for gi, g in enumerate(lv2.gate_specs):
