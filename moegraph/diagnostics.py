@@ -219,10 +219,11 @@ def plot_multitask_diagnostics(diags: dict[str, dict], path: str | Path,
                                    100 * scale / scale.mean().clamp_min(1e-12)])
                 ylabels = ["zero %", "scale %mean"]
                 im = ax.imshow(mat.numpy(), aspect="auto", cmap="magma", vmin=0)
+                top = float(mat.max()) or 1.0
                 for i in range(2):
                     for j in range(mat.size(1)):
                         ax.text(j, i, f"{mat[i, j]:.0f}", ha="center", va="center",
-                                fontsize=6, color="w")
+                                fontsize=6, color="k" if mat[i, j] > 0.6 * top else "w")
             ax.set_xticks(range(len(xlabels)))
             ax.set_xticklabels(xlabels, rotation=60, fontsize=6)
             ax.set_yticks(range(len(ylabels)))
