@@ -192,8 +192,8 @@ group + 1 per task, batch norm + Swish, feature-gate rank 4, self-gate; shared-b
 16-wide layer; single-task = shared-bottom trained on one task. Adam lr 0.01, batches of
 16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
 validation loss (sum of the task losses, weight 1 each); the best checkpoint is tested.
-GAUC = AUC per user averaged over users with both classes. {args.seeds} seeds (0..
-{args.seeds - 1}): mean ± std. Test metrics.
+GAUC = AUC per user averaged over users with both classes. Test metrics, mean ± std over
+{args.seeds} seeds (0..{args.seeds - 1}; the seed also draws the negatives).
 
 {table(records)}
 
