@@ -6,23 +6,41 @@ import pytest
 from hydra.errors import InstantiationException
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 
-from moegraph.data import NodeDataModule
-from moegraph.nn import ExpertChoiceRouter, Mowst, SparseMoE, TopKRouter, TopPRouter
-from moegraph.nn.models import MoEGNN
-from moegraph.tasks import MowstTask, NodeClassificationTask
+from moegraph.data import MovieLensDataModule, NodeDataModule
+from moegraph.nn import (
+    PLE,
+    ExpertChoiceRouter,
+    HoME,
+    MMoE,
+    Mowst,
+    SharedBottom,
+    SparseMoE,
+    TopKRouter,
+    TopPRouter,
+)
+from moegraph.nn.models import MoEGNN, MultiTaskRecommender
+from moegraph.tasks import MowstTask, MultiTaskLearning, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
+NODE_MODELS = ["dense_gnn", "gnn", "mlp", "moe_gnn", "mowst"]
+MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": SharedBottom}
+# The multi-task configs on the small synthetic rating table (no files needed).
+SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
-    "data": ["amherst41", "citeseer", "cora", "minesweeper", "reed98", "synthetic", "tolokers"],
-    "model": ["dense_gnn", "gnn", "mlp", "moe_gnn", "mowst"],
+    "data": ["amherst41", "citeseer", "cora", "minesweeper", "movielens", "reed98", "synthetic",
+             "tolokers"],
+    "model": ["dense_gnn", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst", "ple",
+              "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
     "logger": ["csv", "none"],
     "trainer": ["cpu", "default", "gpu"],
-    "experiment": ["nc_amherst41", "nc_citeseer", "nc_cora", "nc_minesweeper", "nc_reed98",
-                   "nc_tolokers", "synthetic_gnn", "synthetic_moe_gnn"],
+    "experiment": ["movielens_home", "movielens_mmoe", "movielens_ple",
+                   "movielens_shared_bottom", "nc_amherst41", "nc_citeseer", "nc_cora",
+                   "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
+                   "synthetic_moe_gnn"],
     "debug": ["fdr"],
 }
 
@@ -59,7 +77,7 @@ def test_default_config(compose_cfg, tmp_path):
     assert Path(trainer.default_root_dir) == tmp_path
 
 
-@pytest.mark.parametrize("model", OPTIONS["model"])
+@pytest.mark.parametrize("model", NODE_MODELS)
 @pytest.mark.parametrize("callbacks", OPTIONS["callbacks"])
 @pytest.mark.parametrize("logger", OPTIONS["logger"])
 def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
@@ -196,7 +214,8 @@ def test_node_classification_experiments(compose_cfg, experiment):
     assert cfg.backbone.residual == (metric == "auroc")
 
 
-@pytest.mark.parametrize("data", [d for d in OPTIONS["data"] if d != "synthetic"])
+@pytest.mark.parametrize("data", [d for d in OPTIONS["data"]
+                                  if d not in ("synthetic", "movielens")])
 def test_real_data_options(compose_cfg, real_data, data):
     from moegraph.data import REAL_DATASETS
 
@@ -206,3 +225,77 @@ def test_real_data_options(compose_cfg, real_data, data):
                       f"paths.cache_dir={root.parent / 'cache'}")
     dm = instantiate_run(cfg, trainer=False)["datamodule"]
     assert isinstance(dm, NodeDataModule) and dm.name == data and dm.metric == spec.metric
+
+
+@pytest.mark.parametrize("model", list(MULTITASK_MODELS))
+def test_multitask_models(compose_cfg, model):
+    cfg = compose_cfg("data=movielens", SYNTHETIC_RATINGS, f"model={model}")
+    run = instantiate_run(cfg, trainer=False)
+    assert isinstance(run["datamodule"], MovieLensDataModule)
+    net, task = run["net"], run["task"]
+    assert isinstance(net, MultiTaskRecommender) and type(net.head) is MULTITASK_MODELS[model]
+    assert net.head.tasks == ["watch", "like", "rating"] and net.head.in_channels == 48
+    assert isinstance(task, MultiTaskLearning) and task.net is net
+    assert task.task_weights == {"watch": 1.0, "like": 1.0, "rating": 1.0}
+    assert task.tasks["rating"]["type"] == "regression"
+
+
+@pytest.mark.parametrize("experiment", [e for e in OPTIONS["experiment"]
+                                        if e.startswith("movielens_")])
+def test_movielens_experiments(compose_cfg, tmp_path, experiment):
+    cfg = compose_cfg(f"experiment={experiment}", SYNTHETIC_RATINGS)
+    assert cfg.task_name == experiment and cfg.optimized_metric == "val/loss"
+    assert cfg.data._target_ == "moegraph.data.MovieLensDataModule"
+    run = instantiate_run(cfg)
+    by_name = {type(c).__name__: c for c in run["callbacks"]}
+    assert by_name["EarlyStopping"].monitor == "val/loss" and by_name["EarlyStopping"].mode == "min"
+    assert by_name["ModelCheckpoint"].monitor == "val/loss"
+    assert run["trainer"].max_epochs == 10
+    assert type(run["net"].head).__name__ == {"movielens_home": "HoME", "movielens_mmoe": "MMoE",
+                                              "movielens_ple": "PLE",
+                                              "movielens_shared_bottom": "SharedBottom"}[experiment]
+
+
+@pytest.mark.parametrize("override,attr,value", [
+    ("model.net.head.expert_norm=null", "expert_norm", None),
+    ("model.net.head.expert_norm=layer_norm", "expert_norm", "layer_norm"),
+    ("model.net.head.hierarchy_mask=false", "hierarchy_mask", False),
+    ("model.net.head.feature_gate=false", "feature_gate", False),
+    ("model.net.head.self_gate=false", "self_gate", False),
+])
+def test_home_ablation_overrides(compose_cfg, override, attr, value):
+    run = instantiate_run(compose_cfg("experiment=movielens_home", SYNTHETIC_RATINGS, override),
+                          trainer=False)
+    assert getattr(run["net"].head, attr) == value
+
+
+def test_multitask_overrides_reach_the_objects(compose_cfg):
+    cfg = compose_cfg("experiment=movielens_mmoe", SYNTHETIC_RATINGS, "data.tasks=[like,rating]",
+                      "model.net.head.num_experts=3", "+model.task_weights.rating=0.2",
+                      "model.uncertainty_weighting=true", "model.net.embedding_channels=8")
+    run = instantiate_run(cfg, trainer=False)
+    head, task = run["net"].head, run["task"]
+    assert head.tasks == ["like", "rating"] and head.num_experts == 3 and head.in_channels == 24
+    assert task.task_weights == {"like": 1.0, "rating": 0.2} and task.log_vars is not None
+
+
+def test_multitask_config_errors(compose_cfg):
+    cfg = compose_cfg("experiment=movielens_home", SYNTHETIC_RATINGS,
+                      "model.net.head.groups.engage=[watch,click]")
+    with pytest.raises(InstantiationException, match="task 'click' in meta-task group 'engage' "
+                                                     "is not in the task list"):
+        instantiate_run(cfg, trainer=False)
+    # HoME's groups name all three tasks; the data labels only two.
+    cfg = compose_cfg("experiment=movielens_home", SYNTHETIC_RATINGS, "data.tasks=[watch,like]")
+    with pytest.raises(InstantiationException, match="not in the task list"):
+        instantiate_run(cfg, trainer=False)
+    cfg = compose_cfg("experiment=movielens_mmoe", SYNTHETIC_RATINGS,
+                      "+model.task_weights.click=1.0")
+    with pytest.raises(InstantiationException, match="'task_weights' names \\['click'\\]"):
+        instantiate_run(cfg, trainer=False)
+
+
+def test_movielens_missing_files_error(compose_cfg, tmp_path):
+    cfg = compose_cfg("experiment=movielens_mmoe", f"paths.data_dir={tmp_path}/nothing")
+    with pytest.raises(FileNotFoundError, match="MovieLens-100K: .* missing in .*Offline, put"):
+        instantiate_run(cfg, trainer=False)

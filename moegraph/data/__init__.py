@@ -2,6 +2,7 @@ r"""Data: in-process generators and LightningDataModules over PyG datasets."""
 from moegraph.data.datamodule import (
     DATASETS,
     REAL_DATASETS,
+    KHopLoader,
     NodeDataModule,
     check_graph,
     dataset_metric,
@@ -9,8 +10,17 @@ from moegraph.data.datamodule import (
     load_real_dataset,
     select_split,
 )
+from moegraph.data.movielens import (
+    MovieLensDataModule,
+    check_ratings,
+    load_movielens100k,
+    sample_negatives,
+    synthetic_ratings,
+    temporal_split,
+)
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
-__all__ = ["DATASETS", "REAL_DATASETS", "NodeDataModule", "check_graph", "csbm_graph",
-           "dataset_metric", "load_node_dataset", "load_real_dataset", "random_split_masks",
-           "select_split"]
+__all__ = ["DATASETS", "REAL_DATASETS", "KHopLoader", "MovieLensDataModule", "NodeDataModule",
+           "check_graph", "check_ratings", "csbm_graph", "dataset_metric", "load_movielens100k",
+           "load_node_dataset", "load_real_dataset", "random_split_masks", "sample_negatives",
+           "select_split", "synthetic_ratings", "temporal_split"]

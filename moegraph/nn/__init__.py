@@ -13,6 +13,16 @@ from moegraph.nn.mowst import (
     mowst_star_loss,
     variance_dispersion,
 )
+from moegraph.nn.multitask import (
+    CGC,
+    PLE,
+    HoME,
+    MMoE,
+    MultiGateLevel,
+    MultiTaskHead,
+    MultiTaskOutput,
+    SharedBottom,
+)
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import (
     AUX_LOSS_NAMES,
@@ -25,6 +35,14 @@ from moegraph.nn.routing import (
 )
 
 __all__ = [
+    "CGC",
+    "HoME",
+    "MMoE",
+    "MultiGateLevel",
+    "MultiTaskHead",
+    "MultiTaskOutput",
+    "PLE",
+    "SharedBottom",
     "AUX_LOSS_NAMES",
     "ConfidenceGate",
     "Mowst",

@@ -1,6 +1,7 @@
 r"""Assembled networks built from moegraph layers."""
 from moegraph.nn.models.backbone import BACKBONES, make_backbone
 from moegraph.nn.models.gnn import CONVS, MoEGNN, NodeLinear, make_conv, make_norm
+from moegraph.nn.models.rec import BipartiteLightGCN, MultiTaskRecommender
 
-__all__ = ["BACKBONES", "CONVS", "MoEGNN", "NodeLinear", "make_backbone", "make_conv",
-           "make_norm"]
+__all__ = ["BACKBONES", "CONVS", "BipartiteLightGCN", "MoEGNN", "MultiTaskRecommender",
+           "NodeLinear", "make_backbone", "make_conv", "make_norm"]

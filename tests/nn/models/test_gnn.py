@@ -208,7 +208,7 @@ def test_repr():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(conv="gcnn"), r"'conv' must be one of \('gcn', 'sage', 'gat', 'gin'\) "
+    (dict(conv="gcnn"), r"'conv' must be one of \('gcn', 'sage', 'gat', 'gin', 'none'\) "
                         r"\(got 'gcnn'\)"),
     (dict(norm="group_norm"), r"'norm' must be one of .* \(got 'group_norm'\)"),
     (dict(ffn="sparse"), r"'ffn' must be 'moe', 'dense' or 'none' \(got 'sparse'\)"),

@@ -1,0 +1,306 @@
+r"""MMoE, CGC, PLE, HoME and the shared bottom against naive references
+written here (plain loops over rows and experts, ``math.exp`` softmax)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moegraph.nn import CGC, PLE, HoME, MMoE, MultiTaskOutput, SharedBottom
+from moegraph.nn.multitask import GateSpec, MultiGateLevel
+
+TASKS = ["watch", "like", "rating"]
+GROUPS = {"engage": ["watch"], "quality": ["like", "rating"]}
+
+
+def naive_softmax_over(logits, allowed):
+    r"""Softmax of one row over the ``allowed`` positions only (others 0)."""
+    m = max(logits[i] for i in allowed)
+    ex = {i: math.exp(logits[i] - m) for i in allowed}
+    s = sum(ex.values())
+    return [ex[i] / s if i in ex else 0.0 for i in range(len(logits))]
+
+
+def naive_level(level, streams, act="relu"):
+    r"""A :class:`MultiGateLevel` without feature-gates or norms, row by row:
+    ``y_g = sum_{e in allowed_g} softmax(x V_g)_e act(x_e W_e + b_e)``
+    (+ self-gate residual). Returns (outputs by gate, gate weights [N, G, E])."""
+    W, b = level.weight.detach().double(), level.bias.detach().double()
+    N = next(iter(streams.values())).size(0)
+    outs = {g.name: [] for g in level.gate_specs}
+    weights = []
+    for n in range(N):
+        hs = []
+        for e, s in enumerate(level.expert_inputs):
+            z = streams[s][n].double() @ W[e] + b[e]
+            hs.append(z.clamp_min(0) if act == "relu" else z * torch.sigmoid(z))
+        row_w = []
+        for gi, g in enumerate(level.gate_specs):
+            lin = level.gate_lins[gi]
+            small = (streams[g.input][n].double() @ lin.weight.detach().double().T
+                     + lin.bias.detach().double()).tolist()
+            logits = [-1e30] * level.num_experts
+            for j, e in enumerate(g.allowed):
+                logits[e] = small[j]
+            w = naive_softmax_over(logits, g.allowed)
+            y = sum(w[e] * hs[e] for e in range(level.num_experts))
+            if level.self_gates is not None:
+                res = streams[g.input][n].double()
+                sg = level.self_gates[gi]
+                y = y + torch.sigmoid(res @ sg.weight.detach().double().T
+                                      + sg.bias.detach().double()) * res
+            outs[g.name].append(y)
+            row_w.append(w)
+        weights.append(row_w)
+    return {k: torch.stack(v) for k, v in outs.items()}, torch.tensor(weights, dtype=torch.double)
+
+
+def naive_towers(model, streams):
+    return {t: model.towers[t].double()(streams[t].double()) for t in model.tasks}
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(7, 5)
+
+
+def test_repr():
+    assert repr(MMoE(5, 8, TASKS, num_experts=3)) == \
+        "MMoE(5, 8, tasks=['watch', 'like', 'rating'], experts=[3])"
+    assert repr(PLE(5, 8, ["a", "b"], num_levels=2)) == \
+        "PLE(5, 8, tasks=['a', 'b'], experts=[4, 4])"
+    assert repr(CGC(5, 8, ["a", "b"])) == "CGC(5, 8, tasks=['a', 'b'], experts=[4])"
+    assert repr(SharedBottom(5, 8, ["a"])) == "SharedBottom(5, 8, tasks=['a'], num_layers=1)"
+    assert repr(HoME(5, 8, TASKS, groups=GROUPS, feature_gate=False)) == (
+        "HoME(5, 8, tasks=['watch', 'like', 'rating'], groups=['engage', 'quality'], "
+        "parts=[norm, mask, self_gate])")
+    assert repr(HoME(5, 8, TASKS).levels[0]) == "MultiGateLevel(5, 8, num_experts=5, num_gates=4)"
+
+
+def test_shapes_and_task_types(x):
+    model = MMoE(5, 8, {"watch": 1, "genre": 4})
+    out = model(x)
+    assert isinstance(out, MultiTaskOutput)
+    assert out.outputs["watch"].shape == (7,) and out.outputs["genre"].shape == (7, 4)
+    assert set(out.gates) == {"0/watch", "0/genre"} and out.experts[0].shape == (7, 4, 8)
+    out = SharedBottom(5, 8, TASKS, num_layers=2)(x)
+    assert [o.shape for o in out.outputs.values()] == [(7,)] * 3 and out.gates == {}
+
+
+def test_mmoe_matches_naive(x):
+    torch.manual_seed(1)
+    model = MMoE(5, 8, TASKS, num_experts=3).double()
+    out = model(x.double())
+    streams, weights = naive_level(model.levels[0], {"input": x})
+    for t in TASKS:
+        torch.testing.assert_close(out.outputs[t], naive_towers(model, streams)[t])
+    for gi, t in enumerate(TASKS):
+        torch.testing.assert_close(out.gates[f"0/{t}"], weights[:, gi])
+
+
+def test_cgc_gates_see_exactly_shared_and_own(x):
+    torch.manual_seed(2)
+    model = CGC(5, 8, TASKS, num_shared_experts=2, num_task_experts={"watch": 1, "like": 2,
+                                                                       "rating": 1}).double()
+    assert model.expert_labels[0] == ["shared", "shared", "task:watch", "task:like",
+                                      "task:like", "task:rating"]
+    out = model(x.double())
+    streams, weights = naive_level(model.levels[0], {"input": x})
+    allowed = {"watch": {0, 1, 2}, "like": {0, 1, 3, 4}, "rating": {0, 1, 5}}
+    for gi, t in enumerate(TASKS):
+        w = out.gates[f"0/{t}"]
+        torch.testing.assert_close(w, weights[:, gi])
+        hidden = [e for e in range(6) if e not in allowed[t]]
+        assert (w[:, hidden] == 0).all() and (w[:, sorted(allowed[t])] > 0).all()
+        torch.testing.assert_close(w.sum(1), torch.ones(7, dtype=torch.double))
+        torch.testing.assert_close(out.outputs[t], naive_towers(model, streams)[t])
+
+
+def test_ple_with_one_level_equals_cgc(x):
+    torch.manual_seed(3)
+    cgc = CGC(5, 8, TASKS, num_shared_experts=2, num_task_experts=1)
+    ple = PLE(5, 8, TASKS, num_levels=1, num_shared_experts=2, num_task_experts=1)
+    ple.load_state_dict(cgc.state_dict())
+    a, b = cgc(x), ple(x)
+    for t in TASKS:
+        torch.testing.assert_close(a.outputs[t], b.outputs[t], rtol=0, atol=0)
+    assert list(a.gates) == list(b.gates) == ["0/watch", "0/like", "0/rating"]
+
+
+def test_ple_two_levels_matches_naive(x):
+    torch.manual_seed(4)
+    model = PLE(5, 6, ["a", "b"], num_levels=2, num_shared_experts=1,
+                num_task_experts=1).double()
+    out = model(x.double())
+    s1, _ = naive_level(model.levels[0], {"input": x})
+    assert set(s1) == {"a", "b", "shared"}  # the shared gate feeds level 2
+    # level 2: shared expert reads the shared stream, task experts their task's stream
+    assert model.levels[1].expert_inputs == ["shared", "a", "b"]
+    s2, w2 = naive_level(model.levels[1], s1)
+    for t in ("a", "b"):
+        torch.testing.assert_close(out.outputs[t], naive_towers(model, s2)[t])
+    assert (out.gates["1/a"][:, 2] == 0).all() and (out.gates["1/b"][:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_home_with_parts_off_is_a_plain_mixture(x, mask):
+    r"""No norm, no feature-gate, no self-gate: per level an MMoE-style softmax
+    mixture of ReLU experts over exactly the experts the mask allows (all of
+    them without the mask)."""
+    torch.manual_seed(5)
+    model = HoME(5, 6, TASKS, groups=GROUPS, expert_norm=None, hierarchy_mask=mask,
+                 feature_gate=False, self_gate=False).double()
+    out = model(x.double())
+    labels2 = model.expert_labels[1]
+    assert labels2 == ["shared", "shared", "group:engage", "group:quality", "task:watch",
+                       "task:like", "task:rating"]
+    s1, w1 = naive_level(model.levels[0], {"input": x})
+    s2, w2 = naive_level(model.levels[1], s1)
+    for t in TASKS:
+        torch.testing.assert_close(out.outputs[t], naive_towers(model, s2)[t])
+    expect = {"watch": {0, 1, 2, 4}, "like": {0, 1, 3, 5}, "rating": {0, 1, 3, 6}}
+    for t in TASKS:
+        nonzero = set((out.gates[f"1/{t}"] > 0).all(0).nonzero().flatten().tolist())
+        assert nonzero == (expect[t] if mask else set(range(7)))
+    # level 1: group gates see the shared and their group's experts
+    assert set((out.gates["0/engage"] > 0).all(0).nonzero().flatten().tolist()) == \
+        ({0, 1, 2} if mask else {0, 1, 2, 3})
+    assert (out.gates["0/shared"] > 0).all()
+
+
+def test_home_expert_norm_feature_gate_and_self_gate(x):
+    r"""The full HoME level against a by-hand computation: per-expert batch
+    norm then Swish, feature-gates ``x * 2 sigmoid(x A_e B_e)``, self-gate."""
+    torch.manual_seed(6)
+    model = HoME(5, 6, TASKS, groups=GROUPS, feature_gate_rank=2).double()
+    for level in model.levels:
+        torch.nn.init.normal_(level.fg_b)  # B = 0 at init: make the gate non-trivial
+    out = model(x.double())
+    xd = x.double()
+    lv = model.levels[0]
+    E, r = lv.num_experts, 2
+    hs = []
+    for e in range(E):
+        A = lv.fg_a.detach().view(5, E, r)[:, e]
+        xe = xd * 2 * torch.sigmoid(xd @ A @ lv.fg_b.detach()[e])
+        z = xe @ lv.weight.detach()[e] + lv.bias.detach()[e]  # [N, H]
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)  # train-mode BN
+        hs.append(F.silu(z))
+    torch.testing.assert_close(out.experts[0], torch.stack(hs, 1))
+    # Self-gate at level 2: the output minus the mixture is sigma(y1 U) * y1.
+    lv2 = model.levels[1]
+    s1 = {}
+    for g in lv.gate_specs:
+        s1[g.name] = (out.gates[f"0/{g.name}"].unsqueeze(-1) * out.experts[0]).sum(1)
+    assert not lv.self_gate and lv2.self_gate
+    for gi, g in enumerate(lv2.gate_specs):
+        mix = (out.gates[f"1/{g.name}"].unsqueeze(-1) * out.experts[1]).sum(1)
+        res = s1[g.input]
+        y = mix + torch.sigmoid(lv2.self_gates[gi](res)) * res
+        torch.testing.assert_close(model.towers[g.name](y), out.outputs[g.name])
+
+
+def test_home_layer_norm_option(x):
+    model = HoME(5, 6, TASKS, groups=GROUPS, expert_norm="layer_norm", feature_gate=False)
+    h = model(x).experts[0]
+    pre = torch.einsum("nf,efh->neh", x, model.levels[0].weight) + model.levels[0].bias
+    torch.testing.assert_close(h, F.silu(F.layer_norm(pre, (6,))))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MMoE(5, 6, TASKS, num_experts=3),
+    lambda: CGC(5, 6, TASKS),
+    lambda: PLE(5, 6, TASKS, num_levels=3),
+    lambda: HoME(5, 6, TASKS, groups=GROUPS),
+    lambda: HoME(5, 6, TASKS, groups=GROUPS, hierarchy_mask=False, expert_norm=None),
+], ids=["mmoe", "cgc", "ple3", "home", "home_nomask"])
+def test_gradients_reach_every_visible_expert(x, make):
+    torch.manual_seed(7)
+    model = make()
+    out = model(x)
+    sum((o ** 2).sum() for o in out.outputs.values()).backward()
+    for li, level in enumerate(model.levels):
+        visible = level.gate_mask.any(0)
+        assert visible.all()  # every expert is seen by some gate here
+        per_expert = level.weight.grad.abs().sum(dim=(1, 2))
+        assert (per_expert > 0).all(), (li, per_expert)
+        for lin in level.gate_lins:
+            assert lin.weight.grad.abs().sum() > 0
+    # fg_a has no gradient while B = 0 (the gate starts as the identity); B has.
+    for level in model.levels:
+        if level.fg_b is not None:
+            assert level.fg_b.grad.abs().sum() > 0
+
+
+def test_rows_are_independent_in_eval(x):
+    torch.manual_seed(8)
+    model = HoME(5, 6, TASKS, groups=GROUPS).eval()
+    perm = torch.randperm(7)
+    a, b = model(x), model(x[perm])
+    for t in TASKS:
+        torch.testing.assert_close(a.outputs[t][perm], b.outputs[t])
+
+
+def test_determinism():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(9)
+        model = PLE(5, 6, TASKS)
+        outs.append(model(torch.ones(3, 5)).outputs["like"])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_reset_parameters_restores_identity_feature_gate():
+    model = HoME(5, 6, TASKS, groups=GROUPS)
+    torch.nn.init.normal_(model.levels[0].fg_b)
+    model.reset_parameters()
+    assert (model.levels[0].fg_b == 0).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(groups={"g": ["watch", "click"], "h": ["like", "rating"]}),
+     "task 'click' in meta-task group 'g' is not in the task list"),
+    (dict(groups={"g": ["watch"], "h": []}), "meta-task group 'h' is empty"),
+    (dict(groups={"g": ["watch"]}), r"task\(s\) \['like', 'rating'\] are in no meta-task group"),
+    (dict(groups={"g": ["watch", "like"], "h": ["like", "rating"]}),
+     "task 'like' is in two meta-task groups"),
+    (dict(groups=GROUPS, num_group_experts=0), "expert group is empty"),
+    (dict(groups=GROUPS, num_shared_experts=0), "empty shared expert group"),
+    (dict(groups=GROUPS, num_task_experts={"watch": 1, "like": 0, "rating": 1}),
+     "the expert group of task 'like' is empty"),
+    (dict(groups=GROUPS, num_task_experts={"watch": 1, "like": 1}),
+     "'num_task_experts' names tasks"),
+    (dict(groups=GROUPS, expert_norm="group_norm"), "'expert_norm' must be one of"),
+])
+def test_home_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HoME(5, 6, TASKS, **kwargs)
+
+
+def test_other_bad_input():
+    with pytest.raises(ValueError, match="the expert group of task 'b' is empty"):
+        CGC(5, 6, ["a", "b"], num_task_experts={"a": 1, "b": 0})
+    with pytest.raises(ValueError, match="shared expert group is empty"):
+        PLE(5, 6, ["a"], num_shared_experts=0)
+    with pytest.raises(ValueError, match="duplicate task names"):
+        MMoE(5, 6, ["a", "a"])
+    with pytest.raises(ValueError, match="at least one task"):
+        MMoE(5, 6, [])
+    with pytest.raises(TypeError, match="list of task names"):
+        MMoE(5, 6, "watch")
+    with pytest.raises(ValueError, match="'num_experts' must be positive"):
+        MMoE(5, 6, ["a"], num_experts=0)
+    with pytest.raises(ValueError, match="sees no expert"):
+        MultiGateLevel(5, 6, ["input"], [GateSpec("a", "input", ())])
+    with pytest.raises(ValueError, match="self-gate needs in_channels == hidden_channels"):
+        MultiGateLevel(5, 6, ["input"], [GateSpec("a", "input", (0,))], self_gate=True)
+
+
+def test_masked_gates_have_no_nan_for_extreme_logits(x):
+    model = CGC(5, 6, ["a", "b"])
+    with torch.no_grad():
+        for lin in model.levels[0].gate_lins:
+            lin.bias.fill_(1e4)
+    out = model(x * 1e3)
+    assert all(torch.isfinite(w).all() for w in out.gates.values())
