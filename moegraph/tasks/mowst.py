@@ -96,7 +96,8 @@ class MowstTask(NodeClassificationTask):
     when the turn did not beat the best score so far. Training stops after
     ``round_patience`` rounds without a gain, after ``max_rounds`` rounds or
     at the trainer's ``max_epochs``. ``variant="mowst_star"`` trains all three
-    jointly with early stopping after ``turn_patience`` epochs without gain.
+    jointly (after the same optional pre-training) with early stopping after
+    ``turn_patience`` epochs without gain.
 
     The schedule replaces early stopping: an ``EarlyStopping`` callback of the
     trainer is removed (with a warning) when fitting starts. Frozen parts are
@@ -179,17 +180,18 @@ class MowstTask(NodeClassificationTask):
 
     # -- schedule state ----------------------------------------------------------
     def _initial_schedule(self) -> dict[str, Any]:
-        if self.net.variant == "mowst_star":
-            phase = "joint"
-        elif self.pretrain_weak_epochs:
+        if self.pretrain_weak_epochs:
             phase = "pretrain_weak"
         elif self.pretrain_strong_epochs:
             phase = "pretrain_strong"
         else:
-            phase = "weak"
+            phase = self._first_trained_phase()
         return {"phase": phase, "round": 1, "epoch_in_turn": 0, "stale_epochs": 0,
                 "turn_best": -float("inf"), "best": -float("inf"), "round_gain": False,
                 "rounds_without_gain": 0, "done": False}
+
+    def _first_trained_phase(self) -> str:
+        return "joint" if self.net.variant == "mowst_star" else "weak"
 
     @property
     def phase(self) -> str:
@@ -434,9 +436,10 @@ class MowstTask(NodeClassificationTask):
         if phase == "joint":
             s["done"] = True
         elif phase == "pretrain_weak":
-            s["phase"] = "pretrain_strong" if self.pretrain_strong_epochs else "weak"
+            s["phase"] = ("pretrain_strong" if self.pretrain_strong_epochs
+                          else self._first_trained_phase())
         elif phase == "pretrain_strong":
-            s["phase"] = "weak"
+            s["phase"] = self._first_trained_phase()
         elif phase == "weak":
             s["phase"] = "strong"
         else:  # a round ends after its strong turn

@@ -299,3 +299,13 @@ def test_real_cora_beats_the_mlp(real_data, tmp_path):
         scores[name] = tr.test(task, datamodule=dm, verbose=False)[0]["test/acc"]
     assert scores["mowst_star"] > scores["mlp"] + 0.1, scores
     assert scores["mowst_star"] > 0.75, scores
+
+
+def test_mowst_star_pretrains_then_trains_jointly():
+    task = make_task("mowst_star", pretrain_weak_epochs=2, pretrain_strong_epochs=2,
+                     turn_patience=2)
+    recorder = Recorder()
+    trainer(callbacks=[recorder], max_epochs=12).fit(task, datamodule=make_dm())
+    phases = [phase for phase, _ in recorder.epochs]
+    assert phases[:4] == ["pretrain_weak"] * 2 + ["pretrain_strong"] * 2
+    assert set(phases[4:]) == {"joint"}
