@@ -20,6 +20,7 @@ from moegraph.diagnostics import (
     plot_multitask_diagnostics,
 )
 from moegraph.nn.multitask import MultiTaskOutput
+from moegraph.tasks.node_classification import build_optimizers
 
 TASK_TYPES = ("binary", "multiclass", "regression")
 
@@ -281,9 +282,5 @@ class MultiTaskLearning(L.LightningModule):
         return {f"test/{k}": v for k, v in multitask_summary(diag).items()}
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+        return build_optimizers(self.optimizer_factory, self.scheduler_factory,
+                                self.parameters())

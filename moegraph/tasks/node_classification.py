@@ -65,6 +65,17 @@ def split_mask(data: Data, split: str) -> Tensor:
     return data[f"{split}_mask"]
 
 
+def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
+                     scheduler: Optional[Callable[..., Any]], params) -> Any:
+    r"""``configure_optimizers`` of every task: the partial optimizer on
+    ``params``, and the partial scheduler on it (monitoring ``val/loss``)."""
+    opt = optimizer(params=params)
+    if scheduler is None:
+        return opt
+    return {"optimizer": opt,
+            "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
+
+
 def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
                       ref: Tensor) -> Tensor:
     r"""``sum_name weights[name] * aux_loss[name]`` over the losses the model returned."""
@@ -175,9 +186,5 @@ class NodeClassificationTask(L.LightningModule):
         return {}
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+        return build_optimizers(self.optimizer_factory, self.scheduler_factory,
+                                self.parameters())
