@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
-    command = "python experiments/run_node_classification.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
+    command = " ".join(["python experiments/run_node_classification.py", *given])
 
     import torch
     torch.set_num_threads(args.threads)
