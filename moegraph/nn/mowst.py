@@ -480,10 +480,7 @@ class Mowst(Module):
         r"""Both experts and the gate on the whole graph."""
         weak_logits = self.weak_forward(x, edge_index)
         strong_logits = self.strong_forward(x, edge_index)
-        if weak_logits.shape != strong_logits.shape:
-            raise ValueError(f"the weak expert returns {tuple(weak_logits.shape)} and the "
-                             f"strong expert {tuple(strong_logits.shape)}: they must predict "
-                             f"the same classes for the same nodes")
+        check_experts_agree(weak_logits, strong_logits)
         gate_logit = self.gate_forward(weak_logits, x)
         return MowstOutput(weak_logits, strong_logits, gate_logit, torch.sigmoid(gate_logit))
 
@@ -602,6 +599,15 @@ class MowstPrediction(NamedTuple):
     confidence: Tensor
     strong_mask: Tensor
     num_subgraph_nodes: int
+
+
+def check_experts_agree(weak_logits: Tensor, strong_logits: Tensor) -> None:
+    r"""Raise a clear error when the experts' outputs differ in shape (other
+    class counts, or other nodes)."""
+    if weak_logits.shape != strong_logits.shape:
+        raise ValueError(f"the weak expert returns {tuple(weak_logits.shape)} and the "
+                         f"strong expert {tuple(strong_logits.shape)}: they must predict "
+                         f"the same classes for the same nodes")
 
 
 def _takes_graph(module: Module) -> bool:

@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import binary_auroc
 from moegraph.nn.mowst import (
     Mowst,
     MowstOutput,
+    check_experts_agree,
     expected_accuracy,
     expected_binary_auroc,
     mixture_log_probs,
@@ -206,10 +207,12 @@ class MowstTask(NodeClassificationTask):
                 "weak": [net.weak, net.gate], "strong": [net.strong],
                 "joint": [net.weak, net.gate, net.strong]}[phase]
 
+    def _parts(self) -> dict[str, Module]:
+        return {"weak": self.net.weak, "gate": self.net.gate, "strong": self.net.strong}
+
     def _frozen_modules(self) -> list[Module]:
         trained = {id(m) for m in self.trained_modules()}
-        return [m for m in (self.net.weak, self.net.gate, self.net.strong)
-                if id(m) not in trained]
+        return [m for m in self._parts().values() if id(m) not in trained]
 
     def _apply_freeze(self) -> None:
         r"""Frozen parts: eval mode, no gradients; trained parts: gradients on,
@@ -222,14 +225,12 @@ class MowstTask(NodeClassificationTask):
             module.requires_grad_(False)
 
     def _trained_state(self) -> dict[str, Tensor]:
-        names = {"weak": self.net.weak, "gate": self.net.gate, "strong": self.net.strong}
         trained = {id(m) for m in self.trained_modules()}
-        return {f"{name}.{k}": v.detach().clone() for name, module in names.items()
+        return {f"{name}.{k}": v.detach().clone() for name, module in self._parts().items()
                 if id(module) in trained for k, v in module.state_dict().items()}
 
     def _load_trained_state(self, state: dict[str, Tensor]) -> None:
-        names = {"weak": self.net.weak, "gate": self.net.gate, "strong": self.net.strong}
-        for name, module in names.items():
+        for name, module in self._parts().items():
             part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             if part:
                 module.load_state_dict(part)
@@ -255,9 +256,7 @@ class MowstTask(NodeClassificationTask):
             strong = net.strong_forward(x, edge_index)
         else:
             return net.experts(x, edge_index)
-        if weak.shape != strong.shape:
-            raise ValueError(f"the weak expert returns {tuple(weak.shape)} and the strong "
-                             f"expert {tuple(strong.shape)}: they must agree")
+        check_experts_agree(weak, strong)
         return MowstOutput(weak, strong, gate, torch.sigmoid(gate))
 
     def _weak_and_gate(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,14 +280,19 @@ class MowstTask(NodeClassificationTask):
         return self.net.loss(out, y)
 
     # -- steps -------------------------------------------------------------------
-    def training_step(self, data: Data, batch_idx: int) -> Tensor:
-        self._apply_freeze()
+    def _split_outputs(self, data: Data, split: str) -> tuple[MowstOutput, Tensor, Tensor]:
+        r"""The Mowst outputs and labels of the nodes a step is scored on, and
+        a zero that keeps the graph when there are none."""
         out = self._mowst_forward(data)
-        mask = split_mask(data, "train")
+        mask = split_mask(data, split)
         y = data.y[mask]
         self._check_labels(y)
-        sub = MowstOutput(*(t[mask] for t in out))
-        loss = self._loss(sub, y) if y.numel() else out.weak_logits.sum() * 0.0
+        return MowstOutput(*(t[mask] for t in out)), y, out.weak_logits.sum() * 0.0
+
+    def training_step(self, data: Data, batch_idx: int) -> Tensor:
+        self._apply_freeze()
+        sub, y, zero = self._split_outputs(data, "train")
+        loss = self._loss(sub, y) if y.numel() else zero
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         trained = {id(p) for m in self.trained_modules() for p in m.parameters()}
@@ -300,21 +304,15 @@ class MowstTask(NodeClassificationTask):
             self.manual_backward(loss)
             for opt in active:
                 opt.step()
-        batch_size = max(int(mask.sum()), 1)
-        self.log("train/loss", loss, batch_size=batch_size, prog_bar=True)
+        self.log("train/loss", loss, batch_size=max(y.numel(), 1), prog_bar=True)
         if y.numel():
             self.mowst_metrics["train_"].update(sub, y)
         return loss.detach()
 
     def _eval_step(self, data: Data, split: str) -> Tensor:
-        out = self._mowst_forward(data)
-        mask = split_mask(data, split)
-        y = data.y[mask]
-        self._check_labels(y)
-        sub = MowstOutput(*(t[mask] for t in out))
-        batch_size = max(int(mask.sum()), 1)
-        loss = self.net.loss(sub, y) if y.numel() else out.weak_logits.sum() * 0.0
-        self.log(f"{split}/loss", loss, batch_size=batch_size, prog_bar=split == "val")
+        sub, y, zero = self._split_outputs(data, split)
+        loss = self.net.loss(sub, y) if y.numel() else zero
+        self.log(f"{split}/loss", loss, batch_size=max(y.numel(), 1), prog_bar=split == "val")
         if y.numel():
             self.mowst_metrics[f"{split}_"].update(sub, y)
         return loss
