@@ -1,6 +1,7 @@
 r"""Layers of moegraph: pure PyTorch / PyG modules that know nothing of
 Lightning or Hydra."""
-from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.conv import HopMoEConv, two_hop_edge_index
+from moegraph.nn.experts import Experts, LinearExperts, MLPExperts, ModuleExperts
 from moegraph.nn.moe import MoEOutput, SparseMoE
 from moegraph.nn.mowst import (
     ConfidenceGate,
@@ -31,6 +32,7 @@ from moegraph.nn.routing import (
     Routing,
     TopKRouter,
     TopPRouter,
+    build_router,
     sum_aux_losses,
 )
 
@@ -55,6 +57,8 @@ __all__ = [
     "variance_dispersion",
     "ExpertChoiceRouter",
     "Experts",
+    "HopMoEConv",
+    "LinearExperts",
     "MLPExperts",
     "ModuleExperts",
     "ModelOutput",
@@ -65,5 +69,7 @@ __all__ = [
     "TopKRouter",
     "TopPRouter",
     "as_model_output",
+    "build_router",
     "sum_aux_losses",
+    "two_hop_edge_index",
 ]

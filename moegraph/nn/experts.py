@@ -293,3 +293,68 @@ class ModuleExperts(Experts):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(num_experts={self.num_experts})"
+
+
+class LinearExperts(Experts):
+    r"""``E`` linear experts with stacked weights, one matmul per non-empty
+    block of rows.
+
+    .. math::
+        e_i(\mathbf{x}) = \mathbf{x}\mathbf{W}_i + \mathbf{b}_i,
+        \qquad \mathbf{W} \in \mathbb{R}^{E\times F\times O}
+
+    Each slice is initialised like the weight of a PyG
+    :class:`~torch_geometric.nn.dense.Linear` with ``weight_initializer=
+    "glorot"`` (the linear part of a graph convolution), biases at zero.
+
+    Args:
+        in_channels (int): input size :math:`F`.
+        out_channels (int): output size :math:`O`.
+        num_experts (int): number of experts :math:`E`.
+        bias (bool, optional): learn biases. (default: :obj:`True`)
+
+    Shapes:
+        - **input:** ``x_sorted [A, F]`` sorted by expert, ``counts [E]``
+        - **output:** ``[A, O]``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_experts: int,
+                 bias: bool = True):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_experts = num_experts
+        self.weight = Parameter(torch.empty(num_experts, in_channels, out_channels))
+        if bias:
+            self.bias = Parameter(torch.empty(num_experts, out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for e in range(self.num_experts):
+            torch.nn.init.xavier_uniform_(self.weight[e].T)  # glorot of [O, F], as PyG
+        if self.bias is not None:
+            torch.nn.init.zeros_(self.bias)
+
+    def forward(self, x_sorted: Tensor, counts: Tensor,
+                weight: Optional[Tensor] = None) -> Tensor:
+        sizes = counts.tolist()  # host sync: block sizes are needed on the host
+        weights = self.weight.unbind(0)  # views: the backward stacks, no [E, F, O] per block
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
+        outs = []
+        for e, xe in enumerate(x_sorted.split(sizes)):
+            if xe.size(0) == 0:
+                continue
+            ye = xe @ weights[e].to(xe.dtype)
+            outs.append(ye if biases[e] is None else ye + biases[e].to(ye.dtype))
+        y = torch.cat(outs, dim=0) if outs else x_sorted.new_zeros(0, self.out_channels)
+        return y if weight is None else y * weight.to(y.dtype).unsqueeze(-1)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"num_experts={self.num_experts})")

@@ -514,3 +514,32 @@ ROUTERS = {
     "topp": TopPRouter,
     "expert_choice": ExpertChoiceRouter,
 }
+
+
+def build_router(router: "str | Router", in_channels: int, num_experts: int,
+                 k: Optional[int] = None, router_kwargs: Optional[dict] = None,
+                 default_k: int = 2) -> Router:
+    r"""A router from a name (``"topk"``, ``"topp"``, ``"expert_choice"``) and
+    its arguments, or a given :class:`Router` checked against
+    ``in_channels`` and ``num_experts``. ``k`` applies to the top-k router
+    only (:obj:`None` gives ``default_k``); the other routers take their own
+    arguments in ``router_kwargs``."""
+    if isinstance(router, str):
+        if router not in ROUTERS:
+            raise ValueError(f"'router' must be one of {sorted(ROUTERS)} or a Router "
+                             f"module (got {router!r})")
+        kwargs = dict(router_kwargs or {})
+        if router == "topk":
+            if k is not None and kwargs.get("k", k) != k:
+                raise ValueError(f"'k' given twice: k={k} and router_kwargs['k']={kwargs['k']}")
+            kwargs.setdefault("k", default_k if k is None else k)
+        elif k is not None:
+            raise ValueError(f"'k' applies to the 'topk' router only (router={router!r}); "
+                             f"pass that router's own arguments in 'router_kwargs'")
+        return ROUTERS[router](in_channels, num_experts, **kwargs)
+    if not isinstance(router, Router):
+        raise TypeError(f"'router' must be a name or a Router (got {type(router).__name__})")
+    if router.in_channels != in_channels or router.num_experts != num_experts:
+        raise ValueError(f"the router {router} does not match in_channels={in_channels}, "
+                         f"num_experts={num_experts}")
+    return router

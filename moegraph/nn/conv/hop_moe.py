@@ -1,0 +1,428 @@
+r"""Graph Mixture-of-Experts convolution with hop-1 and hop-2 experts
+(GMoE, Wang et al., NeurIPS 2023), computed sparsely."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Parameter
+from torch_geometric.nn import MessagePassing
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
+
+from moegraph.nn.experts import LinearExperts, MLPExperts
+from moegraph.nn.moe import MoEOutput, combine
+from moegraph.nn.routing import Router, build_router, drop_overflow, expert_capacity
+
+HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
+
+
+def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
+    r"""Raise a clear error unless ``edge_index`` is a ``[2, M]`` integer
+    tensor with every node id in ``[0, num_nodes)``."""
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"'edge_index' must be a tensor (got {type(edge_index).__name__})")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"'edge_index' must have shape [2, num_edges] "
+                         f"(got {tuple(edge_index.shape)})")
+    if edge_index.dtype not in (torch.long, torch.int):
+        raise ValueError(f"'edge_index' must hold integers (got {edge_index.dtype})")
+    if edge_index.numel() > 0:
+        low, high = int(edge_index.min()), int(edge_index.max())
+        if low < 0 or high >= num_nodes:
+            raise ValueError(f"'edge_index' refers to node {low if low < 0 else high}, "
+                             f"outside [0, {num_nodes}) for {num_nodes} nodes")
+
+
+def two_hop_edge_index(edge_index: Tensor, num_nodes: int,
+                       max_paths_per_chunk: int = 1 << 24) -> Tensor:
+    r"""The pairs at distance exactly two: ``(i, m)`` with a path
+    ``i -> j -> m`` in ``edge_index``, ``i != m``, and ``i -> m`` not itself
+    an edge. Each pair appears once; pairs are sorted by target, then source.
+
+    Computed in pure PyTorch (no ``torch-sparse``): the in-neighbours of each
+    edge's source are expanded through a CSR index, in chunks of at most
+    ``max_paths_per_chunk`` paths, and de-duplicated. The memory is bounded
+    by the chunk size plus the result, whose size is that of
+    :math:`(\mathbf{A}^2 > 0)` minus :math:`\mathbf{A}` and the diagonal.
+
+    Args:
+        edge_index (Tensor): ``[2, M]`` edges ``source -> target``.
+        num_nodes (int): number of nodes :math:`N`.
+        max_paths_per_chunk (int, optional): paths expanded at once.
+
+    Returns:
+        Tensor: ``[2, M2]`` the 2-hop edges.
+    """
+    check_edge_index(edge_index, num_nodes)
+    device, N = edge_index.device, num_nodes
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    empty = torch.empty(2, 0, dtype=torch.long, device=device)
+    if src.numel() == 0:
+        return empty
+    # In-edges grouped by target: the sources i of i -> j sit at rowptr[j]:rowptr[j + 1].
+    perm = torch.argsort(dst, stable=True)
+    in_src = src[perm]
+    indeg = torch.bincount(dst, minlength=N)
+    rowptr = torch.zeros(N + 1, dtype=torch.long, device=device)
+    torch.cumsum(indeg, 0, out=rowptr[1:])
+    # Every edge j -> m extends each in-edge i -> j of its source into i -> j -> m.
+    paths = indeg[src]  # [M] paths through each edge
+    ends = paths.cumsum(0)
+    keys = []
+    start = 0
+    while start < src.numel():
+        # The largest run of edges whose paths fit in one chunk (at least one edge).
+        base = int(ends[start - 1]) if start > 0 else 0
+        stop = int(torch.searchsorted(ends, base + max_paths_per_chunk, right=True))
+        stop = max(stop, start + 1)
+        e_src, e_dst, e_paths = src[start:stop], dst[start:stop], paths[start:stop]
+        total = int(e_paths.sum())
+        if total > 0:
+            edge = torch.repeat_interleave(torch.arange(stop - start, device=device), e_paths,
+                                           output_size=total)
+            offset = torch.arange(total, device=device) - (e_paths.cumsum(0) - e_paths)[edge]
+            i = in_src[rowptr[e_src][edge] + offset]
+            m = e_dst[edge]
+            keep = i != m
+            keys.append(torch.unique(m[keep] * N + i[keep]))
+        start = stop
+    if not keys:
+        return empty
+    key = torch.unique(torch.cat(keys))  # sorted: by target, then source
+    one_hop = torch.unique(dst * N + src)
+    key = key[~torch.isin(key, one_hop)]
+    return torch.stack([key % N, key // N])
+
+
+class HopGraph(NamedTuple):
+    r"""One receptive field of :class:`HopMoEConv`, its edges sorted by
+    target with a CSR pointer, so that the in-edges of any set of targets are
+    found without scanning the graph.
+
+    Attributes:
+        src (Tensor): ``[M]`` source of each edge, edges sorted by target.
+        dst (Tensor): ``[M]`` target of each edge (non-decreasing).
+        rowptr (Tensor): ``[N + 1]`` the in-edges of node ``i`` are
+            ``rowptr[i]:rowptr[i + 1]``.
+        weight (Tensor, optional): ``[M]`` edge weights (GCN normalisation).
+        deg (Tensor): ``[N]`` in-degree, self-loops included where present.
+    """
+
+    src: Tensor
+    dst: Tensor
+    rowptr: Tensor
+    weight: Optional[Tensor]
+    deg: Tensor
+
+    @classmethod
+    def build(cls, edge_index: Tensor, num_nodes: int,
+              weight: Optional[Tensor] = None) -> "HopGraph":
+        dst = edge_index[1]
+        perm = torch.argsort(dst, stable=True)
+        src, dst = edge_index[0][perm], dst[perm]
+        deg = torch.bincount(dst, minlength=num_nodes)
+        rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=dst.device)
+        torch.cumsum(deg, 0, out=rowptr[1:])
+        return cls(src, dst, rowptr, None if weight is None else weight[perm], deg)
+
+    def in_edges(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The in-edges of ``targets [T]`` (repeats allowed): their position
+        in this graph ``[M_T]`` and the index of their target in
+        ``targets`` ``[M_T]``."""
+        start = self.rowptr[targets]
+        count = self.rowptr[targets + 1] - start  # [T]
+        total = int(count.sum())  # host sync: the size of the expanded edge list
+        local = torch.repeat_interleave(torch.arange(targets.numel(), device=targets.device),
+                                        count, output_size=total)
+        offset = torch.arange(total, device=targets.device) - (count.cumsum(0) - count)[local]
+        return start[local] + offset, local
+
+
+class HopMoEConv(MessagePassing):
+    r"""A graph Mixture-of-Experts convolution whose experts see different
+    receptive fields (Wang et al., NeurIPS 2023, `"Graph Mixture of Experts"
+    <https://arxiv.org/abs/2304.02806>`_): hop-1 experts convolve over
+    ``edge_index``, hop-2 experts over the pairs at distance exactly two.
+    Each node is routed to a few experts:
+
+    .. math::
+        \mathbf{y}_i = \sum_{e \in \mathcal{S}(\mathbf{x}_i)} g_e(\mathbf{x}_i)\,
+        \mathrm{Conv}_e\big(\mathbf{X}, \mathcal{E}_{h(e)}\big)_i
+
+    where :math:`h(e) \in \{1, 2\}` is the hop of expert :math:`e`, and the
+    router (noisy top-k with the importance and load losses by default)
+    chooses :math:`\mathcal{S}` and the weights :math:`g_e`.
+
+    Only what the routing asks for is computed, unlike the reference code of
+    GMoE, which runs every expert on every node. An expert receives messages
+    only on the in-edges of the nodes routed to it, and transforms only
+    those nodes. For experts whose messages are linear in the features
+    (``"gcn"``, ``"sage"``, ``"gin"``), :math:`\hat{\mathbf{A}}_h\mathbf{X}
+    \mathbf{W}_e = (\hat{\mathbf{A}}_h\mathbf{X})\mathbf{W}_e`, so the
+    aggregation is shared by the experts of a hop. It is done once per hop,
+    into the nodes routed to at least one of them, before each node's
+    features go through the weights of its own experts only. GAT experts
+    attend with their own parameters: each aggregates its own edges, with
+    the attention logits folded into the input space
+    (:math:`\mathbf{a}^\top\mathbf{W}_e\mathbf{x}_j = (\mathbf{W}_e
+    \mathbf{a})^\top\mathbf{x}_j`), so no expert transforms a node that was
+    not routed to it.
+
+    Each expert computes exactly what the PyG convolution of its type would
+    (``GCNConv``, ``SAGEConv`` with mean aggregation, ``GINConv`` with a
+    two-layer MLP, ``GATConv`` with concatenated heads), on its hop graph.
+
+    The hop-2 graph is built on the fly by :func:`two_hop_edge_index` and
+    cached for the last graph seen (``cached=True``): it is rebuilt when a
+    different ``edge_index`` tensor, or the same one modified in place, comes
+    in. Mini-batches (e.g. from ``NeighborLoader``) each build their own.
+
+    Host synchronisations in the forward pass: the number of expanded edges
+    per hop (needed to allocate them) and the expert block sizes (one matmul
+    per non-empty block), plus the graph checks.
+
+    Args:
+        in_channels (int): input size :math:`F`.
+        out_channels (int): output size :math:`O`.
+        num_experts (int, optional): experts :math:`E`. (default: :obj:`8`)
+        num_hop2_experts (int, optional): how many of them see the hop-2
+            graph (the last ones); :obj:`None` gives ``num_experts // 2``.
+        k (int, optional): experts per node for the top-k router;
+            :obj:`None` means 2. (default: :obj:`None`)
+        conv (str, optional): expert type, ``"gcn"``, ``"sage"``, ``"gin"``
+            or ``"gat"``. (default: :obj:`"gcn"`)
+        router (str or Router, optional): ``"topk"``, ``"topp"``,
+            ``"expert_choice"``, or a router module. (default: :obj:`"topk"`)
+        router_kwargs (dict, optional): further arguments of a router given
+            by name; :obj:`None` gives ``{"noisy": True}`` for the top-k
+            router, as GMoE.
+        capacity_factor (float, optional): per-expert capacity, as in
+            :class:`~moegraph.nn.SparseMoE`; :obj:`None` is dropless.
+        heads (int, optional): attention heads of GAT experts; must divide
+            ``out_channels``. (default: :obj:`1`)
+        bias (bool, optional): experts learn biases. (default: :obj:`True`)
+        cached (bool, optional): keep the hop graphs of the last graph.
+            (default: :obj:`True`)
+        deterministic (bool, optional): combine without scatter-add where
+            every node has ``k`` experts (always on CUDA).
+
+    Shapes:
+        - **input:** ``x [N, F]``, ``edge_index [2, M]``
+        - **output:** :class:`~moegraph.nn.MoEOutput` with ``out [N, O]`` and
+          the :class:`~moegraph.nn.Routing`
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_experts: int = 8,
+        num_hop2_experts: Optional[int] = None,
+        k: Optional[int] = None,
+        conv: str = "gcn",
+        router: Union[str, Router] = "topk",
+        router_kwargs: Optional[dict[str, Any]] = None,
+        capacity_factor: Optional[float] = None,
+        heads: int = 1,
+        bias: bool = True,
+        cached: bool = True,
+        deterministic: bool = False,
+    ):
+        super().__init__(aggr="add", node_dim=0)
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("num_experts", num_experts), ("heads", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+        if conv not in HOP_EXPERT_CONVS:
+            raise ValueError(f"'conv' must be one of {HOP_EXPERT_CONVS} (got {conv!r})")
+        num_hop2_experts = num_experts // 2 if num_hop2_experts is None else num_hop2_experts
+        if not 0 <= num_hop2_experts <= num_experts:
+            raise ValueError(f"'num_hop2_experts' must be in [0, num_experts={num_experts}] "
+                             f"(got {num_hop2_experts})")
+        if conv == "gat" and out_channels % heads != 0:
+            raise ValueError(f"GAT experts: out_channels={out_channels} is not divisible by "
+                             f"heads={heads}")
+        if conv != "gat" and heads != 1:
+            raise ValueError(f"'heads' applies to GAT experts only (conv={conv!r})")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_experts = num_experts
+        self.num_hop2_experts = num_hop2_experts
+        self.num_hop1_experts = num_experts - num_hop2_experts
+        self.conv = conv
+        self.heads = heads
+        self.capacity_factor = capacity_factor
+        self.cached = cached
+        self.deterministic = deterministic
+
+        if router_kwargs is None and router == "topk":
+            router_kwargs = {"noisy": True}
+        self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
+        # Expert e sees hop 1 for e < num_hop1_experts, hop 2 after.
+        self.register_buffer("hop", torch.tensor([1] * self.num_hop1_experts
+                                                 + [2] * num_hop2_experts), persistent=False)
+
+        if conv == "gin":
+            self.experts = MLPExperts(in_channels, out_channels, out_channels, num_experts,
+                                      act="relu", bias=bias)
+        elif conv == "sage":  # [mean of neighbours, root] -> lin_l(mean) + lin_r(root)
+            self.experts = LinearExperts(2 * in_channels, out_channels, num_experts, bias)
+        else:  # gcn; gat uses the stacked weight and bias of a linear bank too
+            self.experts = LinearExperts(in_channels, out_channels, num_experts, bias)
+        if conv == "gat":
+            C = out_channels // heads
+            self.att_src = Parameter(torch.empty(num_experts, heads, C))
+            self.att_dst = Parameter(torch.empty(num_experts, heads, C))
+        else:
+            self.register_parameter("att_src", None)
+            self.register_parameter("att_dst", None)
+        self._cache: Optional[tuple] = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        if self.att_src is not None:
+            for att in (self.att_src, self.att_dst):
+                for e in range(self.num_experts):
+                    torch.nn.init.xavier_uniform_(att[e].view(1, -1))
+        self._cache = None
+
+    # Hop graphs ###############################################################
+
+    def hop_graphs(self, edge_index: Tensor, num_nodes: int) -> dict[int, HopGraph]:
+        r"""The hop graphs the experts need, built for this expert type
+        (GCN: normalised with self-loops; GAT: with self-loops; SAGE, GIN:
+        plain), cached for the last ``edge_index`` when ``cached``."""
+        key = (edge_index, edge_index._version, num_nodes, edge_index.device)
+        if self.cached and self._cache is not None:
+            old = self._cache[0]
+            # Holding the tensor keeps its storage alive, so identity is safe.
+            if old[0] is key[0] and old[1:] == key[1:]:
+                return self._cache[1]
+        graphs = {}
+        for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
+            if needed == 0:
+                continue
+            ei = edge_index.long() if hop == 1 else two_hop_edge_index(edge_index, num_nodes)
+            weight = None
+            if self.conv == "gcn":
+                ei, weight = gcn_norm(ei, None, num_nodes, improved=False, add_self_loops=True)
+            elif self.conv == "gat":
+                ei, _ = remove_self_loops(ei)
+                ei, _ = add_self_loops(ei, num_nodes=num_nodes)
+            graphs[hop] = HopGraph.build(ei, num_nodes, weight)
+        if self.cached:
+            self._cache = (key, graphs)
+        return graphs
+
+    # Forward ##################################################################
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> MoEOutput:
+        r"""
+        Args:
+            x (Tensor): node features ``[N, F]``.
+            edge_index (Tensor): edges ``[2, M]``.
+
+        Returns:
+            :class:`~moegraph.nn.MoEOutput`: ``out [N, O]`` and the routing
+            of the N nodes over the E experts (A assignments).
+        """
+        if not isinstance(x, Tensor) or x.dim() != 2:
+            raise ValueError(f"'x' must be a 2-D tensor [num_nodes, in_channels] (got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__})")
+        if x.size(1) != self.in_channels:
+            raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
+                             f"expects in_channels={self.in_channels}")
+        N = x.size(0)
+        check_edge_index(edge_index, N)
+        graphs = self.hop_graphs(edge_index, N)
+
+        routing = self.router(x)
+        if self.capacity_factor is not None and routing.row.numel() > 0:
+            routing = drop_overflow(routing, expert_capacity(routing.row.numel(),
+                                                             self.num_experts,
+                                                             self.capacity_factor))
+        order = torch.argsort(routing.expert, stable=True)  # [A]
+        rows = routing.row[order]  # [A] the node of each assignment, sorted by expert
+        experts = routing.expert[order]  # [A]
+        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
+        # Hop-1 experts come first, so the hop-1 assignments are a prefix.
+        split = int(counts[:self.num_hop1_experts].sum())
+        blocks = [(hop, slice(0, split) if hop == 1 else slice(split, rows.numel()))
+                  for hop in graphs]
+
+        if self.conv == "gat":
+            y = self._gat(x, graphs, blocks, rows, experts, counts)
+        else:
+            z = torch.cat([self._aggregate(x, graphs[hop], rows[part]) for hop, part in blocks])
+            y = self.experts(z, counts)  # [A, O]
+        y = y * routing.weight[order].to(y.dtype).unsqueeze(-1)
+        out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
+        return MoEOutput(out, routing)
+
+    def _aggregate(self, x: Tensor, graph: HopGraph, rows: Tensor) -> Tensor:
+        r"""Expert inputs of the assignments at nodes ``rows [A_h]``: the
+        hop's aggregation, computed once for each distinct node."""
+        targets, inverse = torch.unique(rows, return_inverse=True)  # [T], [A_h]
+        pos, local = graph.in_edges(targets)
+        edge_index = torch.stack([graph.src[pos], local])
+        weight = None if graph.weight is None else graph.weight[pos]
+        agg = self.propagate(edge_index, x=(x, None), edge_weight=weight,
+                             size=(x.size(0), targets.numel()))  # [T, F]
+        if self.conv == "gcn":
+            return agg[inverse]
+        root = x[rows]
+        if self.conv == "gin":  # (1 + eps) x_i + sum_j x_j, eps = 0
+            return agg[inverse] + root
+        mean = agg / graph.deg[targets].clamp(min=1).unsqueeze(-1).to(agg.dtype)
+        return torch.cat([mean[inverse], root], dim=-1)  # sage
+
+    def _gat(self, x: Tensor, graphs: dict[int, HopGraph], blocks: list, rows: Tensor,
+             experts: Tensor, counts: Tensor) -> Tensor:
+        E, H, C = self.num_experts, self.heads, self.out_channels // self.heads
+        weight = self.experts.weight.view(E, self.in_channels, H, C)
+        # a^T W_e x = (W_e a)^T x: attention logits from the input features.
+        u_src = torch.einsum("efhc,ehc->feh", weight, self.att_src).reshape(-1, E * H)
+        u_dst = torch.einsum("efhc,ehc->feh", weight, self.att_dst).reshape(-1, E * H)
+        s_src = (x @ u_src.to(x.dtype)).view(-1, E, H)  # [N, E, H]
+        s_dst = (x @ u_dst.to(x.dtype)).view(-1, E, H)  # [N, E, H]
+        zs = []
+        for hop, part in blocks:
+            graph, a_rows, a_experts = graphs[hop], rows[part], experts[part]
+            pos, local = graph.in_edges(a_rows)  # edges into each assignment's node
+            src, expert = graph.src[pos], a_experts[local]
+            logit = F.leaky_relu(s_src[src, expert] + s_dst[a_rows[local], expert], 0.2)
+            alpha = softmax(logit, local, num_nodes=a_rows.numel())  # [M_h, H]
+            zs.append(self.propagate(torch.stack([src, local]), x=(x, None), edge_weight=alpha,
+                                     size=(x.size(0), a_rows.numel())))  # [A_h, H, F]
+        z = torch.cat(zs)  # [A, H, F]
+        sizes = counts.tolist()  # host sync: block sizes
+        outs = []
+        for e, ze in enumerate(z.split(sizes)):
+            if ze.size(0) > 0:
+                outs.append(torch.einsum("nhf,fhc->nhc", ze, weight[e]).reshape(-1, H * C))
+        y = torch.cat(outs) if outs else x.new_zeros(0, H * C)
+        if self.experts.bias is not None:
+            y = y + self.experts.bias[experts]
+        return y
+
+    def message(self, x_j: Tensor, edge_weight: Optional[Tensor]) -> Tensor:
+        if edge_weight is None:
+            return x_j
+        if edge_weight.dim() == 2:  # GAT: per-head attention [M, H]
+            return edge_weight.unsqueeze(-1) * x_j.unsqueeze(1)  # [M, H, F]
+        return edge_weight.unsqueeze(-1) * x_j
+
+    def __repr__(self) -> str:
+        k = getattr(self.router, "k", None)
+        extra = f", k={k}" if k is not None else f", router={self.router.__class__.__name__}"
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
+                f"{extra}, conv={self.conv})")

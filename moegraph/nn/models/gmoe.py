@@ -1,0 +1,136 @@
+r"""GMoE: a GNN whose every layer is a hop-expert graph MoE convolution."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn import Module, ModuleList
+from torch_geometric.nn.resolver import activation_resolver
+
+from moegraph.nn.conv.hop_moe import HopMoEConv
+from moegraph.nn.models.gnn import make_norm
+from moegraph.nn.output import ModelOutput
+from moegraph.nn.routing import Router, sum_aux_losses
+
+
+class GMoE(Module):
+    r"""Graph Mixture of Experts (Wang et al., NeurIPS 2023, `"Graph Mixture
+    of Experts: Learning on Large-Scale Graphs with Explicit Diversity
+    Modeling" <https://arxiv.org/abs/2304.02806>`_): the layout of PyG's
+    :class:`~torch_geometric.nn.models.BasicGNN` with each convolution
+    replaced by a :class:`~moegraph.nn.conv.HopMoEConv` of hop-1 and hop-2
+    experts, computed sparsely.
+
+    .. math::
+        \mathbf{H}^{(l+1)} = \mathrm{Drop}\big(\sigma\big(\mathrm{Norm}\big(
+        \mathrm{HopMoEConv}^{(l)}(\mathbf{H}^{(l)}, \mathcal{E})\big)\big)\big)
+
+    with no normalisation, activation or dropout after the last layer,
+    whose output is the class scores. At ``k=1`` each node runs one expert
+    per layer, the active FLOPs of the plain GNN of the same width (plus the
+    router and, for hop-2 experts, a larger neighbourhood).
+
+    Args:
+        in_channels (int): node feature size.
+        hidden_channels (int): width of the hidden layers.
+        out_channels (int): number of classes.
+        num_layers (int, optional): number of layers. (default: :obj:`2`)
+        conv (str, optional): expert type, ``"gcn"``, ``"sage"``, ``"gin"``
+            or ``"gat"``. (default: :obj:`"gcn"`)
+        num_experts (int, optional): experts per layer. (default: :obj:`8`)
+        num_hop2_experts (int, optional): hop-2 experts per layer;
+            :obj:`None` gives half. (default: :obj:`None`)
+        k (int, optional): experts per node for the top-k router.
+        router (str or Router, optional): router by name. (default: :obj:`"topk"`)
+        router_kwargs (dict, optional): arguments of the router;
+            :obj:`None` gives noisy top-k.
+        capacity_factor (float, optional): per-expert capacity; dropless if
+            :obj:`None`.
+        heads (int, optional): attention heads of GAT experts in the hidden
+            layers (the last has one). (default: :obj:`1`)
+        act (str, optional): activation. (default: :obj:`"relu"`)
+        norm (str, optional): ``"batch_norm"``, ``"layer_norm"`` or
+            :obj:`None`. (default: :obj:`None`)
+        dropout (float, optional): dropout between layers. (default: :obj:`0.5`)
+        input_dropout (float, optional): dropout on the input features.
+            (default: :obj:`0.0`)
+
+    Shapes:
+        - **input:** ``x [N, F]``, ``edge_index [2, M]``
+        - **output:** :class:`~moegraph.nn.output.ModelOutput` with
+          ``logits [N, C]`` and one routing record per layer
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        num_layers: int = 2,
+        conv: str = "gcn",
+        num_experts: int = 8,
+        num_hop2_experts: Optional[int] = None,
+        k: Optional[int] = None,
+        router: Union[str, Router] = "topk",
+        router_kwargs: Optional[dict[str, Any]] = None,
+        capacity_factor: Optional[float] = None,
+        heads: int = 1,
+        act: Union[str, Module] = "relu",
+        norm: Optional[str] = None,
+        dropout: float = 0.5,
+        input_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"'num_layers' must be positive (got {num_layers})")
+        if not isinstance(router, str) and num_layers > 1:
+            raise ValueError("a Router module cannot be shared by several layers: give the "
+                             "router by name")
+        self.in_channels = in_channels
+        self.hidden_channels = hidden_channels
+        self.out_channels = out_channels
+        self.num_layers = num_layers
+        self.conv_name = conv
+        self.num_experts = num_experts
+        self.dropout = dropout
+        self.input_dropout = input_dropout
+        self.act = activation_resolver(act)
+        self.convs = ModuleList()
+        self.norms = ModuleList()
+        for layer in range(num_layers):
+            last = layer == num_layers - 1
+            self.convs.append(HopMoEConv(
+                in_channels if layer == 0 else hidden_channels,
+                out_channels if last else hidden_channels,
+                num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k, conv=conv,
+                router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor,
+                heads=1 if last else heads))
+            if not last:
+                self.norms.append(make_norm(norm, hidden_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
+        r"""
+        Args:
+            x (Tensor): node features ``[N, F]``.
+            edge_index (Tensor): edges ``[2, M]``.
+        """
+        x = F.dropout(x, self.input_dropout, self.training)
+        routings = []
+        for layer, conv in enumerate(self.convs):
+            x, routing = conv(x, edge_index)
+            routings.append(routing)
+            if layer < self.num_layers - 1:
+                x = F.dropout(self.act(self.norms[layer](x)), self.dropout, self.training)
+        return ModelOutput(x, sum_aux_losses(routings), tuple(routings))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
+                f"{self.out_channels}, num_layers={self.num_layers}, conv={self.conv_name}, "
+                f"num_experts={self.num_experts})")

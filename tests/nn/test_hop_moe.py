@@ -1,0 +1,316 @@
+r"""HopMoEConv and GMoE against PyG's own convolutions run on every node."""
+import pytest
+import torch
+from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+
+from moegraph.nn import HopMoEConv, two_hop_edge_index
+from moegraph.nn.conv.hop_moe import HopGraph
+from moegraph.nn.models import GMoE
+from moegraph.nn.routing import ExpertChoiceRouter, TopKRouter
+
+CONVS = ["gcn", "sage", "gin", "gat"]
+
+
+def random_graph(num_nodes=30, num_edges=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=g)
+    x = torch.randn(num_nodes, 6, generator=g)
+    return x, edge_index
+
+
+def dense_two_hop(edge_index, N):
+    A = torch.zeros(N, N)
+    A[edge_index[1], edge_index[0]] = 1  # A[target, source]
+    return ((A @ A) > 0) & (A == 0) & ~torch.eye(N, dtype=torch.bool)
+
+
+def expert_as_pyg(layer: HopMoEConv, e: int):
+    r"""A PyG convolution holding the weights of expert ``e``."""
+    F, O, H = layer.in_channels, layer.out_channels, layer.heads
+    ex = layer.experts
+    with torch.no_grad():
+        if layer.conv == "gcn":
+            conv = GCNConv(F, O)
+            conv.lin.weight.copy_(ex.weight[e].T)
+            conv.bias.copy_(ex.bias[e])
+        elif layer.conv == "sage":
+            conv = SAGEConv(F, O)
+            conv.lin_l.weight.copy_(ex.weight[e][:F].T)
+            conv.lin_l.bias.copy_(ex.bias[e])
+            conv.lin_r.weight.copy_(ex.weight[e][F:].T)
+        elif layer.conv == "gin":
+            mlp = torch.nn.Sequential(torch.nn.Linear(F, O), torch.nn.ReLU(),
+                                      torch.nn.Linear(O, O))
+            conv = GINConv(mlp)  # resets mlp: copy after
+            mlp[0].weight.copy_(ex.weight1[e].T)
+            mlp[0].bias.copy_(ex.bias1[e])
+            mlp[2].weight.copy_(ex.weight2[e].T)
+            mlp[2].bias.copy_(ex.bias2[e])
+        else:
+            conv = GATConv(F, O // H, heads=H)
+            conv.lin.weight.copy_(ex.weight[e].T)
+            conv.bias.copy_(ex.bias[e])
+            conv.att_src.copy_(layer.att_src[e].unsqueeze(0))
+            conv.att_dst.copy_(layer.att_dst[e].unsqueeze(0))
+    return conv
+
+
+def naive(layer: HopMoEConv, x, edge_index, routing):
+    r"""GMoE's formulation: every expert on the whole graph, then the routed
+    outputs picked and weighted."""
+    N = x.size(0)
+    hop2 = two_hop_edge_index(edge_index, N)
+    weight = routing.dense_weight()  # [N, E]
+    out = torch.zeros(N, layer.out_channels)
+    for e in range(layer.num_experts):
+        graph = edge_index if e < layer.num_hop1_experts else hop2
+        out = out + weight[:, e:e + 1] * expert_as_pyg(layer, e)(x, graph)
+    return out
+
+
+# Two-hop graph ################################################################
+
+@pytest.mark.parametrize("seed", range(4))
+def test_two_hop_matches_dense_square(seed):
+    x, edge_index = random_graph(25, 60, seed)
+    edge_index = torch.cat([edge_index, torch.tensor([[3, 3, 4], [3, 5, 5]])], dim=1)  # loop, dup
+    hop2 = two_hop_edge_index(edge_index, 25)
+    got = torch.zeros(25, 25, dtype=torch.bool)
+    got[hop2[1], hop2[0]] = True
+    assert torch.equal(got, dense_two_hop(edge_index, 25))
+    assert hop2.size(1) == int(got.sum())  # each pair once
+    # sorted by target, then source
+    key = hop2[1] * 25 + hop2[0]
+    assert torch.equal(key, key.sort().values)
+
+
+def test_two_hop_chunks_and_hand_example():
+    # path 0 -> 1 -> 2 -> 3 plus the shortcut 0 -> 2
+    edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 3, 2]])
+    hop2 = two_hop_edge_index(edge_index, 4)
+    # 0->2 is one hop already; 1->3 and 0->3 are two hops
+    assert sorted(map(tuple, hop2.t().tolist())) == [(0, 3), (1, 3)]
+    x, edge_index = random_graph(40, 150, 7)
+    full = two_hop_edge_index(edge_index, 40)
+    assert torch.equal(two_hop_edge_index(edge_index, 40, max_paths_per_chunk=3), full)
+    assert two_hop_edge_index(torch.empty(2, 0, dtype=torch.long), 5).shape == (2, 0)
+
+
+def test_hop_graph_in_edges():
+    edge_index = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 1, 1, 3]])
+    graph = HopGraph.build(edge_index, 4)
+    pos, local = graph.in_edges(torch.tensor([1, 3, 1]))
+    got = sorted(zip(local.tolist(), graph.src[pos].tolist()))
+    assert got == [(0, 0), (0, 2), (0, 3), (1, 0), (2, 0), (2, 2), (2, 3)]
+
+
+# The layer against the all-experts reference ##################################
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("training", [False, True])
+def test_matches_all_experts_reference(conv, training):
+    torch.manual_seed(0)
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, k=2, conv=conv, heads=2 if conv == "gat" else 1)
+    layer.train(training)
+    out, routing = layer(x, edge_index)
+    assert out.shape == (30, 8)
+    assert routing.row.numel() == 60
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("router,kwargs", [
+    ("topp", {"p": 0.6}),
+    ("expert_choice", {"capacity_factor": 0.5}),
+    ("topk", {"k": 3, "num_null_experts": 2}),
+])
+def test_other_routers(router, kwargs):
+    torch.manual_seed(1)
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=6, num_hop2_experts=2, router=router,
+                       router_kwargs=kwargs).eval()
+    out, routing = layer(x, edge_index)
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_hop2", [0, 4])
+def test_single_hop_expert_sets(num_hop2):
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, num_hop2_experts=num_hop2, k=2).eval()
+    out, routing = layer(x, edge_index)
+    assert set(layer.hop_graphs(edge_index, 30)) == ({2} if num_hop2 == 4 else {1})
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing), atol=1e-5, rtol=1e-4)
+
+
+def test_capacity_drops_to_zero_output():
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, k=1, capacity_factor=0.25,
+                       router_kwargs={"k": 1}).eval()
+    out, routing = layer(x, edge_index)
+    unrouted = routing.experts_per_row() == 0
+    assert routing.dropped is not None and unrouted.any()
+    assert torch.all(out[unrouted] == 0)
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing), atol=1e-5, rtol=1e-4)
+
+
+# Sparsity #####################################################################
+
+def test_aggregates_only_into_routed_nodes(monkeypatch):
+    r"""Expert choice with a tiny capacity routes few nodes: only their
+    in-edges are expanded, and only they are transformed."""
+    x, edge_index = random_graph(200, 800, 3)
+    layer = HopMoEConv(6, 8, num_experts=4, num_hop2_experts=2, router="expert_choice",
+                       router_kwargs={"capacity_factor": 0.05}, conv="gcn").eval()
+    seen = []
+    original = HopGraph.in_edges
+
+    def spy(self, targets):
+        pos, local = original(self, targets)
+        seen.append((targets.clone(), pos.numel()))
+        return pos, local
+
+    monkeypatch.setattr(HopGraph, "in_edges", spy)
+    rows_seen = []
+    forward = layer.experts.forward
+
+    def experts_spy(x_sorted, counts, weight=None):
+        rows_seen.append(x_sorted.size(0))
+        return forward(x_sorted, counts, weight)
+
+    monkeypatch.setattr(layer.experts, "forward", experts_spy)
+    out, routing = layer(x, edge_index)
+    graphs = layer.hop_graphs(edge_index, 200)
+    routed = {hop: torch.unique(routing.row[(routing.expert >= 2) == (hop == 2)])
+              for hop in (1, 2)}
+    assert len(seen) == 2
+    for (targets, num_edges), hop in zip(seen, (1, 2)):
+        assert torch.equal(targets, routed[hop])
+        assert num_edges == int(graphs[hop].deg[routed[hop]].sum())
+        assert num_edges < graphs[hop].src.numel() / 3
+    assert rows_seen == [routing.row.numel()]  # one transform per assignment, no more
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing), atol=1e-5, rtol=1e-4)
+
+
+# Equivariance, gradients, caching, determinism ################################
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_permutation_equivariance(conv):
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, k=2, conv=conv).eval()
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(30)
+    out, _ = layer(x, edge_index)
+    out_perm, _ = layer(x[perm], inv[edge_index])
+    torch.testing.assert_close(out_perm, out[perm], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_gradients_reach_router_and_routed_experts(conv):
+    torch.manual_seed(0)
+    x, edge_index = random_graph()
+    x.requires_grad_()
+    layer = HopMoEConv(6, 8, num_experts=4, k=2, conv=conv).train()
+    out, routing = layer(x, edge_index)
+    (out.pow(2).sum() + sum(routing.aux_loss.values())).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, param in layer.named_parameters():
+        assert param.grad is not None, name
+        if param.dim() >= 2 and param.size(0) == 4 and not name.startswith("router"):
+            used = torch.bincount(routing.expert, minlength=4) > 0
+            per_expert = param.grad.flatten(1).abs().sum(1)
+            assert torch.all((per_expert > 0) == used), name
+        else:
+            assert param.grad.abs().sum() > 0, name
+
+
+def test_hop_graph_cache():
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8).eval()
+    first = layer.hop_graphs(edge_index, 30)
+    assert layer.hop_graphs(edge_index, 30) is first
+    assert layer.hop_graphs(edge_index.clone(), 30) is not first  # another tensor
+    graphs = layer.hop_graphs(edge_index, 30)
+    edge_index[0, 0] = (edge_index[0, 0] + 1) % 30  # in place: rebuilt
+    assert layer.hop_graphs(edge_index, 30) is not graphs
+    uncached = HopMoEConv(6, 8, cached=False)
+    assert uncached.hop_graphs(edge_index, 30) is not uncached.hop_graphs(edge_index, 30)
+
+
+def test_deterministic_with_seed_and_repr():
+    x, edge_index = random_graph()
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        layer = HopMoEConv(6, 8, num_experts=4, k=2).train()
+        outs.append(layer(x, edge_index).out)
+    assert torch.equal(outs[0], outs[1])
+    assert repr(layer) == "HopMoEConv(6, 8, num_experts=4, num_hop2_experts=2, k=2, conv=gcn)"
+    assert isinstance(layer.router, TopKRouter) and layer.router.noisy
+    assert isinstance(HopMoEConv(6, 8, router="expert_choice").router, ExpertChoiceRouter)
+
+
+def test_graph_without_edges():
+    x = torch.randn(7, 6)
+    empty = torch.empty(2, 0, dtype=torch.long)
+    for conv in CONVS:
+        layer = HopMoEConv(6, 8, num_experts=4, k=2, conv=conv).eval()
+        out, routing = layer(x, empty)
+        assert out.shape == (7, 8)
+        torch.testing.assert_close(out, naive(layer, x, empty, routing), atol=1e-5, rtol=1e-4)
+
+
+# Bad input ####################################################################
+
+def test_bad_input():
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4)
+    with pytest.raises(ValueError, match="outside"):
+        layer(x, torch.tensor([[0, 30], [1, 2]]))
+    with pytest.raises(ValueError, match="outside"):
+        layer(x, torch.tensor([[0, -1], [1, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        layer(x, edge_index[0])
+    with pytest.raises(ValueError, match="integers"):
+        layer(x, edge_index.float())
+    with pytest.raises(ValueError, match="in_channels=6"):
+        layer(torch.randn(30, 5), edge_index)
+    with pytest.raises(ValueError, match="2-D"):
+        layer(torch.randn(30), edge_index)
+    with pytest.raises(ValueError, match="'k' must be"):
+        HopMoEConv(6, 8, num_experts=4, k=5)
+    with pytest.raises(ValueError, match="'conv'"):
+        HopMoEConv(6, 8, conv="cheb")
+    with pytest.raises(ValueError, match="num_hop2_experts"):
+        HopMoEConv(6, 8, num_experts=4, num_hop2_experts=5)
+    with pytest.raises(ValueError, match="divisible"):
+        HopMoEConv(6, 8, conv="gat", heads=3)
+    with pytest.raises(ValueError, match="GAT experts only"):
+        HopMoEConv(6, 8, conv="gcn", heads=2)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        HopMoEConv(6, 8, capacity_factor=0.0)
+
+
+# GMoE #########################################################################
+
+def test_gmoe_model_and_minibatch():
+    from moegraph.data.datamodule import KHopLoader
+    from torch_geometric.data import Data
+
+    x, edge_index = random_graph(60, 200, 2)
+    model = GMoE(6, 16, 3, num_layers=2, conv="sage", num_experts=4, k=1).eval()
+    out = model(x, edge_index)
+    assert out.logits.shape == (60, 3)
+    assert len(out.routing) == 2 and set(out.aux_loss) >= {"importance"}
+    assert repr(model) == "GMoE(6, 16, 3, num_layers=2, conv=sage, num_experts=4)"
+    # A mini-batch with the full 4-hop neighbourhood of its seeds (2 layers of
+    # hop-2 experts) gives the seeds their full-graph output.
+    data = Data(x=x, edge_index=edge_index, y=torch.zeros(60, dtype=torch.long))
+    mask = torch.zeros(60, dtype=torch.bool)
+    mask[:10] = True
+    batch = next(iter(KHopLoader(data, mask, num_hops=4, batch_size=10)))
+    sub = model(batch.x, batch.edge_index).logits[:batch.batch_size]
+    torch.testing.assert_close(sub, out.logits[batch.n_id[:batch.batch_size]], atol=1e-5,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="num_layers"):
+        GMoE(6, 16, 3, num_layers=0)
