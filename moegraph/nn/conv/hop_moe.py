@@ -2,6 +2,7 @@ r"""Graph Mixture-of-Experts convolution with hop-1 and hop-2 experts
 (GMoE, Wang et al., NeurIPS 2023), computed sparsely."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -139,6 +140,21 @@ class HopGraph(NamedTuple):
                                         count, output_size=total)
         offset = torch.arange(total, device=targets.device) - (count.cumsum(0) - count)[local]
         return start[local] + offset, local
+
+    def adjacency_to(self, targets: Tensor) -> Tensor:
+        r"""The in-edges of the sorted, distinct ``targets [T]`` as a sparse
+        CSR matrix ``[T, N]`` (rows: targets, columns: sources; values: the
+        edge weights, or ones)."""
+        pos, local = self.in_edges(targets)
+        crow = torch.zeros(targets.numel() + 1, dtype=torch.long, device=targets.device)
+        torch.cumsum(torch.bincount(local, minlength=targets.numel()), 0, out=crow[1:])
+        values = (self.weight[pos] if self.weight is not None
+                  else torch.ones(pos.numel(), device=targets.device))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, self.src[pos], values,
+                                           size=(targets.numel(), self.rowptr.numel() - 1),
+                                           check_invariants=False)
 
 
 class HopMoEConv(MessagePassing):
@@ -371,11 +387,8 @@ class HopMoEConv(MessagePassing):
         r"""Expert inputs of the assignments at nodes ``rows [A_h]``: the
         hop's aggregation, computed once for each distinct node."""
         targets, inverse = torch.unique(rows, return_inverse=True)  # [T], [A_h]
-        pos, local = graph.in_edges(targets)
-        edge_index = torch.stack([graph.src[pos], local])
-        weight = None if graph.weight is None else graph.weight[pos]
-        agg = self.propagate(edge_index, x=(x, None), edge_weight=weight,
-                             size=(x.size(0), targets.numel()))  # [T, F]
+        adj_t = graph.adjacency_to(targets)  # [T, N], the in-edges of the targets only
+        agg = self.propagate(adj_t, x=x, edge_weight=None)  # [T, F]
         if self.conv == "gcn":
             return agg[inverse]
         root = x[rows]
@@ -412,6 +425,12 @@ class HopMoEConv(MessagePassing):
         if self.experts.bias is not None:
             y = y + self.experts.bias[experts]
         return y
+
+    def message_and_aggregate(self, adj_t: Tensor, x: Tensor,
+                              edge_weight: Optional[Tensor] = None) -> Tensor:
+        # A sparse [T, N] by dense [N, F] product: no [M, F] message tensor
+        # (the edge weights are the values of adj_t).
+        return torch.sparse.mm(adj_t, x)
 
     def message(self, x_j: Tensor, edge_weight: Optional[Tensor]) -> Tensor:
         if edge_weight is None:
