@@ -25,6 +25,7 @@ from moegraph.nn.multitask import (
     SharedBottom,
 )
 from moegraph.nn.output import ModelOutput, as_model_output
+from moegraph.nn.parallel import ShardedExperts, shard_experts
 from moegraph.nn.routing import (
     AUX_LOSS_NAMES,
     ExpertChoiceRouter,
@@ -65,11 +66,13 @@ __all__ = [
     "MoEOutput",
     "Router",
     "Routing",
+    "ShardedExperts",
     "SparseMoE",
     "TopKRouter",
     "TopPRouter",
     "as_model_output",
     "build_router",
+    "shard_experts",
     "sum_aux_losses",
     "two_hop_edge_index",
 ]

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.moe import SparseMoE
 
 STACKED = ("weight1", "bias1", "weight2", "bias2")
 """Parameters of :class:`MLPExperts` stacked over the experts (dimension 0)."""
@@ -247,7 +248,8 @@ def _all_gather(tensor: Tensor, group) -> Tensor:
 
 
 def _module_expert_key(name: str, offset: int) -> str:
-    r"""``experts.<j>.<rest>`` of the local :class:`ModuleExperts` → ``experts.<offset + j>.<rest>``."""
+    r"""A key of the local :class:`ModuleExperts`, ``experts.<j>.<rest>``, as
+    the key of the full bank, ``experts.<offset + j>.<rest>``."""
     head, index, rest = name.split(".", 2)
     return f"{head}.{int(index) + offset}.{rest}"
 
@@ -345,8 +347,9 @@ def shard_experts(module: Module, group: Optional[Any] = None) -> Module:
     and make DDP ignore them (:func:`ignore_sharded_in_ddp` on
     ``module``).
 
-    Call it on every rank, after :func:`torch.distributed.init_process_group`
-    and before wrapping ``module`` in DDP, on a model that is identical on
+    Call it on every rank, after :func:`torch.distributed.init_process_group`,
+    before wrapping ``module`` in DDP and before making the optimizer (the
+    expert parameters are replaced by their slices), on a model identical on
     every rank (same seed, or a loaded checkpoint); each rank keeps its
     ``E / W`` experts. With Lightning, call it in
     ``LightningModule.configure_model`` (the process group exists by then)
@@ -370,8 +373,6 @@ def shard_experts(module: Module, group: Optional[Any] = None) -> Module:
         TypeError: if a block has experts other than :class:`MLPExperts` or
             :class:`ModuleExperts`.
     """
-    from moegraph.nn.moe import SparseMoE
-
     world_size, _ = _group_info(group)
     if world_size == 1:
         return module

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moegraph.nn import MLPExperts, ModuleExperts, SparseMoE
+from moegraph.nn import MLPExperts, SparseMoE
 from moegraph.nn.experts import Experts
 from moegraph.nn.parallel import ShardedExperts, ignore_sharded_in_ddp, shard_experts, sharded_names
 
@@ -97,7 +97,7 @@ def run_ddp(inp, rank):
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     torch.optim.SGD(net.parameters(), lr=0.5).step()
     return dict(grads=grads, state=net.state_dict(),
-                ignored=sorted(net._ddp_params_and_buffers_to_ignore))
+                ignored=sorted(getattr(net, "_ddp_params_and_buffers_to_ignore", [])))
 
 
 def run_checkpoint(inp, rank, tmp):
@@ -196,7 +196,7 @@ def test_matches_single_process(session, name):
     chunks = [torch.cat(inp["x"])] if name != "capacity" else list(inp["x"])
     gs = [torch.cat(inp["g"])] if name != "capacity" else list(inp["g"])
     outs, x_grads = [], []
-    for x, g in zip(chunks, gs):
+    for x, g in zip(chunks, gs, strict=True):
         x = x.clone().requires_grad_()
         out = ref(x).out
         (out * g).sum().backward()  # gradients accumulate over chunks
