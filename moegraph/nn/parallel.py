@@ -52,7 +52,10 @@ def _group_info(group: Optional[Any]) -> tuple[int, int]:
             raise RuntimeError("a process 'group' was given but torch.distributed is not "
                                "initialised")
         return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the expert-parallel 'group'")
+    return dist.get_world_size(group), rank
 
 
 class _AllToAll(torch.autograd.Function):
@@ -259,8 +262,8 @@ def _gather_state_dict(module: ShardedExperts, state_dict: dict[str, Any], prefi
     r"""State-dict post-hook: replace the local shard by the full bank
     (a collective when the world size is above 1)."""
     local = prefix + "local."
-    keys = [key for key in state_dict if key.startswith(local)]
-    entries = {key[len(local):]: state_dict.pop(key) for key in keys}
+    entries = {key[len(local):]: value for key, value in state_dict.items()
+               if key.startswith(local)}
     gathered: dict[str, Any] = {}
     if isinstance(module.local, MLPExperts):
         for name, value in entries.items():
@@ -279,8 +282,16 @@ def _gather_state_dict(module: ShardedExperts, state_dict: dict[str, Any], prefi
         parts = sorted(((name, value) for part in everyone for name, value in part.items()),
                        key=lambda item: int(item[0].split(".", 2)[1]))
         gathered = {name: value.to(device) for name, value in parts}
-    for name, value in gathered.items():
-        state_dict[prefix + name] = value
+    # Rebuild in place, the full bank where the shard was: the key order of
+    # the unsharded layer.
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        if not key.startswith(local):
+            state_dict[key] = value
+        elif gathered:
+            state_dict.update((prefix + name, tensor) for name, tensor in gathered.items())
+            gathered = {}
 
 
 def _slice_state_dict(module: ShardedExperts, state_dict: dict[str, Any], prefix: str,
