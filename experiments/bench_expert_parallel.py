@@ -22,7 +22,7 @@ over NVLink / InfiniBand and the experts' matmuls are much faster.
 
 Run from the repository root::
 
-    python experiments/bench_expert_parallel.py           # writes experiments/results/expert_parallel.md
+    python experiments/bench_expert_parallel.py           # writes results/expert_parallel.md
     python experiments/bench_expert_parallel.py --quick   # tiny sizes, writes no file
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def worker(rank: int, args, tmp: str):
             send = torch.randn(n * k, args.in_channels)
             splits = [n * k // 2, n * k - n * k // 2]
 
-            def a2a():
+            def a2a(send=send, splits=splits):
                 for _ in range(4):
                     out = torch.empty_like(send)
                     dist.all_to_all_single(out, send, splits, splits)
