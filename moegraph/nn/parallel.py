@@ -38,11 +38,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module, Parameter
 
-from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.experts import Experts, LinearExperts, MLPExperts, ModuleExperts
 from moegraph.nn.moe import SparseMoE
 
-STACKED = ("weight1", "bias1", "weight2", "bias2")
-"""Parameters of :class:`MLPExperts` stacked over the experts (dimension 0)."""
+STACKED = {MLPExperts: ("weight1", "bias1", "weight2", "bias2"), LinearExperts: ("weight", "bias")}
+"""Expert banks with weights stacked over the experts (dimension 0), and those weights."""
+SUPPORTED = (*STACKED, ModuleExperts)
 
 
 def _group_info(group: Optional[Any]) -> tuple[int, int]:
@@ -56,6 +57,13 @@ def _group_info(group: Optional[Any]) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of the expert-parallel 'group'")
     return dist.get_world_size(group), rank
+
+
+def _check_supported(experts: Module) -> None:
+    if type(experts) not in SUPPORTED:
+        raise TypeError(f"expert parallelism supports "
+                        f"{', '.join(cls.__name__ for cls in SUPPORTED)} "
+                        f"(got {type(experts).__name__})")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -105,9 +113,9 @@ class ShardedExperts(Experts):
     1. exchanges the ``[E]`` row counts (an all-to-all of ``E`` integers);
     2. **host synchronisation**: the send and receive split sizes are copied
        to the host in one ``tolist()`` (the all-to-all needs them there); the
-       local :class:`MLPExperts` with the ``"loop"`` backend and
-       :class:`ModuleExperts` then copy their ``E / W`` block sizes to the
-       host as well (a second, small copy), as they do unsharded;
+       local bank then copies its ``E / W`` block sizes to the host as well
+       (a second, small copy), as it does unsharded (all banks but
+       :class:`MLPExperts` with ``backend="grouped_mm"``);
     3. sends each row to the rank of its expert (all-to-all), sorts the
        received rows by local expert, runs the local experts, and sends the
        outputs back (all-to-all); the combine weight is applied on the
@@ -128,7 +136,8 @@ class ShardedExperts(Experts):
     the expert-choice router.
 
     Args:
-        experts (MLPExperts or ModuleExperts): the full bank of ``E`` experts,
+        experts (MLPExperts, LinearExperts or ModuleExperts): the
+            full bank of ``E`` experts,
             identical on every rank; it is sliced in place.
         group (ProcessGroup, optional): the expert-parallel group; the default
             group if :obj:`None`. Without torch.distributed the world size is 1
@@ -142,9 +151,7 @@ class ShardedExperts(Experts):
 
     def __init__(self, experts: Experts, group: Optional[Any] = None):
         super().__init__()
-        if not isinstance(experts, (MLPExperts, ModuleExperts)):
-            raise TypeError(f"expert parallelism supports MLPExperts and ModuleExperts "
-                            f"(got {type(experts).__name__})")
+        _check_supported(experts)
         world_size, rank = _group_info(group)
         E = experts.num_experts
         if E % world_size != 0:
@@ -160,18 +167,18 @@ class ShardedExperts(Experts):
         self.out_channels = experts.out_channels
 
         end = self.offset + self.num_local_experts
-        if isinstance(experts, MLPExperts):
-            for name in STACKED:
-                param = getattr(experts, name)
-                if param is not None:
-                    setattr(experts, name, Parameter(param.detach()[self.offset:end].clone(),
-                                                     requires_grad=param.requires_grad))
-            experts.num_experts = self.num_local_experts
-            sharded = [name for name in STACKED if getattr(experts, name) is not None]
-        else:
+        if isinstance(experts, ModuleExperts):
             experts = ModuleExperts(list(experts.experts)[self.offset:end],
                                     experts.in_channels, experts.out_channels)
             sharded = [name for name, _ in experts.named_parameters()]
+        else:
+            sharded = [name for name in STACKED[type(experts)]
+                       if getattr(experts, name) is not None]
+            for name in sharded:
+                param = getattr(experts, name)
+                setattr(experts, name, Parameter(param.detach()[self.offset:end].clone(),
+                                                 requires_grad=param.requires_grad))
+            experts.num_experts = self.num_local_experts
         self.local = experts
         self._sharded = tuple(sharded)
         self.register_state_dict_post_hook(_gather_state_dict)
@@ -265,7 +272,7 @@ def _gather_state_dict(module: ShardedExperts, state_dict: dict[str, Any], prefi
     entries = {key[len(local):]: value for key, value in state_dict.items()
                if key.startswith(local)}
     gathered: dict[str, Any] = {}
-    if isinstance(module.local, MLPExperts):
+    if not isinstance(module.local, ModuleExperts):
         for name, value in entries.items():
             if name in module._sharded and module.world_size > 1:
                 value = _all_gather(value, module.group)
@@ -303,8 +310,8 @@ def _slice_state_dict(module: ShardedExperts, state_dict: dict[str, Any], prefix
     start, stop = module.offset, module.offset + module.num_local_experts
     for key in keys:
         name, value = key[len(prefix):], state_dict.pop(key)
-        if isinstance(module.local, MLPExperts):
-            if name in STACKED:
+        if not isinstance(module.local, ModuleExperts):
+            if name in STACKED[type(module.local)]:
                 if value.size(0) != module.num_experts:
                     error_msgs.append(f"{key}: the checkpoint holds {value.size(0)} experts, "
                                       f"the layer {module.num_experts}")
@@ -381,8 +388,8 @@ def shard_experts(module: Module, group: Optional[Any] = None) -> Module:
     Raises:
         ValueError: if a block's number of experts is not divisible by the
             world size.
-        TypeError: if a block has experts other than :class:`MLPExperts` or
-            :class:`ModuleExperts`.
+        TypeError: if a block has experts other than :class:`MLPExperts`,
+            :class:`LinearExperts` or :class:`ModuleExperts`.
     """
     world_size, _ = _group_info(group)
     if world_size == 1:
@@ -390,9 +397,7 @@ def shard_experts(module: Module, group: Optional[Any] = None) -> Module:
     blocks = [moe for moe in module.modules()
               if isinstance(moe, SparseMoE) and not isinstance(moe.experts, ShardedExperts)]
     for moe in blocks:  # check them all before changing any
-        if not isinstance(moe.experts, (MLPExperts, ModuleExperts)):
-            raise TypeError(f"expert parallelism supports MLPExperts and ModuleExperts "
-                            f"(got {type(moe.experts).__name__})")
+        _check_supported(moe.experts)
         if moe.num_experts % world_size != 0:
             raise ValueError(f"expert parallelism needs num_experts divisible by the world "
                              f"size (got num_experts={moe.num_experts} and "

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moegraph.nn import MLPExperts, SparseMoE
+from moegraph.nn import LinearExperts, MLPExperts, SparseMoE
 from moegraph.nn.experts import Experts
 from moegraph.nn.parallel import ShardedExperts, ignore_sharded_in_ddp, shard_experts, sharded_names
 
@@ -25,9 +25,11 @@ F_IN, HID, OUT = 6, 8, 5
 TIMEOUT = 120  # seconds for the whole multi-process session
 
 
-def build(E=4, k=2, capacity_factor=None, module_experts=False, seed=0):
+def build(E=4, k=2, capacity_factor=None, module_experts=False, linear_experts=False, seed=0):
     torch.manual_seed(seed)
     experts = None
+    if linear_experts:
+        experts = LinearExperts(F_IN, OUT, E)
     if module_experts:
         experts = [nn.Sequential(nn.Linear(F_IN, HID), nn.ReLU(), nn.Linear(HID, OUT))
                    for _ in range(E)]
@@ -57,6 +59,7 @@ def make_inputs():
     inputs = {}
     for name, cfg, sizes in (("uneven", {}, (15, 9)),
                              ("module_experts", dict(module_experts=True), (7, 12)),
+                             ("linear_experts", dict(linear_experts=True), (9, 8)),
                              ("capacity", dict(capacity_factor=0.5), (14, 10)),
                              ("empty", {}, (10, 0))):
         model = build(**cfg)
@@ -129,7 +132,7 @@ def worker(rank, tmp):
                             world_size=WORLD, timeout=timedelta(seconds=60))
     inputs = torch.load(f"{tmp}/inputs.pt")
     results = {}
-    for name in ("uneven", "module_experts", "capacity", "empty"):
+    for name in ("uneven", "module_experts", "linear_experts", "capacity", "empty"):
         try:
             results[name] = run_block(inputs[name], rank)
         except Exception:
@@ -184,7 +187,8 @@ def assert_close(actual, expected, **kwargs):
 # Outputs and gradients equal the single-process layer #############################
 
 
-@pytest.mark.parametrize("name", ["uneven", "module_experts", "capacity", "empty"])
+@pytest.mark.parametrize("name", ["uneven", "module_experts", "linear_experts", "capacity",
+                                  "empty"])
 def test_matches_single_process(session, name):
     inputs, _, _ = session
     inp = inputs[name]
@@ -331,7 +335,7 @@ def test_bad_input():
     class Custom(Experts):
         num_experts, in_channels, out_channels = 2, 4, 4
 
-    with pytest.raises(TypeError, match="MLPExperts and ModuleExperts"):
+    with pytest.raises(TypeError, match="MLPExperts, LinearExperts, ModuleExperts"):
         ShardedExperts(Custom())
     with pytest.raises(RuntimeError, match="not initialised"):
         ShardedExperts(MLPExperts(4, 8, 4, 2), group=object())
