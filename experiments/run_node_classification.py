@@ -61,8 +61,12 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
     return out
 
 
-def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> dict:
-    r"""Train one configuration through ``train(cfg)`` and cache its record."""
+def train_cached(overrides: list[str], record: dict, path: Path) -> dict:
+    r"""Train one configuration through ``train(cfg)`` (the entry point of
+    ``moegraph-train``, with the same overrides) and cache its record as JSON
+    at ``path``: ``record`` plus the overrides, the metrics, the wall time,
+    the protocol, and what the run's diagnostics wrote (Mowst confidence
+    histogram, expert load)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -70,7 +74,6 @@ def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> d
     from moegraph.diagnostics import confidence_histogram
     from moegraph.train import CONFIG_DIR, train
 
-    overrides = overrides_for(dataset, model, backbone, seed)
     with tempfile.TemporaryDirectory() as tmp:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -80,9 +83,8 @@ def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> d
         start = time.perf_counter()
         metrics = train(cfg)
         wall = time.perf_counter() - start
-        record = {"dataset": dataset, "model": model, "backbone": backbone, "seed": seed,
-                  "overrides": overrides, "metric": cfg.data.metric, "metrics": metrics,
-                  "wall_seconds": wall,
+        record = {**record, "overrides": overrides, "metric": cfg.data.metric,
+                  "metrics": metrics, "wall_seconds": wall,
                   "protocol": {"hidden_channels": cfg.backbone.hidden_channels,
                                "num_layers": cfg.backbone.num_layers,
                                "residual": cfg.backbone.residual,
@@ -93,13 +95,24 @@ def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> d
             c = json.loads(confidence.read_text())
             _, right, wrong = confidence_histogram(c["confidence"], c["weak_correct"])
             record["confidence_hist"] = {"right": right.tolist(), "wrong": wrong.tolist()}
+        load = Path(tmp) / "expert_load.json"
+        if load.exists():
+            record["expert_load"] = json.loads(load.read_text())
     HydraConfig.instance().cfg = None
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / run_name(dataset, model, backbone, seed)).write_text(json.dumps(record, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
     return record
 
 
-def _mean_std(values: list[float]) -> str:
+def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> dict:
+    r"""Train one configuration of this study and cache its record."""
+    return train_cached(overrides_for(dataset, model, backbone, seed),
+                        {"dataset": dataset, "model": model, "backbone": backbone,
+                         "seed": seed},
+                        runs / run_name(dataset, model, backbone, seed))
+
+
+def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     mean = sum(values) / len(values)
@@ -155,8 +168,8 @@ def build_table(runs: Path, command: str) -> str:
                 f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–"
                 for rs in (mlp_runs, gnn_runs, mowst_runs, star_runs))
             share_txt = f"{100 * sum(share) / len(share):.0f}%" if share else "–"
-            lines.append(f"| {dataset} | {backbone} | {_mean_std(mlp)} | {_mean_std(gnn)} | "
-                         f"{_mean_std(mowst)} | {_mean_std(tau)} | {_mean_std(star)} | "
+            lines.append(f"| {dataset} | {backbone} | {mean_std(mlp)} | {mean_std(gnn)} | "
+                         f"{mean_std(mowst)} | {mean_std(tau)} | {mean_std(star)} | "
                          f"{share_txt} | {n} | {times} |")
             for r in gnn_runs[:1] or mowst_runs[:1]:
                 protocols[dataset] = r["protocol"]

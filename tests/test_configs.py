@@ -1,6 +1,7 @@
 r"""Every option of the config tree in ``conf/`` composes and instantiates."""
 from pathlib import Path
 
+import hydra
 import lightning as L
 import pytest
 from hydra.errors import InstantiationException
@@ -18,19 +19,19 @@ from moegraph.nn import (
     TopKRouter,
     TopPRouter,
 )
-from moegraph.nn.models import MoEGNN, MultiTaskRecommender
+from moegraph.nn.models import GMoE, MoEGNN, MultiTaskRecommender
 from moegraph.tasks import MowstTask, MultiTaskLearning, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
-NODE_MODELS = ["dense_gnn", "gnn", "mlp", "moe_gnn", "mowst"]
+NODE_MODELS = ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst"]
 MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": SharedBottom}
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
     "data": ["amherst41", "citeseer", "cora", "minesweeper", "movielens", "reed98", "synthetic",
              "tolokers"],
-    "model": ["dense_gnn", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst", "ple",
+    "model": ["dense_gnn", "gmoe", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst", "ple",
               "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
@@ -87,7 +88,8 @@ def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     assert len(run["callbacks"]) == (3 if callbacks == "default" else 0)
     assert len(run["loggers"]) == (1 if logger == "csv" else 0)
     net = run["net"]
-    expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst}
+    expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst,
+                "gmoe": GMoE}
     assert isinstance(net, expected[model])
     if isinstance(net, MoEGNN):
         num_moe = sum(isinstance(f, SparseMoE) for f in net.ffns)
@@ -201,6 +203,17 @@ def test_gnn_and_mlp_baselines_share_the_backbone(compose_cfg, strong):
     assert isinstance(net, MoEGNN) and net.num_layers == 3 and net.conv_name == strong
     net = instantiate_run(compose_cfg(TINY, "model=mlp"), trainer=False)["net"]
     assert isinstance(net, MLP) and net.channel_list == [32, 64, 4]
+
+
+def test_gmoe_follows_the_backbone(compose_cfg):
+    cfg = compose_cfg("experiment=nc_cora", "model=gmoe", "backbone.hidden_channels=32",
+                      "backbone.num_layers=3")
+    net = hydra.utils.instantiate(cfg.model.net, in_channels=8, out_channels=3)
+    assert isinstance(net, GMoE) and net.num_layers == 3 and net.hidden_channels == 32
+    conv = net.convs[0]
+    assert conv.num_experts == 4 and conv.num_hop2_experts == 2 and conv.router.k == 1
+    assert conv.router.noisy
+    assert cfg.model.aux_loss_weights == {"importance": 0.01}
 
 
 @pytest.mark.parametrize("experiment", [e for e in OPTIONS["experiment"] if e.startswith("nc_")])

@@ -1,6 +1,7 @@
 r"""Node classification as a LightningModule around any moegraph or PyG network."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -175,14 +176,17 @@ class NodeClassificationTask(L.LightningModule):
     @torch.no_grad()
     def write_diagnostics(self, datamodule, output_dir: Path) -> dict[str, float]:
         r"""After training: print the per-expert load of every routed layer on
-        the full graph and save it as ``expert_load.png`` in ``output_dir``."""
+        the full graph and save it as ``expert_load.png`` and
+        ``expert_load.json`` (``[layers, experts]`` shares) in ``output_dir``."""
         self.eval()
-        out = self(datamodule.data.to(self.device))
+        with torch.no_grad():
+            out = self(datamodule.data.to(self.device))
         if out.routing:
             load = expert_load(out.routing)
             print("[moegraph] per-expert load on the full graph (% of assignments):")
             print(format_expert_load(load))
             plot_expert_load(load, Path(output_dir) / "expert_load.png")
+            (Path(output_dir) / "expert_load.json").write_text(json.dumps(load.tolist()))
         return {}
 
     def configure_optimizers(self):
