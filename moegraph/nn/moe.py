@@ -10,10 +10,10 @@ from torch_geometric.nn.resolver import activation_resolver
 
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
 from moegraph.nn.routing import (
-    ROUTERS,
     ExpertChoiceRouter,
     Router,
     Routing,
+    build_router,
     drop_overflow,
     expert_capacity,
 )
@@ -134,24 +134,7 @@ class SparseMoE(Module):
         self.num_shared_experts = num_shared_experts
         self.deterministic = deterministic
 
-        if isinstance(router, str):
-            if router not in ROUTERS:
-                raise ValueError(f"'router' must be one of {sorted(ROUTERS)} or a Router "
-                                 f"module (got {router!r})")
-            kwargs = dict(router_kwargs or {})
-            if router == "topk":
-                if k is not None and kwargs.get("k", k) != k:
-                    raise ValueError(f"'k' given twice: k={k} and router_kwargs['k']={kwargs['k']}")
-                kwargs.setdefault("k", 2 if k is None else k)
-            elif k is not None:
-                raise ValueError(f"'k' applies to the 'topk' router only (router={router!r}); "
-                                 f"pass that router's own arguments in 'router_kwargs'")
-            router = ROUTERS[router](in_channels, num_experts, **kwargs)
-        elif not isinstance(router, Router):
-            raise TypeError(f"'router' must be a name or a Router (got {type(router).__name__})")
-        elif router.in_channels != in_channels or router.num_experts != num_experts:
-            raise ValueError(f"the router {router} does not match in_channels={in_channels}, "
-                             f"num_experts={num_experts}")
+        router = build_router(router, in_channels, num_experts, k, router_kwargs)
         self.router = router
         self.num_experts = num_experts
 
