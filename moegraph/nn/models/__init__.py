@@ -1,7 +1,8 @@
 r"""Assembled networks built from moegraph layers."""
 from moegraph.nn.models.backbone import BACKBONES, make_backbone
 from moegraph.nn.models.gnn import CONVS, MoEGNN, NodeLinear, make_conv, make_norm
+from moegraph.nn.models.patch_moe import PatchExperts, PatchMoE
 from moegraph.nn.models.rec import BipartiteLightGCN, MultiTaskRecommender
 
 __all__ = ["BACKBONES", "CONVS", "BipartiteLightGCN", "MoEGNN", "MultiTaskRecommender",
-           "NodeLinear", "make_backbone", "make_conv", "make_norm"]
+           "NodeLinear", "PatchExperts", "PatchMoE", "make_backbone", "make_conv", "make_norm"]
