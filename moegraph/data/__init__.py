@@ -28,8 +28,8 @@ from moegraph.data.movielens import (
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
 __all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches", "KHopLoader",
-           "MovieLensDataModule", "NodeDataModule", "cluster_dataset", "cluster_patches",
-           "cluster_vectors",
-           "check_graph", "check_ratings", "csbm_graph", "dataset_metric", "load_movielens100k",
-           "load_node_dataset", "load_real_dataset", "random_split_masks", "sample_negatives",
-           "select_split", "synthetic_ratings", "temporal_split"]
+           "MovieLensDataModule", "NodeDataModule", "check_graph", "check_ratings",
+           "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
+           "dataset_metric", "load_movielens100k", "load_node_dataset", "load_real_dataset",
+           "random_split_masks", "sample_negatives", "select_split", "synthetic_ratings",
+           "temporal_split"]
