@@ -60,6 +60,64 @@ def plot_expert_load(load: Tensor, path: str | Path, title: str = "expert load")
     return path
 
 
+def routing_by_group(routing: Routing, group: Tensor, num_groups: int | None = None,
+                     rows: Tensor | None = None) -> Tensor:
+    r"""Router specialisation: the share of each group's assignments that went
+    to each expert, ``[G, E]`` (rows sum to one; all-zero for an empty group).
+    ``group [N]`` labels the routed rows (e.g. the cluster of each sample);
+    ``rows`` (a boolean mask or indices) keeps a subset, e.g. the test rows."""
+    group = torch.as_tensor(group).flatten().long().cpu()
+    if group.numel() != routing.num_rows:
+        raise ValueError(f"'group' must label the {routing.num_rows} routed rows "
+                         f"(got {group.numel()})")
+    if group.numel() and int(group.min()) < 0:
+        raise ValueError("'group' must be non-negative")
+    G = int(num_groups if num_groups is not None else (int(group.max()) + 1 if group.numel()
+                                                          else 0))
+    E = routing.num_experts
+    keep = torch.ones(group.numel(), dtype=torch.bool)
+    if rows is not None:
+        rows = torch.as_tensor(rows).cpu()
+        keep = rows.bool() if rows.dtype == torch.bool else keep.new_zeros(keep.shape).index_fill_(
+            0, rows.long(), True)
+    row, expert = routing.row.cpu(), routing.expert.cpu()
+    kept = keep[row]
+    counts = torch.zeros(G * E).index_add_(0, group[row[kept]] * E + expert[kept],
+                                           torch.ones(int(kept.sum()))).view(G, E)
+    return counts / counts.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def plot_routing_by_group(share: Tensor, path: str | Path, group_name: str = "cluster",
+                          title: str = "routing by group") -> Path:
+    r"""Save :func:`routing_by_group` as a heatmap PNG (groups x experts,
+    percent written in each cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    G, E = share.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * E + 2), 0.5 * G + 1.8))
+    im = ax.imshow(100 * share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    for i in range(G):
+        for j in range(E):
+            value = 100 * float(share[i, j])
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                    color="k" if value > 60 else "w")
+    ax.set_xlabel("expert")
+    ax.set_ylabel(group_name)
+    ax.set_xticks(range(E))
+    ax.set_yticks(range(G))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=f"% of the {group_name}'s samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def confidence_histogram(confidence: Tensor, correct: Tensor, bins: int = 20
                          ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Counts of the Mowst confidence :math:`C \in [0, 1]` in ``bins`` equal

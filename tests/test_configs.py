@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import InstantiationException
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 
-from moegraph.data import MovieLensDataModule, NodeDataModule
+from moegraph.data import ClusterDataModule, MovieLensDataModule, NodeDataModule
 from moegraph.nn import (
     PLE,
     ExpertChoiceRouter,
@@ -19,7 +19,7 @@ from moegraph.nn import (
     TopKRouter,
     TopPRouter,
 )
-from moegraph.nn.models import GMoE, MoEGNN, MultiTaskRecommender
+from moegraph.nn.models import GMoE, MoEGNN, MultiTaskRecommender, PatchMoE
 from moegraph.tasks import MowstTask, MultiTaskLearning, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
@@ -29,18 +29,18 @@ MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": Sha
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
-    "data": ["amherst41", "citeseer", "cora", "minesweeper", "movielens", "reed98", "synthetic",
-             "tolokers"],
-    "model": ["dense_gnn", "gmoe", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst", "ple",
-              "shared_bottom"],
+    "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "movielens", "reed98",
+             "synthetic", "tolokers"],
+    "model": ["dense_gnn", "gmoe", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst",
+              "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
     "logger": ["csv", "none"],
     "trainer": ["cpu", "default", "gpu"],
-    "experiment": ["movielens_home", "movielens_mmoe", "movielens_ple",
-                   "movielens_shared_bottom", "nc_amherst41", "nc_citeseer", "nc_cora",
-                   "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
+    "experiment": ["cluster_moe", "cluster_single", "movielens_home", "movielens_mmoe",
+                   "movielens_ple", "movielens_shared_bottom", "nc_amherst41", "nc_citeseer",
+                   "nc_cora", "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
                    "synthetic_moe_gnn"],
     "debug": ["fdr"],
 }
@@ -228,7 +228,7 @@ def test_node_classification_experiments(compose_cfg, experiment):
 
 
 @pytest.mark.parametrize("data", [d for d in OPTIONS["data"]
-                                  if d not in ("synthetic", "movielens")])
+                                  if d not in ("synthetic", "movielens", "clusters")])
 def test_real_data_options(compose_cfg, real_data, data):
     from moegraph.data import REAL_DATASETS
 
@@ -311,4 +311,27 @@ def test_multitask_config_errors(compose_cfg):
 def test_movielens_missing_files_error(compose_cfg, tmp_path):
     cfg = compose_cfg("experiment=movielens_mmoe", f"paths.data_dir={tmp_path}/nothing")
     with pytest.raises(FileNotFoundError, match="MovieLens-100K: .* missing in .*Offline, put"):
+        instantiate_run(cfg, trainer=False)
+
+
+@pytest.mark.parametrize("experiment,num_experts", [("cluster_moe", 8), ("cluster_single", 1)])
+def test_cluster_experiments(compose_cfg, experiment, num_experts):
+    cfg = compose_cfg(f"experiment={experiment}", "seed=3", "data.num_train=20",
+                      "data.num_val=10", "data.num_test=20")
+    assert cfg.task_name == experiment and cfg.optimized_metric == "val/acc"
+    run = instantiate_run(cfg)
+    dm, net, task = run["datamodule"], run["net"], run["task"]
+    assert isinstance(dm, ClusterDataModule) and dm.kwargs["seed"] == 3
+    assert dm.data.x.shape == (50, 4, 50)
+    assert isinstance(net, PatchMoE) and net.num_experts == num_experts
+    assert net.in_channels == 50 and net.hidden_channels == 16 and net.act == "cubic"
+    assert (net.router is None) == (num_experts == 1)
+    assert isinstance(task, NodeClassificationTask) and task.aux_loss_weights == {}
+    assert type(task.configure_optimizers()).__name__ == "Adam"
+    assert run["trainer"].max_epochs == 200
+
+
+def test_patch_moe_on_other_data_fails_clearly(compose_cfg):
+    cfg = compose_cfg(TINY, "model=patch_moe")  # the 4-class CSBM graph
+    with pytest.raises(InstantiationException, match="'out_channels' must be 2"):
         instantiate_run(cfg, trainer=False)

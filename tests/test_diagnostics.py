@@ -90,3 +90,23 @@ def test_plot_expert_load(tmp_path, shape):
 def test_plot_expert_load_accepts_a_string_path(tmp_path):
     path = plot_expert_load(expert_load(routings()), str(tmp_path / "load.png"))
     assert path.is_file() and path.stat().st_size > 0
+
+
+def test_routing_by_group():
+    from moegraph.diagnostics import routing_by_group
+
+    z = torch.zeros(())
+    # 5 rows, 3 experts: rows 0-2 in group 0, rows 3-4 in group 1.
+    routing = Routing(row=torch.arange(5), expert=torch.tensor([0, 0, 2, 1, 1]),
+                      weight=torch.ones(5), probs=torch.zeros(5, 3),
+                      load=torch.tensor([2.0, 2.0, 1.0]), aux_loss={"z_loss": z}, fixed_k=1)
+    group = torch.tensor([0, 0, 0, 1, 1])
+    share = routing_by_group(routing, group, num_groups=3)
+    expected = torch.tensor([[2 / 3, 0, 1 / 3], [0, 1, 0], [0, 0, 0]])
+    assert torch.allclose(share, expected)
+    only = routing_by_group(routing, group, rows=torch.tensor([True, False, True, False, True]))
+    assert torch.allclose(only, torch.tensor([[0.5, 0, 0.5], [0, 1, 0]]))
+    with pytest.raises(ValueError, match="must label the 5 routed rows"):
+        routing_by_group(routing, group[:4])
+    with pytest.raises(ValueError, match="must be non-negative"):
+        routing_by_group(routing, -group)

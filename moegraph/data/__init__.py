@@ -1,4 +1,11 @@
 r"""Data: in-process generators and LightningDataModules over PyG datasets."""
+from moegraph.data.clusters import (
+    ClusterDataModule,
+    ClusterPatches,
+    cluster_dataset,
+    cluster_patches,
+    cluster_vectors,
+)
 from moegraph.data.datamodule import (
     DATASETS,
     REAL_DATASETS,
@@ -20,7 +27,9 @@ from moegraph.data.movielens import (
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
-__all__ = ["DATASETS", "REAL_DATASETS", "KHopLoader", "MovieLensDataModule", "NodeDataModule",
-           "check_graph", "check_ratings", "csbm_graph", "dataset_metric", "load_movielens100k",
-           "load_node_dataset", "load_real_dataset", "random_split_masks", "sample_negatives",
-           "select_split", "synthetic_ratings", "temporal_split"]
+__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches", "KHopLoader",
+           "MovieLensDataModule", "NodeDataModule", "check_graph", "check_ratings",
+           "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
+           "dataset_metric", "load_movielens100k", "load_node_dataset", "load_real_dataset",
+           "random_split_masks", "sample_negatives", "select_split", "synthetic_ratings",
+           "temporal_split"]
