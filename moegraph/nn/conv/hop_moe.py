@@ -180,7 +180,12 @@ class HopMoEConv(MessagePassing):
     \mathbf{W}_e = (\hat{\mathbf{A}}_h\mathbf{X})\mathbf{W}_e`, so the
     aggregation is shared by the experts of a hop. It is done once per hop,
     into the nodes routed to at least one of them, before each node's
-    features go through the weights of its own experts only. GAT experts
+    features go through the weights of its own experts only. When the
+    input is wide and a hop graph dense (e.g. 1,000 features on a social
+    graph's 2-hop pairs), transforming first is cheaper: each active expert
+    then transforms every node and aggregates only into its own nodes; the
+    layer picks the order with fewer multiply-adds (``aggregate_first``).
+    GAT experts
     attend with their own parameters: each aggregates its own edges, with
     the attention logits folded into the input space
     (:math:`\mathbf{a}^\top\mathbf{W}_e\mathbf{x}_j = (\mathbf{W}_e
@@ -222,6 +227,12 @@ class HopMoEConv(MessagePassing):
         bias (bool, optional): experts learn biases. (default: :obj:`True`)
         cached (bool, optional): keep the hop graphs of the last graph.
             (default: :obj:`True`)
+        aggregate_first (bool, optional): for GCN and SAGE experts, aggregate
+            once per hop before the experts' weights (:obj:`True`), or let
+            each active expert transform all nodes and aggregate into its own
+            (:obj:`False`); :obj:`None` picks, per hop and step, the order
+            with fewer multiply-adds. Same result either way.
+            (default: :obj:`None`)
         deterministic (bool, optional): combine without scatter-add where
             every node has ``k`` experts (always on CUDA).
 
@@ -245,6 +256,7 @@ class HopMoEConv(MessagePassing):
         heads: int = 1,
         bias: bool = True,
         cached: bool = True,
+        aggregate_first: Optional[bool] = None,
         deterministic: bool = False,
     ):
         super().__init__(aggr="add", node_dim=0)
@@ -265,6 +277,9 @@ class HopMoEConv(MessagePassing):
             raise ValueError(f"'heads' applies to GAT experts only (conv={conv!r})")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+        if aggregate_first is False and conv not in ("gcn", "sage"):
+            raise ValueError(f"'aggregate_first=False' applies to GCN and SAGE experts only "
+                             f"(conv={conv!r}): the others aggregate before they transform")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_experts = num_experts
@@ -274,6 +289,7 @@ class HopMoEConv(MessagePassing):
         self.heads = heads
         self.capacity_factor = capacity_factor
         self.cached = cached
+        self.aggregate_first = aggregate_first
         self.deterministic = deterministic
 
         if router_kwargs is None and router == "topk":
@@ -377,11 +393,67 @@ class HopMoEConv(MessagePassing):
         if self.conv == "gat":
             y = self._gat(x, graphs, blocks, rows, experts, counts)
         else:
-            z = torch.cat([self._aggregate(x, graphs[hop], rows[part]) for hop, part in blocks])
-            y = self.experts(z, counts)  # [A, O]
+            ys = []
+            for hop, part in blocks:
+                lo, hi = ((0, self.num_hop1_experts) if hop == 1
+                          else (self.num_hop1_experts, self.num_experts))
+                if self._transform_first(x, graphs[hop], rows[part], counts[lo:hi]):
+                    ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
+                                                             counts[lo:hi], lo))
+                else:
+                    hop_counts = torch.zeros_like(counts)
+                    hop_counts[lo:hi] = counts[lo:hi]
+                    ys.append(self.experts(self._aggregate(x, graphs[hop], rows[part]),
+                                           hop_counts))  # [A_h, O]
+            y = torch.cat(ys)  # [A, O]
         y = y * routing.weight[order].to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
+
+    def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor,
+                         counts: Tensor) -> bool:
+        r"""Whether a hop's GCN or SAGE experts should transform before they
+        aggregate: aggregating first costs ``nnz(targets) * F + A_h * F * O``
+        multiply-adds, transforming first ``E_h * N * F * O + nnz(A_h) * O``
+        (each active expert transforms every node, then aggregates only into
+        its own). Wide inputs on dense hop-2 graphs favour the second."""
+        if self.conv not in ("gcn", "sage") or rows.numel() == 0:
+            return False
+        if self.aggregate_first is not None:
+            return not self.aggregate_first
+        F, O = self.in_channels, self.out_channels
+        width = F if self.conv == "gcn" else 2 * F
+        # host syncs: the cost estimates
+        aggregate = int(graph.deg[torch.unique(rows)].sum()) * F + rows.numel() * width * O
+        transform = (int((counts > 0).sum()) * x.size(0) * F * O
+                     + int(graph.deg[rows].sum()) * O)
+        return transform < aggregate
+
+    def _transform_then_aggregate(self, x: Tensor, graph: HopGraph, rows: Tensor,
+                                  counts: Tensor, first: int) -> Tensor:
+        r"""Outputs of a hop's assignments ``rows [A_h]`` (sorted by expert,
+        ``counts`` per expert of the hop, the first being expert ``first``):
+        each active expert transforms every node, then aggregates into its
+        own nodes only."""
+        F = self.in_channels
+        weights = self.experts.weight.unbind(0)  # views: no [E, F, O] gradient per expert
+        biases = (self.experts.bias.unbind(0) if self.experts.bias is not None
+                  else [None] * self.num_experts)
+        outs, start = [], 0
+        for j, size in enumerate(counts.tolist()):  # host sync: block sizes
+            if size == 0:
+                continue
+            e, own = first + j, rows[start:start + size]
+            start += size
+            adj_t = graph.adjacency_to(own)  # [n_e, N]
+            if self.conv == "gcn":
+                h = self.propagate(adj_t, x=x @ weights[e], edge_weight=None)
+            else:  # sage: lin_l(mean_j x_j) + lin_r(x_i)
+                deg = graph.deg[own].clamp(min=1).unsqueeze(-1).to(x.dtype)
+                h = (self.propagate(adj_t, x=x @ weights[e][:F], edge_weight=None) / deg
+                     + x[own] @ weights[e][F:])
+            outs.append(h if biases[e] is None else h + biases[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, self.out_channels)
 
     def _aggregate(self, x: Tensor, graph: HopGraph, rows: Tensor) -> Tensor:
         r"""Expert inputs of the assignments at nodes ``rows [A_h]``: the
