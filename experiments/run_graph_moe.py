@@ -54,9 +54,6 @@ DEFAULT_SEEDS = {"cora": 5, "citeseer": 5, "minesweeper": 3, "tolokers": 1,
 SKIP = {
     ("tolokers", "gmoe"): "its 2-hop graph has 45M pairs (the graph: 1M edges); building it "
                           "took 7 minutes here and every epoch would aggregate over it",
-    ("amherst41", "gmoe"): "its 2-hop graph has 2.8M pairs (the graph: 182k edges) and the "
-                           "first layer aggregates 1,193-dimensional features over it; one "
-                           "run had not finished after 20 minutes here",
 }
 
 

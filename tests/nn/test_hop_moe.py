@@ -342,3 +342,23 @@ def test_gmoe_model_and_minibatch():
                                rtol=1e-4)
     with pytest.raises(ValueError, match="num_layers"):
         GMoE(6, 16, 3, num_layers=0)
+
+
+def test_gmoe_residual_blocks():
+    x, edge_index = random_graph(40, 120, 4)
+    model = GMoE(6, 16, 3, num_layers=3, num_experts=4, k=1, norm="layer_norm",
+                 residual=True).train()
+    assert repr(model) == "GMoE(6, 16, 3, num_layers=3, conv=gcn, num_experts=4, residual=True)"
+    assert all(isinstance(conv, HopMoEConv) for conv in model.convs) and len(model.convs) == 3
+    out = model(x, edge_index)
+    assert out.logits.shape == (40, 3) and len(out.routing) == 3
+    (out.logits.sum() + sum(out.aux_loss.values())).backward()
+    assert all(conv.router.weight.grad is not None for conv in model.convs)
+    # the residual body is MoEGNN's: a hop-MoE conv in place of a PyG conv
+    from moegraph.nn.models import MoEGNN
+    body = MoEGNN(6, 16, 3, num_layers=3, conv="hop_moe", ffn="dense", norm="layer_norm",
+                  dropout=0.5, input_dropout=0.5,
+                  conv_kwargs=dict(num_experts=4, k=1))
+    body.load_state_dict(model.body.state_dict())
+    model.eval(), body.eval()
+    torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)

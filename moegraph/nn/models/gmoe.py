@@ -9,7 +9,7 @@ from torch.nn import Module, ModuleList
 from torch_geometric.nn.resolver import activation_resolver
 
 from moegraph.nn.conv.hop_moe import HopMoEConv
-from moegraph.nn.models.gnn import make_norm
+from moegraph.nn.models.gnn import MoEGNN, make_norm
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import Router, sum_aux_losses
 
@@ -27,7 +27,12 @@ class GMoE(Module):
         \mathrm{HopMoEConv}^{(l)}(\mathbf{H}^{(l)}, \mathcal{E})\big)\big)\big)
 
     with no normalisation, activation or dropout after the last layer,
-    whose output is the class scores. At ``k=1`` each node runs one expert
+    whose output is the class scores. With ``residual=True`` it is instead
+    the residual architecture of :func:`~moegraph.nn.models.make_backbone`
+    (Platonov et al.): an input projection, ``num_layers`` blocks of a
+    hop-expert convolution then a dense two-layer FFN, each added back and
+    normalised, and a linear classifier
+    (:class:`~moegraph.nn.models.MoEGNN` with ``conv="hop_moe"``). At ``k=1`` each node runs one expert
     per layer, the active FLOPs of the plain GNN of the same width (plus the
     router and, for hop-2 experts, a larger neighbourhood).
 
@@ -53,8 +58,10 @@ class GMoE(Module):
         norm (str, optional): ``"batch_norm"``, ``"layer_norm"`` or
             :obj:`None`. (default: :obj:`None`)
         dropout (float, optional): dropout between layers. (default: :obj:`0.5`)
-        input_dropout (float, optional): dropout on the input features.
-            (default: :obj:`0.0`)
+        input_dropout (float, optional): dropout on the input features;
+            with ``residual``, :obj:`None` means ``dropout``. (default: :obj:`0.0`)
+        residual (bool, optional): residual blocks with a dense FFN instead
+            of the plain stack. (default: :obj:`False`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -79,7 +86,8 @@ class GMoE(Module):
         act: Union[str, Module] = "relu",
         norm: Optional[str] = None,
         dropout: float = 0.5,
-        input_dropout: float = 0.0,
+        input_dropout: Optional[float] = 0.0,
+        residual: bool = False,
     ):
         super().__init__()
         if num_layers < 1:
@@ -95,10 +103,21 @@ class GMoE(Module):
         self.num_experts = num_experts
         self.dropout = dropout
         self.input_dropout = input_dropout
+        self.residual = residual
         self.act = activation_resolver(act)
         self.convs = ModuleList()
         self.norms = ModuleList()
-        for layer in range(num_layers):
+        self.body = None
+        if residual:
+            conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
+                               conv=conv, router=router, router_kwargs=router_kwargs,
+                               capacity_factor=capacity_factor, heads=heads)
+            self.body = MoEGNN(in_channels, hidden_channels, out_channels, num_layers,
+                               conv="hop_moe", conv_kwargs=conv_kwargs, ffn="dense", act=act,
+                               norm=norm, dropout=dropout,
+                               input_dropout=dropout if input_dropout is None else input_dropout)
+            self.convs = self.body.convs
+        for layer in range(0 if residual else num_layers):
             last = layer == num_layers - 1
             self.convs.append(HopMoEConv(
                 in_channels if layer == 0 else hidden_channels,
@@ -121,7 +140,9 @@ class GMoE(Module):
             x (Tensor): node features ``[N, F]``.
             edge_index (Tensor): edges ``[2, M]``.
         """
-        x = F.dropout(x, self.input_dropout, self.training)
+        if self.body is not None:
+            return self.body(x, edge_index)
+        x = F.dropout(x, self.input_dropout or 0.0, self.training)
         routings = []
         for layer, conv in enumerate(self.convs):
             x, routing = conv(x, edge_index)
@@ -133,4 +154,4 @@ class GMoE(Module):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
                 f"{self.out_channels}, num_layers={self.num_layers}, conv={self.conv_name}, "
-                f"num_experts={self.num_experts})")
+                f"num_experts={self.num_experts}{', residual=True' if self.residual else ''})")

@@ -10,11 +10,12 @@ from torch.nn import Identity, Linear, Module, ModuleList
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 from torch_geometric.nn.resolver import activation_resolver
 
-from moegraph.nn.moe import SparseMoE
+from moegraph.nn.conv.hop_moe import HopMoEConv
+from moegraph.nn.moe import MoEOutput, SparseMoE
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import sum_aux_losses
 
-CONVS = ("gcn", "sage", "gat", "gin", "none")
+CONVS = ("gcn", "sage", "gat", "gin", "hop_moe", "none")
 
 
 class NodeLinear(Linear):
@@ -30,10 +31,14 @@ NORMS = (None, "none", "layer_norm", "batch_norm")
 
 def make_conv(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> Module:
     r"""A PyG graph convolution by name: ``"gcn"``, ``"sage"``, ``"gat"``
-    (heads concatenated to ``out_channels``), ``"gin"`` (two-layer MLP) or
-    ``"none"`` (a :class:`NodeLinear` that ignores the graph)."""
+    (heads concatenated to ``out_channels``), ``"gin"`` (two-layer MLP),
+    ``"hop_moe"`` (a :class:`~moegraph.nn.HopMoEConv` of hop-1 and hop-2
+    experts, ``kwargs`` its arguments) or ``"none"`` (a :class:`NodeLinear`
+    that ignores the graph)."""
     if name == "none":
         return NodeLinear(in_channels, out_channels, **kwargs)
+    if name == "hop_moe":
+        return HopMoEConv(in_channels, out_channels, **kwargs)
     if name == "gcn":
         return GCNConv(in_channels, out_channels, **kwargs)
     if name == "sage":
@@ -83,7 +88,8 @@ class MoEGNN(Module):
         hidden_channels (int): width of every block.
         out_channels (int): number of classes.
         num_layers (int, optional): number of blocks. (default: :obj:`2`)
-        conv (str, optional): ``"gcn"``, ``"sage"``, ``"gat"``, ``"gin"`` or
+        conv (str, optional): ``"gcn"``, ``"sage"``, ``"gat"``, ``"gin"``,
+            ``"hop_moe"`` (:class:`~moegraph.nn.HopMoEConv`, routed) or
             ``"none"`` (no message passing: a residual MLP). (default: :obj:`"gcn"`)
         conv_kwargs (dict, optional): further arguments of the convolution.
         ffn (str, optional): ``"moe"``, ``"dense"`` or ``"none"``.
@@ -107,7 +113,8 @@ class MoEGNN(Module):
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
         - **output:** :class:`~moegraph.nn.output.ModelOutput` with
-          ``logits [N, C]`` and one routing record per MoE block
+          ``logits [N, C]`` and one routing record per MoE convolution and
+          MoE block, in order
     """
 
     def __init__(
@@ -192,8 +199,11 @@ class MoEGNN(Module):
         routings = []
         for conv, conv_norm, ffn, ffn_norm in zip(self.convs, self.conv_norms, self.ffns,
                                                   self.ffn_norms, strict=True):
-            h = conv_norm(h + F.dropout(self.act(conv(h, edge_index)), self.dropout,
-                                        self.training))
+            c = conv(h, edge_index)
+            if isinstance(c, MoEOutput):  # a graph MoE convolution: keep its routing
+                c, routing = c
+                routings.append(routing)
+            h = conv_norm(h + F.dropout(self.act(c), self.dropout, self.training))
             if isinstance(ffn, Identity):
                 continue
             if isinstance(ffn, SparseMoE):
