@@ -260,6 +260,15 @@ class TorchNeighborLoader(DataLoader):
         return len(self._index_sampler)
 
     def __iter__(self):
+        # Runs at the first batch (after Lightning's set_epoch). A new epoch
+        # samples from `seed + epoch` (+ the rank): evaluation sees the same
+        # neighbourhoods each time, training a new draw per epoch, the same
+        # after a restart; an epoch resumed in its middle goes on with the
+        # generator of the checkpoint.
+        if self._skip == 0:
+            sampler = self.sampler
+            offset = getattr(sampler, "epoch", 0) + 7919 * getattr(sampler, "rank", 0)
+            self._generator.manual_seed(self.seed + offset)
         self._given = self._skip
         for batch in super().__iter__():
             self._given += 1

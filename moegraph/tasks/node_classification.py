@@ -76,6 +76,33 @@ def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
             "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
 
 
+def metric_states(metrics: Module) -> dict[str, dict[str, Any]]:
+    r"""The accumulated states of every :class:`~torchmetrics.Metric` in
+    ``metrics`` (by module name), for a checkpoint taken in the middle of an
+    epoch: resumed, the epoch's metrics then count the batches seen before."""
+    from torchmetrics import Metric
+
+    states = {}
+    for name, metric in metrics.named_modules():
+        if isinstance(metric, Metric) and not isinstance(metric, MetricCollection):
+            state = {key: ([v.detach().clone() for v in value] if isinstance(value, list)
+                           else value.detach().clone())
+                     for key, value in metric.metric_state.items()}
+            states[name] = {"state": state, "update_count": metric._update_count}
+    return states
+
+
+def load_metric_states(metrics: Module, states: dict[str, dict[str, Any]]) -> None:
+    r"""Put back what :func:`metric_states` saved."""
+    modules = dict(metrics.named_modules())
+    for name, saved in states.items():
+        metric = modules[name]
+        for key, value in saved["state"].items():
+            setattr(metric, key, value)
+        metric._update_count = saved["update_count"]
+        metric._computed = None
+
+
 def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
                       ref: Tensor) -> Tensor:
     r"""``sum_name weights[name] * aux_loss[name]`` over the losses the model returned."""
@@ -138,6 +165,11 @@ class NodeClassificationTask(L.LightningModule):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] "
                              f"(got [{int(y.min())}, {int(y.max())}])")
 
+    @property
+    def distributed(self) -> bool:
+        r"""Whether the task runs in one of several processes (DDP)."""
+        return self._trainer is not None and self._trainer.world_size > 1
+
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
         mask = split_mask(data, split)
@@ -145,18 +177,22 @@ class NodeClassificationTask(L.LightningModule):
         self._check_labels(y)
         batch_size = int(mask.sum())
         loss = F.cross_entropy(logits, y) if batch_size else logits.sum() * 0.0
-        self.log(f"{split}/loss", loss, batch_size=max(batch_size, 1),
-                 prog_bar=split != "test")
-        if batch_size:
+        # Under DDP every process logs the same keys at every step (a batch
+        # without nodes of the split included: weight 0), so that the syncs
+        # of the logged values and of the metrics' states meet.
+        weight = batch_size if self.distributed else max(batch_size, 1)
+        self.log(f"{split}/loss", loss, batch_size=weight, prog_bar=split != "test",
+                 sync_dist=True)
+        if batch_size or self.distributed:
             update_metrics(metrics, logits, y)
             # A metric given only update() has no step value: log it per epoch.
-            self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val",
+            self.log_dict(metrics, batch_size=weight, prog_bar=split == "val",
                           on_step=False, on_epoch=True)
         if split == "train":
             aux = weighted_aux_loss(out.aux_loss, self.aux_loss_weights, loss)
-            self.log("train/aux_loss", aux, batch_size=max(batch_size, 1))
+            self.log("train/aux_loss", aux, batch_size=weight, sync_dist=True)
             for name, value in out.aux_loss.items():
-                self.log(f"train/aux/{name}", value, batch_size=max(batch_size, 1))
+                self.log(f"train/aux/{name}", value, batch_size=weight, sync_dist=True)
             return loss + aux
         return loss
 
@@ -184,6 +220,15 @@ class NodeClassificationTask(L.LightningModule):
             print(format_expert_load(load))
             plot_expert_load(load, Path(output_dir) / "expert_load.png")
         return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The training metrics of the epoch so far (a checkpoint may be taken
+        # in its middle: see TorchNeighborLoader.state_dict).
+        checkpoint["train_metric_states"] = metric_states(self.train_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "train_metric_states" in checkpoint:
+            load_metric_states(self.train_metrics, checkpoint["train_metric_states"])
 
     def configure_optimizers(self):
         return build_optimizers(self.optimizer_factory, self.scheduler_factory,
