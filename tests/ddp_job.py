@@ -114,8 +114,8 @@ def main() -> None:
         task = NodeClassificationTask(net, num_classes=C, optimizer=adam,
                                       aux_loss_weights=weights)
     else:
-        net = Mowst(MLP([FEAT, 16, C], dropout=0.0), GraphSAGE(FEAT, 16, 2, C, dropout=0.0),
-                    variant=args.model)
+        net = Mowst(MLP([FEAT, 16, C], dropout=0.0, norm=None),
+                    GraphSAGE(FEAT, 16, 2, C, dropout=0.0), variant=args.model)
         task = MowstTask(net, num_classes=C, optimizer=adam, turn_patience=1,
                          max_turn_epochs=1, max_rounds=10, round_patience=10, min_delta=0.0)
     strategy = (DDPStrategy(find_unused_parameters=True, start_method="popen")

@@ -11,7 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
-from moegraph.data.loader import KHopLoader, ShardSampler, TorchNeighborLoader  # noqa: F401
+from moegraph.data.loader import (  # noqa: F401 (KHopLoader: re-exported)
+    KHopLoader,
+    NeighborSampler,
+    ShardSampler,
+    TorchNeighborLoader,
+)
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
 
@@ -225,6 +230,7 @@ class NodeDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.data: Optional[Data] = None
+        self._sampler: Optional[NeighborSampler] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
@@ -269,9 +275,13 @@ class NodeDataModule(L.LightningDataModule):
                 # sync the same metrics.
                 kwargs = {"sampler": ShardSampler(range(int(mask.sum())), world_size, rank),
                           "min_batches": 1}
+            if self._sampler is None:  # one CSR of the graph for every loader
+                self._sampler = NeighborSampler(self.data.edge_index, self.data.num_nodes,
+                                                self.num_neighbors)
             return TorchNeighborLoader(self.data, self.num_neighbors, input_nodes=mask,
                                        batch_size=self.batch_size, shuffle=shuffle,
-                                       num_workers=self.num_workers, **kwargs)
+                                       num_workers=self.num_workers,
+                                       neighbor_sampler=self._sampler, **kwargs)
         from torch_geometric.loader import NeighborLoader
         return NeighborLoader(self.data, num_neighbors=self.num_neighbors,
                               input_nodes=mask, batch_size=self.batch_size, shuffle=shuffle,

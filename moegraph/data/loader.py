@@ -223,6 +223,9 @@ class TorchNeighborLoader(DataLoader):
         min_batches (int, optional): yield empty batches (no seed) up to this
             many, so that every process of a distributed evaluation runs as many
             steps as needed to call the same collectives. (default: :obj:`0`)
+        neighbor_sampler (NeighborSampler, optional): a sampler of ``data``
+            with these ``num_neighbors`` to share (its CSR is built once for
+            all the loaders of a graph). (default: :obj:`None`)
         **kwargs: other arguments of :class:`~torch.utils.data.DataLoader`
             (``num_workers``, ``sampler``, ``drop_last``, ...).
     """
@@ -230,7 +233,7 @@ class TorchNeighborLoader(DataLoader):
     def __init__(self, data: Data, num_neighbors: Sequence[int],
                  input_nodes: Optional[Tensor] = None, batch_size: int = 1,
                  shuffle: bool = False, seed: Optional[int] = None, min_batches: int = 0,
-                 **kwargs: Any):
+                 neighbor_sampler: Optional[NeighborSampler] = None, **kwargs: Any):
         kwargs.pop("dataset", None)
         kwargs.pop("collate_fn", None)
         if input_nodes is None:
@@ -242,8 +245,13 @@ class TorchNeighborLoader(DataLoader):
         self.input_nodes = input_nodes
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
         self.min_batches = min_batches
-        self.neighbor_sampler = NeighborSampler(data.edge_index, data.num_nodes,
-                                                self.num_neighbors)
+        if neighbor_sampler is None:
+            neighbor_sampler = NeighborSampler(data.edge_index, data.num_nodes,
+                                               self.num_neighbors)
+        elif neighbor_sampler.num_neighbors != self.num_neighbors:
+            raise ValueError(f"'neighbor_sampler' samples {neighbor_sampler.num_neighbors} "
+                             f"neighbours, the loader asks for {self.num_neighbors}")
+        self.neighbor_sampler = neighbor_sampler
         self._generator = torch.Generator().manual_seed(self.seed)
         self._skip, self._given = 0, 0
         dataset = range(input_nodes.numel())

@@ -48,7 +48,7 @@ def make_task(model):
                      ffn_hidden_channels=16, dropout=0.0)
         return NodeClassificationTask(net, num_classes=C, optimizer=ADAM,
                                       aux_loss_weights={"load_balance": 0.1})
-    net = Mowst(MLP([FEAT, 16, C], dropout=0.0), GraphSAGE(FEAT, 16, 2, C, dropout=0.0))
+    net = Mowst(MLP([FEAT, 16, C], dropout=0.0, norm=None), GraphSAGE(FEAT, 16, 2, C, dropout=0.0))
     # turns of 2 epochs: a checkpoint in the middle of the second epoch of a turn
     return MowstTask(net, num_classes=C, optimizer=ADAM, turn_patience=2, max_turn_epochs=2,
                      min_delta=0.0)
