@@ -10,6 +10,7 @@ from moegraph.data.datamodule import (
     load_real_dataset,
     select_split,
 )
+from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
 from moegraph.data.movielens import (
     MovieLensDataModule,
     check_ratings,
@@ -20,7 +21,8 @@ from moegraph.data.movielens import (
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
-__all__ = ["DATASETS", "REAL_DATASETS", "KHopLoader", "MovieLensDataModule", "NodeDataModule",
+__all__ = ["DATASETS", "REAL_DATASETS", "EpochRandomSampler", "KHopLoader", "MovieLensDataModule",
+           "NeighborSampler", "NodeDataModule", "TorchNeighborLoader",
            "check_graph", "check_ratings", "csbm_graph", "dataset_metric", "load_movielens100k",
            "load_node_dataset", "load_real_dataset", "random_split_masks", "sample_negatives",
            "select_split", "synthetic_ratings", "temporal_split"]

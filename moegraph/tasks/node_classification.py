@@ -183,8 +183,9 @@ class NodeClassificationTask(L.LightningModule):
         weight = batch_size if self.distributed else max(batch_size, 1)
         self.log(f"{split}/loss", loss, batch_size=weight, prog_bar=split != "test",
                  sync_dist=True)
-        if batch_size or self.distributed:
+        if batch_size:
             update_metrics(metrics, logits, y)
+        if batch_size or self.distributed:  # torchmetrics sync even without an update
             # A metric given only update() has no step value: log it per epoch.
             self.log_dict(metrics, batch_size=weight, prog_bar=split == "val",
                           on_step=False, on_epoch=True)
