@@ -117,12 +117,13 @@ def test_a_process_without_training_nodes(tmp_path, model):
     # Rank 1's graph has no training node: its loss is a zero that still
     # reaches the trained parameters (Mowst: in the strong turns too), so both
     # processes run the backward pass and its all-reduce. The gradient is half
-    # of one process's, which Adam does not see (scale-invariant, up to eps).
+    # of one process's, which Adam does not see (scale-invariant, up to its eps:
+    # 1e-3 after 4 steps of lr 0.02 on the MoE experts' small gradients).
     ddp = job(tmp_path, "ddp", "--model", model, "--empty-rank", "1", "--epochs", "4",
               devices=2)
     one = job(tmp_path, "one", "--model", model, "--epochs", "4")[0]
     assert_ranks_agree(ddp)
-    assert_same_params(ddp[0]["params"], one["params"], atol=1e-4)
+    assert_same_params(ddp[0]["params"], one["params"], atol=2e-3)
     assert_same_metrics(ddp[0]["metrics"], one["metrics"], ["train/acc", "val/acc"], tol=1e-4)
 
 
