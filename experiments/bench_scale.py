@@ -12,7 +12,8 @@ its own. Writes ``experiments/results/scale.md`` and ``scale.png``.
 Setting (stated in the results file): CSBM graph (``moegraph.data.csbm_graph``),
 average in-degree 10 (``N * 10`` directed edges, i.e. ``5 N`` undirected
 pairs), 32 features, 4 classes; 2% of the nodes are training seeds (20,000
-at 1M nodes: an epoch of the MoE-GNN takes about 2 minutes here), 1% validation; fanout ``[10, 5]``, 1,024 seeds per batch; hidden 64, 2 SAGE
+at 1M nodes: an epoch of the MoE-GNN takes about 2 minutes here), 1%
+validation; fanout ``[10, 5]``, 1,024 seeds per batch; hidden 64, 2 SAGE
 layers. MoE-GNN: each layer followed by a top-2 MoE block of 8 experts.
 Mowst: MLP + GraphSAGE, one epoch = one weak turn epoch (MLP + gate trained,
 the GNN frozen but run on every batch) then one strong turn epoch (the GNN

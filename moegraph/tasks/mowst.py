@@ -314,8 +314,7 @@ class MowstTask(NodeClassificationTask):
             self.manual_backward(loss)
             for opt in active:
                 opt.step()
-        weight = y.numel() if self.distributed else max(y.numel(), 1)
-        self.log("train/loss", loss, batch_size=weight, prog_bar=True, sync_dist=True)
+        self.log_loss("train", loss, y.numel())
         if y.numel() or self.distributed:  # every process updates: all sync the states
             self.mowst_metrics["train_"].update(sub, y)
         return loss.detach()
@@ -323,9 +322,7 @@ class MowstTask(NodeClassificationTask):
     def _eval_step(self, data: Data, split: str) -> Tensor:
         sub, y, zero = self._split_outputs(data, split)
         loss = self.net.loss(sub, y) if y.numel() else zero
-        weight = y.numel() if self.distributed else max(y.numel(), 1)
-        self.log(f"{split}/loss", loss, batch_size=weight, prog_bar=split == "val",
-                 sync_dist=True)
+        self.log_loss(split, loss, y.numel() if self.distributed else max(y.numel(), 1))
         if y.numel() or self.distributed:
             self.mowst_metrics[f"{split}_"].update(sub, y)
         return loss

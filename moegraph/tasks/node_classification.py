@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
-from torchmetrics import Accuracy, MetricCollection
+from torchmetrics import Accuracy, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
 from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
@@ -156,6 +156,7 @@ class NodeClassificationTask(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, data: Data) -> ModelOutput:
         return as_model_output(self.net(data.x, data.edge_index))
@@ -170,6 +171,23 @@ class NodeClassificationTask(L.LightningModule):
         r"""Whether the task runs in one of several processes (DDP)."""
         return self._trainer is not None and self._trainer.world_size > 1
 
+    def log_loss(self, split: str, loss: Tensor, weight: int) -> None:
+        r"""Log ``{split}/loss``: per step in training (the mean over the
+        processes under DDP), per epoch in evaluation (weighted by nodes).
+
+        The epoch mean is a torchmetrics ``MeanMetric`` with float states
+        summed across processes: Lightning's own synced weighted mean keeps the
+        summed batch size an integer and divides it by the world size on gloo,
+        rounding it down (an odd total, or a process without nodes, gives a
+        wrong mean or infinity)."""
+        if split == "train":
+            self.log("train/loss", loss, batch_size=max(weight, 1), prog_bar=True,
+                     sync_dist=True)
+            return
+        mean = self.eval_losses[split]
+        mean.update(loss.detach(), weight)
+        self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True)
+
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
         mask = split_mask(data, split)
@@ -181,8 +199,7 @@ class NodeClassificationTask(L.LightningModule):
         # without nodes of the split included: weight 0), so that the syncs
         # of the logged values and of the metrics' states meet.
         weight = batch_size if self.distributed else max(batch_size, 1)
-        self.log(f"{split}/loss", loss, batch_size=weight, prog_bar=split != "test",
-                 sync_dist=True)
+        self.log_loss(split, loss, weight)
         if batch_size:
             update_metrics(metrics, logits, y)
         if batch_size or self.distributed:  # torchmetrics sync even without an update
