@@ -6,6 +6,7 @@ r"""The one training entry point: ``train(cfg)`` and the ``moegraph-train`` CLI.
     moegraph-train                                   # default experiment
     moegraph-train model.net.num_experts=16 trainer.max_epochs=50
     moegraph-train -m seed=0,1,2 model=moe_gnn,gnn    # multirun sweep
+    moegraph-train trainer=ddp                       # 2 processes (gloo on CPU)
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ``cfg.trainer``; fits, tests the best checkpoint, lets the task write its
     diagnostics (``task.write_diagnostics(datamodule, output_dir)``, e.g. the
     per-expert load) and writes ``metrics.json`` to ``cfg.paths.output_dir``.
+
+    Under DDP (``trainer=ddp``) every process runs this function; the metrics
+    are synced across them, and only the first writes the diagnostics and
+    ``metrics.json``.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -83,6 +88,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics["time/fit_seconds"] = fit_seconds
     metrics["time/epochs"] = float(trainer.current_epoch)
+    if not trainer.is_global_zero:  # DDP: the other processes hold the same metrics
+        return metrics
     write_diagnostics = getattr(model, "write_diagnostics", None)
     if write_diagnostics is not None:
         metrics.update(write_diagnostics(datamodule, output_dir) or {})

@@ -37,7 +37,7 @@ OPTIONS = {
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
     "logger": ["csv", "none"],
-    "trainer": ["cpu", "default", "gpu"],
+    "trainer": ["cpu", "ddp", "default", "gpu"],
     "experiment": ["cluster_moe", "cluster_single", "movielens_home", "movielens_mmoe",
                    "movielens_ple", "movielens_shared_bottom", "nc_amherst41", "nc_citeseer",
                    "nc_cora", "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
@@ -128,6 +128,20 @@ def test_gpu_trainer_composes(compose_cfg):
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.trainer.max_epochs == 100  # inherited from trainer/default
+
+
+def test_ddp_trainer(compose_cfg):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_cfg(TINY, "trainer=ddp")
+    assert cfg.trainer.max_epochs == 100  # inherited from trainer/default
+    trainer = instantiate_run(cfg)["trainer"]
+    strategy = trainer.strategy
+    assert isinstance(strategy, DDPStrategy) and trainer.num_devices == 2
+    assert strategy._ddp_kwargs["find_unused_parameters"] is True
+    assert strategy._start_method == "popen"
+    assert strategy._get_process_group_backend() == "gloo"  # CPU
+    assert trainer._accelerator_connector.use_distributed_sampler
 
 
 def test_debug_fdr(compose_cfg):

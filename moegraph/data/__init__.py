@@ -17,6 +17,7 @@ from moegraph.data.datamodule import (
     load_real_dataset,
     select_split,
 )
+from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
 from moegraph.data.movielens import (
     MovieLensDataModule,
     check_ratings,
@@ -27,8 +28,9 @@ from moegraph.data.movielens import (
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
-__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches", "KHopLoader",
-           "MovieLensDataModule", "NodeDataModule", "check_graph", "check_ratings",
+__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches",
+           "EpochRandomSampler", "KHopLoader", "MovieLensDataModule", "NeighborSampler",
+           "NodeDataModule", "TorchNeighborLoader", "check_graph", "check_ratings",
            "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
            "dataset_metric", "load_movielens100k", "load_node_dataset", "load_real_dataset",
            "random_split_masks", "sample_negatives", "select_split", "synthetic_ratings",

@@ -11,6 +11,12 @@ import torch
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
+from moegraph.data.loader import (  # noqa: F401 (KHopLoader: re-exported)
+    KHopLoader,
+    NeighborSampler,
+    ShardSampler,
+    TorchNeighborLoader,
+)
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
 
@@ -170,52 +176,6 @@ def check_graph(data: Data, name: str) -> None:
             raise ValueError(f"{name}: '{key}' holds unlabelled nodes (y < 0)")
 
 
-class KHopLoader:
-    r"""Mini-batches of seed nodes with their full ``num_hops``-hop
-    neighbourhoods, in pure PyTorch (the fallback of
-    :class:`~torch_geometric.loader.NeighborLoader`, which needs ``pyg-lib`` or
-    ``torch-sparse``). Like it, each batch puts its ``batch_size`` seed nodes
-    first and carries ``n_id`` (the original node ids).
-
-    Args:
-        data (Data): the graph.
-        input_nodes (Tensor): boolean mask of the seed nodes.
-        num_hops (int): hops of neighbourhood.
-        batch_size (int): seed nodes per batch.
-        shuffle (bool, optional): shuffle the seeds each epoch. (default: :obj:`False`)
-    """
-
-    def __init__(self, data: Data, input_nodes: torch.Tensor, num_hops: int, batch_size: int,
-                 shuffle: bool = False):
-        self.data = data
-        self.seeds = input_nodes.nonzero().view(-1)
-        self.num_hops = num_hops
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-
-    def __len__(self) -> int:
-        return (self.seeds.numel() + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        from torch_geometric.utils import k_hop_subgraph
-
-        data, N = self.data, self.data.num_nodes
-        seeds = self.seeds[torch.randperm(self.seeds.numel())] if self.shuffle else self.seeds
-        for chunk in seeds.split(self.batch_size):
-            subset, edge_index, _, _ = k_hop_subgraph(chunk, self.num_hops, data.edge_index,
-                                                      num_nodes=N)
-            is_seed = torch.zeros(N, dtype=torch.bool)
-            is_seed[chunk] = True
-            n_id = torch.cat([chunk, subset[~is_seed[subset]]])  # seeds first
-            relabel = torch.full((N,), -1, dtype=torch.long)
-            relabel[n_id] = torch.arange(n_id.numel())
-            batch = Data(edge_index=relabel[edge_index], num_nodes=n_id.numel())
-            for key in ("x", "y"):
-                batch[key] = data[key][n_id]
-            batch.n_id, batch.batch_size = n_id, chunk.numel()
-            yield batch
-
-
 class NodeDataModule(L.LightningDataModule):
     r"""Node classification on one graph.
 
@@ -223,8 +183,13 @@ class NodeDataModule(L.LightningDataModule):
     reads the split from its masks. With ``batch_size``, loaders are PyG
     :class:`~torch_geometric.loader.NeighborLoader` mini-batches whose seed
     nodes are the split's nodes (for graphs too large for one step), or,
-    without ``pyg-lib`` / ``torch-sparse``, :class:`KHopLoader` batches with
-    full ``len(num_neighbors)``-hop neighbourhoods.
+    without ``pyg-lib`` / ``torch-sparse``, the pure-torch
+    :class:`~moegraph.data.loader.TorchNeighborLoader` with the same
+    ``num_neighbors`` (``-1``: all neighbours of a hop).
+
+    Under DDP, Lightning shards the training seeds (its ``DistributedSampler``,
+    which pads the shards to equal sizes); evaluation seeds are sharded without
+    padding, every node once, with at least one batch per process.
 
     Args:
         name (str): dataset name (see :func:`load_node_dataset`).
@@ -238,7 +203,7 @@ class NodeDataModule(L.LightningDataModule):
         batch_size (int, optional): seed nodes per mini-batch; full-batch if
             :obj:`None`. (default: :obj:`None`)
         num_neighbors (list of int, optional): neighbours sampled per hop in
-            mini-batch mode. (default: :obj:`[10, 10]`)
+            mini-batch mode, ``-1`` for all. (default: :obj:`[10, 10]`)
         num_workers (int, optional): loader workers. (default: :obj:`0`)
         dataset_kwargs (dict, optional): arguments of the generator / split.
     """
@@ -265,6 +230,7 @@ class NodeDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.data: Optional[Data] = None
+        self._sampler: Optional[NeighborSampler] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
@@ -299,14 +265,34 @@ class NodeDataModule(L.LightningDataModule):
         if self.batch_size is None:
             return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)
         from torch_geometric.typing import WITH_PYG_LIB, WITH_TORCH_SPARSE
+        mask = self.data[f"{split}_mask"]
         if not (WITH_PYG_LIB or WITH_TORCH_SPARSE):  # NeighborLoader needs one of them
-            return KHopLoader(self.data, self.data[f"{split}_mask"], len(self.num_neighbors),
-                              self.batch_size, shuffle)
+            kwargs = {}
+            world_size, rank = self._distributed()
+            if split != "train" and world_size > 1:
+                # Evaluation: every node once (no padding), and at least one
+                # (maybe empty) batch per process, so that all of them log and
+                # sync the same metrics.
+                kwargs = {"sampler": ShardSampler(range(int(mask.sum())), world_size, rank),
+                          "min_batches": 1}
+            if self._sampler is None:  # one CSR of the graph for every loader
+                self._sampler = NeighborSampler(self.data.edge_index, self.data.num_nodes,
+                                                self.num_neighbors)
+            return TorchNeighborLoader(self.data, self.num_neighbors, input_nodes=mask,
+                                       batch_size=self.batch_size, shuffle=shuffle,
+                                       num_workers=self.num_workers,
+                                       neighbor_sampler=self._sampler, **kwargs)
         from torch_geometric.loader import NeighborLoader
         return NeighborLoader(self.data, num_neighbors=self.num_neighbors,
-                              input_nodes=self.data[f"{split}_mask"],
-                              batch_size=self.batch_size, shuffle=shuffle,
+                              input_nodes=mask, batch_size=self.batch_size, shuffle=shuffle,
                               num_workers=self.num_workers)
+
+    def _distributed(self) -> tuple[int, int]:
+        r"""World size and rank of the trainer this data module serves (1, 0 alone)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)

@@ -25,7 +25,13 @@ from moegraph.nn.mowst import (
     expected_binary_auroc,
     mixture_log_probs,
 )
-from moegraph.tasks.node_classification import METRICS, NodeClassificationTask, split_mask
+from moegraph.tasks.node_classification import (
+    METRICS,
+    NodeClassificationTask,
+    load_metric_states,
+    metric_states,
+    split_mask,
+)
 
 log = logging.getLogger(__name__)
 PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint")
@@ -287,7 +293,11 @@ class MowstTask(NodeClassificationTask):
         mask = split_mask(data, split)
         y = data.y[mask]
         self._check_labels(y)
-        return MowstOutput(*(t[mask] for t in out)), y, out.weak_logits.sum() * 0.0
+        # A zero that depends on every output: in each phase it reaches the
+        # trained parameters, so that a process without nodes still runs the
+        # backward pass (and DDP's gradient all-reduce) with the others.
+        zero = sum(t.sum() for t in out) * 0.0
+        return MowstOutput(*(t[mask] for t in out)), y, zero
 
     def training_step(self, data: Data, batch_idx: int) -> Tensor:
         self._apply_freeze()
@@ -304,16 +314,16 @@ class MowstTask(NodeClassificationTask):
             self.manual_backward(loss)
             for opt in active:
                 opt.step()
-        self.log("train/loss", loss, batch_size=max(y.numel(), 1), prog_bar=True)
-        if y.numel():
+        self.log_loss("train", loss, y.numel())
+        if y.numel() or self.distributed:  # every process updates: all sync the states
             self.mowst_metrics["train_"].update(sub, y)
         return loss.detach()
 
     def _eval_step(self, data: Data, split: str) -> Tensor:
         sub, y, zero = self._split_outputs(data, split)
         loss = self.net.loss(sub, y) if y.numel() else zero
-        self.log(f"{split}/loss", loss, batch_size=max(y.numel(), 1), prog_bar=split == "val")
-        if y.numel():
+        self.log_loss(split, loss, y.numel() if self.distributed else max(y.numel(), 1))
+        if y.numel() or self.distributed:
             self.mowst_metrics[f"{split}_"].update(sub, y)
         return loss
 
@@ -337,8 +347,9 @@ class MowstTask(NodeClassificationTask):
             logged[f"{split}/{self.metric}_{key}"] = values[key]
         logged[f"{split}/confidence"] = values["confidence"]
         logged[f"{split}/confident"] = values["confident"]
-        self.log_dict(logged)
-        self.log(f"{split}/{self.metric}", main, prog_bar=split == "val")
+        # The values are synced already (the metric gathers every process's nodes).
+        self.log_dict(logged, sync_dist=True)
+        self.log(f"{split}/{self.metric}", main, prog_bar=split == "val", sync_dist=True)
         return float(main), float(values[{"pretrain_weak": "weak", "pretrain_strong": "strong"}
                                           .get(self.phase, "expected" if self.net.variant ==
                                                "mowst" else "mixture")])
@@ -372,7 +383,11 @@ class MowstTask(NodeClassificationTask):
             self.trainer.callbacks = [c for c in self.trainer.callbacks
                                       if not isinstance(c, EarlyStopping)]
         self._caching = True
-        self._begin_turn()
+        if getattr(self, "_resumed_turn", False):  # the checkpoint's turn goes on
+            self._resumed_turn, self._cache = False, None
+            self._apply_freeze()
+        else:
+            self._begin_turn()
 
     def on_fit_end(self) -> None:
         self._caching, self._cache = False, None
@@ -456,6 +471,13 @@ class MowstTask(NodeClassificationTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mowst_schedule"] = dict(self._schedule)
+        # The turn in progress (its start and best states, for the roll-back)
+        # and the training metrics of the epoch so far: a run resumed in the
+        # middle of a turn or of an epoch goes on as if never stopped.
+        checkpoint["mowst_turn"] = {"turn_id": self._turn_id,
+                                    "start_state": self._turn_start_state,
+                                    "best_state": self._turn_best_state}
+        checkpoint["train_metric_states"] = metric_states(self.mowst_metrics["train_"])
 
     # -- optimisers ----------------------------------------------------------------
     def _optimizer_parts(self) -> list[list[Tensor]]:
@@ -476,6 +498,13 @@ class MowstTask(NodeClassificationTask):
         self._cache = None
         if "mowst_schedule" in checkpoint:
             self._schedule = dict(checkpoint["mowst_schedule"])
+        if "mowst_turn" in checkpoint:
+            turn = checkpoint["mowst_turn"]
+            self._turn_id = turn["turn_id"]
+            self._turn_start_state, self._turn_best_state = turn["start_state"], turn["best_state"]
+            self._resumed_turn = True
+        if "train_metric_states" in checkpoint:
+            load_metric_states(self.mowst_metrics["train_"], checkpoint["train_metric_states"])
 
     # -- after training ------------------------------------------------------------
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
-from torchmetrics import Accuracy, MetricCollection
+from torchmetrics import Accuracy, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
 from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
@@ -77,6 +77,33 @@ def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
             "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
 
 
+def metric_states(metrics: Module) -> dict[str, dict[str, Any]]:
+    r"""The accumulated states of every :class:`~torchmetrics.Metric` in
+    ``metrics`` (by module name), for a checkpoint taken in the middle of an
+    epoch: resumed, the epoch's metrics then count the batches seen before."""
+    from torchmetrics import Metric
+
+    states = {}
+    for name, metric in metrics.named_modules():
+        if isinstance(metric, Metric) and not isinstance(metric, MetricCollection):
+            state = {key: ([v.detach().clone() for v in value] if isinstance(value, list)
+                           else value.detach().clone())
+                     for key, value in metric.metric_state.items()}
+            states[name] = {"state": state, "update_count": metric._update_count}
+    return states
+
+
+def load_metric_states(metrics: Module, states: dict[str, dict[str, Any]]) -> None:
+    r"""Put back what :func:`metric_states` saved."""
+    modules = dict(metrics.named_modules())
+    for name, saved in states.items():
+        metric = modules[name]
+        for key, value in saved["state"].items():
+            setattr(metric, key, value)
+        metric._update_count = saved["update_count"]
+        metric._computed = None
+
+
 def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
                       ref: Tensor) -> Tensor:
     r"""``sum_name weights[name] * aux_loss[name]`` over the losses the model returned."""
@@ -130,6 +157,7 @@ class NodeClassificationTask(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def forward(self, data: Data) -> ModelOutput:
         return as_model_output(self.net(data.x, data.edge_index))
@@ -139,6 +167,28 @@ class NodeClassificationTask(L.LightningModule):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] "
                              f"(got [{int(y.min())}, {int(y.max())}])")
 
+    @property
+    def distributed(self) -> bool:
+        r"""Whether the task runs in one of several processes (DDP)."""
+        return self._trainer is not None and self._trainer.world_size > 1
+
+    def log_loss(self, split: str, loss: Tensor, weight: int) -> None:
+        r"""Log ``{split}/loss``: per step in training (the mean over the
+        processes under DDP), per epoch in evaluation (weighted by nodes).
+
+        The epoch mean is a torchmetrics ``MeanMetric`` with float states
+        summed across processes: Lightning's own synced weighted mean keeps the
+        summed batch size an integer and divides it by the world size on gloo,
+        rounding it down (an odd total, or a process without nodes, gives a
+        wrong mean or infinity)."""
+        if split == "train":
+            self.log("train/loss", loss, batch_size=max(weight, 1), prog_bar=True,
+                     sync_dist=True)
+            return
+        mean = self.eval_losses[split]
+        mean.update(loss.detach(), weight)
+        self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True)
+
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
         mask = split_mask(data, split)
@@ -146,18 +196,22 @@ class NodeClassificationTask(L.LightningModule):
         self._check_labels(y)
         batch_size = int(mask.sum())
         loss = F.cross_entropy(logits, y) if batch_size else logits.sum() * 0.0
-        self.log(f"{split}/loss", loss, batch_size=max(batch_size, 1),
-                 prog_bar=split != "test")
+        # Under DDP every process logs the same keys at every step (a batch
+        # without nodes of the split included: weight 0), so that the syncs
+        # of the logged values and of the metrics' states meet.
+        weight = batch_size if self.distributed else max(batch_size, 1)
+        self.log_loss(split, loss, weight)
         if batch_size:
             update_metrics(metrics, logits, y)
+        if batch_size or self.distributed:  # torchmetrics sync even without an update
             # A metric given only update() has no step value: log it per epoch.
-            self.log_dict(metrics, batch_size=batch_size, prog_bar=split == "val",
+            self.log_dict(metrics, batch_size=weight, prog_bar=split == "val",
                           on_step=False, on_epoch=True)
         if split == "train":
             aux = weighted_aux_loss(out.aux_loss, self.aux_loss_weights, loss)
-            self.log("train/aux_loss", aux, batch_size=max(batch_size, 1))
+            self.log("train/aux_loss", aux, batch_size=weight, sync_dist=True)
             for name, value in out.aux_loss.items():
-                self.log(f"train/aux/{name}", value, batch_size=max(batch_size, 1))
+                self.log(f"train/aux/{name}", value, batch_size=weight, sync_dist=True)
             return loss + aux
         return loss
 
@@ -188,6 +242,15 @@ class NodeClassificationTask(L.LightningModule):
             plot_expert_load(load, Path(output_dir) / "expert_load.png")
             (Path(output_dir) / "expert_load.json").write_text(json.dumps(load.tolist()))
         return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The training metrics of the epoch so far (a checkpoint may be taken
+        # in its middle: see TorchNeighborLoader.state_dict).
+        checkpoint["train_metric_states"] = metric_states(self.train_metrics)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "train_metric_states" in checkpoint:
+            load_metric_states(self.train_metrics, checkpoint["train_metric_states"])
 
     def configure_optimizers(self):
         return build_optimizers(self.optimizer_factory, self.scheduler_factory,

@@ -1,0 +1,234 @@
+r"""Scale benchmark: one training epoch of a MoE-GNN and of Mowst on a synthetic
+graph of up to 1,000,000 nodes and 10,000,000 edges, with the pure-torch
+neighbour-sampling loader, on this machine's CPU.
+
+    python experiments/bench_scale.py                       # 250k, 500k, 1M nodes
+    python experiments/bench_scale.py --sizes 100000 --threads 1
+
+Each (size, model) runs in a fresh subprocess, so that its peak RSS
+(``resource.getrusage``: graph generation, sampler and training together) is
+its own. Writes ``experiments/results/scale.md`` and ``scale.png``.
+
+Setting (stated in the results file): CSBM graph (``moegraph.data.csbm_graph``),
+average in-degree 10 (``N * 10`` directed edges, i.e. ``5 N`` undirected
+pairs), 32 features, 4 classes; 2% of the nodes are training seeds (20,000
+at 1M nodes: an epoch of the MoE-GNN takes about 2 minutes here), 1%
+validation; fanout ``[10, 5]``, 1,024 seeds per batch; hidden 64, 2 SAGE
+layers. MoE-GNN: each layer followed by a top-2 MoE block of 8 experts.
+Mowst: MLP + GraphSAGE, one epoch = one weak turn epoch (MLP + gate trained,
+the GNN frozen but run on every batch) then one strong turn epoch (the GNN
+trained, MLP + gate frozen), i.e. two passes over the training seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_one(args) -> dict:
+    r"""One (size, model) measurement, in this process."""
+    import functools
+
+    import lightning as L
+    import torch
+    from torch_geometric.nn.models import MLP, GraphSAGE
+
+    from moegraph.data import NodeDataModule
+    from moegraph.nn import Mowst
+    from moegraph.nn.models import MoEGNN
+    from moegraph.tasks import MowstTask, NodeClassificationTask
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    start = time.perf_counter()
+    dm = NodeDataModule("synthetic", batch_size=args.batch_size,
+                        num_neighbors=args.fanout, dataset_kwargs=dict(
+                            num_nodes=args.num_nodes, num_classes=4, num_features=32,
+                            avg_degree=args.avg_degree, homophily=0.8, train_ratio=args.train,
+                            val_ratio=args.val, seed=0))
+    dm.setup()
+    data = dm.data
+    generate_s = time.perf_counter() - start
+    rss_data = rss_gib()
+    F, C, H = data.num_features, dm.num_classes, 64
+    adam = functools.partial(torch.optim.Adam, lr=0.01)
+    if args.model == "moe_gnn":
+        net = MoEGNN(F, H, C, num_layers=2, conv="sage", num_experts=8, k=2,
+                     ffn_hidden_channels=H, dropout=0.2)
+        task = NodeClassificationTask(net, num_classes=C, optimizer=adam,
+                                      aux_loss_weights={"load_balance": 0.01, "z_loss": 0.001})
+        epochs = 1
+    else:
+        net = Mowst(MLP([F, H, C], dropout=0.2, norm=None),
+                    GraphSAGE(F, H, 2, C, dropout=0.2))
+        task = MowstTask(net, num_classes=C, optimizer=adam, turn_patience=1,
+                         max_turn_epochs=1)
+        epochs = 2  # the weak turn, then the strong turn
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.train_s, self.batches, self.phases = [], 0, []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.t0 = time.perf_counter()
+            self.phases.append(getattr(module, "phase", "train"))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.batches += 1
+            self.t_last = time.perf_counter()
+
+        def on_validation_epoch_start(self, trainer, module):
+            if not trainer.sanity_checking:
+                self.train_s.append(self.t_last - self.t0)
+
+    timer = Timer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[timer])
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=dm)
+    fit_s = time.perf_counter() - start
+    seeds = int(data.train_mask.sum())
+    epoch_s = sum(timer.train_s)  # Mowst: both turns
+    return {"model": args.model, "num_nodes": data.num_nodes,
+            "num_edges": int(data.edge_index.size(1)), "train_seeds": seeds,
+            "batches": timer.batches, "phases": timer.phases, "epoch_s": epoch_s,
+            "turn_s": timer.train_s, "seeds_per_s": seeds * len(timer.train_s) / epoch_s,
+            "fit_s": fit_s, "generate_s": generate_s, "rss_data_gib": rss_data,
+            "peak_rss_gib": peak_rss_gib(), "threads": args.threads,
+            "val_acc": float(trainer.callback_metrics.get("val/acc", float("nan")))}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for model, label in (("moe_gnn", "MoE-GNN (1 pass)"), ("mowst", "Mowst (weak + strong turn)")):
+        pts = sorted((r["num_nodes"], r["epoch_s"]) for r in rows if r["model"] == model)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, "o-", label=label)
+            # the line through the origin and the largest size: linear scaling
+            ax.plot([0, xs[-1]], [0, ys[-1]], ":", color=ax.lines[-1].get_color(), lw=1)
+    ax.set_xlabel("nodes (10 directed edges per node; 2% training seeds)")
+    ax.set_ylabel("time per epoch (s)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("One epoch with neighbour sampling, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_table(rows: list[dict], args, path: Path) -> None:
+    lines = [
+        "# Scale benchmark: one epoch with neighbour sampling",
+        "",
+        f"Command: `python experiments/bench_scale.py --sizes {' '.join(map(str, args.sizes))} "
+        f"--threads {args.threads} --train {args.train:g} --val {args.val:g} "
+        f"--fanout {' '.join(map(str, args.fanout))} --batch-size {args.batch_size}`",
+        "",
+        f"CSBM graph generated in-process (`moegraph.data.csbm_graph`), average in-degree "
+        f"{args.avg_degree:g} (directed edges = {args.avg_degree:g} x nodes), 32 features, 4 "
+        f"classes; {args.train:.0%} of the nodes are training seeds, {args.val:.0%} validation; "
+        f"fanout {args.fanout}, {args.batch_size} seeds per batch, pure-torch "
+        f"`TorchNeighborLoader` (no pyg-lib / torch-sparse), {args.threads} threads, float32, "
+        f"one process per row. Hidden 64, 2 SAGE layers; MoE-GNN: a top-2 MoE block of 8 "
+        f"experts after each layer. One Mowst epoch = one epoch of the weak turn (MLP + gate "
+        f"trained, GNN frozen and run) + one of the strong turn (GNN trained): two passes over "
+        f"the seeds. Time per epoch = training batches only (sampling, forward, backward, "
+        f"step), without validation; seeds/s counts each pass. Peak RSS = the process's "
+        f"high-water mark (graph generation included).",
+        "",
+        "| model | nodes | edges | train seeds | batches | epoch (s) | seeds/s | "
+        "RSS after data (GiB) | peak RSS (GiB) | fit incl. val (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["model"], r["num_nodes"])):
+        turns = " + ".join(f"{t:.1f}" for t in r["turn_s"]) if len(r["turn_s"]) > 1 else ""
+        epoch = f"{r['epoch_s']:.1f}" + (f" ({turns})" if turns else "")
+        lines.append(
+            f"| {r['model']} | {r['num_nodes']:,} | {r['num_edges']:,} | {r['train_seeds']:,} | "
+            f"{r['batches']} | {epoch} | {r['seeds_per_s']:,.0f} | {r['rss_data_gib']:.2f} | "
+            f"{r['peak_rss_gib']:.2f} | {r['fit_s']:.1f} |")
+    lines += ["", "Time per epoch relative to the smallest size (linear scaling = the node "
+              "ratio):", ""]
+    for model in ("moe_gnn", "mowst"):
+        rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["num_nodes"])
+        if len(rs) > 1:
+            base = rs[0]
+            ratios = ", ".join(f"{r['num_nodes'] / base['num_nodes']:.0f}x nodes: "
+                               f"{r['epoch_s'] / base['epoch_s']:.2f}x time" for r in rs[1:])
+            lines.append(f"- {model}: {ratios}")
+    if args.note:
+        lines += ["", args.note]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250_000, 500_000, 1_000_000])
+    parser.add_argument("--models", nargs="+", default=["moe_gnn", "mowst"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--avg-degree", type=float, default=10.0)
+    parser.add_argument("--train", type=float, default=0.02)
+    parser.add_argument("--val", type=float, default=0.01)
+    parser.add_argument("--fanout", type=int, nargs="+", default=[10, 5])
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="a line appended to the results file")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--num-nodes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    rows = []
+    for num_nodes in args.sizes:
+        for model in args.models:
+            command = [sys.executable, __file__, "--one", "--num-nodes", str(num_nodes),
+                       "--model", model, "--threads", str(args.threads),
+                       "--avg-degree", str(args.avg_degree), "--train", str(args.train),
+                       "--val", str(args.val), "--batch-size", str(args.batch_size),
+                       "--fanout", *map(str, args.fanout)]
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{model} at {num_nodes} nodes failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{model:8s} {num_nodes:>9,} nodes: epoch {row['epoch_s']:.1f} s, "
+                  f"{row['seeds_per_s']:,.0f} seeds/s, peak RSS {row['peak_rss_gib']:.2f} GiB",
+                  flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(rows, indent=1))
+    write_table(rows, args, args.out / "scale.md")
+    plot(rows, args.out / "scale.png")
+    print(f"wrote {args.out / 'scale.md'} and {args.out / 'scale.png'}")
+
+
+if __name__ == "__main__":
+    main()
