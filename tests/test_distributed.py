@@ -62,7 +62,7 @@ def assert_same_metrics(a, b, keys, tol=1e-5):
         assert a[key] == pytest.approx(b[key], abs=tol), key
 
 
-@pytest.mark.parametrize("model", ["moe_gnn", pytest.param("mowst", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["moe_gnn", "mowst"])
 def test_two_processes_take_the_steps_of_one_with_the_global_batch(tmp_path, model):
     # 120 training seeds: 4 steps of 2 x 15 (DDP) or of 30 (one process) per epoch;
     # Mowst: 4 epochs, one per turn (weak, strong, weak, strong)
@@ -83,7 +83,6 @@ def test_two_processes_take_the_steps_of_one_with_the_global_batch(tmp_path, mod
         assert_same_metrics(result["metrics"], one["metrics"], keys)
 
 
-@pytest.mark.slow
 def test_aux_losses_are_averaged_like_the_gradients(tmp_path):
     # Each process's load-balancing and z-losses are computed on its own batch
     # (as in Switch / GShard per device) and DDP averages the gradients: one
