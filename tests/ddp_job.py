@@ -19,6 +19,7 @@ from torch_geometric.nn.models import MLP, GraphSAGE
 from moegraph.data import NodeDataModule
 from moegraph.data.loader import EpochRandomSampler, TorchNeighborLoader
 from moegraph.nn import Mowst
+from moegraph.nn.parallel import ShardedExperts
 from moegraph.nn.models import MoEGNN
 from moegraph.tasks import MowstTask, NodeClassificationTask
 
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--aux", action="store_true", help="weight the MoE aux losses")
     parser.add_argument("--emulate-ranks", type=int, default=0)
     parser.add_argument("--empty-rank", type=int, default=None)
+    parser.add_argument("--expert-parallel", action="store_true")
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -112,7 +114,8 @@ def main() -> None:
                      ffn_hidden_channels=16, dropout=0.0)
         weights = {"load_balance": 0.1, "z_loss": 0.01} if args.aux else None
         task = NodeClassificationTask(net, num_classes=C, optimizer=adam,
-                                      aux_loss_weights=weights)
+                                      aux_loss_weights=weights,
+                                      expert_parallel=args.expert_parallel)
     else:
         net = Mowst(MLP([FEAT, 16, C], dropout=0.0, norm=None),
                     GraphSAGE(FEAT, 16, 2, C, dropout=0.0), variant=args.model)
@@ -131,7 +134,9 @@ def main() -> None:
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 "world_size": trainer.world_size, "steps": trainer.global_step,
                 "step_log": step_log.steps,
-                "schedule": dict(getattr(task, "_schedule", {}))},
+                "schedule": dict(getattr(task, "_schedule", {})),
+                "local_experts": [m.num_local_experts for m in task.modules()
+                                  if isinstance(m, ShardedExperts)]},
                f"{args.out}.rank{trainer.global_rank}.pt")
 
 

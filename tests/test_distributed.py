@@ -101,6 +101,19 @@ def test_aux_losses_are_averaged_like_the_gradients(tmp_path):
     assert ddp[0]["metrics"]["train/aux_loss"] > 0
 
 
+def test_expert_parallel_under_ddp(tmp_path):
+    # model.expert_parallel: each process holds 2 of the 4 experts per block;
+    # the steps and the gathered state dict are those of one process.
+    ddp = job(tmp_path, "ddp", "--expert-parallel", "--batch-size", "15", devices=2)
+    one = job(tmp_path, "one", "--batch-size", "30")[0]
+    assert_ranks_agree(ddp)
+    assert [r["local_experts"] for r in ddp] == [[2, 2], [2, 2]] and one["local_experts"] == []
+    assert ddp[0]["params"].keys() == one["params"].keys()
+    assert ddp[0]["params"]["ffns.0.experts.weight1"].shape[0] == 4  # full layout
+    assert_same_params(ddp[0]["params"], one["params"])
+    assert_same_metrics(ddp[0]["metrics"], one["metrics"], ["train/acc", "val/acc", "val/loss"])
+
+
 @pytest.mark.slow
 def test_full_batch_under_ddp(tmp_path):
     # Every process gets the whole graph: the same steps as one process.

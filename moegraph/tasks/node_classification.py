@@ -142,7 +142,7 @@ class NodeClassificationTask(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
-                 metric: str = "acc"):
+                 metric: str = "acc", expert_parallel: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
@@ -153,11 +153,23 @@ class NodeClassificationTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights)
         self.metric = metric
+        self.expert_parallel = expert_parallel
         metrics = make_metrics(metric, num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+
+    def configure_model(self) -> None:
+        r"""With ``expert_parallel``, shard the experts of every sparse MoE
+        block of the network across the processes
+        (:func:`~moegraph.nn.shard_experts`): Lightning calls this hook once the
+        process group exists, before DDP wraps the module and before the
+        optimizer is made. A single process is left unchanged."""
+        if self.expert_parallel:
+            from moegraph.nn.parallel import shard_experts
+
+            shard_experts(self)
 
     def forward(self, data: Data) -> ModelOutput:
         return as_model_output(self.net(data.x, data.edge_index))
