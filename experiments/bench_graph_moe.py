@@ -30,8 +30,8 @@ that noise on a shared machine hits all alike; the median is reported.
 Target of the issue: at ``E = 16, k = 2``, ours ``<= 0.35x`` the all-experts
 time.
 
-    python experiments/bench_graph_moe.py            # 100k nodes, writes experiments/results/bench_graph_moe.md
-    python experiments/bench_graph_moe.py --quick    # 5k nodes, writes nothing
+    python experiments/bench_graph_moe.py          # 100k nodes; writes results/bench_graph_moe.md
+    python experiments/bench_graph_moe.py --quick  # 5k nodes; writes nothing
 """
 from __future__ import annotations
 
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
             reference = AllExperts(ours, edge_index, hop2).train()
             grad_out = torch.randn(N, F, generator=torch.Generator().manual_seed(1))
 
-            def run(method: str) -> tuple[Tensor, Tensor]:
+            def run(method: str, ours=ours, reference=reference,
+                    grad_out=grad_out) -> tuple[Tensor, Tensor]:
                 xr = x.clone().requires_grad_()
                 torch.manual_seed(2)  # the same router noise for both MoE methods
                 if method == "ours":

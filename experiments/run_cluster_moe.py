@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
+
+from run_node_classification import mean_std, train_cached  # noqa: E402  (sibling script)
+
 # name: (experiment, expert activation, label, the paper's test accuracy (%), Table 1)
 MODELS = {
     "single_linear": ("cluster_single", "linear", "single expert, linear", 68.7),
@@ -46,63 +47,44 @@ def overrides_for(model: str, seed: int) -> list[str]:
             "+trainer.enable_model_summary=false"]
 
 
+def protocol(cfg) -> dict:
+    return {"num_experts": cfg.model.net.num_experts,
+            "hidden_channels": cfg.model.net.hidden_channels, "noisy": cfg.model.net.noisy,
+            "optimizer": cfg.model.optimizer._target_.split(".")[-1],
+            "lr": cfg.model.optimizer.lr, "max_epochs": cfg.trainer.max_epochs,
+            "patience": cfg.callbacks.early_stopping.patience,
+            "num_train": cfg.data.num_train, "num_val": cfg.data.num_val,
+            "num_test": cfg.data.num_test}
+
+
+def routing_by_cluster(cfg, output_dir: Path) -> dict:
+    r"""The share of each cluster's test samples routed to each expert, with
+    the best checkpoint of the run."""
+    import torch
+
+    from moegraph.diagnostics import routing_by_group
+    from moegraph.train import instantiate_run
+
+    ckpts = sorted(Path(output_dir, "checkpoints").glob("*.ckpt"))
+    if cfg.model.net.num_experts == 1 or not ckpts:
+        return {}
+    run = instantiate_run(cfg, trainer=False)
+    task, data = run["task"], run["datamodule"].data
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
+    task.load_state_dict(state)
+    task.eval()
+    with torch.no_grad():
+        out = task(data)
+    share = routing_by_group(out.routing[0], data.cluster, cfg.data.num_clusters,
+                             rows=data.test_mask)
+    return {"routing_by_cluster": share.tolist()}
+
+
 def run_one(model: str, seed: int, runs: Path) -> dict:
     r"""Train one model through ``train(cfg)``, measure its routing by cluster
     on the test samples with the best checkpoint, and cache the record."""
-    import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from moegraph.diagnostics import routing_by_group
-    from moegraph.train import CONFIG_DIR, instantiate_run, train
-
-    overrides = overrides_for(model, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = tmp
-        HydraConfig.instance().set_config(cfg)
-        start = time.perf_counter()
-        metrics = train(cfg)
-        wall = time.perf_counter() - start
-        record = {"model": model, "seed": seed, "overrides": overrides, "metrics": metrics,
-                  "wall_seconds": wall,
-                  "protocol": {"num_experts": cfg.model.net.num_experts,
-                               "hidden_channels": cfg.model.net.hidden_channels,
-                               "noisy": cfg.model.net.noisy,
-                               "optimizer": cfg.model.optimizer._target_.split(".")[-1],
-                               "lr": cfg.model.optimizer.lr,
-                               "max_epochs": cfg.trainer.max_epochs,
-                               "patience": cfg.callbacks.early_stopping.patience,
-                               "num_train": cfg.data.num_train, "num_val": cfg.data.num_val,
-                               "num_test": cfg.data.num_test}}
-        ckpts = sorted(Path(tmp, "checkpoints").glob("*.ckpt"))
-        if cfg.model.net.num_experts > 1 and ckpts:
-            run = instantiate_run(cfg, trainer=False)
-            task, data = run["task"], run["datamodule"].data
-            state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["state_dict"]
-            task.load_state_dict(state)
-            task.eval()
-            with torch.no_grad():
-                out = task(data)
-            share = routing_by_group(out.routing[0], data.cluster, cfg.data.num_clusters,
-                                     rows=data.test_mask)
-            record["routing_by_cluster"] = share.tolist()
-    HydraConfig.instance().cfg = None
-    runs.mkdir(parents=True, exist_ok=True)
-    (runs / run_name(model, seed)).write_text(json.dumps(record, indent=1))
-    return record
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-           if len(values) > 1 else 0.0)
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return train_cached(overrides_for(model, seed), {"model": model, "seed": seed},
+                        runs / run_name(model, seed), protocol, routing_by_cluster)
 
 
 def specialisation(share: list[list[float]]) -> tuple[float, int]:
@@ -150,7 +132,7 @@ def build_table(runs: Path, command: str) -> str:
         owners = "/".join(str(s[1]) for s in spec) if spec else "–"
         epochs = sum(r["metrics"]["time/epochs"] for r in rs) / len(rs)
         fit = sum(r["metrics"]["time/fit_seconds"] for r in rs) / len(rs)
-        lines.append(f"| {label} | {_mean_std(test)} | {paper:.1f} | {_mean_std(train)} | "
+        lines.append(f"| {label} | {mean_std(test)} | {paper:.1f} | {mean_std(train)} | "
                      f"{top} | {owners} | {epochs:.0f} | {fit:.0f} | {len(rs)} |")
     lines += [
         "",

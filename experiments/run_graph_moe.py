@@ -114,12 +114,12 @@ def build_table(runs: Path, command: str) -> str:
             n = max(n, len(values))
             times.append(f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–")
 
-        def delta(a, b):
+        def delta(a, b, cells=cells):
             if not cells[a] or not cells[b]:
                 return "–"
             return f"{100 * (sum(cells[a]) / len(cells[a]) - sum(cells[b]) / len(cells[b])):+.2f}"
 
-        def load_stats(model):
+        def load_stats(model, dataset=dataset):
             loads = [r["expert_load"] for r in by_key.get((dataset, model), [])
                      if "expert_load" in r]
             if not loads:

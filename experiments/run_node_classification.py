@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -61,12 +62,22 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
     return out
 
 
-def train_cached(overrides: list[str], record: dict, path: Path) -> dict:
+def backbone_protocol(cfg) -> dict:
+    r"""The protocol fields of a node-classification run."""
+    return {"hidden_channels": cfg.backbone.hidden_channels,
+            "num_layers": cfg.backbone.num_layers, "residual": cfg.backbone.residual,
+            "max_epochs": cfg.trainer.max_epochs, "lr": cfg.model.optimizer.lr}
+
+
+def train_cached(overrides: list[str], record: dict, path: Path,
+                 protocol: Callable[[Any], dict] = backbone_protocol,
+                 collect: Optional[Callable[[Any, Path], dict]] = None) -> dict:
     r"""Train one configuration through ``train(cfg)`` (the entry point of
     ``moegraph-train``, with the same overrides) and cache its record as JSON
     at ``path``: ``record`` plus the overrides, the metrics, the wall time,
-    the protocol, and what the run's diagnostics wrote (Mowst confidence
-    histogram, expert load)."""
+    ``protocol(cfg)``, what the run's diagnostics wrote (Mowst confidence
+    histogram, expert load) and what ``collect(cfg, output_dir)`` returns,
+    called before the run's output folder is deleted."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -83,13 +94,8 @@ def train_cached(overrides: list[str], record: dict, path: Path) -> dict:
         start = time.perf_counter()
         metrics = train(cfg)
         wall = time.perf_counter() - start
-        record = {**record, "overrides": overrides, "metric": cfg.data.metric,
-                  "metrics": metrics, "wall_seconds": wall,
-                  "protocol": {"hidden_channels": cfg.backbone.hidden_channels,
-                               "num_layers": cfg.backbone.num_layers,
-                               "residual": cfg.backbone.residual,
-                               "max_epochs": cfg.trainer.max_epochs,
-                               "lr": cfg.model.optimizer.lr}}
+        record = {**record, "overrides": overrides, "metric": cfg.data.get("metric", "acc"),
+                  "metrics": metrics, "wall_seconds": wall, "protocol": protocol(cfg)}
         confidence = Path(tmp) / "confidence.json"
         if confidence.exists():
             c = json.loads(confidence.read_text())
@@ -98,6 +104,8 @@ def train_cached(overrides: list[str], record: dict, path: Path) -> dict:
         load = Path(tmp) / "expert_load.json"
         if load.exists():
             record["expert_load"] = json.loads(load.read_text())
+        if collect is not None:
+            record.update(collect(cfg, Path(tmp)))
     HydraConfig.instance().cfg = None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))

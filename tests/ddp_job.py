@@ -19,8 +19,8 @@ from torch_geometric.nn.models import MLP, GraphSAGE
 from moegraph.data import NodeDataModule
 from moegraph.data.loader import EpochRandomSampler, TorchNeighborLoader
 from moegraph.nn import Mowst
-from moegraph.nn.parallel import ShardedExperts
 from moegraph.nn.models import MoEGNN
+from moegraph.nn.parallel import ShardedExperts
 from moegraph.tasks import MowstTask, NodeClassificationTask
 
 FEAT, C = 8, 3

@@ -516,7 +516,7 @@ ROUTERS = {
 }
 
 
-def build_router(router: "str | Router", in_channels: int, num_experts: int,
+def build_router(router: str | Router, in_channels: int, num_experts: int,
                  k: Optional[int] = None, router_kwargs: Optional[dict] = None,
                  default_k: int = 2) -> Router:
     r"""A router from a name (``"topk"``, ``"topp"``, ``"expert_choice"``) and

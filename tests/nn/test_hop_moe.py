@@ -100,7 +100,7 @@ def test_hop_graph_in_edges():
     edge_index = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 1, 1, 3]])
     graph = HopGraph.build(edge_index, 4)
     pos, local = graph.in_edges(torch.tensor([1, 3, 1]))
-    got = sorted(zip(local.tolist(), graph.src[pos].tolist()))
+    got = sorted(zip(local.tolist(), graph.src[pos].tolist(), strict=True))
     assert got == [(0, 0), (0, 2), (0, 3), (1, 0), (2, 0), (2, 2), (2, 3)]
 
 
@@ -209,7 +209,7 @@ def test_aggregates_only_into_routed_nodes(monkeypatch):
     routed = {hop: torch.unique(routing.row[(routing.expert >= 2) == (hop == 2)])
               for hop in (1, 2)}
     assert len(seen) == 2
-    for (targets, num_edges), hop in zip(seen, (1, 2)):
+    for (targets, num_edges), hop in zip(seen, (1, 2), strict=True):
         assert torch.equal(targets, routed[hop])
         assert num_edges == int(graphs[hop].deg[routed[hop]].sum())
         assert num_edges < graphs[hop].src.numel() / 3
@@ -322,8 +322,9 @@ def test_bad_input():
 # GMoE #########################################################################
 
 def test_gmoe_model_and_minibatch():
-    from moegraph.data.datamodule import KHopLoader
     from torch_geometric.data import Data
+
+    from moegraph.data.datamodule import KHopLoader
 
     x, edge_index = random_graph(60, 200, 2)
     model = GMoE(6, 16, 3, num_layers=2, conv="sage", num_experts=4, k=1).eval()

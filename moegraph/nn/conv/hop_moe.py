@@ -120,7 +120,7 @@ class HopGraph(NamedTuple):
 
     @classmethod
     def build(cls, edge_index: Tensor, num_nodes: int,
-              weight: Optional[Tensor] = None) -> "HopGraph":
+              weight: Optional[Tensor] = None) -> HopGraph:
         dst = edge_index[1]
         perm = torch.argsort(dst, stable=True)
         src, dst = edge_index[0][perm], dst[perm]

@@ -32,9 +32,11 @@ class GMoE(Module):
     (Platonov et al.): an input projection, ``num_layers`` blocks of a
     hop-expert convolution then a dense two-layer FFN, each added back and
     normalised, and a linear classifier
-    (:class:`~moegraph.nn.models.MoEGNN` with ``conv="hop_moe"``). At ``k=1`` each node runs one expert
-    per layer, the active FLOPs of the plain GNN of the same width (plus the
-    router and, for hop-2 experts, a larger neighbourhood).
+    (:class:`~moegraph.nn.models.MoEGNN` with ``conv="hop_moe"``).
+
+    At ``k=1`` each node runs one expert per layer: the active FLOPs of the
+    plain GNN of the same width, plus the router and, for hop-2 experts, a
+    larger neighbourhood.
 
     Args:
         in_channels (int): node feature size.
