@@ -169,6 +169,7 @@ def _plot_load(by_key: dict) -> None:
                 mean = [100 * sum(c[i] for c in curves) / len(curves) for i in range(E)]
                 ax.plot(range(1, E + 1), mean, marker="o", label=f"layer {layer}")
             ax.axhline(100 / E, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_xticks(range(1, E + 1))
             ax.set_title(f"{dataset}, {'GMoE' if model == 'gmoe' else 'MoE-GNN'} "
                          f"({len(loads)})", fontsize=8)
             ax.set_xlabel("expert rank", fontsize=7)
