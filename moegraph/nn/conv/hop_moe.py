@@ -142,9 +142,9 @@ class HopGraph(NamedTuple):
         return start[local] + offset, local
 
     def adjacency_to(self, targets: Tensor) -> Tensor:
-        r"""The in-edges of the sorted, distinct ``targets [T]`` as a sparse
-        CSR matrix ``[T, N]`` (rows: targets, columns: sources; values: the
-        edge weights, or ones)."""
+        r"""The in-edges of ``targets [T]`` as a sparse CSR matrix ``[T, N]``
+        (row ``t``: the in-edges of ``targets[t]``; columns: sources; values:
+        the edge weights, or ones)."""
         pos, local = self.in_edges(targets)
         crow = torch.zeros(targets.numel() + 1, dtype=torch.long, device=targets.device)
         torch.cumsum(torch.bincount(local, minlength=targets.numel()), 0, out=crow[1:])
@@ -295,9 +295,6 @@ class HopMoEConv(MessagePassing):
         if router_kwargs is None and router == "topk":
             router_kwargs = {"noisy": True}
         self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
-        # Expert e sees hop 1 for e < num_hop1_experts, hop 2 after.
-        self.register_buffer("hop", torch.tensor([1] * self.num_hop1_experts
-                                                 + [2] * num_hop2_experts), persistent=False)
 
         if conv == "gin":
             self.experts = MLPExperts(in_channels, out_channels, out_channels, num_experts,
