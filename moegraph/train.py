@@ -88,11 +88,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics["time/fit_seconds"] = fit_seconds
     metrics["time/epochs"] = float(trainer.current_epoch)
+    write_diagnostics = getattr(model, "write_diagnostics", None)
+    # With sharded experts the diagnostic forward pass is a collective: every
+    # process runs it (only rank 0 writes); otherwise rank 0 alone.
+    if write_diagnostics is not None and (trainer.is_global_zero
+                                          or getattr(model, "expert_parallel", False)):
+        metrics.update(write_diagnostics(datamodule, output_dir) or {})
     if not trainer.is_global_zero:  # DDP: the other processes hold the same metrics
         return metrics
-    write_diagnostics = getattr(model, "write_diagnostics", None)
-    if write_diagnostics is not None:
-        metrics.update(write_diagnostics(datamodule, output_dir) or {})
     with open(output_dir / "metrics.json", "w") as f:
         json.dump({"metrics": metrics, "config": _run_config(cfg)}, f, indent=2)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())

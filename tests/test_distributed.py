@@ -184,3 +184,16 @@ def test_moegraph_train_script_under_ddp(tmp_path):
         pytest.skip("the moegraph-train script is not installed")
     run_dir = _cli(tmp_path, [script], "debug=fdr", "+data.batch_size=32")
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_cli_expert_parallel_under_ddp(tmp_path):
+    # `model.expert_parallel=true`: the test-time checkpoint load and the
+    # diagnostic forward pass are collectives with sharded experts; both
+    # processes run them and the run ends (no hang), rank 0 writes.
+    run_dir = _cli(tmp_path, [sys.executable, "-m", "moegraph.train"],
+                   "model.expert_parallel=true", "trainer.max_epochs=2", "logger=none",
+                   "~callbacks.rich_progress_bar")
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
+    load = json.loads((run_dir / "expert_load.json").read_text())
+    assert len(load) == 2 and all(len(layer) == 8 for layer in load)  # full layout

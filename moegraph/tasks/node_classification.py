@@ -247,7 +247,8 @@ class NodeClassificationTask(L.LightningModule):
         self.eval()
         with torch.no_grad():
             out = self(datamodule.data.to(self.device))
-        if out.routing:
+        rank_zero = self._trainer is None or self._trainer.is_global_zero
+        if out.routing and rank_zero:
             load = expert_load(out.routing)
             print("[moegraph] per-expert load on the full graph (% of assignments):")
             print(format_expert_load(load))
