@@ -48,8 +48,8 @@ MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
 # Seeds per dataset of the default protocol, sized for a 2-core CPU; the cache
 # lets a later run add more (``--seeds 10``).
-DEFAULT_SEEDS = {"cora": 5, "citeseer": 5, "minesweeper": 3, "tolokers": 1,
-                 "amherst41": 3, "reed98": 5}
+DEFAULT_SEEDS = {"cora": 10, "citeseer": 10, "minesweeper": 3, "tolokers": 1,
+                 "amherst41": 3, "reed98": 10}
 # GMoE where its 2-hop graph is too large for a 2-core CPU: why, per dataset.
 SKIP = {
     ("tolokers", "gmoe"): "its 2-hop graph has 45M pairs (the graph: 1M edges); building it "
