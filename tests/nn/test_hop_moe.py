@@ -140,8 +140,9 @@ def test_order_chosen_by_cost():
     graph = wide.hop_graphs(edge_index, 40)[2]
     rows = torch.arange(40)
     counts = torch.tensor([20, 20])
-    assert wide._transform_first(x, graph, rows, counts)
-    assert not narrow._transform_first(x, narrow.hop_graphs(edge_index, 40)[2], rows, counts)
+    assert wide._transform_first(x, graph, rows, rows, counts)
+    assert not narrow._transform_first(x, narrow.hop_graphs(edge_index, 40)[2], rows, rows,
+                                       counts)
 
 
 @pytest.mark.parametrize("router,kwargs", [
@@ -187,6 +188,7 @@ def test_aggregates_only_into_routed_nodes(monkeypatch):
     layer = HopMoEConv(6, 8, num_experts=4, num_hop2_experts=2, router="expert_choice",
                        router_kwargs={"capacity_factor": 0.05}, conv="gcn",
                        aggregate_first=True).eval()
+    graphs = layer.hop_graphs(edge_index, 200)  # built (and cached) before the spying
     seen = []
     original = HopGraph.in_edges
 
@@ -205,7 +207,7 @@ def test_aggregates_only_into_routed_nodes(monkeypatch):
 
     monkeypatch.setattr(layer.experts, "forward", experts_spy)
     out, routing = layer(x, edge_index)
-    graphs = layer.hop_graphs(edge_index, 200)
+    assert layer.hop_graphs(edge_index, 200) is graphs
     routed = {hop: torch.unique(routing.row[(routing.expert >= 2) == (hop == 2)])
               for hop in (1, 2)}
     assert len(seen) == 2

@@ -58,20 +58,15 @@ def two_hop_edge_index(edge_index: Tensor, num_nodes: int,
         Tensor: ``[2, M2]`` the 2-hop edges.
     """
     check_edge_index(edge_index, num_nodes)
-    device, N = edge_index.device, num_nodes
+    N = num_nodes
     src, dst = edge_index[0].long(), edge_index[1].long()
-    empty = torch.empty(2, 0, dtype=torch.long, device=device)
+    empty = torch.empty(2, 0, dtype=torch.long, device=edge_index.device)
     if src.numel() == 0:
         return empty
-    # In-edges grouped by target: the sources i of i -> j sit at rowptr[j]:rowptr[j + 1].
-    perm = torch.argsort(dst, stable=True)
-    in_src = src[perm]
-    indeg = torch.bincount(dst, minlength=N)
-    rowptr = torch.zeros(N + 1, dtype=torch.long, device=device)
-    torch.cumsum(indeg, 0, out=rowptr[1:])
+    # The in-edges i -> j of every node j, through a CSR index.
+    graph = HopGraph.build(torch.stack([src, dst]), N)
     # Every edge j -> m extends each in-edge i -> j of its source into i -> j -> m.
-    paths = indeg[src]  # [M] paths through each edge
-    ends = paths.cumsum(0)
+    ends = graph.deg[src].cumsum(0)  # [M] paths through the edges up to each one
     keys = []
     start = 0
     while start < src.numel():
@@ -79,15 +74,10 @@ def two_hop_edge_index(edge_index: Tensor, num_nodes: int,
         base = int(ends[start - 1]) if start > 0 else 0
         stop = int(torch.searchsorted(ends, base + max_paths_per_chunk, right=True))
         stop = max(stop, start + 1)
-        e_src, e_dst, e_paths = src[start:stop], dst[start:stop], paths[start:stop]
-        total = int(e_paths.sum())
-        if total > 0:
-            edge = torch.repeat_interleave(torch.arange(stop - start, device=device), e_paths,
-                                           output_size=total)
-            offset = torch.arange(total, device=device) - (e_paths.cumsum(0) - e_paths)[edge]
-            i = in_src[rowptr[e_src][edge] + offset]
-            m = e_dst[edge]
-            keep = i != m
+        pos, edge = graph.in_edges(src[start:stop])
+        i, m = graph.src[pos], dst[start:stop][edge]
+        keep = i != m
+        if keep.any():
             keys.append(torch.unique(m[keep] * N + i[keep]))
         start = stop
     if not keys:
@@ -394,20 +384,22 @@ class HopMoEConv(MessagePassing):
             for hop, part in blocks:
                 lo, hi = ((0, self.num_hop1_experts) if hop == 1
                           else (self.num_hop1_experts, self.num_experts))
-                if self._transform_first(x, graphs[hop], rows[part], counts[lo:hi]):
+                # the distinct nodes of the hop's assignments, and which each is
+                targets, inverse = torch.unique(rows[part], return_inverse=True)  # [T], [A_h]
+                if self._transform_first(x, graphs[hop], rows[part], targets, counts[lo:hi]):
                     ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
                                                              counts[lo:hi], lo))
                 else:
                     hop_counts = torch.zeros_like(counts)
                     hop_counts[lo:hi] = counts[lo:hi]
-                    ys.append(self.experts(self._aggregate(x, graphs[hop], rows[part]),
-                                           hop_counts))  # [A_h, O]
+                    z = self._aggregate(x, graphs[hop], rows[part], targets, inverse)
+                    ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
         y = y * routing.weight[order].to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
 
-    def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor,
+    def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor, targets: Tensor,
                          counts: Tensor) -> bool:
         r"""Whether a hop's GCN or SAGE experts should transform before they
         aggregate: aggregating first costs ``nnz(targets) * F + A_h * F * O``
@@ -421,7 +413,7 @@ class HopMoEConv(MessagePassing):
         F, O = self.in_channels, self.out_channels
         width = F if self.conv == "gcn" else 2 * F
         # host syncs: the cost estimates
-        aggregate = int(graph.deg[torch.unique(rows)].sum()) * F + rows.numel() * width * O
+        aggregate = int(graph.deg[targets].sum()) * F + rows.numel() * width * O
         transform = (int((counts > 0).sum()) * x.size(0) * F * O
                      + int(graph.deg[rows].sum()) * O)
         return transform < aggregate
@@ -452,10 +444,11 @@ class HopMoEConv(MessagePassing):
             outs.append(h if biases[e] is None else h + biases[e])
         return torch.cat(outs) if outs else x.new_zeros(0, self.out_channels)
 
-    def _aggregate(self, x: Tensor, graph: HopGraph, rows: Tensor) -> Tensor:
+    def _aggregate(self, x: Tensor, graph: HopGraph, rows: Tensor, targets: Tensor,
+                   inverse: Tensor) -> Tensor:
         r"""Expert inputs of the assignments at nodes ``rows [A_h]``: the
-        hop's aggregation, computed once for each distinct node."""
-        targets, inverse = torch.unique(rows, return_inverse=True)  # [T], [A_h]
+        hop's aggregation, computed once for each distinct node ``targets
+        [T]`` (``rows == targets[inverse]``)."""
         adj_t = graph.adjacency_to(targets)  # [T, N], the in-edges of the targets only
         agg = self.propagate(adj_t, x=x, edge_weight=None)  # [T, F]
         if self.conv == "gcn":
