@@ -16,15 +16,15 @@ accuracy beside the paper's) and ``experiments/results/cluster_moe_routing.png``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 
-from run_node_classification import mean_std, train_cached  # noqa: E402  (sibling script)
+from run_node_classification import mean_std, run_pending, train_cached  # noqa: E402  (sibling script)
 
 # name: (experiment, expert activation, label, the paper's test accuracy (%), Table 1)
 MODELS = {
@@ -179,15 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     if not args.table_only:
-        todo = [(m, s) for s in range(args.seeds) for m in args.models
-                if not (args.runs / run_name(m, s)).exists()]
-        print(f"[cluster] {len(todo)} runs to do (cached runs are skipped)", flush=True)
-        for i, (model, seed) in enumerate(todo, 1):
-            start = time.perf_counter()
-            record = run_one(model, seed, args.runs)
-            print(f"[cluster] {i}/{len(todo)} {model} seed {seed}: "
-                  f"test/acc={record['metrics']['test/acc']:.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+        run_pending([(args.runs / run_name(m, s), functools.partial(run_one, m, s, args.runs),
+                      f"{m} seed {s}")
+                     for s in range(args.seeds) for m in args.models], tag="cluster")
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = build_table(args.runs, command)
     (RESULTS / "cluster_moe.md").write_text(table)

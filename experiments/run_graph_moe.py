@@ -28,10 +28,10 @@ Writes ``experiments/results/graph_moe.md`` and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from run_node_classification import (  # the sibling study: one way to train and cache
@@ -41,6 +41,7 @@ from run_node_classification import (  # the sibling study: one way to train and
     ROOT,
     SPLIT_DATASETS,
     mean_std,
+    run_pending,
     train_cached,
 )
 
@@ -201,24 +202,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.table_only:
         cost_order = [d for d in COST_ORDER if d in args.datasets]
-        todo = [(dataset, model, seed)
-                for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-                for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
-                for model in args.models
-                if (dataset, model) not in SKIP
-                and not (args.runs / run_name(dataset, model, seed)).exists()]
-        print(f"[study] {len(todo)} runs to do (cached runs are skipped)", flush=True)
-        for i, (dataset, model, seed) in enumerate(todo, 1):
-            if (args.runs / run_name(dataset, model, seed)).exists():
-                continue  # finished meanwhile by another process of the study
-            start = time.perf_counter()
-            record = train_cached(overrides_for(dataset, model, seed),
-                                  {"dataset": dataset, "model": model, "seed": seed},
-                                  args.runs / run_name(dataset, model, seed))
-            score = record["metrics"].get(f"test/{record['metric']}", float("nan"))
-            print(f"[study] {i}/{len(todo)} {dataset} {model} seed {seed}: "
-                  f"test/{record['metric']}={score:.4f} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+        run_pending([
+            (args.runs / run_name(dataset, model, seed),
+             functools.partial(train_cached, overrides_for(dataset, model, seed),
+                               {"dataset": dataset, "model": model, "seed": seed},
+                               args.runs / run_name(dataset, model, seed)),
+             f"{dataset} {model} seed {seed}")
+            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
+            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
+            for model in args.models if (dataset, model) not in SKIP])
     table = build_table(args.runs, command)
     out = RESULTS / "graph_moe.md"
     out.write_text(table)

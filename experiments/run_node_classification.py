@@ -18,6 +18,7 @@ confidence on test nodes, split by whether the MLP classifies them rightly).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -110,6 +111,23 @@ def train_cached(overrides: list[str], record: dict, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def run_pending(jobs: list[tuple[Path, Callable[[], dict], str]], tag: str = "study") -> None:
+    r"""Run each job ``(cache path, run, label)`` whose cache file does not
+    exist, printing its test score and time. A job finished meanwhile by
+    another process of the same study is skipped."""
+    todo = [job for job in jobs if not job[0].exists()]
+    print(f"[{tag}] {len(todo)} runs to do (cached runs are skipped)", flush=True)
+    for i, (path, run, label) in enumerate(todo, 1):
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        record = run()
+        metric = record["metric"]
+        score = record["metrics"].get(f"test/{metric}", float("nan"))
+        print(f"[{tag}] {i}/{len(todo)} {label}: test/{metric}={score:.4f} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)
 
 
 def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> dict:
@@ -246,29 +264,17 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        todo = []
         # Seed 0 of every dataset first (cheapest first), then seed 1, ...: a
         # study cut short still covers every cell.
         cost_order = [d for d in COST_ORDER if d in args.datasets]
-        for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order)):
-            for dataset in cost_order:
-                if seed >= (args.seeds or DEFAULT_SEEDS[dataset]):
-                    continue
-                for model in args.models:
-                    for backbone in (["none"] if model == "mlp" else args.backbones):
-                        name = run_name(dataset, model, backbone, seed)
-                        if not (args.runs / name).exists():
-                            todo.append((dataset, model, backbone, seed))
-        print(f"[study] {len(todo)} runs to do (cached runs are skipped)", flush=True)
-        for i, (dataset, model, backbone, seed) in enumerate(todo, 1):
-            if (args.runs / run_name(dataset, model, backbone, seed)).exists():
-                continue  # finished meanwhile by another process of the study
-            start = time.perf_counter()
-            record = run_one(dataset, model, backbone, seed, args.runs)
-            score = record["metrics"].get(f"test/{record['metric']}", float("nan"))
-            print(f"[study] {i}/{len(todo)} {dataset} {model} {backbone} seed {seed}: "
-                  f"test/{record['metric']}={score:.4f} ({time.perf_counter() - start:.0f}s)",
-                  flush=True)
+        run_pending([
+            (args.runs / run_name(dataset, model, backbone, seed),
+             functools.partial(run_one, dataset, model, backbone, seed, args.runs),
+             f"{dataset} {model} {backbone} seed {seed}")
+            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
+            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
+            for model in args.models
+            for backbone in (["none"] if model == "mlp" else args.backbones)])
     table = build_table(args.runs, command)
     out = RESULTS / "node_classification.md"
     out.write_text(table)
