@@ -13,9 +13,10 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
+from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins
 from moegraph.nn.experts import LinearExperts, MLPExperts
-from moegraph.nn.moe import MoEOutput, combine
-from moegraph.nn.routing import Router, build_router, drop_overflow, expert_capacity
+from moegraph.nn.moe import MoEOutput
+from moegraph.nn.routing import Router, build_router
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
 
@@ -363,15 +364,10 @@ class HopMoEConv(MessagePassing):
         check_edge_index(edge_index, N)
         graphs = self.hop_graphs(edge_index, N)
 
-        routing = self.router(x)
-        if self.capacity_factor is not None and routing.row.numel() > 0:
-            routing = drop_overflow(routing, expert_capacity(routing.row.numel(),
-                                                             self.num_experts,
-                                                             self.capacity_factor))
-        order = torch.argsort(routing.expert, stable=True)  # [A]
-        rows = routing.row[order]  # [A] the node of each assignment, sorted by expert
-        experts = routing.expert[order]  # [A]
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
+        routing = apply_capacity(self.router(x), self.num_experts, self.capacity_factor)
+        bins = indices_and_bins(routing, self.num_experts)
+        # the node and expert of each assignment, sorted by expert; counts per expert
+        rows, experts, counts = bins.rows, bins.experts, bins.counts  # [A], [A], [E]
         # Hop-1 experts come first, so the hop-1 assignments are a prefix.
         split = int(counts[:self.num_hop1_experts].sum())
         blocks = [(hop, slice(0, split) if hop == 1 else slice(split, rows.numel()))
@@ -395,7 +391,7 @@ class HopMoEConv(MessagePassing):
                     z = self._aggregate(x, graphs[hop], rows[part], targets, inverse)
                     ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
-        y = y * routing.weight[order].to(y.dtype).unsqueeze(-1)
+        y = y * bins.weight.to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
 
