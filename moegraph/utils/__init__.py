@@ -1,0 +1,1 @@
+r"""Utilities shared across moegraph (graph helpers in :mod:`moegraph.utils.graph`)."""
