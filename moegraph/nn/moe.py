@@ -128,6 +128,7 @@ class SparseMoE(Module):
         if num_shared_experts < 0:
             raise ValueError(f"'num_shared_experts' must be non-negative "
                              f"(got {num_shared_experts})")
+        self.shared: Optional[Sequential]
         if num_shared_experts > 0:
             # S shared experts of hidden size h summed == one MLP of hidden S * h.
             width = num_shared_experts * (shared_hidden_channels or hidden_channels)

@@ -163,6 +163,7 @@ class HopMoEConv(MessagePassing):
             router_kwargs = {"noisy": True}
         self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
 
+        self.experts: Union[MLPExperts, LinearExperts]
         if conv == "gin":
             self.experts = MLPExperts(in_channels, out_channels, out_channels, num_experts,
                                       act="relu", bias=bias)
@@ -297,8 +298,9 @@ class HopMoEConv(MessagePassing):
         each active expert transforms every node, then aggregates into its
         own nodes only."""
         F = self.in_channels
-        weights = self.experts.weight.unbind(0)  # views: no [E, F, O] gradient per expert
-        biases = (self.experts.bias.unbind(0) if self.experts.bias is not None
+        bank = self._linear_experts()
+        weights = bank.weight.unbind(0)  # views: no [E, F, O] gradient per expert
+        biases = (bank.bias.unbind(0) if bank.bias is not None
                   else [None] * self.num_experts)
         outs, start = [], 0
         for j, size in enumerate(counts.tolist()):  # host sync: block sizes
@@ -334,7 +336,8 @@ class HopMoEConv(MessagePassing):
     def _gat(self, x: Tensor, graphs: dict[int, HopGraph], blocks: list, rows: Tensor,
              experts: Tensor, counts: Tensor) -> Tensor:
         E, H, C = self.num_experts, self.heads, self.out_channels // self.heads
-        weight = self.experts.weight.view(E, self.in_channels, H, C)
+        bank = self._linear_experts()
+        weight = bank.weight.view(E, self.in_channels, H, C)
         # a^T W_e x = (W_e a)^T x: attention logits from the input features.
         u_src = torch.einsum("efhc,ehc->feh", weight, self.att_src).reshape(-1, E * H)
         u_dst = torch.einsum("efhc,ehc->feh", weight, self.att_dst).reshape(-1, E * H)
@@ -356,9 +359,14 @@ class HopMoEConv(MessagePassing):
             if ze.size(0) > 0:
                 outs.append(torch.einsum("nhf,fhc->nhc", ze, weight[e]).reshape(-1, H * C))
         y = torch.cat(outs) if outs else x.new_zeros(0, H * C)
-        if self.experts.bias is not None:
-            y = y + self.experts.bias[experts]
+        if bank.bias is not None:
+            y = y + bank.bias[experts]
         return y
+
+    def _linear_experts(self) -> LinearExperts:
+        r"""The stacked linear experts of GCN, SAGE and GAT experts."""
+        assert isinstance(self.experts, LinearExperts), self.conv
+        return self.experts
 
     def message_and_aggregate(self, adj_t: Tensor, x: Tensor,
                               edge_weight: Optional[Tensor] = None) -> Tensor:
