@@ -18,12 +18,7 @@ from moegraph.nn import (
     variance_dispersion,
 )
 from moegraph.nn.models import MoEGNN, make_backbone
-from moegraph.nn.mowst import (
-    expected_accuracy,
-    expected_binary_auroc,
-    mixture_log_probs,
-    receptive_hops,
-)
+from moegraph.nn.mowst import mixture_log_probs, receptive_hops
 
 N, FEAT, C = 12, 5, 3
 
@@ -143,41 +138,6 @@ def test_mixture_is_stable_for_extreme_gates():
     out = mixture_log_probs(weak, strong, torch.tensor([-200.0, 200.0, 0.0, 50.0]))
     assert torch.isfinite(out).all()
     assert torch.allclose(out.exp().sum(-1), torch.ones(4), atol=1e-5)
-
-
-# -- expected metrics ---------------------------------------------------------------------
-def test_expected_accuracy_by_hand():
-    weak = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    strong = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
-    y = torch.tensor([0, 1, 1])
-    c = torch.tensor([0.9, 0.2, 0.5])
-    # node 0: weak right (0.9); node 1: strong right (0.8); node 2: both right (1)
-    assert expected_accuracy(weak, strong, c, y).item() == pytest.approx((0.9 + 0.8 + 1) / 3)
-
-
-def test_expected_auroc_equals_enumeration():
-    from itertools import product
-
-    from torchmetrics.functional.classification import binary_auroc
-
-    g = torch.Generator().manual_seed(3)
-    n = 7
-    s_w = torch.rand(n, generator=g).round(decimals=1)  # ties on purpose
-    s_s = torch.rand(n, generator=g).round(decimals=1)
-    c = torch.rand(n, generator=g)
-    y = torch.tensor([1, 0, 1, 0, 0, 1, 0])
-    expected = 0.0
-    for choice in product([0, 1], repeat=n):  # every draw of weak/strong per node
-        pick = torch.tensor(choice, dtype=torch.bool)
-        prob = torch.where(pick, c, 1 - c).prod()
-        expected += prob * binary_auroc(torch.where(pick, s_w, s_s), y)
-    got = expected_binary_auroc(s_w, s_s, c, y)
-    assert got.item() == pytest.approx(float(expected), abs=1e-5)
-
-
-def test_expected_auroc_without_a_class_is_nan():
-    s = torch.rand(4)
-    assert torch.isnan(expected_binary_auroc(s, s, torch.rand(4), torch.ones(4, dtype=torch.long)))
 
 
 # -- the module -----------------------------------------------------------------------------

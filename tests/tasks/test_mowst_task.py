@@ -10,8 +10,8 @@ from torch_geometric.nn.models import GCN, MLP
 
 from moegraph.data import NodeDataModule, csbm_graph
 from moegraph.nn import Mowst, MowstOutput
-from moegraph.nn.mowst import expected_accuracy
 from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
+from moegraph.tasks.metrics import expected_accuracy
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning",
