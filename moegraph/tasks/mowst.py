@@ -195,7 +195,7 @@ class MowstTask(NodeClassificationTask):
             weak, gate = self._cached(key, full_graph, lambda: self._weak_and_gate(x, edge_index))
             strong = net.strong_forward(x, edge_index)
         else:
-            return net.experts(x, edge_index)
+            return net.forward_experts(x, edge_index)
         check_experts_agree(weak, strong)
         return MowstOutput(weak, strong, gate, torch.sigmoid(gate))
 
@@ -453,7 +453,7 @@ class MowstTask(NodeClassificationTask):
 
         self.eval()
         data = datamodule.data.to(self.device)
-        out = self.net.experts(data.x, data.edge_index)
+        out = self.net.forward_experts(data.x, data.edge_index)
         prediction = self.net.predict(data.x, data.edge_index, sparse=True)
         mask = data.test_mask
         y = data.y[mask]

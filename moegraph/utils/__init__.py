@@ -1,0 +1,1 @@
+r"""Utilities shared by the layers, the data and the tasks."""
