@@ -17,6 +17,7 @@ from torch_geometric.data import Data
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.nn.mowst import (
     Mowst,
     MowstOutput,
@@ -146,6 +147,7 @@ class MowstTask(NodeClassificationTask):
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
                  min_delta: float = 1e-3):
+        net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "
                             f"{type(net).__name__})")
