@@ -1,1 +1,2 @@
-r"""Utilities shared across moegraph (graph helpers in :mod:`moegraph.utils.graph`)."""
+r"""Utilities shared by the layers, the data and the tasks (graph helpers in
+:mod:`moegraph.utils.graph`)."""
