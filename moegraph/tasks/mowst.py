@@ -18,10 +18,11 @@ from torch_geometric.data import Data
 from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
 from moegraph.tasks.common import load_metric_states, metric_states, split_mask
 from moegraph.tasks.metrics import MowstMetrics
+from moegraph.tasks.mowst_schedule import PHASES, MowstSchedule, ScheduleConfig
 from moegraph.tasks.node_classification import NodeClassificationTask
 
 log = logging.getLogger(__name__)
-PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint")
+__all__ = ["PHASES", "MowstTask"]
 
 
 class MowstTask(NodeClassificationTask):
@@ -86,28 +87,22 @@ class MowstTask(NodeClassificationTask):
         if scheduler is not None:
             raise ValueError("MowstTask does not take a scheduler: its turns restart and "
                              "roll back training")
-        for name, value in (("pretrain_weak_epochs", pretrain_weak_epochs),
-                            ("pretrain_strong_epochs", pretrain_strong_epochs)):
-            if value < 0:
-                raise ValueError(f"'{name}' must be non-negative (got {value})")
-        for name, value in (("max_turn_epochs", max_turn_epochs),
-                            ("turn_patience", turn_patience), ("max_rounds", max_rounds),
-                            ("round_patience", round_patience)):
-            if value < 1:
-                raise ValueError(f"'{name}' must be positive (got {value})")
+        config = ScheduleConfig(pretrain_weak_epochs, pretrain_strong_epochs, max_turn_epochs,
+                                turn_patience, max_rounds, round_patience, min_delta,
+                                joint=net.variant == "mowst_star")
         c = net.out_channels
         if isinstance(c, int) and c != num_classes:
             raise ValueError(f"the network predicts {c} classes, the data has {num_classes}")
         super().__init__(net, num_classes, optimizer, None, aux_loss_weights, metric)
         self.automatic_optimization = False
+        self.net: Mowst = net
+        self.schedule_config = config
         self.pretrain_weak_epochs = pretrain_weak_epochs
         self.pretrain_strong_epochs = pretrain_strong_epochs
         self.max_turn_epochs = max_turn_epochs
         self.turn_patience = turn_patience
         self.max_rounds = max_rounds
         self.round_patience = round_patience
-        if min_delta < 0:
-            raise ValueError(f"'min_delta' must be non-negative (got {min_delta})")
         self.min_delta = min_delta
         self.mowst_metrics = torch.nn.ModuleDict(
             {f"{split}_": MowstMetrics(metric, net.threshold)
@@ -117,35 +112,29 @@ class MowstTask(NodeClassificationTask):
         self._turn_id = 0
         self._turn_start_state: Optional[dict[str, Tensor]] = None
         self._turn_best_state: Optional[dict[str, Tensor]] = None
-        self._schedule = self._initial_schedule()
+        self._resumed_turn = False
+        self.schedule = MowstSchedule(config)
 
     # -- schedule state ----------------------------------------------------------
-    def _initial_schedule(self) -> dict[str, Any]:
-        if self.pretrain_weak_epochs:
-            phase = "pretrain_weak"
-        elif self.pretrain_strong_epochs:
-            phase = "pretrain_strong"
-        else:
-            phase = self._first_trained_phase()
-        return {"phase": phase, "round": 1, "epoch_in_turn": 0, "stale_epochs": 0,
-                "turn_best": -float("inf"), "best": -float("inf"), "round_gain": False,
-                "rounds_without_gain": 0, "done": False}
-
-    def _first_trained_phase(self) -> str:
-        return "joint" if self.net.variant == "mowst_star" else "weak"
-
     @property
     def phase(self) -> str:
         r"""The current phase, one of :data:`PHASES`."""
-        return self._schedule["phase"]
+        return self.schedule.phase
 
     def trained_modules(self, phase: Optional[str] = None) -> list[Module]:
         r"""The parts of the network a phase trains."""
         phase = phase or self.phase
         net = self.net
-        return {"pretrain_weak": [net.weak], "pretrain_strong": [net.strong],
-                "weak": [net.weak, net.gate], "strong": [net.strong],
-                "joint": [net.weak, net.gate, net.strong]}[phase]
+        parts: dict[str, list[Module]] = {
+            "pretrain_weak": [net.weak], "pretrain_strong": [net.strong],
+            "weak": [net.weak, net.gate], "strong": [net.strong],
+            "joint": [net.weak, net.gate, net.strong]}
+        return parts[phase]
+
+    def _metrics(self, split: str) -> MowstMetrics:
+        metrics = self.mowst_metrics[f"{split}_"]
+        assert isinstance(metrics, MowstMetrics)
+        return metrics
 
     def _parts(self) -> dict[str, Module]:
         return {"weak": self.net.weak, "gate": self.net.gate, "strong": self.net.strong}
@@ -230,7 +219,7 @@ class MowstTask(NodeClassificationTask):
         # A zero that depends on every output: in each phase it reaches the
         # trained parameters, so that a process without nodes still runs the
         # backward pass (and DDP's gradient all-reduce) with the others.
-        zero = sum(t.sum() for t in out) * 0.0
+        zero = torch.stack([t.sum() for t in out]).sum() * 0.0
         return MowstOutput(*(t[mask] for t in out)), y, zero
 
     def training_step(self, data: Data, batch_idx: int) -> Tensor:
@@ -250,7 +239,7 @@ class MowstTask(NodeClassificationTask):
                 opt.step()
         self.log_loss("train", loss, y.numel())
         if y.numel() or self.distributed:  # every process updates: all sync the states
-            self.mowst_metrics["train_"].update(sub, y)
+            self._metrics("train").update(sub, y)
         return loss.detach()
 
     def _eval_step(self, data: Data, split: str) -> Tensor:
@@ -258,7 +247,7 @@ class MowstTask(NodeClassificationTask):
         loss = self.net.loss(sub, y) if y.numel() else zero
         self.log_loss(split, loss, y.numel() if self.distributed else max(y.numel(), 1))
         if y.numel() or self.distributed:
-            self.mowst_metrics[f"{split}_"].update(sub, y)
+            self._metrics(split).update(sub, y)
         return loss
 
     def validation_step(self, data: Data, batch_idx: int) -> Tensor:
@@ -270,7 +259,7 @@ class MowstTask(NodeClassificationTask):
     def _log_split(self, split: str) -> Optional[tuple[float, float]]:
         r"""Log the split's scores; return the main score and the score the
         current phase early-stops on (an expert's own when pre-training)."""
-        metrics = self.mowst_metrics[f"{split}_"]
+        metrics = self._metrics(split)
         if not int(metrics.num_updates):
             return None
         values = metrics.compute()
@@ -299,9 +288,9 @@ class MowstTask(NodeClassificationTask):
 
     def on_validation_epoch_end(self) -> None:
         scores = self._log_split("val")
-        self.log("schedule/round", float(self._schedule["round"]))
+        self.log("schedule/round", float(self.schedule.round))
         self.log("schedule/phase", float(PHASES.index(self.phase)))
-        if self.trainer.sanity_checking or scores is None or self._schedule["done"]:
+        if self.trainer.sanity_checking or scores is None or self.schedule.done:
             return
         self._advance(*scores)
 
@@ -310,14 +299,15 @@ class MowstTask(NodeClassificationTask):
         from lightning.pytorch.callbacks import EarlyStopping
         from lightning.pytorch.utilities import rank_zero_warn
 
-        stoppers = [c for c in self.trainer.callbacks if isinstance(c, EarlyStopping)]
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer
+        stoppers = [c for c in callbacks if isinstance(c, EarlyStopping)]
         if stoppers:
             rank_zero_warn("MowstTask early-stops each turn itself; the EarlyStopping callback "
                            "would end training in the middle of a round and is removed")
-            self.trainer.callbacks = [c for c in self.trainer.callbacks
-                                      if not isinstance(c, EarlyStopping)]
+            self.trainer.callbacks = [  # type: ignore[attr-defined]
+                c for c in callbacks if not isinstance(c, EarlyStopping)]
         self._caching = True
-        if getattr(self, "_resumed_turn", False):  # the checkpoint's turn goes on
+        if self._resumed_turn:  # the checkpoint's turn goes on
             self._resumed_turn, self._cache = False, None
             self._apply_freeze()
         else:
@@ -327,8 +317,7 @@ class MowstTask(NodeClassificationTask):
         self._caching, self._cache = False, None
 
     def _begin_turn(self) -> None:
-        s = self._schedule
-        s["epoch_in_turn"], s["stale_epochs"], s["turn_best"] = 0, 0, -float("inf")
+        self.schedule.begin_turn()
         self._cache = None
         self._turn_id += 1
         self._turn_start_state = self._trained_state()
@@ -336,75 +325,32 @@ class MowstTask(NodeClassificationTask):
         self._apply_freeze()
 
     def _advance(self, main_score: float, score: float) -> None:
-        r"""After each validation: keep the turn's best state; end the turn on
-        patience; roll back; move to the next phase or stop.
+        r"""After each validation: keep the turn's best state; at the end of
+        a turn, keep its best epoch or roll back, as the schedule says; move
+        to the next phase or stop.
 
         ``score`` is what the phase early-stops on (the main score, or the
         pre-trained expert's own); ``main_score`` the Mowst score."""
-        s = self._schedule
-        s["epoch_in_turn"] += 1
-        if score > s["turn_best"] + self.min_delta:
-            s["turn_best"], s["stale_epochs"] = score, 0
+        s = self.schedule
+        phase, round_ = s.phase, s.round
+        step = s.step(score)
+        if step.improved:
             self._turn_best_state = self._trained_state()
-        else:
-            s["stale_epochs"] += 1
-        patience = self.turn_patience
-        if s["stale_epochs"] < patience and s["epoch_in_turn"] < self._turn_limit():
+        if not step.turn_over:
             return
-        # End of the turn: keep its best epoch if it beat the best so far
-        # (pre-training always keeps its expert's best epoch).
-        if self.phase.startswith("pretrain"):
-            self._load_trained_state(self._turn_best_state)
-            log.info("mowst: %s ended after %d epochs, best %.4f", self.phase,
-                     s["epoch_in_turn"], s["turn_best"])
-            self._next_phase()
-            return
-        gained = s["turn_best"] > s["best"] + self.min_delta
-        if gained:
-            s["best"] = s["turn_best"]
-            self._load_trained_state(self._turn_best_state)
-            if self.phase in ("weak", "strong"):
-                s["round_gain"] = True
-        else:
-            self._load_trained_state(self._turn_start_state)
+        state = self._turn_best_state if step.restore == "best" else self._turn_start_state
+        if state is not None:
+            self._load_trained_state(state)
         log.info("mowst: %s turn of round %d ended after %d epochs, best %.4f (%s)",
-                 self.phase, s["round"], s["epoch_in_turn"], s["turn_best"],
-                 "kept" if gained else "rolled back")
-        self._next_phase()
-
-    def _turn_limit(self) -> int:
-        return {"pretrain_weak": self.pretrain_weak_epochs,
-                "pretrain_strong": self.pretrain_strong_epochs}.get(
-            self.phase, self.max_turn_epochs if self.phase != "joint" else 10**9)
-
-    def _next_phase(self) -> None:
-        s = self._schedule
-        phase = self.phase
-        if phase == "joint":
-            s["done"] = True
-        elif phase == "pretrain_weak":
-            s["phase"] = ("pretrain_strong" if self.pretrain_strong_epochs
-                          else self._first_trained_phase())
-        elif phase == "pretrain_strong":
-            s["phase"] = self._first_trained_phase()
-        elif phase == "weak":
-            s["phase"] = "strong"
-        else:  # a round ends after its strong turn
-            s["rounds_without_gain"] = 0 if s["round_gain"] else s["rounds_without_gain"] + 1
-            s["round_gain"] = False
-            if (s["rounds_without_gain"] >= self.round_patience
-                    or s["round"] >= self.max_rounds):
-                s["done"] = True
-            else:
-                s["round"] += 1
-                s["phase"] = "weak"
-        if s["done"]:
+                 phase, round_, s.epoch_in_turn, s.turn_best,
+                 "kept" if step.kept else "rolled back")
+        if s.done:
             self.trainer.should_stop = True
         else:
             self._begin_turn()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mowst_schedule"] = dict(self._schedule)
+        checkpoint["mowst_schedule"] = self.schedule.state_dict()
         # The turn in progress (its start and best states, for the roll-back)
         # and the training metrics of the epoch so far: a run resumed in the
         # middle of a turn or of an epoch goes on as if never stopped.
@@ -414,7 +360,7 @@ class MowstTask(NodeClassificationTask):
         checkpoint["train_metric_states"] = metric_states(self.mowst_metrics["train_"])
 
     # -- optimisers ----------------------------------------------------------------
-    def _optimizer_parts(self) -> list[list[Tensor]]:
+    def _optimizer_parts(self) -> list[list[torch.nn.Parameter]]:
         r"""Parameter groups with one optimizer each: weak expert + gate, and
         the strong expert."""
         net = self.net
@@ -431,7 +377,8 @@ class MowstTask(NodeClassificationTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._cache = None
         if "mowst_schedule" in checkpoint:
-            self._schedule = dict(checkpoint["mowst_schedule"])
+            self.schedule = MowstSchedule(self.schedule_config)
+            self.schedule.load_state_dict(checkpoint["mowst_schedule"])
         if "mowst_turn" in checkpoint:
             turn = checkpoint["mowst_turn"]
             self._turn_id = turn["turn_id"]
