@@ -18,10 +18,10 @@ from torch.nn import Module
 from torch_geometric.nn import GCNConv, MessagePassing
 from torch_geometric.utils import k_hop_subgraph
 
-from moegraph.nn.conv.hop_moe import check_edge_index
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.utils.graph import (  # noqa: F401 (public here before)
     HopSubgraph,
+    check_edge_index,
     gcn_normalized_edges,
     hop_ordered_subgraph,
     trimmable_convs,

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
 from moegraph.tasks.common import load_metric_states, metric_states, split_mask
 from moegraph.tasks.metrics import MowstMetrics
@@ -81,6 +82,7 @@ class MowstTask(NodeClassificationTask):
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
                  min_delta: float = 1e-3):
+        net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "
                             f"{type(net).__name__})")

@@ -13,6 +13,7 @@ from torch.nn import Module, ModuleDict
 from torchmetrics import Accuracy, MeanSquaredError, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.diagnostics import (
     format_multitask_diagnostics,
     multitask_diagnostics,
@@ -81,6 +82,9 @@ class MultiTaskLearning(L.LightningModule):
                  task_weights: Optional[dict[str, float]] = None,
                  uncertainty_weighting: bool = False, group_key: str = "user"):
         super().__init__()
+        # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
+        net = net_from_config(net)
+        optimizer, scheduler = from_config(optimizer), from_config(scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.tasks = check_tasks(tasks)
         net_tasks = getattr(net, "tasks", None)

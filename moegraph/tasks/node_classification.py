@@ -13,6 +13,7 @@ from torch.nn import Module
 from torch_geometric.data import Data
 from torchmetrics import MeanMetric, MetricCollection
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import AUX_LOSS_NAMES
@@ -75,6 +76,9 @@ class NodeClassificationTask(L.LightningModule):
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", expert_parallel: bool = False):
         super().__init__()
+        # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
+        net = net_from_config(net)
+        optimizer, scheduler = from_config(optimizer), from_config(scheduler)
         if num_classes < 2:
             raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)

@@ -354,5 +354,5 @@ def test_nan_features_and_bad_edges_raise():
     bad = edge_index.clone()
     bad[1, 0] = N
     for call in (lambda: model(x, bad), lambda: model.predict(x, bad)):
-        with pytest.raises(ValueError, match="'edge_index' refers to node"):
+        with pytest.raises(ValueError, match="'edge_index' holds node"):
             call()
