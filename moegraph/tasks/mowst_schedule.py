@@ -30,12 +30,16 @@ class Step(NamedTuple):
             began); :obj:`None` otherwise.
         kept (bool): the ended turn was kept (beat the best score so far; a
             pre-training turn always keeps its expert's best epoch).
+        epochs (int): epochs of the turn so far.
+        turn_best (float): the turn's best score so far.
     """
 
     improved: bool
     turn_over: bool
     restore: Optional[str]
     kept: bool
+    epochs: int = 0
+    turn_best: float = -math.inf
 
 
 @dataclass
@@ -163,11 +167,12 @@ class MowstSchedule:
             self.turn_best, self.stale_epochs = float(score), 0
         else:
             self.stale_epochs += 1
+        epochs, turn_best = self.epoch_in_turn, self.turn_best
         if self.stale_epochs < c.turn_patience and self.epoch_in_turn < self.turn_limit():
-            return Step(improved, False, None, False)
+            return Step(improved, False, None, False, epochs, turn_best)
         if self.pretraining:  # pre-training keeps its expert's best epoch
             self._next_phase()
-            return Step(improved, True, "best", True)
+            return Step(improved, True, "best", True, epochs, turn_best)
         kept = self.turn_best > self.best + c.min_delta
         if kept:
             self.best = self.turn_best
@@ -175,7 +180,7 @@ class MowstSchedule:
                 self.round_gain = True
         self.mixture_trained = self.mixture_trained or self.phase in ("weak", "joint")
         self._next_phase()
-        return Step(improved, True, "best" if kept else "start", kept)
+        return Step(improved, True, "best" if kept else "start", kept, epochs, turn_best)
 
     def _next_phase(self) -> None:
         c = self.config

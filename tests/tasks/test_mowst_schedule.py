@@ -31,8 +31,8 @@ def test_pretraining_runs_its_budget_then_keeps_its_best_epoch():
     trace = run(s, [0.1, 0.3, 0.2, 0.5, 0.4])
     assert [p for p, _ in trace] == ["pretrain_weak"] * 3 + ["pretrain_strong"] * 2
     assert [st.improved for _, st in trace] == [True, True, False, True, False]
-    assert trace[2][1] == Step(False, True, "best", True)  # weak pre-training over
-    assert trace[4][1] == Step(False, True, "best", True)
+    assert trace[2][1][:4] == (False, True, "best", True)  # weak pre-training over
+    assert trace[4][1][:4] == (False, True, "best", True)
     assert s.phase == "weak" and not s.mixture_trained
     assert s.best == -math.inf  # pre-training sets no bar for the mixture
 
@@ -43,8 +43,8 @@ def test_a_turn_that_does_not_beat_the_best_is_rolled_back():
     # weak turn: best 0.6 -> kept; strong turn: best 0.5 < 0.6 -> rolled back.
     trace = run(s, [0.6, 0.5, 0.5, 0.5, 0.4, 0.3])
     assert [p for p, _ in trace] == ["weak"] * 3 + ["strong"] * 3
-    assert trace[2][1] == Step(False, True, "best", True)
-    assert trace[5][1] == Step(False, True, "start", False)
+    assert trace[2][1][:4] == (False, True, "best", True)
+    assert trace[5][1][:4] == (False, True, "start", False)
     assert s.best == 0.6 and s.mixture_trained
     # The round had a kept turn: a second round starts.
     assert not s.done and s.phase == "weak" and s.round == 2
@@ -73,7 +73,7 @@ def test_joint_turn_ends_training():
     s = MowstSchedule(ScheduleConfig(turn_patience=2, joint=True))
     trace = run(s, [0.5, 0.7, 0.6, 0.6])
     assert s.done and s.mixture_trained and len(trace) == 4
-    assert trace[-1][1] == Step(False, True, "best", True)
+    assert trace[-1][1][:4] == (False, True, "best", True)
 
 
 def test_state_dict_round_trip_and_old_checkpoints():
@@ -107,3 +107,11 @@ def test_min_epochs():
     assert ScheduleConfig(100, 100, turn_patience=20).min_epochs() == 240
     assert ScheduleConfig(0, 0, turn_patience=20, joint=True).min_epochs() == 20
     assert set(PHASES) == {"pretrain_weak", "pretrain_strong", "weak", "strong", "joint"}
+
+
+def test_step_reports_the_turn_it_ended():
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    *_, (_, last) = run(s, [0.4, 0.7, 0.6, 0.5])
+    assert isinstance(last, Step) and last.turn_over
+    assert last.epochs == 4 and last.turn_best == 0.7  # two stale epochs after 0.7
+    assert s.epoch_in_turn == 0 and s.turn_best == -math.inf  # the next turn's counters

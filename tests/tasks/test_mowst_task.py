@@ -125,25 +125,25 @@ def test_schedule_rolls_back_a_turn_without_gain_and_keeps_a_better_one():
     with torch.no_grad():
         net.weak.lins[0].weight.add_(1.0)
     best = params(net.weak)
-    task._advance(0.5, 0.5)                # best epoch of the turn
+    task._advance(0.5)                # best epoch of the turn
     with torch.no_grad():
         net.weak.lins[0].weight.add_(1.0)  # a worse epoch
-    task._advance(0.4, 0.4)                # patience 1: the turn ends, best kept
+    task._advance(0.4)                # patience 1: the turn ends, best kept
     assert same(params(net.weak), best) and not same(params(net.weak), start)
     assert task.phase == "strong" and task.schedule.best == 0.5
     # Strong turn: no gain over 0.5 -> rolled back to where it began.
     start = params(net.strong)
     with torch.no_grad():
         net.strong.convs[0].lin.weight.add_(1.0)
-    task._advance(0.45, 0.45)
-    task._advance(0.45, 0.45)
+    task._advance(0.45)
+    task._advance(0.45)
     assert same(params(net.strong), start)
     # The round had a gain (the weak turn): training goes on.
     assert task.phase == "weak" and task.schedule.round == 2
     assert not task.trainer.should_stop
     # A round without gain ends training (round_patience=1).
     for _ in range(4):
-        task._advance(0.1, 0.1)
+        task._advance(0.1)
     assert task.schedule.done and task.trainer.should_stop
 
 
@@ -153,10 +153,10 @@ def test_pretraining_keeps_its_best_epoch_and_moves_on():
     with torch.no_grad():
         task.net.weak.lins[0].weight.add_(1.0)
     best = params(task.net.weak)
-    task._advance(0.2, 0.9)
+    task._advance(0.9)
     with torch.no_grad():
         task.net.weak.lins[0].weight.add_(1.0)
-    task._advance(0.3, 0.5)   # limit of 2 epochs reached
+    task._advance(0.5)   # limit of 2 epochs reached
     assert same(params(task.net.weak), best)
     assert task.phase == "weak"
     assert task.schedule.best == -float("inf")  # pre-training sets no Mowst best
