@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moegraph.checkpoint import CHECKPOINT_KEY, load_checkpoint
-from moegraph.train import CONFIG_DIR, _run_config, set_num_threads
+from moegraph.train import CONFIG_DIR, _run_config, ogb_metrics, set_num_threads
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in result.items()})
         for result in trainer.test(task, datamodule=datamodule, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
+        metrics.update(ogb_metrics(task, datamodule))
         with open(output_dir / "metrics.json", "w") as f:
             json.dump({"metrics": metrics, "ckpt_path": str(cfg.ckpt_path),
                        "config": _run_config(cfg)}, f, indent=2)
