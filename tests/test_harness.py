@@ -36,6 +36,7 @@ def run_cli(tmp_path, *args, module="moegraph.train"):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 3 trials in 2 CLI processes: about 1 min on a quiet 2-core machine
 def test_optuna_search_runs_and_resumes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     args = ["hparams_search=gnn", "debug=fdr", TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
