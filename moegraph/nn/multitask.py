@@ -87,47 +87,61 @@ def _per_task_count(value: Union[int, Mapping[str, int]], tasks: Sequence[str],
 
 
 class _FeatureGatedExperts(torch.autograd.Function):
-    r"""``k`` feature-gated experts over one input, without an ``[k, N, F]``
-    tensor: forward and backward loop over the experts, each holding one
-    ``[N, F]`` gated input at a time; backward recomputes it from ``x`` and the
-    low-rank logits ``z`` (the only activations saved besides ``x``).
+    r"""``k`` feature-gated experts over one input, without a ``[k, N, F]``
+    tensor: forward and backward run over blocks of rows (about
+    ``BLOCK_ELEMENTS`` gated inputs each, all experts batched), and backward
+    recomputes the gates from ``x`` and the low-rank logits ``z`` (the only
+    activations saved besides ``x``). Memory: ``x``, ``z``, the output and
+    a few blocks, whatever ``N``.
 
     ``y_j = (x * 2 sigmoid(z_j B_j)) W_j + b_j`` with ``z = x A``.
     """
 
+    BLOCK_ELEMENTS = 1 << 20  # k * rows * F per block: about 4 MiB of float32
+
+    @staticmethod
+    def _rows(k: int, F_in: int) -> int:
+        return max(1, _FeatureGatedExperts.BLOCK_ELEMENTS // max(k * F_in, 1))
+
     @staticmethod
     def forward(ctx, x: Tensor, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        N, F_in = x.shape
         k, r, H = b.size(0), b.size(1), weight.size(2)
         z = x @ a  # [N, k*r]
-        out = x.new_empty(x.size(0), k, H)
-        for j in range(k):
-            gate = torch.sigmoid(z[:, j * r:(j + 1) * r] @ b[j]).mul_(2.0)  # [N, F]
-            out[:, j] = torch.addmm(bias[j], gate.mul_(x), weight[j])
+        out = x.new_empty(k, N, H)
+        step = _FeatureGatedExperts._rows(k, F_in)
+        for lo in range(0, N, step):
+            xc, zc = x[lo:lo + step], z[lo:lo + step]
+            zk = zc.view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+            gated = torch.bmm(zk, b).sigmoid_().mul_(xc).mul_(2.0)  # [k, rows, F]
+            out[:, lo:lo + step] = torch.baddbmm(bias.unsqueeze(1), gated, weight)
         ctx.save_for_backward(x, a, b, weight, z)
-        return out.view(x.size(0), k * H)
+        return out.transpose(0, 1).reshape(N, k * H)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, a, b, weight, z = ctx.saved_tensors
+        N, F_in = x.shape
         k, r, H = b.size(0), b.size(1), weight.size(2)
-        g = grad_out.reshape(x.size(0), k, H)
-        grad_x = torch.zeros_like(x)
+        g = grad_out.reshape(N, k, H).transpose(0, 1)  # [k, N, H]
+        grad_x = torch.empty_like(x)
         grad_z = torch.empty_like(z)
-        grad_b = torch.empty_like(b)
-        grad_w = torch.empty_like(weight)
-        grad_bias = g.sum(0)  # [k, H]
-        for j in range(k):
-            zj = z[:, j * r:(j + 1) * r]
-            s = torch.sigmoid(zj @ b[j])  # [N, F]
-            gj = g[:, j]
-            torch.mm((x * s).mul_(2.0).T, gj, out=grad_w[j])
-            gxt = gj @ weight[j].T  # [N, F]: gradient of the gated input
-            grad_x.addcmul_(gxt, s, value=2.0)
-            # d(2 sigmoid(u)) / du = 2 s (1 - s)
-            gu = gxt.mul_(x).mul_(s).mul_(1.0 - s).mul_(2.0)
-            torch.mm(zj.T, gu, out=grad_b[j])
-            grad_z[:, j * r:(j + 1) * r] = gu @ b[j].T
+        grad_b = torch.zeros_like(b)
+        grad_w = torch.zeros_like(weight)
+        grad_bias = g.sum(1)  # [k, H]
+        step = _FeatureGatedExperts._rows(k, F_in)
+        for lo in range(0, N, step):
+            xc, gc = x[lo:lo + step], g[:, lo:lo + step]
+            zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+            s = torch.bmm(zk, b).sigmoid_()  # [k, rows, F]
+            grad_w.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)
+            gxt = torch.bmm(gc, weight.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
+            grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
+            gu = gxt.mul_(xc).mul_(s).mul_(1.0 - s)  # d(2 sigmoid(u)) = 2 s (1 - s) du
+            grad_b.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
+            gz = torch.bmm(gu, b.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
+            grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
         grad_x.addmm_(grad_z, a.T)
         grad_a = x.T @ grad_z
         return grad_x, grad_a, grad_b, grad_w, grad_bias

@@ -317,6 +317,12 @@ def test_feature_gated_experts_gradcheck_and_naive_forward():
     args = [torch.randn(s, dtype=torch.double, requires_grad=True)
             for s in ((N, Fi), (Fi, k * r), (k, r, Fi), (k, Fi, H), (k, H))]
     assert torch.autograd.gradcheck(_FeatureGatedExperts.apply, args)
+    block = _FeatureGatedExperts.BLOCK_ELEMENTS
+    try:  # blocks of 2 rows (the last one of 1)
+        _FeatureGatedExperts.BLOCK_ELEMENTS = 2 * k * Fi
+        assert torch.autograd.gradcheck(_FeatureGatedExperts.apply, args)
+    finally:
+        _FeatureGatedExperts.BLOCK_ELEMENTS = block
     x, a, b, w, bias = (t.detach() for t in args)
     out = _FeatureGatedExperts.apply(x, a, b, w, bias).view(N, k, H)
     for j in range(k):  # x * 2 sigmoid(x A_j B_j) W_j + b_j, expert by expert
