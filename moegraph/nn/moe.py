@@ -44,6 +44,16 @@ class SparseMoE(Module):
     the overflow is dropped deterministically (first choices first, then by
     row index) and contributes nothing.
 
+    Host synchronisations per call (what makes a CUDA host wait): one scalar
+    read for the router's NaN/Inf check of its logits, and, with the
+    ``"loop"`` backend, one ``counts.tolist()`` for the block sizes of the
+    per-expert matmuls (``"grouped_mm"`` takes the offsets on the device).
+    Counting the assignments per expert, the auxiliary losses, the combine
+    and the whole backward pass need none. Data-dependent sizes add one
+    each where they are asked for: null experts and ``capacity_factor``
+    (dropped assignments), the top-p router (a variable number per row).
+    ``tests/nn/test_moe.py::test_host_syncs_per_call`` counts them.
+
     Args:
         in_channels (int): input size :math:`F`.
         hidden_channels (int): hidden size of each MLP expert.
