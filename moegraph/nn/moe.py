@@ -189,14 +189,15 @@ class SparseMoE(Module):
         :class:`~moegraph.nn.MLPExperts`)."""
         assert self.shared is not None
         lin1, act, lin2 = self.shared
+        assert isinstance(lin1, Linear) and isinstance(lin2, Linear)
         if torch.is_autocast_enabled(x.device.type) or lin1.weight.dtype == x.dtype:
             return self.shared(x)
 
-        def cast(p: Optional[Tensor]) -> Optional[Tensor]:
+        def to_x(p: Optional[Tensor]) -> Optional[Tensor]:
             return None if p is None else p.to(x.dtype)
 
-        h = act(F.linear(x, lin1.weight.to(x.dtype), cast(lin1.bias)))
-        return F.linear(h, lin2.weight.to(x.dtype), cast(lin2.bias))
+        h = act(F.linear(x, lin1.weight.to(x.dtype), to_x(lin1.bias)))
+        return F.linear(h, lin2.weight.to(x.dtype), to_x(lin2.bias))
 
     def __repr__(self) -> str:
         k = getattr(self.router, "k", None)
