@@ -658,3 +658,23 @@ def test_host_syncs_expert_choice_and_deterministic(monkeypatch):
     m = SparseMoE(16, 16, 16, num_experts=4, router="expert_choice", deterministic=True).train()
     x = make_x(f=16, seed=28)
     assert count_syncs(monkeypatch, lambda: m(x)) == ["scalar read", "tolist"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_syncs_on_cuda():
+    # The same count from CUDA itself: each synchronising call warns once.
+    torch.manual_seed(29)
+    m = SparseMoE(16, 16, 16, num_experts=4, k=2).cuda().train()
+    x = make_x(f=16, seed=30).cuda().requires_grad_()
+    m(x)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            out, routing = m(x)
+            (out.sum() + sum(routing.aux_loss.values())).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, [str(w.message) for w in syncs]  # NaN check, block sizes
