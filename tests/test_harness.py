@@ -58,8 +58,8 @@ def test_optuna_search_runs_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("family,keys", [
     ("mlp", []), ("gnn", []),
-    ("mowst", ["model.net.gate", "model.net.gate_features", "model.net.gate_hidden_channels"]),
-    ("mowst_star", ["model.net.gate", "model.net.gate_hidden_channels"])])
+    ("mowst", ["model.net.gate_type", "model.net.gate_features", "model.net.gate_hidden_channels"]),
+    ("mowst_star", ["model.net.gate_type", "model.net.gate_hidden_channels"])])
 def test_search_spaces_name_real_config_keys(compose_cfg, family, keys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from omegaconf import OmegaConf
