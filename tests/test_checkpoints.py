@@ -194,6 +194,18 @@ def test_predictions_one_row_per_node(trained_runs, tmp_path, name):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_moegraph_predict_entry_point(trained_runs, tmp_path, monkeypatch):
+    from moegraph.eval import predict_main
+
+    _, _, best = trained_runs["moe_gnn"]
+    monkeypatch.setattr(sys, "argv", ["moegraph-predict", f"ckpt_path={best}",
+                                      f"hydra.run.dir={tmp_path}"])
+    predict_main()
+    with open(tmp_path / "predictions.csv") as f:
+        assert sum(1 for _ in f) == 201  # header + one row per node
+    assert not (tmp_path / "metrics.json").exists()  # predict only
+
+
 def test_eval_on_other_data(trained_runs, tmp_path):
     _, _, best = trained_runs["moe_gnn"]
     got = evaluate(compose_eval(tmp_path, f"ckpt_path={best}", "data=synthetic", TINY,
