@@ -280,12 +280,16 @@ def format_summary(metrics: dict[str, float], optimized: Optional[str] = None) -
     ``optimized``, e.g. ``test/acc``), then the validation one, the test loss,
     and the best epoch; the rest is in ``metrics.json``."""
     headline = optimized.split("/", 1)[1] if optimized and "/" in optimized else "acc"
-    keys = [f"test/{headline}", f"val/{headline}", "test/loss", "best/epoch"]
+    # Mowst: the deterministic score (the headline) beside the expected score of
+    # sampled inference, and the phase of the tested checkpoint.
+    keys = [f"test/{headline}", f"test/{headline}_expected", f"val/{headline}", "test/loss",
+            "best/epoch", "test/checkpoint_phase"]
     parts = []
     for key in keys:
         if key in metrics:
             value = metrics[key]
-            parts.append(f"{key}={int(value)}" if key == "best/epoch" else f"{key}={value:.4f}")
+            whole = key in ("best/epoch", "test/checkpoint_phase")
+            parts.append(f"{key}={int(value)}" if whole else f"{key}={value:.4f}")
     if not parts:  # e.g. multi-task: every test metric
         parts = [f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
     return ", ".join(parts)
