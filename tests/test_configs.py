@@ -69,7 +69,7 @@ def test_default_config(compose_cfg, tmp_path):
     optimizer = task.configure_optimizers()
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 0.01
     names = sorted(type(c).__name__ for c in run["callbacks"])
-    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar"]
+    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar", "RunCheckpoint"]
     ckpt = next(c for c in run["callbacks"] if type(c).__name__ == "ModelCheckpoint")
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
     assert [type(lg).__name__ for lg in run["loggers"]] == ["CSVLogger"]
@@ -86,7 +86,8 @@ def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     cfg = compose_cfg(TINY, f"model={model}", f"callbacks={callbacks}", f"logger={logger}",
                       "trainer=cpu")
     run = instantiate_run(cfg)
-    assert len(run["callbacks"]) == (3 if callbacks == "default" else 0)
+    # RunCheckpoint (random states in checkpoints) is always there
+    assert len(run["callbacks"]) == (4 if callbacks == "default" else 1)
     assert len(run["loggers"]) == (1 if logger == "csv" else 0)
     net = run["net"]
     expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst,
