@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: experiments/results/gpu on CUDA, "
                              ".gpu_check/results for a CPU run)")
+    parser.add_argument("--timeout-scale", type=float, default=None,
+                        help="multiply each step's time limit (default: 1 on CUDA, 6 on CPU, "
+                             "where every step runs on a few slow cores)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="run only these steps (pytest, bench_moe, bench_graph_moe, "
                              "train_moe_gnn, train_mowst, train_multitask, bench_scale)")
@@ -218,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
     steps = build_steps(args, found, out)
+    scale = args.timeout_scale or (1.0 if args.device == "cuda" else 6.0)
+    for step in steps:
+        step.timeout *= scale
     if args.only:
         unknown = set(args.only) - {s.name for s in steps}
         if unknown:
