@@ -52,7 +52,8 @@ def test_two_job_sweep_through_the_local_launcher(tmp_path):
     assert [p.parent.name for p in runs] == ["0", "1"]  # one job per run
     seeds = [json.loads(p.read_text())["config"]["seed"] for p in runs]
     assert seeds == [0, 1]
-XX
+    jobs = [d for d in (tmp_path / ".submitit").iterdir() if d.name.isdigit()]
+    assert len(jobs) == 2  # submitit's job folders, one per run
 
 
 @pytest.mark.slow
