@@ -18,6 +18,15 @@ from moegraph.data.datamodule import (
     select_split,
 )
 from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
+from moegraph.data.molecules import (
+    GRAPH_DATASETS,
+    MOLECULE_DATASETS,
+    GraphDataModule,
+    MoleculeCSVDataset,
+    load_graph_dataset,
+    scaffold_split,
+    smiles_to_data,
+)
 from moegraph.data.movielens import (
     MovieLensDataModule,
     check_ratings,
@@ -28,7 +37,9 @@ from moegraph.data.movielens import (
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 
-__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches",
+__all__ = ["DATASETS", "GRAPH_DATASETS", "MOLECULE_DATASETS", "REAL_DATASETS",
+           "GraphDataModule", "MoleculeCSVDataset", "load_graph_dataset", "scaffold_split",
+           "smiles_to_data", "ClusterDataModule", "ClusterPatches",
            "EpochRandomSampler", "KHopLoader", "MovieLensDataModule", "NeighborSampler",
            "NodeDataModule", "TorchNeighborLoader", "check_graph", "check_ratings",
            "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
