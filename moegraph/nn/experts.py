@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.nn import Module, ModuleList, Parameter
 from torch_geometric.nn.resolver import activation_resolver
 
+from moegraph.utils.checks import check_int
+
 BACKENDS = ("auto", "loop", "grouped_mm")
 
 
@@ -22,7 +24,7 @@ def _has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str) -> str:
     r"""The compute path for stacked experts.
 
     ``"loop"``: one matmul per non-empty expert block (pure PyTorch, every
@@ -177,8 +179,7 @@ class MLPExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
                             ("out_channels", out_channels), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
         self.in_channels = in_channels
@@ -208,7 +209,7 @@ class MLPExperts(Experts):
 
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:
-        backend = resolve_backend(self.backend, x_sorted.device)
+        backend = resolve_backend(self.backend)
         # Under autocast the experts run in the autocast dtype, as nn.Linear would.
         device_type = x_sorted.device.type
         dtype = (torch.get_autocast_dtype(device_type)
@@ -323,8 +324,7 @@ class LinearExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_experts = num_experts

@@ -4,19 +4,17 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Linear, Module, Sequential
 from torch_geometric.nn.resolver import activation_resolver
 
+from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins, permute_and_compute
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
-from moegraph.nn.routing import (
-    ExpertChoiceRouter,
-    Router,
-    Routing,
-    build_router,
-    drop_overflow,
-    expert_capacity,
-)
+from moegraph.nn.routing import ExpertChoiceRouter, Router, Routing, build_router
+from moegraph.utils.checks import check_int, check_positive_float
+
+__all__ = ["MoEOutput", "SparseMoE", "combine"]
 
 
 class MoEOutput(NamedTuple):
@@ -24,30 +22,6 @@ class MoEOutput(NamedTuple):
 
     out: Tensor
     routing: Routing
-
-
-def combine(y_sorted: Tensor, rows: Tensor, num_rows: int, fixed_k: Optional[int] = None,
-            deterministic: bool = False) -> Tensor:
-    r"""Sum weighted expert outputs back into their rows.
-
-    Args:
-        y_sorted (Tensor): ``[A, O]`` weighted expert outputs, sorted by expert.
-        rows (Tensor): ``[A]`` the row of each of them.
-        num_rows (int): ``N``.
-        fixed_k (int, optional): if every row has exactly ``k`` assignments,
-            laid out row-major before sorting.
-        deterministic (bool, optional): with ``fixed_k``, un-permute and sum
-            over ``k`` instead of a scatter-add, which is deterministic on
-            CUDA too (a CPU scatter-add already is). (default: :obj:`False`)
-    """
-    if deterministic and fixed_k is not None:
-        # Group each row's k outputs together (their order within a row does
-        # not matter for the sum), then reduce: a gather and a sum, no atomics.
-        order = torch.argsort(rows, stable=True)  # [A]
-        y = y_sorted.index_select(0, order).view(num_rows, fixed_k, y_sorted.size(-1))
-        return y.sum(dim=1)  # [N, O]
-    out = y_sorted.new_zeros(num_rows, y_sorted.size(-1))
-    return out.index_add_(0, rows, y_sorted)
 
 
 class SparseMoE(Module):
@@ -126,11 +100,17 @@ class SparseMoE(Module):
         deterministic: bool = False,
     ):
         super().__init__()
+        in_channels = check_int("in_channels", in_channels)
+        hidden_channels = check_int("hidden_channels", hidden_channels)
         out_channels = in_channels if out_channels is None else out_channels
+        out_channels = check_int("out_channels", out_channels)
+        num_experts = check_int("num_experts", num_experts)
+        num_shared_experts = check_int("num_shared_experts", num_shared_experts, low=0)
+        if shared_hidden_channels is not None:
+            shared_hidden_channels = check_int("shared_hidden_channels", shared_hidden_channels)
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.out_channels = out_channels
-        self.capacity_factor = capacity_factor
         self.num_shared_experts = num_shared_experts
         self.deterministic = deterministic
 
@@ -142,8 +122,8 @@ class SparseMoE(Module):
             if isinstance(router, ExpertChoiceRouter):
                 raise ValueError("the expert-choice router sets its own capacity: pass "
                                  "'capacity_factor' in 'router_kwargs', not to SparseMoE")
-            if not capacity_factor > 0:
-                raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
+        self.capacity_factor = capacity_factor
 
         if experts is None:
             experts = MLPExperts(in_channels, hidden_channels, out_channels, num_experts, act,
@@ -154,9 +134,7 @@ class SparseMoE(Module):
             raise ValueError(f"got {experts.num_experts} experts but num_experts={num_experts}")
         self.experts = experts
 
-        if num_shared_experts < 0:
-            raise ValueError(f"'num_shared_experts' must be non-negative "
-                             f"(got {num_shared_experts})")
+        self.shared: Optional[Sequential]
         if num_shared_experts > 0:
             # S shared experts of hidden size h summed == one MLP of hidden S * h.
             width = num_shared_experts * (shared_hidden_channels or hidden_channels)
@@ -187,20 +165,28 @@ class SparseMoE(Module):
             the E experts (A assignments).
         """
         routing = self.router(x)  # checks x
-        N = x.size(0)
-        if self.capacity_factor is not None and routing.row.numel() > 0:
-            capacity = expert_capacity(routing.row.numel(), self.num_experts,
-                                       self.capacity_factor)
-            routing = drop_overflow(routing, capacity)
-
-        order = torch.argsort(routing.expert, stable=True)  # [A]
-        rows = routing.row[order]  # [A]
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
-        y_sorted = self.experts(x.index_select(0, rows), counts, routing.weight[order])  # [A, O]
-        out = combine(y_sorted, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
+        routing = apply_capacity(routing, self.num_experts, self.capacity_factor)
+        bins = indices_and_bins(routing, self.num_experts)
+        out = permute_and_compute(x, bins, self.experts, routing.fixed_k,
+                                  self.deterministic or x.is_cuda)  # [N, O]
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self._shared(x)
         return MoEOutput(out, routing)
+
+    def _shared(self, x: Tensor) -> Tensor:
+        r"""The shared experts, in the dtype the routed experts run in: the
+        autocast dtype under autocast, else that of ``x`` (as
+        :class:`~moegraph.nn.MLPExperts`)."""
+        assert self.shared is not None
+        lin1, act, lin2 = self.shared
+        if torch.is_autocast_enabled(x.device.type) or lin1.weight.dtype == x.dtype:
+            return self.shared(x)
+
+        def cast(p: Optional[Tensor]) -> Optional[Tensor]:
+            return None if p is None else p.to(x.dtype)
+
+        h = act(F.linear(x, lin1.weight.to(x.dtype), cast(lin1.bias)))
+        return F.linear(h, lin2.weight.to(x.dtype), cast(lin2.bias))
 
     def __repr__(self) -> str:
         k = getattr(self.router, "k", None)

@@ -15,11 +15,8 @@ from torch.nn import Module
 from torch_geometric.data import Batch
 
 from moegraph.nn.output import ModelOutput, as_model_output
-from moegraph.tasks.node_classification import (
-    build_optimizers,
-    check_aux_loss_weights,
-    weighted_aux_loss,
-)
+from moegraph.tasks.common import build_optimizers
+from moegraph.tasks.node_classification import check_aux_loss_weights, weighted_aux_loss
 
 
 def masked_bce_with_logits(logits: Tensor, y: Tensor) -> Tensor:

@@ -1,12 +1,14 @@
 r"""HopMoEConv and GMoE against PyG's own convolutions run on every node."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-from moegraph.nn.conv.hop_moe import HopGraph
 from moegraph.nn.models import GMoE
 from moegraph.nn.routing import ExpertChoiceRouter, TopKRouter
+from moegraph.utils.graph import HopGraph
 
 CONVS = ["gcn", "sage", "gin", "gat"]
 
@@ -16,12 +18,6 @@ def random_graph(num_nodes=30, num_edges=90, seed=0):
     edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=g)
     x = torch.randn(num_nodes, 6, generator=g)
     return x, edge_index
-
-
-def dense_two_hop(edge_index, N):
-    A = torch.zeros(N, N)
-    A[edge_index[1], edge_index[0]] = 1  # A[target, source]
-    return ((A @ A) > 0) & (A == 0) & ~torch.eye(N, dtype=torch.bool)
 
 
 def expert_as_pyg(layer: HopMoEConv, e: int):
@@ -66,42 +62,6 @@ def naive(layer: HopMoEConv, x, edge_index, routing):
         graph = edge_index if e < layer.num_hop1_experts else hop2
         out = out + weight[:, e:e + 1] * expert_as_pyg(layer, e)(x, graph)
     return out
-
-
-# Two-hop graph ################################################################
-
-@pytest.mark.parametrize("seed", range(4))
-def test_two_hop_matches_dense_square(seed):
-    x, edge_index = random_graph(25, 60, seed)
-    edge_index = torch.cat([edge_index, torch.tensor([[3, 3, 4], [3, 5, 5]])], dim=1)  # loop, dup
-    hop2 = two_hop_edge_index(edge_index, 25)
-    got = torch.zeros(25, 25, dtype=torch.bool)
-    got[hop2[1], hop2[0]] = True
-    assert torch.equal(got, dense_two_hop(edge_index, 25))
-    assert hop2.size(1) == int(got.sum())  # each pair once
-    # sorted by target, then source
-    key = hop2[1] * 25 + hop2[0]
-    assert torch.equal(key, key.sort().values)
-
-
-def test_two_hop_chunks_and_hand_example():
-    # path 0 -> 1 -> 2 -> 3 plus the shortcut 0 -> 2
-    edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 3, 2]])
-    hop2 = two_hop_edge_index(edge_index, 4)
-    # 0->2 is one hop already; 1->3 and 0->3 are two hops
-    assert sorted(map(tuple, hop2.t().tolist())) == [(0, 3), (1, 3)]
-    x, edge_index = random_graph(40, 150, 7)
-    full = two_hop_edge_index(edge_index, 40)
-    assert torch.equal(two_hop_edge_index(edge_index, 40, max_paths_per_chunk=3), full)
-    assert two_hop_edge_index(torch.empty(2, 0, dtype=torch.long), 5).shape == (2, 0)
-
-
-def test_hop_graph_in_edges():
-    edge_index = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 1, 1, 3]])
-    graph = HopGraph.build(edge_index, 4)
-    pos, local = graph.in_edges(torch.tensor([1, 3, 1]))
-    got = sorted(zip(local.tolist(), graph.src[pos].tolist(), strict=True))
-    assert got == [(0, 0), (0, 2), (0, 3), (1, 0), (2, 0), (2, 2), (2, 3)]
 
 
 # The layer against the all-experts reference ##################################
@@ -365,3 +325,83 @@ def test_gmoe_residual_blocks():
     body.load_state_dict(model.body.state_dict())
     model.eval(), body.eval()
     torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)
+
+
+# Issue 14: bad argument types and inputs; properties (hypothesis) #############
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (dict(num_experts="4"), "'num_experts'"),
+    (dict(k=True), r"'k' must be an integer in \[1, 4\]"),
+    (dict(capacity_factor=float("inf")), "'capacity_factor' must be a finite positive number"),
+    (dict(num_hop2_experts=1.0), r"'num_hop2_experts' must be an integer in \[0, 4\]"),
+    (dict(conv="gat", heads=True), "'heads'"),
+])
+def test_bad_argument_types(kwargs, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        HopMoEConv(6, 8, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_integer_or_bool_features_are_rejected(dtype):
+    _, edge_index = random_graph()
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        HopMoEConv(6, 8, num_experts=4)(torch.ones(30, 6, dtype=dtype), edge_index)
+
+
+@st.composite
+def graphs(draw):
+    N = draw(st.integers(1, 12))
+    M = draw(st.integers(0, 30))
+    pairs = draw(st.lists(st.tuples(st.integers(0, N - 1), st.integers(0, N - 1)),
+                          min_size=M, max_size=M))
+    edge_index = (torch.tensor(pairs, dtype=torch.long).t() if pairs
+                  else torch.empty(2, 0, dtype=torch.long))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    seed = draw(st.integers(0, 2 ** 16))
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(seed)) * scale
+    return x, edge_index
+
+
+ROUTINGS = {
+    "topk": (dict(k=2), "one"),
+    "topk_noisy_k1": (dict(k=1, router_kwargs=dict(noisy=True)), "one"),
+    "topk_null": (dict(k=2, router_kwargs=dict(num_null_experts=2)), "at_most_one"),
+    "topk_capacity": (dict(k=2, capacity_factor=0.5), "at_most_one"),
+    "topp": (dict(router="topp", router_kwargs=dict(p=0.6)), "at_most_one"),
+    "topp_normalized": (dict(router="topp", router_kwargs=dict(p=0.6, normalize=True)), "one"),
+    "expert_choice": (dict(router="expert_choice"), "any"),
+}
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(graph=graphs(), conv=st.sampled_from(CONVS), name=st.sampled_from(sorted(ROUTINGS)),
+       training=st.booleans())
+def test_properties(graph, conv, name, training):
+    r"""For any small graph: finite outputs and gradients; each node's gate
+    weights sum as its router defines (one for renormalised top-k / top-p, at
+    most one where null experts, top-p's unnormalised mass or dropped overflow
+    remove some, any non-negative sum for expert choice); a node routed to no
+    expert gets a zero output."""
+    x, edge_index = graph
+    kwargs, rule = ROUTINGS[name]
+    torch.manual_seed(0)
+    layer = HopMoEConv(6, 8, num_experts=4, conv=conv, heads=2 if conv == "gat" else 1,
+                       **kwargs).train(training)
+    x = x.requires_grad_()
+    out, routing = layer(x, edge_index)
+    assert out.shape == (x.size(0), 8) and torch.isfinite(out).all()
+    (out.square().sum() + sum(routing.aux_loss.values())).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+    weight = routing.dense_weight()  # [N, E]
+    assert (weight >= 0).all()
+    total = weight.sum(dim=-1)
+    if rule == "one":
+        torch.testing.assert_close(total, torch.ones_like(total))
+    elif rule == "at_most_one":
+        assert (total <= 1 + 1e-6).all()
+    unrouted = routing.experts_per_row() == 0
+    assert torch.equal(out[unrouted], torch.zeros_like(out[unrouted]))

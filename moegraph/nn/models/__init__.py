@@ -9,8 +9,14 @@ from moegraph.nn.models.graph_level import (
     GraphLevelGNN,
 )
 from moegraph.nn.models.patch_moe import PatchExperts, PatchMoE
-from moegraph.nn.models.rec import BipartiteLightGCN, MultiTaskRecommender
+from moegraph.nn.models.rec import (
+    BipartiteLightGCN,
+    MultiTaskRecommender,
+    TabularMultiTaskNet,
+    multitask_net,
+)
 
 __all__ = ["BACKBONES", "CONVS", "BipartiteLightGCN", "BondGCNConv", "BondGINConv",
            "FeatureEncoder", "GMoE", "GraphLevelGNN", "MoEGNN", "MultiTaskRecommender",
+           "TabularMultiTaskNet", "multitask_net",
            "NodeLinear", "PatchExperts", "PatchMoE", "make_backbone", "make_conv", "make_norm"]
