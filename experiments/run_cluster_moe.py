@@ -51,8 +51,8 @@ def overrides_for(model: str, seed: int) -> list[str]:
 # The input-scale / router study (``--robustness``): 8 cubic experts on a smaller
 # draw of the task, at input scales 0.1, 1, 10 with and without input_norm, and
 # router settings at scale 1.
-ROBUST_DATA = ["data.num_train=4000", "data.num_val=1000", "data.num_test=4000",
-               "trainer.max_epochs=150", "callbacks.early_stopping.patience=50"]
+ROBUST_DATA = ["data.num_train=2000", "data.num_val=500", "data.num_test=2000",
+               "trainer.max_epochs=60"]
 ROBUST = {
     **{f"scale{s}_{norm}": (f"input scale {s}, {'input_norm' if norm == 'norm' else 'raw'}",
                             [f"data.scale={s}", f"model.net.input_norm={norm == 'norm'}"])
@@ -82,8 +82,8 @@ def build_robust_table(runs: Path, command: str) -> str:
     lines = ["", "## Input scale and router settings", "",
              f"Made by `{command}` (cached runs in "
              "`experiments/results/cluster_moe_runs/robust/`): 8 cubic experts, top-1, "
-             "4,000 / 1,000 / 4,000 samples, at most 150 epochs (early stopping, patience "
-             "50), otherwise the protocol above. *input_norm* (the default of "
+             "2,000 / 500 / 2,000 samples, 60 epochs (a short run, as the test "
+             "`tests/nn/models/test_patch_moe_scale.py`), otherwise the protocol above. *input_norm* (the default of "
              "`conf/model/patch_moe.yaml`) divides the inputs by their RMS patch norm, "
              "measured on the first batch; *raw* feeds them as they are.", "",
              "| setting | test acc (%) | top-expert share per cluster (%) | experts owning "
