@@ -33,7 +33,7 @@ OPTIONS = {
              "mtl_synthetic", "ogbg_molhiv", "reed98", "synthetic", "tabular", "tolokers",
              "ogbn_arxiv", "ogbn_products", "ogbn_proteins", "pyg_file"],
     "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "mlp", "mmoe",
-              "moe_gnn", "mowst", "patch_moe", "ple", "shared_bottom"],
+              "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
