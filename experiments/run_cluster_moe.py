@@ -83,7 +83,8 @@ def build_robust_table(runs: Path, command: str) -> str:
              f"Made by `{command}` (cached runs in "
              "`experiments/results/cluster_moe_runs/robust/`): 8 cubic experts, top-1, "
              "2,000 / 500 / 2,000 samples, 60 epochs (a short run, as the test "
-             "`tests/nn/models/test_patch_moe_scale.py`), otherwise the protocol above. *input_norm* (the default of "
+             "`tests/nn/models/test_patch_moe_scale.py`), otherwise the protocol above. "
+             "*input_norm* (the default of "
              "`conf/model/patch_moe.yaml`) divides the inputs by their RMS patch norm, "
              "measured on the first batch; *raw* feeds them as they are.", "",
              "| setting | test acc (%) | top-expert share per cluster (%) | experts owning "
@@ -99,6 +100,26 @@ def build_robust_table(runs: Path, command: str) -> str:
         epochs = sum(r["metrics"]["time/epochs"] for r in rs) / len(rs)
         lines.append(f"| {label} | {mean_std(test)} | {top} | {owners} | {epochs:.0f} | "
                      f"{len(rs)} |")
+    lines += [
+        "",
+        "What the paper's analysis predicts for the router (Chen et al. 2022, Section 4 and "
+        "Theorem 4.2, as we read it): training goes in two stages. While the router is "
+        "still near its zero initialisation, its exploration noise (uniform U(0, 1) added "
+        "to the gate logits in their code) spreads every cluster over all experts and each "
+        "expert becomes 'professional' on some cluster (its weights align with that "
+        "cluster's signal direction); then the router learns the cluster-centre directions "
+        "and sends each cluster to the experts professional on it. With 8 experts and 4 "
+        "clusters this means each cluster goes to its own *set* of experts (one or more), "
+        "no expert serving two clusters; their notebook shows the extreme case, 4 experts "
+        "taking all samples, one cluster each. Their settings for it: router initialised "
+        "at zero and trained by SGD (lr 0.1), experts by per-expert normalised gradient "
+        "descent (lr 0.001) from a 1000x-shrunk initialisation, inputs 10x the generator's. "
+        "Ours: one Adam (lr 0.01) for router and experts, learned Gaussian noise "
+        "(`TopKRouter`). A separate router learning rate and the uniform noise cannot be "
+        "set from the config (one optimizer over all parameters; the router's noise is "
+        "learned): the rows above vary what can be set, noise on/off and a load-balance "
+        "loss.",
+    ]
     return "\n".join(lines) + "\n"
 
 
