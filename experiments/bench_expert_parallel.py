@@ -30,34 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _study import RESULTS, command_line, timed
 
 from moegraph.nn import SparseMoE, shard_experts
 
-RESULTS = Path(__file__).parent / "results" / "expert_parallel.md"
+OUT = RESULTS / "expert_parallel.md"
 
 
 def make_layer(args, E: int, k: int) -> SparseMoE:
     torch.manual_seed(0)
     return SparseMoE(args.in_channels, args.hidden, num_experts=E, k=k)
-
-
-def time_steps(step, repeats: int, sync=lambda: None) -> list[float]:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def layer_step(layer: SparseMoE, x: torch.Tensor, grad: torch.Tensor):
@@ -91,7 +79,7 @@ def worker(rank: int, args, tmp: str):
             row = {}
             for name, step in (("dp", layer_step(dp, x, grad)), ("ep", layer_step(ep, x, grad)),
                                ("a2a", a2a)):
-                row[name] = time_steps(step, args.repeats, dist.barrier)
+                row[name] = timed(step, args.repeats, dist.barrier)[0]
             results[f"{E},{k}"] = row
     Path(f"{tmp}/rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
@@ -119,8 +107,8 @@ def main(argv=None):
             torch.manual_seed(1)
             x = torch.randn(args.rows, args.in_channels)
             grad = torch.randn(args.rows, args.in_channels)
-            one[f"{E},{k}"] = time_steps(layer_step(make_layer(args, E, k), x, grad),
-                                         args.repeats)
+            one[f"{E},{k}"] = timed(layer_step(make_layer(args, E, k), x, grad),
+                                    args.repeats)[0]
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(worker, args=(args, tmp), nprocs=2, join=True)
         ranks = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(2)]
@@ -140,10 +128,10 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if not args.quick:
-        command = "python experiments/bench_expert_parallel.py " + " ".join(sys.argv[1:])
-        RESULTS.write_text(
+        command = command_line(__file__, argv)
+        OUT.write_text(
             "# Expert parallelism on CPU (gloo, 2 processes)\n\n"
-            f"`{command.strip()}`: one forward + backward step of `SparseMoE` on "
+            f"`{command}`: one forward + backward step of `SparseMoE` on "
             f"N = {args.rows} rows in all, in = {args.in_channels}, expert hidden = "
             f"{args.hidden}, float32, one thread per process, median of {args.repeats} "
             f"steps (the slower rank's time). torch {torch.__version__}.\n\n"
@@ -154,7 +142,7 @@ def main(argv=None):
             "Measured on a 2-core CPU shared with other jobs: the two processes "
             "compete for the cores, and gloo moves the rows through local TCP. "
             "These figures say nothing about NCCL on GPUs.\n")
-        print(f"wrote {RESULTS}")
+        print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

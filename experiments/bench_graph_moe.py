@@ -36,12 +36,11 @@ time.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
+import functools
 from pathlib import Path
 
 import torch
+from _study import RESULTS, Timer, command_line, time_rotated
 from torch import Tensor
 from torch_geometric.nn import GCNConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
@@ -49,8 +48,6 @@ from torch_geometric.utils import to_torch_csr_tensor
 
 from moegraph.data import csbm_graph
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def normalized_adj_t(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -109,11 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     data = csbm_graph(num_nodes=args.num_nodes, num_classes=4, num_features=F,
                       avg_degree=args.avg_degree, seed=0)
     x, edge_index, N = data.x, data.edge_index, data.num_nodes
-    start = time.perf_counter()
-    hop2 = two_hop_edge_index(edge_index, N)
-    hop2_time = time.perf_counter() - start
+    with Timer() as hop2_time:
+        hop2 = two_hop_edge_index(edge_index, N)
     print(f"graph: {N:,} nodes, {edge_index.size(1):,} edges, {hop2.size(1):,} 2-hop pairs "
-          f"(built in {hop2_time:.2f} s); F = {F}; {args.threads} thread(s)", flush=True)
+          f"(built in {hop2_time.seconds:.2f} s); F = {F}; {args.threads} thread(s)", flush=True)
 
     single = GCNConv(F, F, normalize=False)
     adj1 = normalized_adj_t(edge_index, N)
@@ -150,14 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                      and torch.allclose(gx_a, gx_b, atol=1e-4, rtol=1e-3)
                      and all(torch.allclose(a, b, atol=1e-3, rtol=1e-3)
                              for a, b in zip(grads_a, grads_b, strict=True)))
-            methods = ["ours", "all", "single"]
-            times: dict[str, list[float]] = {m: [] for m in methods}
-            for r in range(args.repeats):
-                for m in methods[r % 3:] + methods[:r % 3]:
-                    start = time.perf_counter()
-                    run(m)
-                    times[m].append(time.perf_counter() - start)
-            t = {m: statistics.median(v) for m, v in times.items()}
+            t = time_rotated({m: functools.partial(run, m) for m in ("ours", "all", "single")},
+                             args.repeats)
             ratio = t["ours"] / t["all"]
             target = "yes" if ratio <= 0.35 else "no"
             rows.append(f"| {E} | {k} | {1e3 * t['ours']:.0f} | {1e3 * t['all']:.0f} | "
@@ -170,10 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Hop-expert graph MoE layer vs all experts everywhere vs a single conv",
         "",
-        f"Made by `python experiments/bench_graph_moe.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"Made by `{command_line(__file__, argv)}`.",
         f"Graph: CSBM, {N:,} nodes, {edge_index.size(1):,} directed edges, "
-        f"{hop2.size(1):,} 2-hop pairs (built once in {hop2_time:.2f} s, outside the timings); "
+        f"{hop2.size(1):,} 2-hop pairs (built once in {hop2_time.seconds:.2f} s, outside the "
+        "timings); "
         f"GCN experts {F} -> {F}, half hop-1 and half hop-2; noisy top-k router; float32 on "
         f"CPU, {args.threads} thread(s); one forward + backward step, median of "
         f"{args.repeats} rounds (rotated order).",

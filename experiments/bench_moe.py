@@ -64,15 +64,14 @@ import argparse
 import contextlib
 import datetime
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _study import command_line
 from torch import Tensor
 from torch.nn import GELU, Linear, Module, Sequential
 
@@ -480,7 +479,7 @@ def main(argv: list[str] | None = None):
     else:
         autocast = contextlib.nullcontext()
 
-    command = "python " + shlex.join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv, drop=())
     threads = torch.get_num_threads()
     env = (f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
            f"{threads} threads, timed in {dtype}")

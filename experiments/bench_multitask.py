@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
-import shlex
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from _study import RESULTS, command_line, time_rotated
 from torch.nn import Module
 
 from moegraph.nn import PLE, HoME, MMoE
@@ -80,7 +78,7 @@ def step(model: Module, x: torch.Tensor) -> None:
     sum(o.sum() for o in out.outputs.values()).backward()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=65_536)
     parser.add_argument("--in-channels", type=int, default=64)
@@ -89,8 +87,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no file written")
-    parser.add_argument("--out", default="experiments/results/bench_multitask.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "bench_multitask.md"))
+    args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 512, 2
     torch.set_num_threads(args.threads)
@@ -102,13 +100,7 @@ def main() -> None:
     for m in models.values():
         step(m, x)  # warm-up
     names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            step(models[n], x)
-            times[n].append(time.perf_counter() - t)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = time_rotated({n: functools.partial(step, models[n], x) for n in names}, args.repeats)
     rows = ["| layer | experts per level | params | fwd+bwd (ms) | rows/s | x MMoE |",
             "|---|---|---:|---:|---:|---:|"]
     for n in names:
@@ -122,7 +114,7 @@ def main() -> None:
     print(verdict)
     if args.quick:
         return
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    cmd = command_line(__file__, argv)
     text = (f"# Multi-gate layers: forward+backward time\n\n"
             f"Command: `OMP_NUM_THREADS={args.threads} {cmd}`  \n"
             f"Date: {datetime.date.today()}; torch {torch.__version__}; "

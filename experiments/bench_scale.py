@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _study import RESULTS
 
 
 def rss_gib() -> float:

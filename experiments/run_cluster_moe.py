@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "experiments" / "results"
-
-from run_node_classification import mean_std, run_pending, train_cached  # noqa: E402  (sibling script)
+from _study import (
+    QUIET,
+    RESULTS,
+    command_line,
+    load_runs,
+    mean_std,
+    results_header,
+    run_diagnostics,
+    run_pending,
+    train_cached,
+)
 
 # name: (experiment, expert activation, label, the paper's test accuracy (%), Table 1)
 MODELS = {
@@ -42,19 +47,18 @@ def run_name(model: str, seed: int) -> str:
 def overrides_for(model: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
     experiment, act, _, _ = MODELS[model]
-    return [f"experiment={experiment}", f"model.net.act={act}", f"seed={seed}", "logger=none",
-            "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false"]
+    return [f"experiment={experiment}", f"model.net.act={act}", f"seed={seed}", *QUIET]
 
 
-def protocol(cfg) -> dict:
-    return {"num_experts": cfg.model.net.num_experts,
+def protocol(cfg, output_dir: Path | None = None) -> dict:
+    r"""A ``collect``: the protocol fields of a run."""
+    return {"protocol": {"num_experts": cfg.model.net.num_experts,
             "hidden_channels": cfg.model.net.hidden_channels, "noisy": cfg.model.net.noisy,
             "optimizer": cfg.model.optimizer._target_.split(".")[-1],
             "lr": cfg.model.optimizer.lr, "max_epochs": cfg.trainer.max_epochs,
             "patience": cfg.callbacks.early_stopping.patience,
             "num_train": cfg.data.num_train, "num_val": cfg.data.num_val,
-            "num_test": cfg.data.num_test}
+            "num_test": cfg.data.num_test}}
 
 
 def routing_by_cluster(cfg, output_dir: Path) -> dict:
@@ -84,7 +88,8 @@ def run_one(model: str, seed: int, runs: Path) -> dict:
     r"""Train one model through ``train(cfg)``, measure its routing by cluster
     on the test samples with the best checkpoint, and cache the record."""
     return train_cached(overrides_for(model, seed), {"model": model, "seed": seed},
-                        runs / run_name(model, seed), protocol, routing_by_cluster)
+                        runs / run_name(model, seed),
+                        (run_diagnostics, protocol, routing_by_cluster))
 
 
 def specialisation(share: list[list[float]]) -> tuple[float, int]:
@@ -96,15 +101,12 @@ def specialisation(share: list[list[float]]) -> tuple[float, int]:
 
 
 def build_table(runs: Path, command: str) -> str:
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     by_model: dict[str, list[dict]] = {}
-    for r in records:
+    for r in load_runs(runs):
         by_model.setdefault(r["model"], []).append(r)
     lines = [
-        "# Chen et al. (2022): one expert vs a mixture on cluster-structured data",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/cluster_moe_runs/`).",
-        "",
+        *results_header("Chen et al. (2022): one expert vs a mixture on cluster-structured "
+                        "data", command, runs),
         "Data (`conf/data/clusters.yaml`): K = 4 clusters, P = 4 patches, d = 50, "
         "α ~ U(0.5, 2), β ~ U(1, 2), γ ~ U(0.5, 3), Gaussian patch N(0, I/d); 16,000 "
         "training, 4,000 validation (for the checkpoint and early stopping) and 16,000 "
@@ -171,9 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=RESULTS / "cluster_moe_runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs to do (not cached yet), train nothing")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_cluster_moe.py", *given])
+    command = command_line(__file__, argv, drop=("--table-only", "--dry-run"))
 
     import torch
     torch.set_num_threads(args.threads)
@@ -181,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         run_pending([(args.runs / run_name(m, s), functools.partial(run_one, m, s, args.runs),
                       f"{m} seed {s}")
-                     for s in range(args.seeds) for m in args.models], tag="cluster")
+                     for s in range(args.seeds) for m in args.models], tag="cluster",
+                    dry_run=args.dry_run)
+        if args.dry_run:
+            return
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = build_table(args.runs, command)
     (RESULTS / "cluster_moe.md").write_text(table)

@@ -29,21 +29,23 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import sys
 from pathlib import Path
 
-from run_node_classification import (  # the sibling study: one way to train and cache
-    COST_ORDER,
-    DATASETS,
+from _study import (
+    QUIET,
     RESULTS,
     ROOT,
-    SPLIT_DATASETS,
+    backbone_protocol,
+    command_line,
+    load_runs,
     mean_std,
+    results_header,
+    run_diagnostics,
     run_pending,
     train_cached,
 )
+from run_node_classification import COST_ORDER, DATASETS, SPLIT_DATASETS  # the same datasets
 
 MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
@@ -64,9 +66,7 @@ def run_name(dataset: str, model: str, seed: int) -> str:
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
-    out = [f"experiment=nc_{dataset}", f"seed={seed}", "logger=none",
-           "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-           "+trainer.enable_model_summary=false", f"model={model}"]
+    out = [f"experiment=nc_{dataset}", f"seed={seed}", *QUIET, f"model={model}"]
     if model == "gnn":
         out.append("model/strong=gcn")
     if dataset in SPLIT_DATASETS:
@@ -75,9 +75,8 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
 
 
 def build_table(runs: Path, command: str) -> str:
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     by_key: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in load_runs(runs):
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
 
     def scores(dataset, model):
@@ -85,10 +84,8 @@ def build_table(runs: Path, command: str) -> str:
         return [r["metrics"][f"test/{r['metric']}"] for r in rs], rs
 
     lines = [
-        "# MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs their dense twins",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/graph_moe_runs/`).",
-        "",
+        *results_header("MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs "
+                        "their dense twins", command, runs),
         "Test score in percent, mean ± std over `n` seeds (on minesweeper, tolokers, "
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
         "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
@@ -192,9 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs to do (not cached yet), train nothing")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_graph_moe.py", *given])
+    command = command_line(__file__, argv, drop=("--table-only", "--dry-run"))
 
     import torch
     torch.set_num_threads(args.threads)
@@ -206,11 +204,15 @@ def main(argv: list[str] | None = None) -> None:
             (args.runs / run_name(dataset, model, seed),
              functools.partial(train_cached, overrides_for(dataset, model, seed),
                                {"dataset": dataset, "model": model, "seed": seed},
-                               args.runs / run_name(dataset, model, seed)),
+                               args.runs / run_name(dataset, model, seed),
+                               (run_diagnostics, backbone_protocol)),
              f"{dataset} {model} seed {seed}")
             for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
             for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
-            for model in args.models if (dataset, model) not in SKIP])
+            for model in args.models if (dataset, model) not in SKIP],
+            dry_run=args.dry_run)
+        if args.dry_run:
+            return
     table = build_table(args.runs, command)
     out = RESULTS / "graph_moe.md"
     out.write_text(table)
