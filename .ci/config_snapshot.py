@@ -18,10 +18,11 @@ import json
 import sys
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
-from moegraph.train import CONFIG_DIR, compose_config
+from moegraph.train import CONFIG_DIR
 
 NODE_MODELS = ["mlp", "gnn", "mowst", "gmoe", "moe_gnn", "dense_gnn"]
 MULTITASK_MODELS = ["home", "mmoe", "ple", "shared_bottom"]
@@ -51,10 +52,18 @@ def override_lists() -> list[list[str]]:
 
 
 def resolved(overrides: list[str]) -> dict:
-    cfg = compose_config(overrides, "/tmp/config_snapshot_output")
-    HydraConfig.instance().cfg = None
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
+    # composed as moegraph.train.compose_config does, spelled out so that the
+    # script also runs on a tree from before that function
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "/tmp/config_snapshot_output"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k != "hydra"}
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def dump(path: str) -> None:

@@ -90,7 +90,7 @@ def test_default_config(compose_cfg, tmp_path):
     optimizer = task.configure_optimizers()
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 0.01
     names = sorted(type(c).__name__ for c in run["callbacks"])
-    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar"]
+    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar", "RunCheckpoint"]
     ckpt = next(c for c in run["callbacks"] if type(c).__name__ == "ModelCheckpoint")
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
     assert [type(lg).__name__ for lg in run["loggers"]] == ["CSVLogger"]

@@ -18,6 +18,7 @@ from moegraph.data.loader import (  # noqa: F401 (KHopLoader: re-exported)
     TorchNeighborLoader,
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
+from moegraph.utils.graph import check_edge_index
 
 
 class DatasetSpec(NamedTuple):
@@ -160,11 +161,10 @@ def check_graph(data: Data, name: str) -> None:
     N = data.num_nodes
     if data.x is None or data.x.dim() != 2 or data.x.size(0) != N:
         raise ValueError(f"{name}: 'x' must be [num_nodes, num_features]")
-    if data.edge_index.numel() > 0:
-        lo, hi = int(data.edge_index.min()), int(data.edge_index.max())
-        if lo < 0 or hi >= N:
-            raise ValueError(f"{name}: 'edge_index' holds node {lo if lo < 0 else hi}, outside "
-                             f"[0, {N - 1}]")
+    try:
+        check_edge_index(data.edge_index, N)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name}: {error}") from None
     labels = data.y[data.y >= 0]
     if labels.unique().numel() < 2:
         raise ValueError(f"{name}: node classification needs at least two classes")

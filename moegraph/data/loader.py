@@ -55,10 +55,16 @@ class NeighborSampler:
                              f"(got {num_neighbors})")
         self.num_nodes = num_nodes
         self.num_neighbors = num_neighbors
+        # The CSR is the largest thing the sampler holds (two ids per edge):
+        # int32 when the ids fit (half of int64), built without int64 copies of
+        # the edges beside the sort's own output.
+        num_edges = edge_index.size(1)
+        index_dtype = torch.int32 if max(num_nodes, num_edges) < 2**31 else torch.long
         col = edge_index[1]
-        perm = torch.argsort(col, stable=True)
-        self.row = edge_index[0][perm].contiguous()  # sources, grouped by target
-        self.perm = perm  # position in the CSR -> original edge id
+        perm = torch.argsort(col.to(index_dtype), stable=True).to(index_dtype)
+        # position in the CSR -> original edge id
+        self.perm = perm
+        self.row = edge_index[0].to(index_dtype)[perm]  # sources, grouped by target
         count = torch.bincount(col, minlength=num_nodes)
         self.ptr = torch.zeros(num_nodes + 1, dtype=torch.long)
         torch.cumsum(count, 0, out=self.ptr[1:])
@@ -101,14 +107,14 @@ class NeighborSampler:
         try:
             for fanout in self.num_neighbors:
                 pos, seg = self._choose(frontier, fanout, generator)
-                src = self.row[pos]
+                src = self.row[pos].long()
                 src_local = local[src]
                 new = src[src_local < 0].unique()  # sorted ids of the nodes first seen
                 local[new] = torch.arange(n, n + new.numel())
                 n += new.numel()
                 rows.append(local[src])
                 cols.append(frontier_local[seg])
-                e_ids.append(self.perm[pos])
+                e_ids.append(self.perm[pos].long())
                 n_ids.append(new)
                 num_nodes.append(new.numel())
                 num_edges.append(pos.numel())

@@ -6,7 +6,57 @@ import math
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
-from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
+
+_CHUNK = 1 << 20  # rows or edges per chunk of the in-place passes
+
+
+def undirected_edges(src: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
+    r"""The undirected graph of the pairs ``(src, dst)`` without self loops or
+    duplicates, each edge in both directions, sorted by (row, column): what
+    ``coalesce(to_undirected(remove_self_loops(...)))`` returns, in about a
+    third of its memory (one int64 key per pair, sorted in place, instead of
+    the concatenated, sorted and permuted copies of ``edge_index``).
+
+    ``src`` and ``dst`` are consumed (overwritten).
+    """
+    if src.numel() == 0:
+        return torch.empty(2, 0, dtype=torch.long)
+    N = num_nodes
+    # key = min * N + max of each pair, in src's memory
+    hi = torch.maximum(src, dst)
+    lo = torch.minimum(src, dst, out=src)
+    del src, dst  # the caller's dst may be freed; lo is src's memory
+    keep = lo != hi
+    key = lo.mul_(N).add_(hi)
+    del hi, lo
+    key = _sort_in_place(key[keep])
+    del keep
+    if key.numel() > 1:
+        first = torch.ones(key.numel(), dtype=torch.bool)
+        torch.ne(key[1:], key[:-1], out=first[1:])
+        key = key[first]  # unique pairs (lo < hi)
+        del first
+    U = key.numel()
+    both = torch.empty(2 * U, dtype=torch.long)
+    both[:U] = key
+    # the reversed pairs: hi * N + lo
+    for a in range(0, U, _CHUNK):
+        b = min(a + _CHUNK, U)
+        k = key[a:b]
+        both[U + a:U + b] = (k % N) * N + k // N
+    del key
+    both = _sort_in_place(both)
+    edge_index = torch.empty(2, 2 * U, dtype=torch.long)
+    torch.div(both, N, rounding_mode="floor", out=edge_index[0])
+    torch.remainder(both, N, out=edge_index[1])
+    return edge_index
+
+
+def _sort_in_place(t: Tensor) -> Tensor:
+    r"""``t`` sorted ascending in its own memory (NumPy's in-place sort: torch's
+    sort also returns int64 indices, as large again as an int64 ``t``)."""
+    t.numpy().sort()
+    return t
 
 
 def random_split_masks(num_nodes: int, train_ratio: float, val_ratio: float,
@@ -77,7 +127,13 @@ def csbm_graph(
     mode = torch.randint(num_modes, (N,), generator=g)
     means = torch.randn(C, num_modes, F, generator=g)
     means = signal * math.sqrt(F) * means / means.norm(dim=-1, keepdim=True)
-    x = means[y, mode] + noise * torch.randn(N, F, generator=g)
+    # x = means[y, mode] + noise * eps, in place and by chunks of rows (no
+    # [N, F] temporaries beside x itself)
+    x = torch.randn(N, F, generator=g).mul_(noise)
+    means = means.view(C * num_modes, F)
+    for lo in range(0, N, _CHUNK):
+        hi = min(lo + _CHUNK, N)
+        x[lo:hi].add_(means[y[lo:hi] * num_modes + mode[lo:hi]])
 
     # Nodes grouped by class, to draw a uniform node of a given class.
     by_class = torch.argsort(y, stable=True)
@@ -86,12 +142,19 @@ def csbm_graph(
     M = int(round(N * avg_degree / 2))
     src = torch.randint(N, (M,), generator=g)
     same = torch.rand(M, generator=g) < homophily
-    other = (y[src] + 1 + torch.randint(C - 1, (M,), generator=g)) % C
-    dst_class = torch.where(same, y[src], other)
-    offset = (torch.rand(M, generator=g) * count[dst_class]).long()
-    dst = by_class[start[dst_class] + offset]
-    edge_index, _ = remove_self_loops(torch.stack([src, dst]))
-    edge_index = coalesce(to_undirected(edge_index, num_nodes=N), num_nodes=N)
+    # the class of each edge's end: y[src] when `same`, else one of the others
+    dst_class = torch.randint(C - 1, (M,), generator=g)
+    y_src = y[src]
+    dst_class.add_(y_src).add_(1).remainder_(C)
+    torch.where(same, y_src, dst_class, out=dst_class)
+    del same, y_src
+    offset = torch.rand(M, generator=g).mul_(count[dst_class])  # float32, as drawn
+    dst = start[dst_class]
+    del dst_class
+    dst.add_(offset.long())
+    del offset
+    edge_index = undirected_edges(src, by_class[dst], N)
+    del src, dst
 
     train, val, test = random_split_masks(N, train_ratio, val_ratio, g)
     return Data(x=x, edge_index=edge_index, y=y, mode=mode, train_mask=train, val_mask=val,

@@ -22,7 +22,7 @@ def _has_grouped_mm() -> bool:
     return hasattr(torch, "_grouped_mm")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str) -> str:
     r"""The compute path for stacked experts.
 
     ``"loop"``: one matmul per non-empty expert block (pure PyTorch, every
@@ -208,7 +208,7 @@ class MLPExperts(Experts):
 
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:
-        backend = resolve_backend(self.backend, x_sorted.device)
+        backend = resolve_backend(self.backend)
         # Under autocast the experts run in the autocast dtype, as nn.Linear would.
         device_type = x_sorted.device.type
         dtype = (torch.get_autocast_dtype(device_type)

@@ -3,20 +3,15 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 from torch.nn import Linear, Module, Sequential
 from torch_geometric.nn.resolver import activation_resolver
 
+from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins, permute_and_compute
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
-from moegraph.nn.routing import (
-    ExpertChoiceRouter,
-    Router,
-    Routing,
-    build_router,
-    drop_overflow,
-    expert_capacity,
-)
+from moegraph.nn.routing import ExpertChoiceRouter, Router, Routing, build_router
+
+__all__ = ["MoEOutput", "SparseMoE", "combine"]
 
 
 class MoEOutput(NamedTuple):
@@ -24,30 +19,6 @@ class MoEOutput(NamedTuple):
 
     out: Tensor
     routing: Routing
-
-
-def combine(y_sorted: Tensor, rows: Tensor, num_rows: int, fixed_k: Optional[int] = None,
-            deterministic: bool = False) -> Tensor:
-    r"""Sum weighted expert outputs back into their rows.
-
-    Args:
-        y_sorted (Tensor): ``[A, O]`` weighted expert outputs, sorted by expert.
-        rows (Tensor): ``[A]`` the row of each of them.
-        num_rows (int): ``N``.
-        fixed_k (int, optional): if every row has exactly ``k`` assignments,
-            laid out row-major before sorting.
-        deterministic (bool, optional): with ``fixed_k``, un-permute and sum
-            over ``k`` instead of a scatter-add, which is deterministic on
-            CUDA too (a CPU scatter-add already is). (default: :obj:`False`)
-    """
-    if deterministic and fixed_k is not None:
-        # Group each row's k outputs together (their order within a row does
-        # not matter for the sum), then reduce: a gather and a sum, no atomics.
-        order = torch.argsort(rows, stable=True)  # [A]
-        y = y_sorted.index_select(0, order).view(num_rows, fixed_k, y_sorted.size(-1))
-        return y.sum(dim=1)  # [N, O]
-    out = y_sorted.new_zeros(num_rows, y_sorted.size(-1))
-    return out.index_add_(0, rows, y_sorted)
 
 
 class SparseMoE(Module):
@@ -157,6 +128,7 @@ class SparseMoE(Module):
         if num_shared_experts < 0:
             raise ValueError(f"'num_shared_experts' must be non-negative "
                              f"(got {num_shared_experts})")
+        self.shared: Optional[Sequential]
         if num_shared_experts > 0:
             # S shared experts of hidden size h summed == one MLP of hidden S * h.
             width = num_shared_experts * (shared_hidden_channels or hidden_channels)
@@ -187,17 +159,10 @@ class SparseMoE(Module):
             the E experts (A assignments).
         """
         routing = self.router(x)  # checks x
-        N = x.size(0)
-        if self.capacity_factor is not None and routing.row.numel() > 0:
-            capacity = expert_capacity(routing.row.numel(), self.num_experts,
-                                       self.capacity_factor)
-            routing = drop_overflow(routing, capacity)
-
-        order = torch.argsort(routing.expert, stable=True)  # [A]
-        rows = routing.row[order]  # [A]
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
-        y_sorted = self.experts(x.index_select(0, rows), counts, routing.weight[order])  # [A, O]
-        out = combine(y_sorted, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
+        routing = apply_capacity(routing, self.num_experts, self.capacity_factor)
+        bins = indices_and_bins(routing, self.num_experts)
+        out = permute_and_compute(x, bins, self.experts, routing.fixed_k,
+                                  self.deterministic or x.is_cuda)  # [N, O]
         if self.shared is not None:
             out = out + self.shared(x)
         return MoEOutput(out, routing)

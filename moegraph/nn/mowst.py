@@ -8,6 +8,7 @@ run it on the computation subgraph of those nodes alone (sparse inference).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
@@ -18,10 +19,18 @@ from torch_geometric.nn import GCNConv, MessagePassing
 from torch_geometric.utils import k_hop_subgraph
 
 from moegraph.nn.output import ModelOutput, as_model_output
+from moegraph.utils.graph import (  # noqa: F401 (public here before)
+    HopSubgraph,
+    check_edge_index,
+    gcn_normalized_edges,
+    hop_ordered_subgraph,
+    trimmable_convs,
+)
 
 VARIANTS = ("mowst", "mowst_star")
 DISPERSIONS = ("variance", "entropy")
-GATES = ("mlp", "variance", "entropy")
+GATE_TYPES = ("mlp", "variance", "entropy")
+IGNORE_INDEX = -100
 
 
 def variance_dispersion(probs: Tensor) -> Tensor:
@@ -75,15 +84,15 @@ def dispersions(logits: Tensor) -> Tensor:
 class ConfidenceGate(Module):
     r"""The confidence :math:`C = G(D)` of the weak expert, in ``[0, 1]``.
 
-    ``gate="mlp"``: a small MLP with a sigmoid output over the dispersions
+    ``gate_type="mlp"``: a small MLP with a sigmoid output over the dispersions
     :math:`[D_{\mathrm{var}}, D_{\mathrm{ent}}]`, optionally concatenated
-    with the node features (as in the reference code). ``gate="variance"``
+    with the node features (as in the reference code). ``gate_type="variance"``
     or ``"entropy"``: the fixed function :math:`C = D^{p}` of one dispersion
     (``power`` :math:`p > 0`), monotone and hence quasiconvex as the theory
     asks; it has no parameters.
 
     Args:
-        gate (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``.
+        gate_type (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``.
             (default: :obj:`"mlp"`)
         hidden_channels (int, optional): hidden size of the MLP.
             (default: :obj:`32`)
@@ -98,21 +107,22 @@ class ConfidenceGate(Module):
           ``C``; fixed gates return ``logit(C)``)
     """
 
-    def __init__(self, gate: str = "mlp", hidden_channels: int = 32, num_layers: int = 2,
+    def __init__(self, gate_type: str = "mlp", hidden_channels: int = 32, num_layers: int = 2,
                  in_channels: int = 0, power: float = 1.0):
         super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"'gate' must be one of {GATES} (got {gate!r})")
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"'gate_type' must be one of {GATE_TYPES} (got {gate_type!r})")
         if power <= 0:
             raise ValueError(f"'power' must be positive (got {power})")
         if num_layers < 1:
             raise ValueError(f"'num_layers' must be positive (got {num_layers})")
-        self.gate = gate
+        self.gate_type = gate_type
         self.hidden_channels = hidden_channels
         self.num_layers = num_layers
         self.in_channels = in_channels
         self.power = power
-        if gate == "mlp":
+        self.mlp: Optional[Module]
+        if gate_type == "mlp":
             from torch_geometric.nn.models import MLP
             channels = [2 + in_channels] + [hidden_channels] * (num_layers - 1) + [1]
             self.mlp = MLP(channels, norm=None, dropout=0.0)
@@ -125,8 +135,8 @@ class ConfidenceGate(Module):
             self.mlp.reset_parameters()
 
     def forward(self, disp: Tensor, x: Optional[Tensor] = None) -> Tensor:
-        if self.gate != "mlp":
-            d = disp[:, DISPERSIONS.index(self.gate)].pow(self.power)
+        if self.mlp is None:
+            d = disp[:, DISPERSIONS.index(self.gate_type)].pow(self.power)
             return torch.logit(d.clamp(1e-6, 1 - 1e-6))
         h = disp
         if self.in_channels > 0:
@@ -136,9 +146,10 @@ class ConfidenceGate(Module):
         return self.mlp(h).squeeze(-1)
 
     def __repr__(self) -> str:
-        if self.gate != "mlp":
-            return f"{self.__class__.__name__}(gate={self.gate}, power={self.power})"
-        return (f"{self.__class__.__name__}(gate=mlp, hidden_channels={self.hidden_channels}, "
+        if self.gate_type != "mlp":
+            return f"{self.__class__.__name__}(gate_type={self.gate_type}, power={self.power})"
+        return (f"{self.__class__.__name__}(gate_type=mlp, "
+                f"hidden_channels={self.hidden_channels}, "
                 f"in_channels={self.in_channels})")
 
 
@@ -158,17 +169,39 @@ class MowstOutput(NamedTuple):
     confidence: Tensor
 
 
+def check_target(target: Tensor, num_classes: int) -> Tensor:
+    r"""The mask of the labelled nodes of ``target`` (those not
+    :data:`IGNORE_INDEX`, PyTorch's ``-100``); raise a clear error for a label
+    outside ``[0, num_classes)`` or when no node is labelled."""
+    if target.dtype not in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"'target' must hold class indices (got {target.dtype})")
+    labelled = target != IGNORE_INDEX
+    if not bool(labelled.any()):
+        raise ValueError(f"every node of 'target' is ignored ({IGNORE_INDEX}): the loss of no "
+                         f"node is defined")
+    y = target[labelled]
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"'target' must lie in [0, {num_classes - 1}] (or be {IGNORE_INDEX} "
+                         f"to ignore a node) (got {low if low < 0 else high})")
+    return labelled
+
+
 def mowst_loss(weak_logits: Tensor, strong_logits: Tensor, confidence: Tensor,
                target: Tensor) -> Tensor:
-    r"""The Mowst loss, the confidence-weighted sum of the experts' losses:
+    r"""The Mowst loss, the confidence-weighted sum of the experts' losses,
+    averaged over the labelled nodes (a target of ``-100`` is ignored):
 
     .. math::
         \mathcal{L} = \frac{1}{|V|}\sum_{v} C_v\,\mathrm{CE}(\mathbf{p}^{w}_v, y_v)
         + (1 - C_v)\,\mathrm{CE}(\mathbf{p}^{s}_v, y_v)
     """
-    ce_weak = F.cross_entropy(weak_logits.float(), target, reduction="none")
-    ce_strong = F.cross_entropy(strong_logits.float(), target, reduction="none")
-    return (confidence * ce_weak + (1 - confidence) * ce_strong).mean()
+    labelled = check_target(target, weak_logits.size(-1))
+    ce_weak = F.cross_entropy(weak_logits.float()[labelled], target[labelled], reduction="none")
+    ce_strong = F.cross_entropy(strong_logits.float()[labelled], target[labelled],
+                                reduction="none")
+    c = confidence[labelled]
+    return (c * ce_weak + (1 - c) * ce_strong).mean()
 
 
 def mixture_log_probs(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Tensor) -> Tensor:
@@ -186,18 +219,26 @@ def mixture_log_probs(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Te
 
 def mowst_star_loss(weak_logits: Tensor, strong_logits: Tensor, gate_logit: Tensor,
                     target: Tensor) -> Tensor:
-    r"""The Mowst\* loss, the cross-entropy of the probability mixture:
+    r"""The Mowst\* loss, the cross-entropy of the probability mixture,
+    averaged over the labelled nodes (a target of ``-100`` is ignored):
 
     .. math::
         \mathcal{L} = -\frac{1}{|V|}\sum_{v}\log\big(C_v\,p^{w}_{v,y_v}
         + (1 - C_v)\,p^{s}_{v,y_v}\big)
     """
-    return F.nll_loss(mixture_log_probs(weak_logits, strong_logits, gate_logit), target)
+    labelled = check_target(target, weak_logits.size(-1))
+    return F.nll_loss(mixture_log_probs(weak_logits[labelled], strong_logits[labelled],
+                                        gate_logit[labelled]), target[labelled])
 
 
-def receptive_hops(module: Module) -> int:
+def receptive_hops(module: Module) -> Optional[int]:
     r"""Hops of the computation subgraph that :meth:`Mowst.strong_forward_at`
-    needs to compute a node's output exactly: one per message-passing layer.
+    needs to compute a node's output exactly: one per message-passing layer;
+    :obj:`0` for a model that takes no ``edge_index``; :obj:`None` when
+    ``module`` takes one but holds no PyG
+    :class:`~torch_geometric.nn.conv.MessagePassing` layer (a model that
+    aggregates neighbours its own way, e.g. with ``index_add_``, has a
+    receptive field that cannot be read off it).
 
     A model that :meth:`Mowst.strong_forward_at` cannot trim layer by layer
     (anything but a PyG :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN`
@@ -208,144 +249,12 @@ def receptive_hops(module: Module) -> int:
     GCN does not: its normalisation is computed on the whole graph and carried
     into the subgraph as edge weights."""
     convs = [m for m in module.modules() if isinstance(m, MessagePassing)]
+    if not convs:
+        return None if _takes_graph(module) else 0
     if trimmable_convs(module) is not None:
         return len(convs)
     extra = any(isinstance(m, GCNConv) and m.normalize for m in convs)
     return len(convs) + int(extra)
-
-
-def trimmable_convs(module: Module) -> Optional[list[MessagePassing]]:
-    r"""The message-passing layers of ``module`` if
-    :meth:`Mowst.strong_forward_at` can run it trimmed layer by layer on a
-    hop-ordered subgraph (:func:`hop_ordered_subgraph`), else :obj:`None`.
-
-    That is a PyG :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN`
-    (``GCN``, ``GraphSAGE``, ``GAT``, ``GIN``, ...) without jumping knowledge,
-    whose layers pass messages from source to target, whose normalisations act
-    on each node alone (none, batch norm, or node-wise layer norm) and whose
-    layers, if GCN layers, share the same normalisation flags.
-    """
-    from torch_geometric.nn.models.basic_gnn import BasicGNN
-    from torch_geometric.nn.norm import BatchNorm
-    from torch_geometric.nn.norm import LayerNorm as PyGLayerNorm
-
-    if not isinstance(module, BasicGNN) or module.jk_mode is not None:
-        return None
-    convs = list(module.convs)
-    inner = [m for m in module.modules() if isinstance(m, MessagePassing)]
-    if len(inner) != len(convs) or any(c.flow != "source_to_target" for c in convs):
-        return None
-    gcn = [c for c in convs if isinstance(c, GCNConv)]
-    if gcn and (len(gcn) != len(convs)
-                or len({(c.normalize, c.improved, c.add_self_loops) for c in gcn}) != 1):
-        return None  # one edge weight is shared by all layers
-    nodewise = (torch.nn.Identity, torch.nn.BatchNorm1d, torch.nn.LayerNorm, BatchNorm)
-    for norm in module.norms:
-        if not (isinstance(norm, nodewise)
-                or (isinstance(norm, PyGLayerNorm) and norm.mode == "node")):
-            return None
-    return convs
-
-
-class HopSubgraph(NamedTuple):
-    r"""The computation subgraph of some nodes, ordered by hop distance, as
-    returned by :func:`hop_ordered_subgraph`.
-
-    Attributes:
-        subset (Tensor): ``[n]`` the original ids of its nodes, sorted by hop
-            (then by id).
-        edge_index (Tensor): ``[2, e]`` its edges, relabelled, grouped by the
-            hop of their target node.
-        edge_id (Tensor): ``[e]`` positions of its edges in the original
-            ``edge_index`` (to carry edge weights over).
-        mapping (Tensor): ``[len(index)]`` the position of each node of
-            ``index`` in :attr:`subset`.
-        num_nodes_per_hop (list[int]): ``num_hops + 1`` node counts, hop 0 first.
-        num_edges_per_hop (list[int]): ``num_hops`` edge counts, by the hop of
-            the target node (0 to ``num_hops - 1``).
-    """
-
-    subset: Tensor
-    edge_index: Tensor
-    edge_id: Tensor
-    mapping: Tensor
-    num_nodes_per_hop: list[int]
-    num_edges_per_hop: list[int]
-
-
-def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
-                         num_nodes: int) -> HopSubgraph:
-    r"""The ``num_hops``-hop computation subgraph of the nodes ``index``
-    (messages flow from ``edge_index[0]`` to ``edge_index[1]``), laid out as
-    :class:`~torch_geometric.loader.NeighborLoader` lays out its samples so
-    that a :class:`~torch_geometric.nn.models.basic_gnn.BasicGNN` can trim it
-    layer by layer (``num_sampled_nodes_per_hop`` /
-    ``num_sampled_edges_per_hop``): nodes sorted by their hop distance from
-    ``index`` (a breadth-first search against the edge direction), edges
-    whose target lies within ``num_hops - 1`` hops grouped by the hop of their
-    target. Layer :math:`\ell` of :math:`k` then computes outputs at the nodes
-    within :math:`k - \ell` hops from the edges into them only, which is
-    exact: such a node keeps all its in-edges.
-
-    Args:
-        index (Tensor): the target nodes (ids, duplicates allowed).
-        num_hops (int): hops :math:`k \ge 0`.
-        edge_index (Tensor): edges of the whole graph.
-        num_nodes (int): nodes of the whole graph.
-
-    Shapes:
-        - **input:** ``index [B]``, ``edge_index [2, M]``
-        - **output:** :class:`HopSubgraph` with ``subset [n]``,
-          ``edge_index [2, e]``, ``edge_id [e]``, ``mapping [B]``
-    """
-    device = edge_index.device
-    index = index.to(device=device, dtype=torch.long).view(-1)
-    row, col = edge_index[0], edge_index[1]
-    unreached = num_hops + 1
-    hop = torch.full((num_nodes,), unreached, dtype=torch.long, device=device)
-    hop[index] = 0
-    target_hop = hop[col]
-    for h in range(1, num_hops + 1):  # one pass over the edges per hop
-        src = row[target_hop == h - 1]
-        hop[src[hop[src] > h]] = h
-        if h < num_hops:  # hops below h are final, and so are those of targets
-            target_hop = hop[col]
-    nodes_by_hop = [(hop == h).nonzero().view(-1) for h in range(num_hops + 1)]
-    subset = torch.cat(nodes_by_hop)
-    new_id = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    new_id[subset] = torch.arange(subset.numel(), device=device)
-    if num_hops > 0:  # targets within num_hops - 1 hops (their hops are final)
-        edges_by_hop = [(target_hop == h).nonzero().view(-1) for h in range(num_hops)]
-        edge_id = torch.cat(edges_by_hop)
-    else:
-        edges_by_hop, edge_id = [], torch.empty(0, dtype=torch.long, device=device)
-    return HopSubgraph(
-        subset=subset,
-        edge_index=new_id[edge_index[:, edge_id]],
-        edge_id=edge_id,
-        mapping=new_id[index],
-        num_nodes_per_hop=[t.numel() for t in nodes_by_hop],
-        num_edges_per_hop=[t.numel() for t in edges_by_hop],
-    )
-
-
-def _gcn_norm_of(convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    r"""The normalised, self-looped edges of the whole graph exactly as the
-    GCN layers ``convs`` compute them (sharing flags), from or into their
-    cache when they are ``cached``."""
-    from torch_geometric.nn.conv.gcn_conv import gcn_norm
-
-    for conv in convs:
-        if conv.cached and conv._cached_edge_index is not None:
-            return conv._cached_edge_index
-    conv = convs[0]
-    edge_index, edge_weight = gcn_norm(edge_index, None, num_nodes, conv.improved,
-                                       conv.add_self_loops, conv.flow, dtype)
-    for conv in convs:
-        if conv.cached:
-            conv._cached_edge_index = (edge_index, edge_weight)
-    return edge_index, edge_weight
 
 
 def _build(expert: Union[Module, Callable[..., Module]], in_channels: Optional[int],
@@ -386,7 +295,7 @@ class Mowst(Module):
         out_channels (int, optional): number of classes (for factories).
         variant (str, optional): ``"mowst"`` or ``"mowst_star"``.
             (default: :obj:`"mowst"`)
-        gate (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``, see
+        gate_type (str, optional): ``"mlp"``, ``"variance"`` or ``"entropy"``, see
             :class:`ConfidenceGate`. (default: :obj:`"mlp"`)
         gate_hidden_channels (int, optional): (default: :obj:`32`)
         gate_num_layers (int, optional): (default: :obj:`2`)
@@ -400,14 +309,17 @@ class Mowst(Module):
             :func:`receptive_hops`: one per layer, plus one for a GCN that
             cannot be trimmed layer by layer). A value other than the number
             of layers of a trimmable model runs it untrimmed on the
-            ``num_hops``-hop subgraph.
+            ``num_hops``-hop subgraph. A strong expert without PyG
+            message-passing layers has no known receptive field: sparse
+            inference then runs it on the whole graph, with a warning, unless
+            ``num_hops`` is given.
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
         - **output:** :class:`~moegraph.nn.output.ModelOutput` whose
           ``logits [N, C]`` are the log-probabilities of the mixture and whose
-          ``confidence [N]`` is :math:`C`; :meth:`experts` returns
-          :class:`MowstOutput` with both experts' logits.
+          ``confidence [N]`` is :math:`C`; :meth:`forward_experts`
+          returns :class:`MowstOutput` with both experts' logits.
     """
 
     def __init__(
@@ -417,7 +329,7 @@ class Mowst(Module):
         in_channels: Optional[int] = None,
         out_channels: Optional[int] = None,
         variant: str = "mowst",
-        gate: str = "mlp",
+        gate_type: str = "mlp",
         gate_hidden_channels: int = 32,
         gate_num_layers: int = 2,
         gate_features: bool = False,
@@ -427,8 +339,11 @@ class Mowst(Module):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"'variant' must be one of {VARIANTS} (got {variant!r})")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"'threshold' must lie in [0, 1] (got {threshold})")
+        check_threshold(threshold)
+        if num_hops is not None and (isinstance(num_hops, bool) or not isinstance(num_hops, int)
+                                     or num_hops < 0):
+            raise ValueError(f"'num_hops' must be a non-negative integer or None (got "
+                             f"{num_hops!r})")
         self.weak = _build(weak, in_channels, out_channels, "weak")
         self.strong = _build(strong, in_channels, out_channels, "strong")
         for name, expert in (("weak", self.weak), ("strong", self.strong)):
@@ -449,10 +364,15 @@ class Mowst(Module):
         self.out_channels = out_channels if out_channels is not None else c_weak
         self.variant = variant
         self.threshold = threshold
-        self.gate = ConfidenceGate(gate, gate_hidden_channels, gate_num_layers,
+        self.gate_type = gate_type
+        self.gate = ConfidenceGate(gate_type, gate_hidden_channels, gate_num_layers,
                                    in_channels if gate_features else 0)
-        self.num_hops = receptive_hops(self.strong) if num_hops is None else num_hops
+        self.num_hops: Optional[int] = (receptive_hops(self.strong) if num_hops is None
+                                        else num_hops)
         self._weak_takes_graph = _takes_graph(self.weak)
+        # GCN's normalised edges of the last graph seen, when the strong
+        # expert's GCN layers are ``cached`` (the graph is then static).
+        self._gcn_cache: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -476,8 +396,22 @@ class Mowst(Module):
         evaluation (from logits, never from softmaxed outputs)."""
         return self.gate(dispersions(weak_logits), x)
 
-    def experts(self, x: Tensor, edge_index: Tensor) -> MowstOutput:
+    def check_inputs(self, x: Tensor, edge_index: Tensor) -> None:
+        r"""Raise a clear error for node features that are not a finite
+        ``[N, F]`` float tensor or edges that are not ``[2, M]`` node ids in
+        ``[0, N)``."""
+        if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"'x' must be a [num_nodes, num_features] float tensor (got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+                             f"{', ' + str(x.dtype) if isinstance(x, Tensor) else ''})")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("'x' holds NaN or infinite features")
+        if isinstance(edge_index, Tensor):
+            check_edge_index(edge_index, x.size(0))
+
+    def forward_experts(self, x: Tensor, edge_index: Tensor) -> MowstOutput:
         r"""Both experts and the gate on the whole graph."""
+        self.check_inputs(x, edge_index)
         weak_logits = self.weak_forward(x, edge_index)
         strong_logits = self.strong_forward(x, edge_index)
         check_experts_agree(weak_logits, strong_logits)
@@ -490,12 +424,14 @@ class Mowst(Module):
             x (Tensor): node features ``[N, F]``.
             edge_index (Tensor): edges ``[2, M]``.
         """
-        out = self.experts(x, edge_index)
+        out = self.forward_experts(x, edge_index)
         logits = mixture_log_probs(out.weak_logits, out.strong_logits, out.gate_logit)
         return ModelOutput(logits, confidence=out.confidence)
 
     def loss(self, out: MowstOutput, target: Tensor) -> Tensor:
-        r"""The training loss of :attr:`variant` on the nodes of ``out``."""
+        r"""The training loss of :attr:`variant` on the nodes of ``out``,
+        averaged over the labelled ones (``-100`` marks a node to ignore; a
+        label outside ``[0, C)``, or no labelled node, raises)."""
         if self.variant == "mowst":
             return mowst_loss(out.weak_logits, out.strong_logits, out.confidence, target)
         return mowst_star_loss(out.weak_logits, out.strong_logits, out.gate_logit, target)
@@ -516,7 +452,15 @@ class Mowst(Module):
             ``strong_mask [N]`` (nodes the strong expert decided) and
             ``num_subgraph_nodes`` (nodes the strong expert ran on).
         """
-        tau = self.threshold if threshold is None else threshold
+        tau = self.threshold if threshold is None else check_threshold(threshold)
+        self.check_inputs(x, edge_index)
+        if sparse and self.num_hops is None:
+            warnings.warn(f"Mowst.predict: the strong expert "
+                          f"({type(self.strong).__name__}) has no PyG message-passing layer, "
+                          f"so its receptive field is unknown and sparse inference would not "
+                          f"be exact; it runs on the whole graph (give 'num_hops' to Mowst to "
+                          f"run it sparsely)", stacklevel=2)
+            sparse = False
         weak_logits = self.weak_forward(x, edge_index)
         confidence = torch.sigmoid(self.gate_forward(weak_logits, x))
         probs = weak_logits.float().softmax(-1)
@@ -562,6 +506,10 @@ class Mowst(Module):
             - **output:** ``[B, C]``, int
         """
         num_nodes = x.size(0)
+        if self.num_hops is None:
+            raise ValueError(f"the strong expert ({type(self.strong).__name__}) has no PyG "
+                             f"message-passing layer: its receptive field is unknown; give "
+                             f"'num_hops' to Mowst, or run it on the whole graph")
         convs = trimmable_convs(self.strong)
         if convs is None or len(convs) != self.num_hops or not isinstance(edge_index, Tensor):
             subset, sub_edge_index, mapping, _ = k_hop_subgraph(
@@ -571,7 +519,8 @@ class Mowst(Module):
         gcn = [c for c in convs if isinstance(c, GCNConv) and c.normalize]
         edge_weight = None
         if gcn:
-            edge_index, edge_weight = _gcn_norm_of(gcn, edge_index, num_nodes, x.dtype)
+            edge_index, edge_weight = self._gcn_normalized_edges(gcn, edge_index, num_nodes,
+                                                                 x.dtype)
         sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes)
         kwargs = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
                       num_sampled_edges_per_hop=sub.num_edges_per_hop)
@@ -586,10 +535,23 @@ class Mowst(Module):
                 conv.normalize = True
         return as_model_output(out).logits[sub.mapping], sub.subset.numel()
 
+    def _gcn_normalized_edges(self, convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
+                              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        r""":func:`~moegraph.utils.graph.gcn_normalized_edges` of the whole
+        graph, kept for the next call when the GCN layers are ``cached``."""
+        cached = all(c.cached for c in convs)
+        key = (edge_index.data_ptr(), tuple(edge_index.shape), edge_index.device, num_nodes,
+               dtype)
+        if cached and self._gcn_cache is not None and self._gcn_cache[0] == key:
+            return self._gcn_cache[1]
+        out = gcn_normalized_edges(convs, edge_index, num_nodes, dtype)
+        self._gcn_cache = (key, out) if cached else None
+        return out
+
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(weak={self.weak.__class__.__name__}, "
                 f"strong={self.strong.__class__.__name__}, variant={self.variant}, "
-                f"gate={self.gate.gate})")
+                f"gate_type={self.gate_type})")
 
 
 class MowstPrediction(NamedTuple):
@@ -599,6 +561,15 @@ class MowstPrediction(NamedTuple):
     confidence: Tensor
     strong_mask: Tensor
     num_subgraph_nodes: int
+
+
+def check_threshold(threshold: float) -> float:
+    r"""``threshold`` if it is a number in ``[0, 1]``, else a clear error
+    (NaN included)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"'threshold' must be a number in [0, 1] (got {threshold!r})")
+    return float(threshold)
 
 
 def check_experts_agree(weak_logits: Tensor, strong_logits: Tensor) -> None:
@@ -619,51 +590,3 @@ def _takes_graph(module: Module) -> bool:
         return "edge_index" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins
         return False
-
-
-def expected_accuracy(weak_logits: Tensor, strong_logits: Tensor, confidence: Tensor,
-                      target: Tensor) -> Tensor:
-    r"""Expected accuracy of Mowst's sampled prediction (weak with probability
-    :math:`C_v`): :math:`\frac{1}{|V|}\sum_v C_v [\hat y^w_v = y_v]
-    + (1 - C_v)[\hat y^s_v = y_v]`."""
-    weak_ok = (weak_logits.argmax(-1) == target).float()
-    strong_ok = (strong_logits.argmax(-1) == target).float()
-    return (confidence * weak_ok + (1 - confidence) * strong_ok).mean()
-
-
-def _count_less(values: Tensor, sorted_ref: Tensor, prefix: Tensor) -> tuple[Tensor, Tensor]:
-    r"""For each value: the weight of ``sorted_ref`` strictly below it and equal to
-    it, given ``prefix`` (cumulative weights with a leading zero)."""
-    lo = torch.searchsorted(sorted_ref, values, right=False)
-    hi = torch.searchsorted(sorted_ref, values, right=True)
-    return prefix[lo], prefix[hi] - prefix[lo]
-
-
-def expected_binary_auroc(weak_scores: Tensor, strong_scores: Tensor, confidence: Tensor,
-                          target: Tensor) -> Tensor:
-    r"""Exact expected ROC-AUC of Mowst's sampled prediction, each node scored
-    by the weak expert with probability :math:`C_v` and by the strong one
-    otherwise, independently:
-
-    .. math::
-        \mathbb{E}[\mathrm{AUC}] = \frac{1}{|P||N|}\sum_{i\in P}\sum_{j\in N}
-        \sum_{a, b \in \{w, s\}} \pi^a_i \pi^b_j \big([s^a_i > s^b_j]
-        + \tfrac12 [s^a_i = s^b_j]\big)
-
-    computed in :math:`O(n \log n)` by sorting. ``NaN`` when a class is absent.
-    """
-    pos = target == 1
-    neg = ~pos
-    if not pos.any() or not neg.any():
-        return weak_scores.new_tensor(float("nan"))
-    c = confidence.double()
-    s_w, s_s = weak_scores.double(), strong_scores.double()
-    total = s_w.new_zeros(())
-    for s_neg, w_neg in ((s_w[neg], c[neg]), (s_s[neg], 1 - c[neg])):
-        order = s_neg.argsort()
-        ref, weights = s_neg[order], w_neg[order]
-        prefix = torch.cat([weights.new_zeros(1), weights.cumsum(0)])
-        for s_pos, w_pos in ((s_w[pos], c[pos]), (s_s[pos], 1 - c[pos])):
-            below, equal = _count_less(s_pos, ref, prefix)
-            total = total + (w_pos * (below + 0.5 * equal)).sum()
-    return (total / (pos.sum() * neg.sum())).float()

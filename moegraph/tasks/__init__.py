@@ -1,7 +1,8 @@
 r"""LightningModules: each wraps a plain network from :mod:`moegraph.nn` and owns
 losses, metrics and logging."""
-from moegraph.tasks.mowst import MowstMetrics, MowstTask
-from moegraph.tasks.multitask import GroupAUROC, MultiTaskLearning, grouped_auc
+from moegraph.tasks.metrics import GroupAUROC, MowstMetrics, grouped_auc
+from moegraph.tasks.mowst import MowstTask
+from moegraph.tasks.multitask import MultiTaskLearning
 from moegraph.tasks.node_classification import NodeClassificationTask
 
 __all__ = ["GroupAUROC", "MowstMetrics", "MowstTask", "MultiTaskLearning",

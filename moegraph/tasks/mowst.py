@@ -14,80 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
-from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_auroc
 
-from moegraph.nn.mowst import (
-    Mowst,
-    MowstOutput,
-    check_experts_agree,
-    expected_accuracy,
-    expected_binary_auroc,
-    mixture_log_probs,
-)
-from moegraph.tasks.node_classification import (
-    METRICS,
-    NodeClassificationTask,
-    load_metric_states,
-    metric_states,
-    split_mask,
-)
+from moegraph.checkpoint import from_config, net_from_config
+from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
+from moegraph.tasks.common import load_metric_states, metric_states, split_mask
+from moegraph.tasks.metrics import MowstMetrics
+from moegraph.tasks.node_classification import NodeClassificationTask
 
 log = logging.getLogger(__name__)
 PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint")
-
-
-class MowstMetrics(Metric):
-    r"""Every score of a Mowst model on one split, from the experts' logits
-    and the confidence of each node:
-
-    - ``expected``: expectation of the metric under Mowst's sampled inference
-      (weak expert with probability :math:`C_v`), exact for accuracy
-      and ROC-AUC;
-    - ``tau``: the deterministic prediction (weak where :math:`C_v \ge \tau`);
-    - ``mixture``: the argmax (or positive probability) of the Mowst* mixture;
-    - ``weak`` and ``strong``: each expert alone;
-    - ``confidence`` (mean :math:`C`) and ``confident`` (share with
-      :math:`C \ge \tau`).
-    """
-
-    full_state_update = False
-
-    def __init__(self, metric: str = "acc", threshold: float = 0.5):
-        super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
-        self.metric = metric
-        self.threshold = threshold
-        for name in ("weak", "strong", "gate", "target"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, out: MowstOutput, target: Tensor) -> None:
-        self.weak.append(out.weak_logits.detach().float())
-        self.strong.append(out.strong_logits.detach().float())
-        self.gate.append(out.gate_logit.detach().float())
-        self.target.append(target.detach())
-
-    def compute(self) -> dict[str, Tensor]:
-        cat = (lambda v: torch.cat(v) if isinstance(v, list) else v)  # noqa: E731
-        weak, strong, gate, target = (cat(self.weak), cat(self.strong), cat(self.gate),
-                                      cat(self.target))
-        c = torch.sigmoid(gate)
-        confident = c >= self.threshold
-        mixture = mixture_log_probs(weak, strong, gate)
-        if self.metric == "acc":
-            def score(logits: Tensor) -> Tensor:
-                return (logits.argmax(-1) == target).float().mean()
-            expected = expected_accuracy(weak, strong, c, target)
-        else:
-            def score(logits: Tensor) -> Tensor:
-                return binary_auroc(logits.softmax(-1)[:, 1], target)
-            expected = expected_binary_auroc(weak.softmax(-1)[:, 1], strong.softmax(-1)[:, 1],
-                                             c, target)
-        tau = torch.where(confident.unsqueeze(-1), weak.log_softmax(-1), strong.log_softmax(-1))
-        return {"expected": expected, "tau": score(tau), "mixture": score(mixture),
-                "weak": score(weak), "strong": score(strong), "confidence": c.mean(),
-                "confident": confident.float().mean()}
 
 
 class MowstTask(NodeClassificationTask):
@@ -146,6 +81,7 @@ class MowstTask(NodeClassificationTask):
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
                  min_delta: float = 1e-3):
+        net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "
                             f"{type(net).__name__})")
@@ -261,7 +197,7 @@ class MowstTask(NodeClassificationTask):
             weak, gate = self._cached(key, full_graph, lambda: self._weak_and_gate(x, edge_index))
             strong = net.strong_forward(x, edge_index)
         else:
-            return net.experts(x, edge_index)
+            return net.forward_experts(x, edge_index)
         check_experts_agree(weak, strong)
         return MowstOutput(weak, strong, gate, torch.sigmoid(gate))
 
@@ -337,7 +273,7 @@ class MowstTask(NodeClassificationTask):
         r"""Log the split's scores; return the main score and the score the
         current phase early-stops on (an expert's own when pre-training)."""
         metrics = self.mowst_metrics[f"{split}_"]
-        if not metrics.update_called:
+        if not int(metrics.num_updates):
             return None
         values = metrics.compute()
         metrics.reset()
@@ -519,7 +455,7 @@ class MowstTask(NodeClassificationTask):
 
         self.eval()
         data = datamodule.data.to(self.device)
-        out = self.net.experts(data.x, data.edge_index)
+        out = self.net.forward_experts(data.x, data.edge_index)
         prediction = self.net.predict(data.x, data.edge_index, sparse=True)
         mask = data.test_mask
         y = data.y[mask]

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, ModuleDict
-from torchmetrics import Accuracy, MeanSquaredError, Metric, MetricCollection
+from torchmetrics import Accuracy, MeanSquaredError, MetricCollection
 from torchmetrics.classification import BinaryAUROC
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.diagnostics import (
     format_multitask_diagnostics,
     multitask_diagnostics,
@@ -20,72 +21,10 @@ from moegraph.diagnostics import (
     plot_multitask_diagnostics,
 )
 from moegraph.nn.multitask import MultiTaskOutput
-from moegraph.tasks.node_classification import build_optimizers
+from moegraph.tasks.common import build_optimizers
+from moegraph.tasks.metrics import GroupAUROC, grouped_auc  # noqa: F401 (public here before)
 
 TASK_TYPES = ("binary", "multiclass", "regression")
-
-
-def grouped_auc(preds: Tensor, target: Tensor, group: Tensor) -> tuple[Tensor, int]:
-    r"""GAUC: the ROC AUC within each group (user), averaged over the groups
-    that hold both classes (unweighted); ties count one half.
-
-    Per group, :math:`\mathrm{AUC} = (\sum_{i \in +} r_i - P(P+1)/2) / (P\,Q)`
-    with :math:`r_i` the within-group rank of positive :math:`i` (ties
-    averaged), :math:`P` positives and :math:`Q` negatives.
-
-    Returns:
-        the mean AUC (``nan`` when no group has both classes) and the number
-        of groups averaged.
-    """
-    preds, target, group = preds.detach().double(), target.detach().bool(), group.detach()
-    if preds.numel() == 0:
-        return preds.new_tensor(float("nan")), 0
-    _, group = torch.unique(group, return_inverse=True)
-    order = torch.argsort(preds, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]  # by group, then score
-    g, p, t = group[order], preds[order], target[order]
-    # Average rank within runs of equal (group, score).
-    new_run = torch.ones_like(g, dtype=torch.bool)
-    new_run[1:] = (g[1:] != g[:-1]) | (p[1:] != p[:-1])
-    run = torch.cumsum(new_run, 0) - 1
-    counts = torch.bincount(g)
-    start = torch.cumsum(counts, 0) - counts
-    pos_in_group = torch.arange(g.numel(), device=g.device) - start[g] + 1  # 1-based
-    run_sum = torch.zeros(int(run[-1]) + 1, dtype=torch.double,
-                          device=g.device).index_add_(0, run, pos_in_group.double())
-    run_len = torch.bincount(run).double()
-    rank = (run_sum / run_len)[run]
-    P = torch.bincount(g, weights=t.double(), minlength=counts.numel())
-    Q = counts.double() - P
-    rank_pos = torch.zeros_like(P).index_add_(0, g, rank * t.double())
-    valid = (P > 0) & (Q > 0)
-    if not bool(valid.any()):
-        return preds.new_tensor(float("nan")), 0
-    auc = (rank_pos[valid] - P[valid] * (P[valid] + 1) / 2) / (P[valid] * Q[valid])
-    return auc.mean().float(), int(valid.sum())
-
-
-class GroupAUROC(Metric):
-    r"""GAUC (see :func:`grouped_auc`) as a torchmetrics metric; ``update``
-    takes ``(preds, target, group)``."""
-
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-        self.add_state("group", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor, group: Tensor) -> None:
-        self.preds.append(preds.detach().float())
-        self.target.append(target.detach())
-        self.group.append(group.detach())
-
-    def compute(self) -> Tensor:
-        cat = lambda v: torch.cat(v) if isinstance(v, list) else v  # noqa: E731
-        return grouped_auc(cat(self.preds), cat(self.target), cat(self.group))[0]
 
 
 def check_tasks(tasks: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -143,6 +82,9 @@ class MultiTaskLearning(L.LightningModule):
                  task_weights: Optional[dict[str, float]] = None,
                  uncertainty_weighting: bool = False, group_key: str = "user"):
         super().__init__()
+        # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
+        net = net_from_config(net)
+        optimizer, scheduler = from_config(optimizer), from_config(scheduler)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.tasks = check_tasks(tasks)
         net_tasks = getattr(net, "tasks", None)

@@ -11,12 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
-from torchmetrics import Accuracy, MeanMetric, MetricCollection
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics import MeanMetric, MetricCollection
 
+from moegraph.checkpoint import from_config, net_from_config
 from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_load
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import AUX_LOSS_NAMES
+from moegraph.tasks.common import (  # noqa: F401 (public here before)
+    build_optimizers,
+    load_metric_states,
+    metric_states,
+    split_mask,
+)
+from moegraph.tasks.metrics import METRICS, make_metrics, update_metrics  # noqa: F401
 
 
 def check_aux_loss_weights(weights: Optional[dict[str, float]]) -> dict[str, float]:
@@ -27,81 +34,6 @@ def check_aux_loss_weights(weights: Optional[dict[str, float]]) -> dict[str, flo
         raise ValueError(f"unknown auxiliary loss(es) {unknown} in 'aux_loss_weights'; known: "
                          f"{list(AUX_LOSS_NAMES)}")
     return {name: float(w) for name, w in weights.items() if w}
-
-
-METRICS = ("acc", "auroc")
-
-
-def make_metrics(metric: str, num_classes: int) -> MetricCollection:
-    r"""Accuracy, plus binary ROC-AUC (on the positive-class probability)
-    when ``metric="auroc"``."""
-    if metric not in METRICS:
-        raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
-    metrics = {"acc": Accuracy(task="multiclass", num_classes=num_classes)}
-    if metric == "auroc":
-        if num_classes != 2:
-            raise ValueError(f"metric 'auroc' needs two classes (got {num_classes})")
-        metrics["auroc"] = BinaryAUROC()
-    return MetricCollection(metrics)
-
-
-def update_metrics(metrics: MetricCollection, logits: Tensor, target: Tensor) -> None:
-    r"""Feed class scores ``[N, C]`` to each metric in the form it takes."""
-    for name, metric in metrics.items(keep_base=True):
-        if name.endswith("auroc"):
-            metric.update(logits.float().softmax(-1)[:, 1], target)
-        else:
-            metric.update(logits, target)
-
-
-def split_mask(data: Data, split: str) -> Tensor:
-    r"""The nodes of ``data`` a step is scored on: the split's mask of a full
-    graph, or the ``batch_size`` seed nodes (first in order) of a
-    :class:`~torch_geometric.loader.NeighborLoader` mini-batch."""
-    batch_size = getattr(data, "batch_size", None)
-    if isinstance(batch_size, int):
-        mask = torch.zeros(data.num_nodes, dtype=torch.bool, device=data.y.device)
-        mask[:batch_size] = True
-        return mask
-    return data[f"{split}_mask"]
-
-
-def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
-                     scheduler: Optional[Callable[..., Any]], params) -> Any:
-    r"""``configure_optimizers`` of every task: the partial optimizer on
-    ``params``, and the partial scheduler on it (monitoring ``val/loss``)."""
-    opt = optimizer(params=params)
-    if scheduler is None:
-        return opt
-    return {"optimizer": opt,
-            "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
-
-
-def metric_states(metrics: Module) -> dict[str, dict[str, Any]]:
-    r"""The accumulated states of every :class:`~torchmetrics.Metric` in
-    ``metrics`` (by module name), for a checkpoint taken in the middle of an
-    epoch: resumed, the epoch's metrics then count the batches seen before."""
-    from torchmetrics import Metric
-
-    states = {}
-    for name, metric in metrics.named_modules():
-        if isinstance(metric, Metric) and not isinstance(metric, MetricCollection):
-            state = {key: ([v.detach().clone() for v in value] if isinstance(value, list)
-                           else value.detach().clone())
-                     for key, value in metric.metric_state.items()}
-            states[name] = {"state": state, "update_count": metric._update_count}
-    return states
-
-
-def load_metric_states(metrics: Module, states: dict[str, dict[str, Any]]) -> None:
-    r"""Put back what :func:`metric_states` saved."""
-    modules = dict(metrics.named_modules())
-    for name, saved in states.items():
-        metric = modules[name]
-        for key, value in saved["state"].items():
-            setattr(metric, key, value)
-        metric._update_count = saved["update_count"]
-        metric._computed = None
 
 
 def weighted_aux_loss(aux_loss: dict[str, Tensor], weights: dict[str, float],
@@ -144,6 +76,9 @@ class NodeClassificationTask(L.LightningModule):
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", expert_parallel: bool = False):
         super().__init__()
+        # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
+        net = net_from_config(net)
+        optimizer, scheduler = from_config(optimizer), from_config(scheduler)
         if num_classes < 2:
             raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)

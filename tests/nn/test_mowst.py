@@ -18,12 +18,7 @@ from moegraph.nn import (
     variance_dispersion,
 )
 from moegraph.nn.models import MoEGNN, make_backbone
-from moegraph.nn.mowst import (
-    expected_accuracy,
-    expected_binary_auroc,
-    mixture_log_probs,
-    receptive_hops,
-)
+from moegraph.nn.mowst import mixture_log_probs, receptive_hops
 
 N, FEAT, C = 12, 5, 3
 
@@ -85,7 +80,7 @@ def test_gate_mlp_output_and_repr():
     assert out.shape == (10,)
     c = torch.sigmoid(out)
     assert c.min() >= 0 and c.max() <= 1
-    assert repr(gate) == "ConfidenceGate(gate=mlp, hidden_channels=16, in_channels=0)"
+    assert repr(gate) == "ConfidenceGate(gate_type=mlp, hidden_channels=16, in_channels=0)"
 
 
 def test_gate_with_features():
@@ -101,11 +96,11 @@ def test_fixed_gate_is_a_power_of_the_dispersion(kind, col):
     gate = ConfidenceGate(kind, power=2.0)
     assert list(gate.parameters()) == []
     assert torch.allclose(torch.sigmoid(gate(disp)), disp[:, col] ** 2, atol=1e-5)
-    assert repr(gate) == f"ConfidenceGate(gate={kind}, power=2.0)"
+    assert repr(gate) == f"ConfidenceGate(gate_type={kind}, power=2.0)"
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"gate": "softmax"}, "'gate' must be one of"),
+    ({"gate_type": "softmax"}, "'gate_type' must be one of"),
     ({"power": 0.0}, "'power' must be positive"),
     ({"num_layers": 0}, "'num_layers' must be positive"),
 ])
@@ -145,41 +140,6 @@ def test_mixture_is_stable_for_extreme_gates():
     assert torch.allclose(out.exp().sum(-1), torch.ones(4), atol=1e-5)
 
 
-# -- expected metrics ---------------------------------------------------------------------
-def test_expected_accuracy_by_hand():
-    weak = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    strong = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
-    y = torch.tensor([0, 1, 1])
-    c = torch.tensor([0.9, 0.2, 0.5])
-    # node 0: weak right (0.9); node 1: strong right (0.8); node 2: both right (1)
-    assert expected_accuracy(weak, strong, c, y).item() == pytest.approx((0.9 + 0.8 + 1) / 3)
-
-
-def test_expected_auroc_equals_enumeration():
-    from itertools import product
-
-    from torchmetrics.functional.classification import binary_auroc
-
-    g = torch.Generator().manual_seed(3)
-    n = 7
-    s_w = torch.rand(n, generator=g).round(decimals=1)  # ties on purpose
-    s_s = torch.rand(n, generator=g).round(decimals=1)
-    c = torch.rand(n, generator=g)
-    y = torch.tensor([1, 0, 1, 0, 0, 1, 0])
-    expected = 0.0
-    for choice in product([0, 1], repeat=n):  # every draw of weak/strong per node
-        pick = torch.tensor(choice, dtype=torch.bool)
-        prob = torch.where(pick, c, 1 - c).prod()
-        expected += prob * binary_auroc(torch.where(pick, s_w, s_s), y)
-    got = expected_binary_auroc(s_w, s_s, c, y)
-    assert got.item() == pytest.approx(float(expected), abs=1e-5)
-
-
-def test_expected_auroc_without_a_class_is_nan():
-    s = torch.rand(4)
-    assert torch.isnan(expected_binary_auroc(s, s, torch.rand(4), torch.ones(4, dtype=torch.long)))
-
-
 # -- the module -----------------------------------------------------------------------------
 def test_forward_shapes_confidence_and_repr():
     x, edge_index = graph()
@@ -188,13 +148,13 @@ def test_forward_shapes_confidence_and_repr():
     assert out.logits.shape == (N, C) and out.confidence.shape == (N,)
     assert out.confidence.min() >= 0 and out.confidence.max() <= 1
     assert torch.allclose(out.logits.exp().sum(-1), torch.ones(N), atol=1e-5)
-    assert repr(model) == "Mowst(weak=MLP, strong=GCN, variant=mowst, gate=mlp)"
+    assert repr(model) == "Mowst(weak=MLP, strong=GCN, variant=mowst, gate_type=mlp)"
 
 
 def test_experts_match_the_parts():
     x, edge_index = graph()
     model = make_mowst().eval()
-    out = model.experts(x, edge_index)
+    out = model.forward_experts(x, edge_index)
     assert torch.allclose(out.weak_logits, model.weak(x))
     assert torch.allclose(out.strong_logits, model.strong(x, edge_index))
     assert torch.allclose(out.confidence,
@@ -205,7 +165,7 @@ def test_experts_match_the_parts():
 def test_loss_dispatch(variant):
     x, edge_index = graph()
     model = make_mowst(variant=variant)
-    out = model.experts(x, edge_index)
+    out = model.forward_experts(x, edge_index)
     y = torch.randint(0, C, (N,))
     expected = (mowst_loss(out.weak_logits, out.strong_logits, out.confidence, y)
                 if variant == "mowst" else
@@ -216,7 +176,7 @@ def test_loss_dispatch(variant):
 def test_gradients_reach_every_part():
     x, edge_index = graph()
     model = make_mowst()
-    out = model.experts(x, edge_index)
+    out = model.forward_experts(x, edge_index)
     model.loss(out, torch.randint(0, C, (N,))).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -243,7 +203,7 @@ def test_weak_expert_with_a_graph_argument_gets_it():
 def test_predict_threshold_picks_the_expert():
     x, edge_index = graph()
     model = make_mowst().eval()
-    out = model.experts(x, edge_index)
+    out = model.forward_experts(x, edge_index)
     tau = float(out.confidence.median())
     pred = model.predict(x, edge_index, threshold=tau, sparse=False)
     confident = out.confidence >= tau
@@ -292,7 +252,7 @@ def test_class_count_mismatch_found_in_forward():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"variant": "mowst2"}, "'variant' must be one of"),
-    ({"threshold": 1.5}, "'threshold' must lie in"),
+    ({"threshold": 1.5}, "'threshold' must be a number in"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -304,3 +264,95 @@ def test_factory_without_channels():
         Mowst(functools.partial(make_backbone, "mlp"), GCN(FEAT, 8, 2, C))
     with pytest.raises(TypeError, match="must be a Module or a factory"):
         Mowst(3, GCN(FEAT, 8, 2, C))
+
+
+class IndexAddGNN(torch.nn.Module):
+    r"""A strong expert that aggregates with its own ``index_add_`` (no PyG
+    message-passing layer): its receptive field cannot be read off it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = torch.nn.Linear(FEAT, 8)
+        self.lin2 = torch.nn.Linear(8, C)
+
+    def forward(self, x, edge_index):
+        def agg(h):
+            return h + torch.zeros_like(h).index_add_(0, edge_index[1], h[edge_index[0]])
+        return self.lin2(agg(self.lin1(x).relu()))
+
+
+def test_receptive_hops_unknown_without_message_passing():
+    assert receptive_hops(IndexAddGNN()) is None
+
+
+def test_predict_with_an_untrimmable_strong_expert_falls_back_to_full_inference():
+    x, edge_index = graph()
+    torch.manual_seed(0)
+    model = Mowst(MLP([FEAT, 8, C]), IndexAddGNN()).eval()
+    full = model.predict(x, edge_index, threshold=1.0, sparse=False)  # every node: strong
+    with pytest.warns(UserWarning, match="receptive field is unknown"):
+        sparse = model.predict(x, edge_index, threshold=1.0, sparse=True)
+    assert torch.equal(sparse.probs, full.probs)
+    ref = model.strong_forward(x, edge_index).softmax(-1)  # the strong expert on the graph
+    assert torch.allclose(sparse.probs, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="give 'num_hops'"):
+        model.strong_forward_at(x, edge_index, torch.tensor([0, 1]))
+    # With num_hops given (2 aggregations), sparse inference is exact without a warning.
+    exact = Mowst(MLP([FEAT, 8, C]), IndexAddGNN(), num_hops=2).eval()
+    exact.load_state_dict(model.state_dict())
+    out, _ = exact.strong_forward_at(x, edge_index, torch.tensor([0, 3, 7]))
+    assert torch.allclose(out, exact.strong_forward(x, edge_index)[[0, 3, 7]], atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [2.0, -1.0, float("nan"), "0.5", True])
+def test_bad_threshold(threshold):
+    x, edge_index = graph()
+    model = make_mowst().eval()
+    with pytest.raises(ValueError, match="'threshold' must be a number in \\[0, 1\\]"):
+        model.predict(x, edge_index, threshold=threshold)
+    with pytest.raises(ValueError, match="'threshold' must be a number in \\[0, 1\\]"):
+        make_mowst(threshold=threshold)
+
+
+@pytest.mark.parametrize("variant", ["mowst", "mowst_star"])
+def test_ignored_labels_are_left_out_of_the_mean(variant):
+    x, edge_index = graph()
+    model = make_mowst(variant=variant)
+    out = model.forward_experts(x, edge_index)
+    y = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(N) % 2 == 0
+    y_ignored = torch.where(keep, y, torch.full_like(y, -100))
+    # The mean over the labelled nodes alone (not halved by the ignored ones).
+    ref = model.loss(type(out)(*(t[keep] for t in out)), y[keep])
+    got = model.loss(out, y_ignored)
+    assert torch.isfinite(got) and got.item() == pytest.approx(ref.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="every node of 'target' is ignored"):
+        model.loss(out, torch.full_like(y, -100))
+
+
+@pytest.mark.parametrize("variant", ["mowst", "mowst_star"])
+@pytest.mark.parametrize("bad", [C, -1, -7])
+def test_labels_out_of_range(variant, bad):
+    x, edge_index = graph()
+    model = make_mowst(variant=variant)
+    out = model.forward_experts(x, edge_index)
+    y = torch.zeros(N, dtype=torch.long)
+    y[3] = bad
+    with pytest.raises(ValueError, match=rf"'target' must lie in \[0, {C - 1}\]"):
+        model.loss(out, y)
+
+
+def test_nan_features_and_bad_edges_raise():
+    x, edge_index = graph()
+    model = make_mowst()
+    x_nan = x.clone()
+    x_nan[2, 1] = float("nan")
+    for call in (lambda: model(x_nan, edge_index),
+                 lambda: model.predict(x_nan, edge_index)):
+        with pytest.raises(ValueError, match="'x' holds NaN or infinite features"):
+            call()
+    bad = edge_index.clone()
+    bad[1, 0] = N
+    for call in (lambda: model(x, bad), lambda: model.predict(x, bad)):
+        with pytest.raises(ValueError, match="'edge_index' holds node"):
+            call()

@@ -9,12 +9,8 @@ from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 from torch_geometric.utils import erdos_renyi_graph
 
 from moegraph.nn.models import MoEGNN
-from moegraph.nn.mowst import (
-    Mowst,
-    hop_ordered_subgraph,
-    receptive_hops,
-    trimmable_convs,
-)
+from moegraph.nn.mowst import Mowst, receptive_hops
+from moegraph.utils.graph import gcn_normalized_edges, hop_ordered_subgraph, trimmable_convs
 
 FEAT, CLASSES = 6, 3
 
@@ -189,3 +185,29 @@ def test_norms(norm, trimmed):
     assert receptive_hops(strong) == (2 if trimmed else 3)
     if trimmed:
         check(strong, x, edge_index, torch.tensor([0, 6, 11]))
+
+
+def test_gcn_normalized_edges_equal_pyg_and_need_shared_flags():
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+    x, edge_index = graph(seed=8)
+    convs = [GCNConv(FEAT, 8, improved=True), GCNConv(8, 3, improved=True)]
+    got_index, got_weight = gcn_normalized_edges(convs, edge_index, x.size(0), x.dtype)
+    ref_index, ref_weight = gcn_norm(edge_index, None, x.size(0), improved=True)
+    assert torch.equal(got_index, ref_index) and torch.allclose(got_weight, ref_weight)
+    with pytest.raises(ValueError, match="must share improved"):
+        gcn_normalized_edges([GCNConv(FEAT, 8), GCNConv(8, 3, improved=True)], edge_index,
+                             x.size(0), x.dtype)
+
+
+def test_cached_gcn_normalisation_is_kept_by_mowst_not_written_into_pyg():
+    x, edge_index = graph(seed=9)
+    torch.manual_seed(0)
+    model = Mowst(MLP([FEAT, 8, CLASSES]), GCN(FEAT, 8, 2, CLASSES, cached=True)).eval()
+    index = torch.tensor([1, 4, 9])
+    first, _ = model.strong_forward_at(x, edge_index, index)
+    assert model._gcn_cache is not None
+    assert all(c._cached_edge_index is None for c in model.strong.convs)  # PyG's untouched
+    again, _ = model.strong_forward_at(x, edge_index, index)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, model.strong_forward(x, edge_index)[index], atol=1e-5)

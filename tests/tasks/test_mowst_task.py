@@ -10,8 +10,8 @@ from torch_geometric.nn.models import GCN, MLP
 
 from moegraph.data import NodeDataModule, csbm_graph
 from moegraph.nn import Mowst, MowstOutput
-from moegraph.nn.mowst import expected_accuracy
 from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
+from moegraph.tasks.metrics import expected_accuracy
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning",
@@ -167,7 +167,7 @@ def test_loss_of_each_phase():
     for phase in ("pretrain_weak", "pretrain_strong", "weak", "strong"):
         task = make_task()
         task._schedule["phase"] = phase
-        out = task.net.experts(data.x, data.edge_index)
+        out = task.net.forward_experts(data.x, data.edge_index)
         y = data.y
         expected = {"pretrain_weak": torch.nn.functional.cross_entropy(out.weak_logits, y),
                     "pretrain_strong": torch.nn.functional.cross_entropy(out.strong_logits, y)

@@ -2,8 +2,7 @@ r"""Graph Mixture-of-Experts convolution with hop-1 and hop-2 experts
 (GMoE, Wang et al., NeurIPS 2023), computed sparsely."""
 from __future__ import annotations
 
-import warnings
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,138 +12,16 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
+from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins
 from moegraph.nn.experts import LinearExperts, MLPExperts
-from moegraph.nn.moe import MoEOutput, combine
-from moegraph.nn.routing import Router, build_router, drop_overflow, expert_capacity
+from moegraph.nn.moe import MoEOutput
+from moegraph.nn.routing import Router, build_router
+from moegraph.utils.graph import HopGraph, check_edge_index, two_hop_edge_index
+
+__all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index",
+           "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
-
-
-def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
-    r"""Raise a clear error unless ``edge_index`` is a ``[2, M]`` integer
-    tensor with every node id in ``[0, num_nodes)``."""
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"'edge_index' must be a tensor (got {type(edge_index).__name__})")
-    if edge_index.dim() != 2 or edge_index.size(0) != 2:
-        raise ValueError(f"'edge_index' must have shape [2, num_edges] "
-                         f"(got {tuple(edge_index.shape)})")
-    if edge_index.dtype not in (torch.long, torch.int):
-        raise ValueError(f"'edge_index' must hold integers (got {edge_index.dtype})")
-    if edge_index.numel() > 0:
-        low, high = int(edge_index.min()), int(edge_index.max())
-        if low < 0 or high >= num_nodes:
-            raise ValueError(f"'edge_index' refers to node {low if low < 0 else high}, "
-                             f"outside [0, {num_nodes}) for {num_nodes} nodes")
-
-
-def two_hop_edge_index(edge_index: Tensor, num_nodes: int,
-                       max_paths_per_chunk: int = 1 << 24) -> Tensor:
-    r"""The pairs at distance exactly two: ``(i, m)`` with a path
-    ``i -> j -> m`` in ``edge_index``, ``i != m``, and ``i -> m`` not itself
-    an edge. Each pair appears once; pairs are sorted by target, then source.
-
-    Computed in pure PyTorch (no ``torch-sparse``): the in-neighbours of each
-    edge's source are expanded through a CSR index, in chunks of at most
-    ``max_paths_per_chunk`` paths, and de-duplicated. The memory is bounded
-    by the chunk size plus the result, whose size is that of
-    :math:`(\mathbf{A}^2 > 0)` minus :math:`\mathbf{A}` and the diagonal.
-
-    Args:
-        edge_index (Tensor): ``[2, M]`` edges ``source -> target``.
-        num_nodes (int): number of nodes :math:`N`.
-        max_paths_per_chunk (int, optional): paths expanded at once.
-
-    Returns:
-        Tensor: ``[2, M2]`` the 2-hop edges.
-    """
-    check_edge_index(edge_index, num_nodes)
-    N = num_nodes
-    src, dst = edge_index[0].long(), edge_index[1].long()
-    empty = torch.empty(2, 0, dtype=torch.long, device=edge_index.device)
-    if src.numel() == 0:
-        return empty
-    # The in-edges i -> j of every node j, through a CSR index.
-    graph = HopGraph.build(torch.stack([src, dst]), N)
-    # Every edge j -> m extends each in-edge i -> j of its source into i -> j -> m.
-    ends = graph.deg[src].cumsum(0)  # [M] paths through the edges up to each one
-    keys = []
-    start = 0
-    while start < src.numel():
-        # The largest run of edges whose paths fit in one chunk (at least one edge).
-        base = int(ends[start - 1]) if start > 0 else 0
-        stop = int(torch.searchsorted(ends, base + max_paths_per_chunk, right=True))
-        stop = max(stop, start + 1)
-        pos, edge = graph.in_edges(src[start:stop])
-        i, m = graph.src[pos], dst[start:stop][edge]
-        keep = i != m
-        if keep.any():
-            keys.append(torch.unique(m[keep] * N + i[keep]))
-        start = stop
-    if not keys:
-        return empty
-    key = torch.unique(torch.cat(keys))  # sorted: by target, then source
-    one_hop = torch.unique(dst * N + src)
-    key = key[~torch.isin(key, one_hop)]
-    return torch.stack([key % N, key // N])
-
-
-class HopGraph(NamedTuple):
-    r"""One receptive field of :class:`HopMoEConv`, its edges sorted by
-    target with a CSR pointer, so that the in-edges of any set of targets are
-    found without scanning the graph.
-
-    Attributes:
-        src (Tensor): ``[M]`` source of each edge, edges sorted by target.
-        dst (Tensor): ``[M]`` target of each edge (non-decreasing).
-        rowptr (Tensor): ``[N + 1]`` the in-edges of node ``i`` are
-            ``rowptr[i]:rowptr[i + 1]``.
-        weight (Tensor, optional): ``[M]`` edge weights (GCN normalisation).
-        deg (Tensor): ``[N]`` in-degree, self-loops included where present.
-    """
-
-    src: Tensor
-    dst: Tensor
-    rowptr: Tensor
-    weight: Optional[Tensor]
-    deg: Tensor
-
-    @classmethod
-    def build(cls, edge_index: Tensor, num_nodes: int,
-              weight: Optional[Tensor] = None) -> HopGraph:
-        dst = edge_index[1]
-        perm = torch.argsort(dst, stable=True)
-        src, dst = edge_index[0][perm], dst[perm]
-        deg = torch.bincount(dst, minlength=num_nodes)
-        rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=dst.device)
-        torch.cumsum(deg, 0, out=rowptr[1:])
-        return cls(src, dst, rowptr, None if weight is None else weight[perm], deg)
-
-    def in_edges(self, targets: Tensor) -> tuple[Tensor, Tensor]:
-        r"""The in-edges of ``targets [T]`` (repeats allowed): their position
-        in this graph ``[M_T]`` and the index of their target in
-        ``targets`` ``[M_T]``."""
-        start = self.rowptr[targets]
-        count = self.rowptr[targets + 1] - start  # [T]
-        total = int(count.sum())  # host sync: the size of the expanded edge list
-        local = torch.repeat_interleave(torch.arange(targets.numel(), device=targets.device),
-                                        count, output_size=total)
-        offset = torch.arange(total, device=targets.device) - (count.cumsum(0) - count)[local]
-        return start[local] + offset, local
-
-    def adjacency_to(self, targets: Tensor) -> Tensor:
-        r"""The in-edges of ``targets [T]`` as a sparse CSR matrix ``[T, N]``
-        (row ``t``: the in-edges of ``targets[t]``; columns: sources; values:
-        the edge weights, or ones)."""
-        pos, local = self.in_edges(targets)
-        crow = torch.zeros(targets.numel() + 1, dtype=torch.long, device=targets.device)
-        torch.cumsum(torch.bincount(local, minlength=targets.numel()), 0, out=crow[1:])
-        values = (self.weight[pos] if self.weight is not None
-                  else torch.ones(pos.numel(), device=targets.device))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, self.src[pos], values,
-                                           size=(targets.numel(), self.rowptr.numel() - 1),
-                                           check_invariants=False)
 
 
 class HopMoEConv(MessagePassing):
@@ -286,6 +163,7 @@ class HopMoEConv(MessagePassing):
             router_kwargs = {"noisy": True}
         self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
 
+        self.experts: Union[MLPExperts, LinearExperts]
         if conv == "gin":
             self.experts = MLPExperts(in_channels, out_channels, out_channels, num_experts,
                                       act="relu", bias=bias)
@@ -363,15 +241,10 @@ class HopMoEConv(MessagePassing):
         check_edge_index(edge_index, N)
         graphs = self.hop_graphs(edge_index, N)
 
-        routing = self.router(x)
-        if self.capacity_factor is not None and routing.row.numel() > 0:
-            routing = drop_overflow(routing, expert_capacity(routing.row.numel(),
-                                                             self.num_experts,
-                                                             self.capacity_factor))
-        order = torch.argsort(routing.expert, stable=True)  # [A]
-        rows = routing.row[order]  # [A] the node of each assignment, sorted by expert
-        experts = routing.expert[order]  # [A]
-        counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
+        routing = apply_capacity(self.router(x), self.num_experts, self.capacity_factor)
+        bins = indices_and_bins(routing, self.num_experts)
+        # the node and expert of each assignment, sorted by expert; counts per expert
+        rows, experts, counts = bins.rows, bins.experts, bins.counts  # [A], [A], [E]
         # Hop-1 experts come first, so the hop-1 assignments are a prefix.
         split = int(counts[:self.num_hop1_experts].sum())
         blocks = [(hop, slice(0, split) if hop == 1 else slice(split, rows.numel()))
@@ -395,7 +268,7 @@ class HopMoEConv(MessagePassing):
                     z = self._aggregate(x, graphs[hop], rows[part], targets, inverse)
                     ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
-        y = y * routing.weight[order].to(y.dtype).unsqueeze(-1)
+        y = y * bins.weight.to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
 
@@ -425,8 +298,9 @@ class HopMoEConv(MessagePassing):
         each active expert transforms every node, then aggregates into its
         own nodes only."""
         F = self.in_channels
-        weights = self.experts.weight.unbind(0)  # views: no [E, F, O] gradient per expert
-        biases = (self.experts.bias.unbind(0) if self.experts.bias is not None
+        bank = self._linear_experts()
+        weights = bank.weight.unbind(0)  # views: no [E, F, O] gradient per expert
+        biases = (bank.bias.unbind(0) if bank.bias is not None
                   else [None] * self.num_experts)
         outs, start = [], 0
         for j, size in enumerate(counts.tolist()):  # host sync: block sizes
@@ -462,7 +336,8 @@ class HopMoEConv(MessagePassing):
     def _gat(self, x: Tensor, graphs: dict[int, HopGraph], blocks: list, rows: Tensor,
              experts: Tensor, counts: Tensor) -> Tensor:
         E, H, C = self.num_experts, self.heads, self.out_channels // self.heads
-        weight = self.experts.weight.view(E, self.in_channels, H, C)
+        bank = self._linear_experts()
+        weight = bank.weight.view(E, self.in_channels, H, C)
         # a^T W_e x = (W_e a)^T x: attention logits from the input features.
         u_src = torch.einsum("efhc,ehc->feh", weight, self.att_src).reshape(-1, E * H)
         u_dst = torch.einsum("efhc,ehc->feh", weight, self.att_dst).reshape(-1, E * H)
@@ -484,9 +359,14 @@ class HopMoEConv(MessagePassing):
             if ze.size(0) > 0:
                 outs.append(torch.einsum("nhf,fhc->nhc", ze, weight[e]).reshape(-1, H * C))
         y = torch.cat(outs) if outs else x.new_zeros(0, H * C)
-        if self.experts.bias is not None:
-            y = y + self.experts.bias[experts]
+        if bank.bias is not None:
+            y = y + bank.bias[experts]
         return y
+
+    def _linear_experts(self) -> LinearExperts:
+        r"""The stacked linear experts of GCN, SAGE and GAT experts."""
+        assert isinstance(self.experts, LinearExperts), self.conv
+        return self.experts
 
     def message_and_aggregate(self, adj_t: Tensor, x: Tensor,
                               edge_weight: Optional[Tensor] = None) -> Tensor:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
+from moegraph.nn.dispatch import indices_and_bins, permute_and_compute
 from moegraph.nn.experts import Experts
-from moegraph.nn.moe import combine
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import TopKRouter
 
@@ -178,12 +178,9 @@ class PatchMoE(Module):
             aux_loss, routings = {}, ()
         else:
             routing = self.router(x.sum(dim=1))  # [N, d] -> one expert per sample
-            order = torch.argsort(routing.expert, stable=True)  # [N]
-            rows = routing.row[order]
-            counts = torch.bincount(routing.expert, minlength=self.num_experts)  # [E]
-            y_sorted = self.experts(x.index_select(0, rows), counts,
-                                    routing.weight[order])  # [N, 1]
-            score = combine(y_sorted, rows, N, routing.fixed_k, deterministic=True)[:, 0]
+            bins = indices_and_bins(routing, self.num_experts)
+            score = permute_and_compute(x, bins, self.experts, routing.fixed_k,
+                                        deterministic=True)[:, 0]  # [N]
             aux_loss, routings = routing.aux_loss, (routing,)
         logits = torch.stack([-0.5 * score, 0.5 * score], dim=-1)  # [N, 2]
         return ModelOutput(logits, aux_loss, routings)

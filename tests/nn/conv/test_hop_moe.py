@@ -4,8 +4,8 @@ import torch
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-from moegraph.nn.conv.hop_moe import HopGraph
 from moegraph.nn.routing import ExpertChoiceRouter, TopKRouter
+from moegraph.utils.graph import HopGraph
 
 CONVS = ["gcn", "sage", "gin", "gat"]
 
@@ -15,12 +15,6 @@ def random_graph(num_nodes=30, num_edges=90, seed=0):
     edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=g)
     x = torch.randn(num_nodes, 6, generator=g)
     return x, edge_index
-
-
-def dense_two_hop(edge_index, N):
-    A = torch.zeros(N, N)
-    A[edge_index[1], edge_index[0]] = 1  # A[target, source]
-    return ((A @ A) > 0) & (A == 0) & ~torch.eye(N, dtype=torch.bool)
 
 
 def expert_as_pyg(layer: HopMoEConv, e: int):
@@ -65,42 +59,6 @@ def naive(layer: HopMoEConv, x, edge_index, routing):
         graph = edge_index if e < layer.num_hop1_experts else hop2
         out = out + weight[:, e:e + 1] * expert_as_pyg(layer, e)(x, graph)
     return out
-
-
-# Two-hop graph ################################################################
-
-@pytest.mark.parametrize("seed", range(4))
-def test_two_hop_matches_dense_square(seed):
-    x, edge_index = random_graph(25, 60, seed)
-    edge_index = torch.cat([edge_index, torch.tensor([[3, 3, 4], [3, 5, 5]])], dim=1)  # loop, dup
-    hop2 = two_hop_edge_index(edge_index, 25)
-    got = torch.zeros(25, 25, dtype=torch.bool)
-    got[hop2[1], hop2[0]] = True
-    assert torch.equal(got, dense_two_hop(edge_index, 25))
-    assert hop2.size(1) == int(got.sum())  # each pair once
-    # sorted by target, then source
-    key = hop2[1] * 25 + hop2[0]
-    assert torch.equal(key, key.sort().values)
-
-
-def test_two_hop_chunks_and_hand_example():
-    # path 0 -> 1 -> 2 -> 3 plus the shortcut 0 -> 2
-    edge_index = torch.tensor([[0, 1, 2, 0], [1, 2, 3, 2]])
-    hop2 = two_hop_edge_index(edge_index, 4)
-    # 0->2 is one hop already; 1->3 and 0->3 are two hops
-    assert sorted(map(tuple, hop2.t().tolist())) == [(0, 3), (1, 3)]
-    x, edge_index = random_graph(40, 150, 7)
-    full = two_hop_edge_index(edge_index, 40)
-    assert torch.equal(two_hop_edge_index(edge_index, 40, max_paths_per_chunk=3), full)
-    assert two_hop_edge_index(torch.empty(2, 0, dtype=torch.long), 5).shape == (2, 0)
-
-
-def test_hop_graph_in_edges():
-    edge_index = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 1, 1, 3]])
-    graph = HopGraph.build(edge_index, 4)
-    pos, local = graph.in_edges(torch.tensor([1, 3, 1]))
-    got = sorted(zip(local.tolist(), graph.src[pos].tolist(), strict=True))
-    assert got == [(0, 0), (0, 2), (0, 3), (1, 0), (2, 0), (2, 2), (2, 3)]
 
 
 # The layer against the all-experts reference ##################################

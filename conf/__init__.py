@@ -1,0 +1,1 @@
+# The Hydra config tree; installed as the package moegraph.conf (see pyproject.toml).

@@ -1,0 +1,66 @@
+r"""Helpers shared by the tasks: optimisers, the nodes a step is scored on, and
+the states of metrics carried by a checkpoint."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+from torch_geometric.data import Data
+from torchmetrics import Metric, MetricCollection
+
+
+def split_mask(data: Data, split: str) -> Tensor:
+    r"""The nodes of ``data`` a step is scored on: the split's mask of a full
+    graph, or the ``batch_size`` seed nodes (first in order) of a
+    :class:`~torch_geometric.loader.NeighborLoader` mini-batch."""
+    batch_size = getattr(data, "batch_size", None)
+    if isinstance(batch_size, int):
+        mask = torch.zeros(data.num_nodes, dtype=torch.bool, device=data.y.device)
+        mask[:batch_size] = True
+        return mask
+    return data[f"{split}_mask"]
+
+
+def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
+                     scheduler: Optional[Callable[..., Any]], params) -> Any:
+    r"""``configure_optimizers`` of every task: the partial optimizer on
+    ``params``, and the partial scheduler on it (monitoring ``val/loss``)."""
+    opt = optimizer(params=params)
+    if scheduler is None:
+        return opt
+    return {"optimizer": opt,
+            "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
+
+
+def metric_states(metrics: Module) -> dict[str, dict[str, Any]]:
+    r"""The accumulated states of every :class:`~torchmetrics.Metric` in
+    ``metrics`` (by module name), for a checkpoint taken in the middle of an
+    epoch: resumed, the epoch's metrics then count the batches seen before."""
+    states = {}
+    for name, metric in metrics.named_modules():
+        if isinstance(metric, Metric) and not isinstance(metric, MetricCollection):
+            state = {key: ([v.detach().clone() for v in value] if isinstance(value, list)
+                           else value.detach().clone())
+                     for key, value in metric.metric_state.items()}
+            states[name] = {"state": state}
+    return states
+
+
+def load_metric_states(metrics: Module, states: dict[str, dict[str, Any]]) -> None:
+    r"""Put back what :func:`metric_states` saved: each metric is reset, then
+    given the saved values of its declared states (``add_state``), the
+    torchmetrics way of holding them; nothing private is written. (The
+    metric's own count of updates starts again from zero: what a metric
+    computes depends on its states alone.)"""
+    modules = dict(metrics.named_modules())
+    for name, saved in states.items():
+        metric = modules[name]
+        if not isinstance(metric, Metric):
+            raise TypeError(f"{name!r} of the checkpoint is not a metric here")
+        metric.reset()
+        for key, value in saved["state"].items():
+            if key not in metric.metric_state:
+                raise KeyError(f"metric {name!r} has no state {key!r}")
+            setattr(metric, key, value)
