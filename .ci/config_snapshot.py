@@ -36,7 +36,7 @@ def options(group: str) -> list[str]:
 def override_lists() -> list[list[str]]:
     tried: list[list[str]] = [[]]
     for group in ("data", "model", "model/strong", "model/weak", "experiment", "trainer",
-                  "callbacks", "logger", "debug"):
+                  "callbacks", "logger", "debug", "hparams_search"):
         tried += [[f"{group}={name}"] for name in options(group)]
     strong = options("model/strong")
     for experiment in (e for e in options("experiment") if e.startswith("nc_")):

@@ -31,21 +31,35 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _study import RESULTS, command_line, timed
+from _bench import load_line, load_warning, machine_load
+from _study import RESULTS as RESULTS_DIR
+from _study import command_line
 
 from moegraph.nn import SparseMoE, shard_experts
 
-OUT = RESULTS / "expert_parallel.md"
+RESULTS = RESULTS_DIR / "expert_parallel.md"
 
 
 def make_layer(args, E: int, k: int) -> SparseMoE:
     torch.manual_seed(0)
     return SparseMoE(args.in_channels, args.hidden, num_experts=E, k=k)
+
+
+def time_steps(step, repeats: int, sync=lambda: None) -> list[float]:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def layer_step(layer: SparseMoE, x: torch.Tensor, grad: torch.Tensor):
@@ -79,7 +93,7 @@ def worker(rank: int, args, tmp: str):
             row = {}
             for name, step in (("dp", layer_step(dp, x, grad)), ("ep", layer_step(ep, x, grad)),
                                ("a2a", a2a)):
-                row[name] = timed(step, args.repeats, dist.barrier)[0]
+                row[name] = time_steps(step, args.repeats, dist.barrier)
             results[f"{E},{k}"] = row
     Path(f"{tmp}/rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
@@ -101,14 +115,15 @@ def main(argv=None):
         args.repeats = 2
     torch.set_num_threads(1)
 
+    load_before = machine_load()
     one = {}
     for E in args.experts:
         for k in args.k:
             torch.manual_seed(1)
             x = torch.randn(args.rows, args.in_channels)
             grad = torch.randn(args.rows, args.in_channels)
-            one[f"{E},{k}"] = timed(layer_step(make_layer(args, E, k), x, grad),
-                                    args.repeats)[0]
+            one[f"{E},{k}"] = time_steps(layer_step(make_layer(args, E, k), x, grad),
+                                         args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         torch.multiprocessing.spawn(worker, args=(args, tmp), nprocs=2, join=True)
         ranks = [json.loads(Path(f"{tmp}/rank{r}.json").read_text()) for r in range(2)]
@@ -126,23 +141,28 @@ def main(argv=None):
         lines.append(f"| {E} | {k} | {single:.1f} | {dp:.1f} | {ep:.1f} | {a2a:.1f} "
                      f"| {ep / dp:.2f} | {single / ep:.2f} |")
     table = "\n".join(lines)
+    load_after = machine_load()
     print(table)
+    warning = load_warning(load_before, load_after, own_threads=2)
+    if warning:
+        print(warning)
     if not args.quick:
         command = command_line(__file__, argv)
-        OUT.write_text(
+        RESULTS.write_text(
             "# Expert parallelism on CPU (gloo, 2 processes)\n\n"
             f"`{command}`: one forward + backward step of `SparseMoE` on "
             f"N = {args.rows} rows in all, in = {args.in_channels}, expert hidden = "
             f"{args.hidden}, float32, one thread per process, median of {args.repeats} "
             f"steps (the slower rank's time). torch {torch.__version__}.\n\n"
             f"{table}\n\n"
+            f"{load_line(load_before, load_after, own_threads=2)}\n\n"
             "DP: each rank holds every expert (no exchange, no gradient all-reduce); "
             "EP: each rank holds E / 2 experts, rows travel by all-to-all; a2a only: "
             "the four exchanges of an EP step with its volumes, alone.\n\n"
             "Measured on a 2-core CPU shared with other jobs: the two processes "
             "compete for the cores, and gloo moves the rows through local TCP. "
             "These figures say nothing about NCCL on GPUs.\n")
-        print(f"wrote {OUT}")
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ Pairs, each MoE model against its dense twin:
   top-2) against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a
   dense feed-forward part of width 128 = k x 64).
 
-Runs are cached one JSON per (dataset, model, seed) under ``--runs``, so the
-study can be completed in parts; the table is rebuilt from every cached run::
+Runs are cached one JSON per (dataset, model, seed, configuration) under
+``--runs``, so the study can be completed in parts; the file name holds a hash
+of the run's resolved model config and protocol (:func:`config_hash`), so a
+changed default is never read from the runs of the old one. The table is
+rebuilt from the cached runs of the current configs::
 
     python experiments/run_graph_moe.py                     # default protocol
     python experiments/run_graph_moe.py --seeds 10 --datasets cora citeseer
@@ -29,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +43,6 @@ from _study import (
     ROOT,
     backbone_protocol,
     command_line,
-    load_runs,
     mean_std,
     results_header,
     run_diagnostics,
@@ -60,8 +64,29 @@ SKIP = {
 }
 
 
+@functools.cache
+def config_hash(dataset: str, model: str) -> str:
+    r"""A short hash of what decides the runs of ``model`` on ``dataset``
+    (the seed and split aside): the resolved model config (network and
+    optimiser), the backbone sizes, the data and the stopping rule."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moegraph.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides_for(dataset, model, 0))
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+           "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+           "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},
+           "max_epochs": cfg.trainer.max_epochs,
+           "patience": cfg.callbacks.early_stopping.patience}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def run_name(dataset: str, model: str, seed: int) -> str:
-    return f"{dataset}__{model}__seed{seed}.json"
+    digest = config_hash(dataset, model)
+    return f"{dataset}__{model}__seed{seed}__{digest}.json"
 
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
@@ -74,9 +99,13 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     return out
 
 
-def build_table(runs: Path, command: str) -> str:
+def build_table(runs: Path, command: str, seeds: int = 10) -> str:
+    # Only the runs of the current configs (seeds beyond ``seeds`` not probed).
+    records = [json.loads(p.read_text()) for dataset in DATASETS for model in MODELS
+               for seed in range(seeds)
+               if (p := runs / run_name(dataset, model, seed)).exists()]
     by_key: dict[tuple, list[dict]] = {}
-    for r in load_runs(runs):
+    for r in records:
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
 
     def scores(dataset, model):
@@ -186,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs_v2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--dry-run", action="store_true",

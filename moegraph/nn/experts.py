@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.nn import Module, ModuleList, Parameter
 from torch_geometric.nn.resolver import activation_resolver
 
+from moegraph.utils.checks import check_int
+
 BACKENDS = ("auto", "loop", "grouped_mm")
 
 
@@ -177,8 +179,7 @@ class MLPExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
                             ("out_channels", out_channels), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
         self.in_channels = in_channels
@@ -323,8 +324,7 @@ class LinearExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_experts = num_experts

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, Parameter
 
+from moegraph.utils.checks import check_int, check_positive_float
+
 AUX_LOSS_NAMES = ("load_balance", "z_loss", "importance", "entropy")
 """Names of the auxiliary losses a router can return (unweighted)."""
 
@@ -102,12 +104,29 @@ def load_balancing_loss(probs: Tensor, top1: Tensor) -> Tensor:
     return E * (f * P).sum()
 
 
+Z_LOSS_QUADRATIC_UP_TO = 1e4
+r"""Beyond this ``|log-sum-exp|`` the z-loss grows logarithmically, not
+quadratically, so that it stays finite for any finite router logits."""
+
+
 def z_loss(logits: Tensor) -> Tensor:
     r"""Router z-loss of ST-MoE (Zoph et al., 2022):
-    :math:`\frac{1}{N}\sum_n \big(\log\sum_i e^{z_{ni}}\big)^2`."""
+    :math:`\frac{1}{N}\sum_n \phi\big(\log\sum_i e^{z_{ni}}\big)` with
+    :math:`\phi(l) = l^2` for :math:`|l| \le T`
+    (:data:`Z_LOSS_QUADRATIC_UP_TO`, far above any healthy router) and
+    :math:`T^2 (1 + 2 \log(|l| / T))` beyond: same value and slope at
+    :math:`T`, still pulling the logits down, but finite (and with finite
+    gradients) for finite logits of any size, where :math:`l^2` overflows
+    float32 from :math:`|l| \approx 1.8 \cdot 10^{19}`."""
     if logits.size(0) == 0:
         return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    lse = torch.logsumexp(logits, dim=-1).abs()  # [N]
+    T = Z_LOSS_QUADRATIC_UP_TO
+    big = lse > T
+    # Each branch is evaluated where it is not selected too: keep both finite.
+    quadratic = torch.where(big, T, lse).pow(2)
+    logarithmic = T * T * (1 + 2 * torch.log(torch.where(big, lse, T) / T))
+    return torch.where(big, logarithmic, quadratic).mean()
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -205,12 +224,9 @@ class Router(Module):
 
     def __init__(self, in_channels: int, num_experts: int, num_null_experts: int = 0):
         super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"'in_channels' must be positive (got {in_channels})")
-        if num_experts < 1:
-            raise ValueError(f"'num_experts' must be positive (got {num_experts})")
-        if num_null_experts < 0:
-            raise ValueError(f"'num_null_experts' must be non-negative (got {num_null_experts})")
+        in_channels = check_int("in_channels", in_channels)
+        num_experts = check_int("num_experts", num_experts)
+        num_null_experts = check_int("num_null_experts", num_null_experts, low=0)
         self.in_channels = in_channels
         self.num_experts = num_experts
         self.num_null_experts = num_null_experts
@@ -232,6 +248,9 @@ class Router(Module):
         if x.size(1) != self.in_channels:
             raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
                              f"expects in_channels={self.in_channels}")
+        if not x.is_floating_point():
+            raise TypeError(f"'x' must be a floating-point tensor (got {x.dtype}); "
+                            f"convert integer or boolean features with x.float()")
 
     def _logits(self, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         r"""Float32 logits, autocast off. Raises on non-finite values."""
@@ -304,10 +323,8 @@ class TopKRouter(Router):
     def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
                  num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2):
         super().__init__(in_channels, num_experts, num_null_experts)
-        if not isinstance(k, int) or k < 1 or k > num_experts + num_null_experts:
-            raise ValueError(f"'k' must be an integer in [1, {num_experts + num_null_experts}] "
-                             f"(num_experts + num_null_experts), got {k}")
-        self.k = k
+        self.k = check_int("k", k, 1, self.num_total_experts,
+                           " (num_experts + num_null_experts)")
         self.noisy = noisy
         self.normalize = normalize
         self.noise_epsilon = noise_epsilon
@@ -409,10 +426,10 @@ class TopPRouter(Router):
                  max_k: Optional[int] = None, num_null_experts: int = 0,
                  normalize: bool = False):
         super().__init__(in_channels, num_experts, num_null_experts)
-        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
-            raise ValueError(f"'p' must be in (0, 1] (got {p})")
-        if max_k is not None and not (1 <= max_k <= self.num_total_experts):
-            raise ValueError(f"'max_k' must be in [1, {self.num_total_experts}] (got {max_k})")
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0):
+            raise ValueError(f"'p' must be in (0, 1] (got {p!r})")
+        if max_k is not None:
+            max_k = check_int("max_k", max_k, 1, self.num_total_experts)
         self.p = float(p)
         self.max_k = max_k
         self.normalize = normalize
@@ -482,9 +499,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, in_channels: int, num_experts: int, capacity_factor: float = 1.0):
         super().__init__(in_channels, num_experts, 0)
-        if not capacity_factor > 0:
-            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         self.reset_parameters()
 
     def _repr_args(self) -> str:

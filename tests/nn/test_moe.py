@@ -527,6 +527,66 @@ def test_repr():
         "SparseMoE(16, 32, 16, num_experts=4, router=ExpertChoiceRouter)"
 
 
+# Issue 14: bad argument types, input dtypes, huge router logits ###############
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (dict(num_experts="8"), r"'num_experts' must be a positive integer \(got '8'\)"),
+    (dict(k=True), r"'k' must be an integer in \[1, 4\]"),
+    (dict(capacity_factor=float("inf")), "'capacity_factor' must be a finite positive number"),
+    (dict(capacity_factor=float("nan")), "'capacity_factor'"),
+    (dict(capacity_factor="1.0"), "'capacity_factor'"),
+    (dict(num_shared_experts=1.5), "'num_shared_experts' must be a non-negative integer"),
+    (dict(num_shared_experts=1, shared_hidden_channels=0), "'shared_hidden_channels'"),
+    (dict(out_channels="8"), "'out_channels'"),
+])
+def test_bad_argument_types(kwargs, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SparseMoE(8, 16, **kwargs)
+    with pytest.raises(ValueError, match="'hidden_channels'"):
+        SparseMoE(8, 16.0, num_experts=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_other_input_dtype_runs_every_expert_in_it(dtype, shared):
+    # Before: the shared experts failed in 'mat1 and mat2' while the routed
+    # experts accepted the input. Now both run in the input's dtype.
+    torch.manual_seed(21)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2, num_shared_experts=shared).eval()
+    x = make_x(seed=22)
+    out = m(x.to(dtype)).out
+    assert out.dtype == dtype
+    reference = copy.deepcopy(m)  # every expert cast to dtype, routing in float32
+    reference.experts.to(dtype)
+    if reference.shared is not None:
+        reference.shared.to(dtype)
+    torch.testing.assert_close(out, reference(x.to(dtype)).out)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.float(), m(x).out, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_integer_or_bool_input_is_rejected(dtype):
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, num_shared_experts=1)
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        m(torch.ones(5, FEAT, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["topk", "topp", "expert_choice"])
+def test_huge_finite_input_gives_finite_loss_and_gradients(name):
+    torch.manual_seed(23)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, **ROUTER_CONFIGS[name]).train()
+    x = (make_x(seed=24) * 1e19).requires_grad_()
+    out, routing = m(x)
+    loss = 1e-3 * sum(routing.aux_loss.values())
+    assert torch.isfinite(loss)
+    (loss + out.sum() * 1e-30).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # On a real graph (Cora, from MOEGRAPH_DATA_DIR; skipped when absent) #########
 
 def test_cora_loads_from_a_copy_and_routes_every_node(real_data):
