@@ -95,12 +95,29 @@ def relative(path: Path) -> str:
 
 
 def command_line(script: str | Path, argv: Optional[Sequence[str]] = None,
-                 drop: Iterable[str] = ("--table-only",)) -> str:
+                 drop: Iterable[str] = ("--table-only", "--dry-run")) -> str:
     r"""The command that runs ``script`` with ``argv`` (default: this
     process's arguments), less the flags in ``drop``, for a results file."""
     args = list(sys.argv[1:] if argv is None else argv)
     dropped = set(drop)
     return shlex.join(["python", relative(Path(script)), *(a for a in args if a not in dropped)])
+
+
+# Flags of a study runner that change what it does, not what it measures: left
+# out of the command written into a results file.
+STUDY_FLAGS = ("--table-only", "--dry-run")
+
+
+def add_study_arguments(parser: Any, runs: Path) -> None:
+    r"""The arguments every study runner takes: ``--runs`` (the cache folder,
+    default ``runs``), ``--threads``, ``--table-only``, ``--dry-run``."""
+    parser.add_argument("--runs", type=Path, default=runs,
+                        help="folder of the cached runs, one JSON each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rebuild the results from the cached runs, train nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs to do (not cached yet), train nothing")
 
 
 def results_header(title: str, command: str, runs: Optional[Path] = None) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from _study import (
     QUIET,
     RESULTS,
+    add_study_arguments,
     command_line,
     load_runs,
     mean_std,
@@ -170,13 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--runs", type=Path, default=RESULTS / "cluster_moe_runs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list the runs to do (not cached yet), train nothing")
+    add_study_arguments(parser, RESULTS / "cluster_moe_runs")
     args = parser.parse_args(argv)
-    command = command_line(__file__, argv, drop=("--table-only", "--dry-run"))
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)

@@ -41,6 +41,7 @@ from _study import (
     QUIET,
     RESULTS,
     ROOT,
+    add_study_arguments,
     backbone_protocol,
     command_line,
     mean_std,
@@ -49,7 +50,7 @@ from _study import (
     run_pending,
     train_cached,
 )
-from run_node_classification import COST_ORDER, DATASETS, SPLIT_DATASETS  # the same datasets
+from run_node_classification import DATASETS, SPLIT_DATASETS, seed_major  # the same datasets
 
 MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
@@ -215,20 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs_v2")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list the runs to do (not cached yet), train nothing")
+    add_study_arguments(parser, RESULTS / "graph_moe_runs_v2")
     args = parser.parse_args(argv)
-    command = command_line(__file__, argv, drop=("--table-only", "--dry-run"))
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        cost_order = [d for d in COST_ORDER if d in args.datasets]
         run_pending([
             (args.runs / run_name(dataset, model, seed),
              functools.partial(train_cached, overrides_for(dataset, model, seed),
@@ -236,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.runs / run_name(dataset, model, seed),
                                (run_diagnostics, backbone_protocol)),
              f"{dataset} {model} seed {seed}")
-            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
+            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
             for model in args.models if (dataset, model) not in SKIP],
             dry_run=args.dry_run)
         if args.dry_run:

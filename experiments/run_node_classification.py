@@ -26,6 +26,7 @@ from _study import (
     QUIET,
     RESULTS,
     ROOT,
+    add_study_arguments,
     backbone_protocol,
     command_line,
     load_runs,
@@ -45,6 +46,16 @@ DEFAULT_SEEDS = {"cora": 3, "citeseer": 3, "minesweeper": 3, "tolokers": 1,
                  "amherst41": 3, "reed98": 3}
 COST_ORDER = ("reed98", "cora", "amherst41", "citeseer", "minesweeper", "tolokers")
 SPLIT_DATASETS = ("minesweeper", "tolokers", "amherst41", "reed98")
+
+
+def seed_major(datasets: list[str], seeds: int | None,
+               default_seeds: dict[str, int]) -> list[tuple[int, str]]:
+    r"""``(seed, dataset)`` in the order a study runs them: seed 0 of every
+    dataset first (cheapest first), then seed 1, ...: a study cut short still
+    covers every cell. ``seeds`` (when given) replaces each dataset's default."""
+    order = [d for d in COST_ORDER if d in datasets]
+    count = {d: seeds or default_seeds[d] for d in order}
+    return [(s, d) for s in range(max(count.values(), default=0)) for d in order if s < count[d]]
 
 
 def run_name(dataset: str, model: str, backbone: str, seed: int) -> str:
@@ -177,28 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "node_classification_runs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list the runs to do (not cached yet), train nothing")
+    add_study_arguments(parser, RESULTS / "node_classification_runs")
     args = parser.parse_args(argv)
-    command = command_line(__file__, argv, drop=("--table-only", "--dry-run"))
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        # Seed 0 of every dataset first (cheapest first), then seed 1, ...: a
-        # study cut short still covers every cell.
-        cost_order = [d for d in COST_ORDER if d in args.datasets]
         run_pending([
             (args.runs / run_name(dataset, model, backbone, seed),
              functools.partial(run_one, dataset, model, backbone, seed, args.runs),
              f"{dataset} {model} {backbone} seed {seed}")
-            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
+            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
             for model in args.models
             for backbone in (["none"] if model == "mlp" else args.backbones)],
             dry_run=args.dry_run)
