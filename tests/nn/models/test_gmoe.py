@@ -158,6 +158,7 @@ def homophilous_graph():
                       homophily=0.9, signal=0.2, train_ratio=0.2, val_ratio=0.2, seed=0)
 
 
+@pytest.mark.slow  # trains three models: 33 s on a loaded 2-core machine
 def test_default_configs_beat_an_mlp_on_a_homophilous_graph(homophilous_graph):
     scores = {m: _fit(m, homophilous_graph) for m in ("mlp", "moe_gnn", "gmoe")}
     print(scores)
