@@ -52,7 +52,8 @@ OPTIONS = {
 }
 # Files that other options of their group build on (their name starts with "_").
 BASES = {"data": ["_real"], "model": ["_multitask", "_node"],
-         "experiment": ["_movielens", "_nc", "_nc_heterophilous"], "hparams_search": ["_optuna"]}
+         "experiment": ["_movielens", "_mtl_synthetic", "_nc", "_nc_heterophilous"],
+         "hparams_search": ["_optuna"]}
 # What an option of a group needs beside it to compose.
 NEEDS = {"model/strong": ["model=gnn"], "model/weak": ["model=mlp"]}
 
