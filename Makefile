@@ -1,6 +1,8 @@
 # moegraph: set-up, training and tests in one place.
 #   make train   create .venv if missing, install, run the default experiment
-#   make test    same set-up, then the test suite
+#   make test    same set-up, then the test suite without the slow tests
+#   make test-slow   the slow tests alone (CI runs them as a step of their own)
+#   make lint    ruff and mypy
 # GPU users: create .venv and install your CUDA build of torch into it first;
 # the set-up installs TORCH_SPEC only when no torch is importable.
 
@@ -11,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.moegraph-installed
 export MOEGRAPH_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup train test test-all bench lint clean
+.PHONY: setup train test test-slow test-all bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,14 +31,19 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
 test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python experiments/bench_moe.py
 
+# mypy's files and settings: [tool.mypy] in pyproject.toml
 lint: setup
 	$(BIN)/ruff check moegraph tests experiments
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache

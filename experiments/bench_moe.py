@@ -64,24 +64,21 @@ import argparse
 import contextlib
 import datetime
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _bench import load_line, machine_load
+from _study import RESULTS, command_line
 from torch import Tensor
 from torch.nn import GELU, Linear, Module, Sequential
 
 from moegraph.nn import SparseMoE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_line, machine_load  # noqa: E402
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_moe.md"
+DEFAULT_OUT = RESULTS / "bench_moe.md"
 TARGET_CONFIG = (64, 2)  # (E, k) at which the CPU targets apply
 TARGET_A_OVER_D = 0.85
 TARGET_A_OVER_B = 3.0
@@ -483,7 +480,7 @@ def main(argv: list[str] | None = None):
     else:
         autocast = contextlib.nullcontext()
 
-    command = "python " + shlex.join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv, drop=())
     threads = torch.get_num_threads()
     env = (f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
            f"{threads} threads, timed in {dtype}")

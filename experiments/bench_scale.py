@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_warning, machine_load, peak_rss_gib, reset_peak_rss, rss_gib  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _bench import load_warning, machine_load, peak_rss_gib, reset_peak_rss, rss_gib
+from _study import RESULTS
 
 
 def run_one(args) -> dict:

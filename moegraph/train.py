@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moegraph.checkpoint import RunCheckpoint, check_resumable, record_init_configs
 
@@ -42,6 +43,28 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def compose_config(overrides: Sequence[str] = (),
+                   output_dir: str | Path | None = None) -> DictConfig:
+    r"""Compose ``conf/train.yaml`` with command-line ``overrides`` as
+    ``moegraph-train`` would, for tests and scripts that call :func:`train`.
+
+    The ``hydra`` node is kept and registered with ``HydraConfig`` (so
+    ``${hydra:...}`` interpolations resolve, as in a real run); the run writes
+    to ``output_dir`` when given. The caller that is done with the config may
+    clear it with ``HydraConfig.instance().cfg = None``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
