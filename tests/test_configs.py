@@ -29,17 +29,18 @@ MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": Sha
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
-    "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "movielens",
-             "mtl_synthetic", "reed98", "synthetic", "tabular", "tolokers", "ogbn_arxiv",
-             "ogbn_products", "ogbn_proteins", "pyg_file"],
-    "model": ["dense_gnn", "gmoe", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst",
-              "mowst_paper", "patch_moe", "ple", "shared_bottom"],
+    "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "molhiv", "movielens",
+             "mtl_synthetic", "ogbg_molhiv", "reed98", "synthetic", "tabular", "tolokers",
+             "ogbn_arxiv", "ogbn_products", "ogbn_proteins", "pyg_file"],
+    "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "mlp", "mmoe",
+              "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
     "logger": ["csv", "none", "tensorboard", "wandb", "many"],
     "trainer": ["cpu", "ddp", "default", "gpu"],
-    "experiment": ["cluster_moe", "cluster_single", "movielens_home", "movielens_mmoe",
+    "experiment": ["cluster_moe", "cluster_single", "molhiv_gcn", "molhiv_gin",
+                   "molhiv_gin_gmoe", "molhiv_gmoe", "movielens_home", "movielens_mmoe",
                    "movielens_ple", "movielens_shared_bottom", "mtl_synthetic_home",
                    "mtl_synthetic_mmoe", "mtl_synthetic_ple", "mtl_synthetic_shared_bottom",
                    "nc_amherst41", "nc_citeseer",
@@ -255,7 +256,8 @@ def test_node_classification_experiments(compose_cfg, experiment):
 
 @pytest.mark.parametrize("data", [d for d in OPTIONS["data"]
                                   if d not in ("synthetic", "movielens", "clusters", "pyg_file",
-                                               "mtl_synthetic", "tabular")])
+                                               "mtl_synthetic", "tabular", "molhiv",
+                                               "ogbg_molhiv")])
 def test_real_data_options(compose_cfg, real_data, data):
     from moegraph.data import REAL_DATASETS
 

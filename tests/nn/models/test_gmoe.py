@@ -68,7 +68,7 @@ def test_gmoe_passes_hop2_to_every_layer():
 
 # Default configs against an MLP ###############################################
 
-def _fit(model: str, data, epochs: int = 60) -> float:
+def _fit(model: str, data, epochs: int = 50) -> float:
     r"""Test accuracy at the best validation epoch of ``model=<model>`` (the
     default config: optimiser, aux-loss weights, the network and the default
     backbone sizes), trained full-batch on ``data``."""
@@ -103,13 +103,13 @@ def _fit(model: str, data, epochs: int = 60) -> float:
 
 @pytest.fixture(scope="module")
 def homophilous_graph():
-    # Weak features (an MLP reaches about 60%), homophilous edges.
-    return csbm_graph(num_nodes=600, num_classes=3, num_features=16, avg_degree=8.0,
+    # Weak features, homophilous edges: measured here, the MLP reaches 39% test
+    # accuracy, MoE-GNN 89% and GMoE 97%.
+    return csbm_graph(num_nodes=400, num_classes=3, num_features=16, avg_degree=8.0,
                       homophily=0.9, signal=0.2, train_ratio=0.2, val_ratio=0.2, seed=0)
 
 
 def test_default_configs_beat_an_mlp_on_a_homophilous_graph(homophilous_graph):
     scores = {m: _fit(m, homophilous_graph) for m in ("mlp", "moe_gnn", "gmoe")}
-    print(scores)
     for model in ("moe_gnn", "gmoe"):
-        assert scores[model] > scores["mlp"] + 0.15, scores
+        assert scores[model] > scores["mlp"] + 0.25, scores
