@@ -100,7 +100,10 @@ def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
     run = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
     if trainer:
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        set_num_threads(trainer_cfg.pop("num_threads", None))
+        devices = trainer_cfg.get("devices")
+        processes = devices if trainer_cfg.get("accelerator") == "cpu" and isinstance(
+            devices, int) and devices > 1 else 1  # DDP on CPU: the cores are shared
+        set_num_threads(trainer_cfg.pop("num_threads", None), processes)
         run["trainer"] = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks,
                                                  logger=loggers or False)
     return run
@@ -150,12 +153,13 @@ def check_model_fits_data(cfg: DictConfig, net_kwargs: dict[str, Any],
             f"model=patch_moe takes data=clusters")
 
 
-def set_num_threads(num_threads: Any) -> None:
+def set_num_threads(num_threads: Any, processes: int = 1) -> None:
     r"""Intra-op threads of torch (``trainer.num_threads``): an int, or
     ``"auto"``: the CPUs this process may use less the machine's load (1-minute
-    load average), at least 1, so that a run on a busy machine does not
-    oversubscribe it; unless ``OMP_NUM_THREADS`` is set, which then decides.
-    :obj:`None` leaves torch's default."""
+    load average), shared by the run's ``processes`` (DDP on CPU), at least 1,
+    so that a run on a busy machine does not oversubscribe it; unless
+    ``OMP_NUM_THREADS`` is set, which then decides. :obj:`None` leaves torch's
+    default."""
     import torch
 
     if num_threads is None:
@@ -168,7 +172,7 @@ def set_num_threads(num_threads: Any) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        num_threads = max(1, min(cpus, round(cpus - load)))
+        num_threads = max(1, min(cpus, round(cpus - load)) // max(processes, 1))
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"'trainer.num_threads' must be a positive int, 'auto' or null "
                          f"(got {num_threads!r})")
