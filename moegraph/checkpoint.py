@@ -21,7 +21,7 @@ import random
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 import numpy as np
@@ -66,7 +66,9 @@ def record_init_configs(task: L.LightningModule, **configs: Any) -> None:
 
 def random_states() -> dict[str, Any]:
     r"""The state of every random generator a run draws from."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the legacy (MT19937) state tuple; numpy's stub types the default as the dict form
+    kind, keys, pos, has_gauss, gauss = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     # tensors and plain numbers: a checkpoint stays loadable with weights_only=True
     states = {"python": random.getstate(),
               "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -122,7 +124,8 @@ class RunCheckpoint(L.Callback):
         mid_epoch = (trainer.training and not batch_progress.is_last_batch
                      and batch_progress.current.completed > 0)
         states = random_states()
-        saved = {"config": self.config, "random_states": states, "mid_epoch": bool(mid_epoch)}
+        saved: dict[str, Any] = {"config": self.config, "random_states": states,
+                                 "mid_epoch": bool(mid_epoch)}
         if trainer.world_size > 1:  # every process saves (rank 0 writes): each its own states
             import torch.distributed as dist
 

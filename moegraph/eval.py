@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import hydra
 import lightning as L
@@ -40,7 +40,7 @@ def load_task(ckpt_path: str, checkpoint: Optional[dict[str, Any]] = None) -> L.
     if target is None:
         raise ValueError(f"checkpoint {ckpt_path!r} holds no moegraph run config: it was not "
                          f"written by moegraph-train (load it with YourTask.load_from_checkpoint)")
-    task_class = hydra.utils.get_class(target)
+    task_class = cast("type[L.LightningModule]", hydra.utils.get_class(target))
     return task_class.load_from_checkpoint(ckpt_path, map_location="cpu")
 
 
@@ -54,7 +54,7 @@ def _data_config(cfg: DictConfig, checkpoint: dict[str, Any]) -> Any:
 
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
     set_num_threads(trainer_cfg.pop("num_threads", None))
     return hydra.utils.instantiate(trainer_cfg, logger=False, enable_checkpointing=False,
                                    enable_progress_bar=False, enable_model_summary=False)

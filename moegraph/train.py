@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import hydra
 import lightning as L
@@ -99,7 +99,7 @@ def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
     loggers = _instantiate_all(cfg.get("logger"))
     run = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
     if trainer:
-        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))
         devices = trainer_cfg.get("devices")
         processes = devices if trainer_cfg.get("accelerator") == "cpu" and isinstance(
             devices, int) and devices > 1 else 1  # DDP on CPU: the cores are shared
@@ -326,7 +326,7 @@ def _run_config(cfg: DictConfig) -> dict[str, Any]:
     r"""The resolved run config, without the ``hydra`` node that a config composed
     with ``return_hydra_config=True`` carries (some of its values exist only in a
     real Hydra run or multirun, and the CLI does not pass it to :func:`train`)."""
-    return {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
+    return {str(key): OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
             else value for key, value in cfg.items() if key != "hydra"}
 
 

@@ -196,7 +196,7 @@ def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] =
     raw_source = source / spec.subfolder / "raw" if source is not None else None
     raw_target = target / spec.subfolder / "raw"
     if raw_source is not None and raw_source != raw_target and raw_source.is_dir():
-        sync_cache(source / spec.subfolder, target / spec.subfolder, spec.files)
+        sync_cache(raw_source.parent, raw_target.parent, spec.files)
     try:
         dataset = spec.factory(str(target))
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
@@ -428,7 +428,7 @@ class NodeDataModule(L.LightningDataModule):
                                         or n == 0 or n < -1 for n in num_neighbors):
                 raise ValueError(f"'num_neighbors' must be a non-empty list of positive ints "
                                  f"(or -1: all neighbours), one per hop (got {num_neighbors})")
-        self.name = name
+        self.name: str = name
         self.root = root
         self.cache_dir = cache_dir
         self.split = split
@@ -458,6 +458,7 @@ class NodeDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
             if self.name == "pyg_file":
+                assert self.path is not None  # the constructor checks it
                 data = prepare_graph(load_pyg_file(self.path), self.path, self.split,
                                      **self.dataset_kwargs)
             else:
@@ -466,15 +467,19 @@ class NodeDataModule(L.LightningDataModule):
             check_graph(data, self.name)
             self.data = data
 
+    def _graph(self) -> Data:
+        r"""The graph, loaded on first use."""
+        self.setup()
+        assert self.data is not None  # set by setup()
+        return self.data
+
     @property
     def num_features(self) -> int:
-        self.setup()
-        return self.data.num_features
+        return self._graph().num_features
 
     @property
     def num_classes(self) -> int:
-        self.setup()
-        return int(self.data.y.max()) + 1
+        return int(self._graph().y.max()) + 1
 
     def net_kwargs(self) -> dict[str, int]:
         r"""What the network needs to know of the data (given by ``train``)."""
@@ -482,9 +487,9 @@ class NodeDataModule(L.LightningDataModule):
 
     def task_kwargs(self) -> dict[str, Any]:
         r"""What the LightningModule needs to know of the data."""
-        self.setup()
-        if self.data.y.dim() != 1:
-            raise ValueError(f"{self.name}: the labels are [N, {self.data.y.size(1)}] "
+        y = self._graph().y
+        if y.dim() != 1:
+            raise ValueError(f"{self.name}: the labels are [N, {y.size(1)}] "
                              f"(multi-label); the node-classification tasks take one class "
                              f"per node")
         if self.metric == "auroc" and self.num_classes != 2:
@@ -493,13 +498,15 @@ class NodeDataModule(L.LightningDataModule):
         return {"num_classes": self.num_classes, "metric": self.metric}
 
     def _loader(self, split: str, shuffle: bool = False):
-        self.setup()
+        data = self._graph()
         if self.batch_size is None:
-            return DataLoader([self.data], batch_size=None, collate_fn=lambda d: d)
+            # any sized, indexable dataset works; torch annotates `Dataset` only
+            return DataLoader([data], batch_size=None,  # type: ignore[arg-type]
+                              collate_fn=lambda d: d)
         from torch_geometric.typing import WITH_PYG_LIB, WITH_TORCH_SPARSE
-        mask = self.data[f"{split}_mask"]
+        mask = data[f"{split}_mask"]
         if not (WITH_PYG_LIB or WITH_TORCH_SPARSE):  # NeighborLoader needs one of them
-            kwargs = {}
+            kwargs: dict[str, Any] = {}
             world_size, rank = self._distributed()
             if split != "train" and world_size > 1:
                 # Evaluation: every node once (no padding), and at least one
@@ -508,14 +515,14 @@ class NodeDataModule(L.LightningDataModule):
                 kwargs = {"sampler": ShardSampler(range(int(mask.sum())), world_size, rank),
                           "min_batches": 1}
             if self._sampler is None:  # one CSR of the graph for every loader
-                self._sampler = NeighborSampler(self.data.edge_index, self.data.num_nodes,
+                self._sampler = NeighborSampler(data.edge_index, data.num_nodes,
                                                 self.num_neighbors)
-            return TorchNeighborLoader(self.data, self.num_neighbors, input_nodes=mask,
+            return TorchNeighborLoader(data, self.num_neighbors, input_nodes=mask,
                                        batch_size=self.batch_size, shuffle=shuffle,
                                        num_workers=self.num_workers,
                                        neighbor_sampler=self._sampler, **kwargs)
         from torch_geometric.loader import NeighborLoader
-        return NeighborLoader(self.data, num_neighbors=self.num_neighbors,
+        return NeighborLoader(data, num_neighbors=self.num_neighbors,
                               input_nodes=mask, batch_size=self.batch_size, shuffle=shuffle,
                               num_workers=self.num_workers)
 

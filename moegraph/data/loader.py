@@ -169,7 +169,7 @@ class ShardSampler(DistributedSampler):
         self.total_size = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class _ResumableBatches:
@@ -263,7 +263,8 @@ class TorchNeighborLoader(DataLoader):
         dataset = range(input_nodes.numel())
         if shuffle and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
             kwargs["sampler"], shuffle = EpochRandomSampler(dataset, self.seed), False
-        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle,
+        # any sized, indexable dataset works; torch annotates `Dataset` only
+        super().__init__(dataset, batch_size=batch_size, shuffle=shuffle,  # type: ignore[arg-type]
                          collate_fn=self.collate, **kwargs)
 
     @property

@@ -296,6 +296,7 @@ class MovieLensDataModule(L.LightningDataModule):
         if self.name == "synthetic":
             raw = synthetic_ratings(**self.synthetic_kwargs)
         else:
+            assert self.root is not None  # the constructor checks it
             raw = load_movielens100k(self.root, self.cache_dir)
         self.user_x, self.item_x = raw["user_x"].float(), raw["item_x"].float()
         self.num_users, self.num_items = self.user_x.size(0), self.item_x.size(0)
@@ -322,6 +323,7 @@ class MovieLensDataModule(L.LightningDataModule):
             generator = torch.Generator().manual_seed(self.seed)
         keep = self.split == SPLITS.index(split)
         r = self.ratings
+        assert r is not None  # set by setup()
         user, item, rating = r["user"][keep], r["item"][keep], r["rating"][keep]
         neg_user = user.repeat(self.num_negatives)
         neg_item = sample_negatives(neg_user, self.num_items, self.observed, generator)
