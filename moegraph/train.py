@@ -233,6 +233,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for result in trainer.test(model, datamodule=datamodule, ckpt_path=best or None):
             metrics.update({k: float(v) for k, v in result.items()})
 
+        metrics.update(ogb_metrics(model, datamodule))
     metrics["time/fit_seconds"] = fit_seconds
     metrics["time/epochs"] = float(trainer.current_epoch)
     write_diagnostics = getattr(model, "write_diagnostics", None)
@@ -250,6 +251,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     print(f"[moegraph] {summary}")
     print(f"[moegraph] all metrics: {output_dir / 'metrics.json'}")
     return metrics
+
+
+def ogb_metrics(task: Any, datamodule: Any) -> dict[str, float]:
+    r"""For an OGB graph, the scores of ``ogb``'s own ``Evaluator`` of the
+    tested model on the full graph (``val/ogb_acc``, ``test/ogb_acc``)."""
+    import torch
+
+    from moegraph.data.datamodule import ogb_scores
+
+    data = getattr(datamodule, "data", None)
+    if data is None or getattr(data, "ogb_name", None) is None:
+        return {}
+    task.eval()
+    with torch.no_grad():
+        logits = task(data.to(task.device)).logits
+    return ogb_scores(data, logits)
 
 
 def _epoch_of(checkpoint_path: str) -> int:
