@@ -98,13 +98,22 @@ def report(datasets: list[str], seeds: list[int], backbone: str, command: str) -
              "expert where C >= 0.5), the headline; `exp.` = expected score of the "
              "paper's sampled inference.", ""]
     lines += ["## Test accuracy", "",
-              "| dataset | GNN | paper det. | paper exp. | fixed det. | fixed exp. | n |",
-              "|---|---|---|---|---|---|---|"]
+              "`before` = the cached Mowst-GCN runs of the node-classification study "
+              "(`experiments/results/node_classification_runs`, code before this change: "
+              "checkpoint chosen on the expected score over all phases, pre-training "
+              "included), for the same seeds.", "",
+              "| dataset | GNN | before det. | before exp. | paper det. | paper exp. | "
+              "fixed det. | fixed exp. | n |",
+              "|---|---|---|---|---|---|---|---|---|"]
     records: dict[tuple[str, str], list[dict]] = {}
     for d in datasets:
         gnn = [json.loads(p.read_text())["metrics"]["test/acc"]
                for p in (gnn_record(d, backbone, s) for s in seeds) if p.exists()]
         row = [d, fmt(gnn)]
+        before = [json.loads(p.read_text())["metrics"] for p in
+                  (STUDY_RUNS / run_name(d, "mowst", backbone, s) for s in seeds) if p.exists()]
+        row += [fmt([m.get("test/acc_tau") for m in before]),
+                fmt([m.get("test/acc") for m in before])]
         for v in VARIANTS:
             recs = [json.loads(p.read_text()) for p in
                     (mowst_path(d, v, backbone, s) for s in seeds) if p.exists()]
@@ -113,6 +122,8 @@ def report(datasets: list[str], seeds: list[int], backbone: str, command: str) -
                     fmt([r["metrics"].get("test/acc_expected") for r in recs])]
         n = min(len(records[(d, v)]) for v in VARIANTS)
         lines.append("| " + " | ".join(row) + f" | {n} |")
+    lines += ["", "## Findings (computed from the runs below)", ""]
+    lines += findings(datasets, seeds, backbone, records)
     lines += ["", "## What the trained Mowst does (test split unless said)", "",
               "| dataset | variant | weak train | weak val | weak test | C train | C test | "
               "C std test | C 5-95% test | kept test | weak acc on kept | "
@@ -173,6 +184,39 @@ def report(datasets: list[str], seeds: list[int], backbone: str, command: str) -
     return "\n".join(lines) + "\n"
 
 
+def findings(datasets: list[str], seeds: list[int], backbone: str,
+             records: dict[tuple[str, str], list[dict]]) -> list[str]:
+    r"""The diagnosis in a few sentences, every number taken from the runs."""
+    out = []
+    for d in datasets:
+        gnn = {s: json.loads(p.read_text())["metrics"]["test/acc"] for s in seeds
+               if (p := gnn_record(d, backbone, s)).exists()}
+        for v in VARIANTS:
+            recs = [r for r in records[(d, v)] if "diagnosis" in r]
+            if not recs:
+                continue
+            gaps = [r["metrics"]["test/acc_tau"] - gnn[r["seed"]] for r in recs
+                    if r["seed"] in gnn]
+            sp = [r["diagnosis"]["splits"] for r in recs]
+            collapsed = sum(x["test"]["kept_share"] > 0.5 for x in sp)
+            turns = [t for r in recs for t in r["diagnosis"]["turns"]
+                     if not t["phase"].startswith("pretrain")]
+            rolled = sum(not t["kept"] for t in turns)
+            spread = stats([x["test"]["confidence_q95"] - x["test"]["confidence_q05"]
+                            for x in sp])[0]
+            out.append(
+                f"- **{d} / {v}** ({len(recs)} seeds): deterministic minus GNN "
+                f"{fmt(gaps)} points (worst {min(gaps) * 100:+.1f}); weak expert "
+                f"{stats([x['train']['weak_acc'] for x in sp])[0] * 100:.1f}% on train vs "
+                f"{stats([x['test']['weak_acc'] for x in sp])[0] * 100:.1f}% on test; mean C "
+                f"{stats([x['train']['confidence_mean'] for x in sp])[0]:.3f} on train vs "
+                f"{stats([x['test']['confidence_mean'] for x in sp])[0]:.3f} on test, 5-95% "
+                f"spread of C on test {spread:.3f}; runs where the weak expert keeps more "
+                f"than half the test nodes: {collapsed}; {rolled} of {len(turns)} turns "
+                f"rolled back" if gaps else f"- **{d} / {v}**: no GNN run to compare")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["cora", "citeseer", "amherst41"])
@@ -182,9 +226,9 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     seeds = list(range(args.seeds))
-    jobs = []
-    for d in args.datasets:
-        for s in seeds:
+    jobs = []  # seed by seed, so that a partial run covers every dataset
+    for s in seeds:
+        for d in args.datasets:
             if not gnn_record(d, args.backbone, s).exists():
                 jobs.append((RUNS / run_name(d, "gnn", args.backbone, s),
                              lambda d=d, s=s: run_one(d, "gnn", args.backbone, s, RUNS),
