@@ -457,7 +457,8 @@ class MowstTask(NodeClassificationTask):
         from lightning.pytorch.utilities import rank_zero_warn
 
         c = self.schedule_config
-        if self._trainer is not None and self._trainer.fast_dev_run:  # a smoke run
+        # a smoke run (fast_dev_run): one batch of each phase it reaches
+        if self._trainer is not None and bool(getattr(self._trainer, "fast_dev_run", False)):
             return
         if max_epochs is None or max_epochs < 0 or max_epochs >= c.min_epochs():
             return
