@@ -137,9 +137,23 @@ class NodeClassificationTask(L.LightningModule):
         mean.update(loss.detach(), weight)
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True)
 
+    def check_split_not_empty(self, data: Data, mask: Tensor, split: str) -> None:
+        r"""Raise a clear error when the ``split`` mask of a full graph selects
+        no node in a single process (training on it would run the whole
+        budget on a zero loss). A mini-batch, or a process of several, may
+        hold none."""
+        if isinstance(getattr(data, "batch_size", None), int) or self.distributed:
+            return
+        if not bool(mask.any()):
+            raise ValueError(f"the '{split}_mask' of the graph selects no node: "
+                             f"{type(self).__name__} has nothing to "
+                             f"{'train' if split == 'train' else 'evaluate'} on")
+
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
         mask = split_mask(data, split)
+        if split == "train":
+            self.check_split_not_empty(data, mask, split)
         logits, y = out.logits[mask], data.y[mask]
         self._check_labels(y)
         batch_size = int(mask.sum())

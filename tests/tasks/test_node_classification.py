@@ -115,6 +115,13 @@ def test_empty_mask_gives_a_finite_zero_loss():
     assert torch.isfinite(loss) and float(loss.detach()) == 0.0
 
 
+def test_empty_training_mask_raises():
+    data = make_data()
+    data.train_mask[:] = False
+    with pytest.raises(ValueError, match="'train_mask' of the graph selects no node"):
+        make_task().training_step(data, 0)
+
+
 def test_plain_tensor_net():
     torch.manual_seed(0)
     net = GCN(FEAT, 8, num_layers=2, out_channels=C)
