@@ -70,8 +70,8 @@ def build_table(runs: Path, command: str) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in records:
         by_arm.setdefault(r["arm"], []).append(r)
-    lines = ["| arm | n | val ROC-AUC | test ROC-AUC | hop-2 share | max/mean load | "
-             "s / run |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | n | val ROC-AUC (last epoch) | test ROC-AUC (best val epoch) | "
+             "hop-2 share | max/mean load | s / run |", "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = by_arm.get(arm, [])
         if not rs:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "same way; `gcn` is OGB's GCN with bonds inside the messages.", "",
     ]
     print(table)
-    (RESULTS / "molhiv.md").write_text("\n".join(header) + table)
+    (RESULTS / "molhiv.md").write_text("\n".join(header) + "\n" + table)
 
 
 if __name__ == "__main__":
