@@ -73,6 +73,10 @@ GROUPS: dict[str, dict[str, list[str]]] = {
                                               "model.net.router_kwargs=null"],
         "gmoe, hop2=square, full-softmax gate": OLD_GMOE[:-2] + [
             "model.net.hop2=square", "model.net.router_kwargs={noisy:true,normalize:false}"],
+        "gmoe, hop2=square, no router noise": OLD_GMOE[:-2] + [
+            "model.net.hop2=square", "model.net.router_kwargs={noisy:false}"],
+        "gmoe, hop2=square, no router noise, full-softmax gate": OLD_GMOE[:-2] + [
+            "model.net.hop2=square", "model.net.router_kwargs={noisy:false,normalize:false}"],
     },
 }
 

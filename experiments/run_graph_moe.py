@@ -6,14 +6,16 @@ Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
   :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
-  hop 2, top-1 routing) against ``gnn`` (PyG's GCN, ``model=gnn``), same
+  hop 2 (the squared GCN adjacency), top-1 routing) against ``gnn`` (PyG's
+  GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node
   runs one expert conv per layer: the transform FLOPs of the GCN, plus the
   router; hop-2 experts aggregate over more edges.
-* ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: GCN
-  blocks whose feed-forward part is a sparse MoE of 8 experts of width 64,
-  top-2) against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a
-  dense feed-forward part of width 128 = k x 64).
+* ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: the
+  experiment's backbone blocks, GCN layers or residual GCN blocks, each
+  followed by a sparse MoE feed-forward part of 8 experts of width 64, top-2)
+  against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a dense
+  feed-forward part of width 128 = k x 64).
 
 Runs are cached one JSON per (dataset, model, seed, configuration) under
 ``--runs``, so the study can be completed in parts; the file name holds a hash
@@ -35,19 +37,22 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-from run_node_classification import (  # the sibling study: one way to train and cache
-    COST_ORDER,
-    DATASETS,
+from _study import (
+    QUIET,
     RESULTS,
     ROOT,
-    SPLIT_DATASETS,
+    add_study_arguments,
+    backbone_protocol,
+    command_line,
     mean_std,
+    results_header,
+    run_diagnostics,
     run_pending,
     train_cached,
 )
+from run_node_classification import DATASETS, SPLIT_DATASETS, seed_major  # the same datasets
 
 MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
@@ -56,10 +61,7 @@ PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
 DEFAULT_SEEDS = {"cora": 10, "citeseer": 10, "minesweeper": 3, "tolokers": 1,
                  "amherst41": 3, "reed98": 10}
 # GMoE where its 2-hop graph is too large for a 2-core CPU: why, per dataset.
-SKIP = {
-    ("tolokers", "gmoe"): "its 2-hop graph has 45M pairs (the graph: 1M edges); building it "
-                          "took 7 minutes here and every epoch would aggregate over it",
-}
+SKIP: dict[tuple[str, str], str] = {}
 
 
 @functools.cache
@@ -89,9 +91,7 @@ def run_name(dataset: str, model: str, seed: int) -> str:
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
-    out = [f"experiment=nc_{dataset}", f"seed={seed}", "logger=none",
-           "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-           "+trainer.enable_model_summary=false", f"model={model}"]
+    out = [f"experiment=nc_{dataset}", f"seed={seed}", *QUIET, f"model={model}"]
     if model == "gnn":
         out.append("model/strong=gcn")
     if dataset in SPLIT_DATASETS:
@@ -113,34 +113,37 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
         return [r["metrics"][f"test/{r['metric']}"] for r in rs], rs
 
     lines = [
-        "# MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs their dense twins",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/{runs.name}/`).",
-        "",
+        *results_header("MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs "
+                        "their dense twins", command, runs),
         "Test score in percent, mean ± std over `n` seeds (on minesweeper, tolokers, "
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
         "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
-        "experts per layer, 2 on hop 1 and 2 on hop 2, top-1) vs the **GCN** of the same "
-        "width and depth; **MoE-GNN** (GCN blocks with a sparse MoE feed-forward part, 8 "
-        "experts of width 64, top-2) vs **dense-FFN GNN** (the same blocks, dense "
-        "feed-forward of width 128). Δ = MoE − dense. **hop-2 share**: share of GMoE's "
+        "experts per layer, 2 on hop 1 and 2 on hop 2 aggregating with the squared GCN "
+        "adjacency, top-1) vs the **GCN** of the same width and depth; **MoE-GNN** (the "
+        "experiment's backbone blocks: GCN layers with input dropout on cora, citeseer, "
+        "amherst41, reed98, residual LayerNorm blocks on minesweeper and tolokers, each "
+        "followed by a sparse MoE feed-forward part, 8 experts of width 64, top-2) vs "
+        "**dense-FFN GNN** (the same blocks, dense feed-forward of width 128). Δ of GMoE: "
+        "GMoE − GCN; Δ of MoE-GNN: MoE − dense. **hop-2 share**: share of GMoE's "
         "assignments on hop-2 experts (test-time routing on the full graph, mean over "
         "layers and seeds); **max/mean load**: the most loaded expert's share over the "
         "uniform share, mean over layers and seeds (1 = balanced). Time: mean wall seconds "
-        "per run (fit + test) on a 2-core CPU, one thread.",
+        "per run (fit + test) on a 2-core CPU shared with other jobs, one thread. "
+        "Untuned: every model runs the experiment's defaults (no search).",
         "",
         "| dataset | GCN | GMoE | Δ | hop-2 share | MoE-GNN dense-FFN | MoE-GNN | Δ | "
-        "max/mean load GMoE / MoE-GNN | n | time GCN / GMoE / dense / MoE (s) |",
+        "max/mean load GMoE / MoE-GNN | n GCN / GMoE / dense / MoE | "
+        "time GCN / GMoE / dense / MoE (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         if not any(k[0] == dataset for k in by_key):
             continue
-        cells, times, n = {}, [], 0
+        cells, times, n = {}, [], []
         for model in MODELS:
             values, rs = scores(dataset, model)
             cells[model] = values
-            n = max(n, len(values))
+            n.append(str(len(values)))
             times.append(f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–")
 
         def delta(a, b, cells=cells):
@@ -164,9 +167,15 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
             f"| {dataset} | {mean_std(cells['gnn'])} | {mean_std(cells['gmoe'])} | "
             f"{delta('gmoe', 'gnn')} | {'–' if hop2 is None else f'{100 * hop2:.0f}%'} | "
             f"{mean_std(cells['dense_gnn'])} | {mean_std(cells['moe_gnn'])} | "
-            f"{delta('moe_gnn', 'dense_gnn')} | {ratio_txt} | {n} | {' / '.join(times)} |")
+            f"{delta('moe_gnn', 'dense_gnn')} | {ratio_txt} | {' / '.join(n)} | "
+            f"{' / '.join(times)} |")
     for (dataset, model), why in SKIP.items():
         lines += ["", f"{model} not run on {dataset}: {why}."]
+    reused = sorted({r["dataset"] for r in records if "reused_from" in r})
+    if reused:
+        lines += ["", "GCN runs on " + ", ".join(reused) + " are carried over from the "
+                  "previous study (`graph_moe_runs/`, the field `reused_from` of each JSON): "
+                  "the config of `model=gnn` and its overrides are unchanged."]
     _plot_load(by_key)
     lines += ["", "Expert load (test-time routing on the full graph, experts sorted by load "
               "within each run, mean over runs): `graph_moe_expert_load.png`."]
@@ -217,28 +226,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs_v2")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
+    add_study_arguments(parser, RESULTS / "graph_moe_runs_v2")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_graph_moe.py", *given])
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        cost_order = [d for d in COST_ORDER if d in args.datasets]
         run_pending([
             (args.runs / run_name(dataset, model, seed),
              functools.partial(train_cached, overrides_for(dataset, model, seed),
                                {"dataset": dataset, "model": model, "seed": seed},
-                               args.runs / run_name(dataset, model, seed)),
+                               args.runs / run_name(dataset, model, seed),
+                               (run_diagnostics, backbone_protocol)),
              f"{dataset} {model} seed {seed}")
-            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
-            for model in args.models if (dataset, model) not in SKIP])
+            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
+            for model in args.models if (dataset, model) not in SKIP],
+            dry_run=args.dry_run)
+        if args.dry_run:
+            return
     table = build_table(args.runs, command)
     out = RESULTS / "graph_moe.md"
     out.write_text(table)

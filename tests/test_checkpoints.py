@@ -194,6 +194,18 @@ def test_predictions_one_row_per_node(trained_runs, tmp_path, name):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_moegraph_predict_entry_point(trained_runs, tmp_path, monkeypatch):
+    from moegraph.eval import predict_main
+
+    _, _, best = trained_runs["moe_gnn"]
+    monkeypatch.setattr(sys, "argv", ["moegraph-predict", f"ckpt_path={best}",
+                                      f"hydra.run.dir={tmp_path}"])
+    predict_main()
+    with open(tmp_path / "predictions.csv") as f:
+        assert sum(1 for _ in f) == 201  # header + one row per node
+    assert not (tmp_path / "metrics.json").exists()  # predict only
+
+
 def test_eval_on_other_data(trained_runs, tmp_path):
     _, _, best = trained_runs["moe_gnn"]
     got = evaluate(compose_eval(tmp_path, f"ckpt_path={best}", "data=synthetic", TINY,
@@ -219,6 +231,49 @@ def test_cli_train_eval_predict(tmp_path):
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     with open(tmp_path / "eval" / "predictions.csv") as f:
         assert sum(1 for _ in f) == 201
+
+
+KILLER = """
+import os, signal
+import lightning as L
+
+class KillAtEpoch(L.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_cli_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          str(tmp_path)])}
+    common = [TINY, "model=gnn", "backbone.dropout=0.5", "trainer.max_epochs=5", "logger=none",
+              "~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moegraph.train", *common, *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = cli(f"hydra.run.dir={tmp_path / 'full'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(f"hydra.run.dir={tmp_path / 'killed'}",
+               "+callbacks.killer._target_=killer.KillAtEpoch", "+callbacks.killer.epoch=3")
+    assert proc.returncode == -9  # SIGKILL, at the start of epoch 3
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    proc = cli(f"hydra.run.dir={tmp_path / 'killed'}", f"ckpt_path={last}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(state(last), state(tmp_path / "full" / "checkpoints" / "last.ckpt"))
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())["metrics"]
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())["metrics"]
+    for key in ("test/acc", "test/loss", "val/acc", "best/epoch"):
+        assert resumed[key] == pytest.approx(full[key], abs=1e-6), key
 
 
 # -- bad checkpoints and settings ------------------------------------------------------------
@@ -268,6 +323,26 @@ def test_empty_validation_split_with_checkpointing(compose_cfg):
     with pytest.raises(ValueError, match="validation split of data 'synthetic' is empty.*"
                                          "monitor \\['val/acc'\\]"):
         train(cfg)
+
+
+@pytest.mark.parametrize("cpus,load,processes,expected", [
+    (16, 0.0, 1, 16), (16, 10.2, 1, 6), (2, 5.0, 1, 1), (16, 0.0, 2, 8), (16, 12.0, 2, 2)])
+def test_num_threads_auto_leaves_busy_cores_alone(monkeypatch, cpus, load, processes, expected):
+    from moegraph.train import set_num_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    threads = torch.get_num_threads()
+    try:
+        set_num_threads("auto", processes)
+        assert torch.get_num_threads() == expected
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the environment decides
+        torch.set_num_threads(3)
+        set_num_threads("auto", processes)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_num_threads(compose_cfg):

@@ -21,7 +21,10 @@ def test_every_package_ships_in_the_wheel():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = {".".join(p.parent.relative_to(ROOT).parts)
                 for p in (ROOT / "moegraph").rglob("__init__.py")}
-    assert packages | {"moegraph.conf"} == set(config["packages"])
+    groups = {".".join(("moegraph", *d.relative_to(ROOT).parts))
+              for d in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
+              if d.is_dir() and d.name != "__pycache__"}
+    assert packages | groups == set(config["packages"])
     assert config["package-dir"] == {"moegraph.conf": "conf"}
     assert (ROOT / "moegraph" / "py.typed").is_file()
     assert (ROOT / "conf" / "__init__.py").is_file()
@@ -58,8 +61,8 @@ def test_optuna_search_runs_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("family,keys", [
     ("mlp", []), ("gnn", []),
-    ("mowst", ["model.net.gate", "model.net.gate_features", "model.net.gate_hidden_channels"]),
-    ("mowst_star", ["model.net.gate", "model.net.gate_hidden_channels"])])
+    ("mowst", ["model.net.gate_type", "model.net.gate_features", "model.net.gate_hidden_channels"]),
+    ("mowst_star", ["model.net.gate_type", "model.net.gate_hidden_channels"])])
 def test_search_spaces_name_real_config_keys(compose_cfg, family, keys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from omegaconf import OmegaConf

@@ -44,6 +44,16 @@ class SparseMoE(Module):
     the overflow is dropped deterministically (first choices first, then by
     row index) and contributes nothing.
 
+    Host synchronisations per call (what makes a CUDA host wait): one scalar
+    read for the router's NaN/Inf check of its logits, and, with the
+    ``"loop"`` backend, one ``counts.tolist()`` for the block sizes of the
+    per-expert matmuls (``"grouped_mm"`` takes the offsets on the device).
+    Counting the assignments per expert, the auxiliary losses, the combine
+    and the whole backward pass need none. Data-dependent sizes add one
+    each where they are asked for: null experts and ``capacity_factor``
+    (dropped assignments), the top-p router (a variable number per row).
+    ``tests/nn/test_moe.py::test_host_syncs_per_call`` counts them.
+
     Args:
         in_channels (int): input size :math:`F`.
         hidden_channels (int): hidden size of each MLP expert.
@@ -179,14 +189,15 @@ class SparseMoE(Module):
         :class:`~moegraph.nn.MLPExperts`)."""
         assert self.shared is not None
         lin1, act, lin2 = self.shared
+        assert isinstance(lin1, Linear) and isinstance(lin2, Linear)
         if torch.is_autocast_enabled(x.device.type) or lin1.weight.dtype == x.dtype:
             return self.shared(x)
 
-        def cast(p: Optional[Tensor]) -> Optional[Tensor]:
+        def to_x(p: Optional[Tensor]) -> Optional[Tensor]:
             return None if p is None else p.to(x.dtype)
 
-        h = act(F.linear(x, lin1.weight.to(x.dtype), cast(lin1.bias)))
-        return F.linear(h, lin2.weight.to(x.dtype), cast(lin2.bias))
+        h = act(F.linear(x, lin1.weight.to(x.dtype), to_x(lin1.bias)))
+        return F.linear(h, lin2.weight.to(x.dtype), to_x(lin2.bias))
 
     def __repr__(self) -> str:
         k = getattr(self.router, "k", None)

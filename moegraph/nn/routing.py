@@ -25,6 +25,15 @@ AUX_LOSS_NAMES = ("load_balance", "z_loss", "importance", "entropy")
 """Names of the auxiliary losses a router can return (unweighted)."""
 
 
+def count_index(index: Tensor, size: int) -> Tensor:
+    r"""How often each value in ``[0, size)`` occurs in ``index`` (int64
+    ``[size]``): :func:`torch.bincount` with ``minlength=size`` for indices
+    known to be below ``size``, without its host synchronisation on CUDA
+    (``bincount`` reads the maximum to size its output)."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index, dtype=torch.long))
+
+
 class Routing(NamedTuple):
     r"""The routing decision for ``N`` rows over ``E`` experts.
 
@@ -99,7 +108,7 @@ def load_balancing_loss(probs: Tensor, top1: Tensor) -> Tensor:
     N, E = probs.shape
     if N == 0:
         return probs.new_zeros(())
-    f = torch.bincount(top1, minlength=E).to(probs.dtype) / N
+    f = count_index(top1, E).to(probs.dtype) / N
     P = probs.mean(dim=0)
     return E * (f * P).sum()
 
@@ -192,13 +201,13 @@ def drop_overflow(routing: Routing, capacity: int) -> Routing:
     A, N, E = routing.row.numel(), routing.num_rows, routing.num_experts
     device = routing.row.device
     # Rank of each assignment within its row (0 = first choice).
-    per_row = torch.bincount(routing.row, minlength=N)
+    per_row = count_index(routing.row, N)
     start = torch.cumsum(per_row, 0) - per_row
     rank = torch.arange(A, device=device) - start[routing.row]
     # Order by (expert, rank, row) with two stable sorts.
     order = torch.argsort(rank * max(N, 1) + routing.row, stable=True)
     order = order[torch.argsort(routing.expert[order], stable=True)]
-    counts = torch.bincount(routing.expert, minlength=E)
+    counts = count_index(routing.expert, E)
     expert_start = torch.cumsum(counts, 0) - counts
     sorted_expert = routing.expert[order]
     position = torch.arange(A, device=device) - expert_start[sorted_expert]
@@ -209,7 +218,7 @@ def drop_overflow(routing: Routing, capacity: int) -> Routing:
         row=routing.row[keep],
         expert=expert,
         weight=routing.weight[keep],
-        load=torch.bincount(expert, minlength=E).to(routing.load.dtype),
+        load=count_index(expert, E).to(routing.load.dtype),
         fixed_k=None,
         dropped=(~keep).sum(),
     )
@@ -257,7 +266,10 @@ class Router(Module):
         weight = self.weight if weight is None else weight
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), weight.float())
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        # NaN propagates through max and min, and +-Inf shows in one of them:
+        # two reductions, no [N, E] temporaries; one host sync.
+        if (not torch.compiler.is_compiling() and logits.numel() > 0
+                and not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all())):
             bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
             raise ValueError(f"{self.__class__.__name__} got non-finite router logits in {bad} "
                              f"row(s): 'x' contains NaN or Inf")
@@ -363,11 +375,11 @@ class TopKRouter(Router):
         expert, weight = top_idx.reshape(-1), top_weight.reshape(-1)
 
         if self.training:
-            gates = torch.zeros_like(probs).scatter(1, top_idx, top_weight)  # [N, Et]
+            gates = torch.zeros_like(probs).scatter_(1, top_idx, top_weight)  # [N, Et]
             if noise_std is not None and k < Et:
                 load = self._smooth_load(clean, logits, noise_std)
             else:
-                load = torch.bincount(expert, minlength=Et).to(probs.dtype)
+                load = count_index(expert, Et).to(probs.dtype)
             losses = {
                 "load_balance": load_balancing_loss(probs, top_idx[:, 0]),
                 "z_loss": z_loss(logits),
@@ -377,7 +389,7 @@ class TopKRouter(Router):
             losses = dict.fromkeys(("load_balance", "z_loss", "importance"), probs.new_zeros(()))
 
         row, expert, weight, fixed_k = self._drop_null(row, expert, weight, k)
-        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        load = count_index(expert, self.num_experts).to(probs.dtype)
         return Routing(row, expert, weight, probs, load, losses, fixed_k)
 
     def _smooth_load(self, clean: Tensor, noisy: Tensor, noise_std: Tensor) -> Tensor:
@@ -457,7 +469,7 @@ class TopPRouter(Router):
 
         if self.training:
             gates = torch.zeros_like(probs).index_put_((row, expert), weight)
-            load = torch.bincount(expert, minlength=self.num_total_experts).to(probs.dtype)
+            load = count_index(expert, self.num_total_experts).to(probs.dtype)
             losses = {
                 "load_balance": load_balancing_loss(probs, sorted_idx[:, 0]),
                 "z_loss": z_loss(logits),
@@ -468,7 +480,7 @@ class TopPRouter(Router):
             losses = dict.fromkeys(("load_balance", "z_loss", "importance", "entropy"),
                                    probs.new_zeros(()))
         row, expert, weight, _ = self._drop_null(row, expert, weight, None)
-        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        load = count_index(expert, self.num_experts).to(probs.dtype)
         return Routing(row, expert, weight, probs, load, losses, None)
 
 

@@ -451,6 +451,8 @@ class MowstTask(NodeClassificationTask):
         from lightning.pytorch.utilities import rank_zero_warn
 
         c = self.schedule_config
+        if self.trainer.fast_dev_run:  # a smoke run: one batch of each phase it reaches
+            return
         if max_epochs is None or max_epochs < 0 or max_epochs >= c.min_epochs():
             return
         turns = 1 if c.joint else 2

@@ -28,7 +28,7 @@ def check_positive_float(name: str, value: Any) -> float:
     r"""``value`` as a finite positive :obj:`float`; raises a
     :class:`ValueError` naming ``name`` for anything else."""
     ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value) and value > 0)
+          and math.isfinite(value) and float(value) > 0)
     if not ok:
         raise ValueError(f"'{name}' must be a finite positive number (got {value!r})")
     return float(value)
