@@ -164,7 +164,7 @@ def main() -> None:
             f"after {tuple(round(v, 2) for v in load_after)} on {os.cpu_count()} cores")
     body = "\n\n".join(tables)
     text = (f"# Multi-gate layers: forward+backward time and peak memory\n\n"
-            f"Command: `OMP_NUM_THREADS={args.threads} {cmd}`  \n"
+            f"Command: `PYTHONPATH=. OMP_NUM_THREADS={args.threads} {cmd}`  \n"
             f"Date: {datetime.date.today()}; torch {torch.__version__}; "
             f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU; "
             f"{load}.  \n"
