@@ -175,6 +175,8 @@ def synthetic_study(args) -> None:
         for p in args.correlations:
             for name in rows:
                 path = SYN_RUNS / f"{slug(name)}_p{p}_seed{seed}.json"
+                if args.table_only and not path.is_file():
+                    continue
                 overrides = [*SYN_ROWS[name], f"data.frames.correlation={p}",
                              f"data.frames.num_rows={args.num_rows}"]
                 t = time.perf_counter()
@@ -271,6 +273,8 @@ def main() -> None:
     parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
     parser.add_argument("--num-rows", type=int, default=8000)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--table-only", action="store_true",
+                        help="synthetic: write the table from the cached runs, run nothing")
     parser.add_argument("--rows", nargs="*", default=None)
     parser.add_argument("--cache-dir", default=".cache",
                         help="where the raw files are copied before PyG processes them")
