@@ -203,16 +203,24 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
         cells = [mean_std([synthetic_mse(r) for r in by_p.get(p, [])]) for p in ps]
         params = next(iter(by_p.values()))[0]["params"]
         lines.append(f"| {name} | {params:,} | " + " | ".join(cells) + " |")
-    gaps = []
+    gaps, verdicts = [], []
     base = records.get("shared-bottom", {})
     for name in [n for n in records if n != "shared-bottom"]:
-        cells = []
+        cells, means = [], {}
         for p in ps:
             pairs = {r["seed"]: synthetic_mse(r) for r in base.get(p, [])}
             diff = [pairs[r["seed"]] - synthetic_mse(r) for r in records[name].get(p, [])
                     if r["seed"] in pairs]
             cells.append(mean_std(diff))
+            if diff:
+                means[p] = statistics.mean(diff)
         gaps.append(f"| {name} | " + " | ".join(cells) + " |")
+        order = sorted(means)  # ascending p: the gain should fall along it
+        steps = zip(order[:-1], order[1:], strict=True)
+        grows = len(order) > 1 and all(means[a] > means[b] for a, b in steps)
+        verdicts.append(f"- {name}: mean gain over shared-bottom "
+                        f"{'grows' if grows else 'does NOT grow monotonically'} as p falls "
+                        f"({', '.join(f'p = {p}: {means[p]:+.4f}' for p in order)}).")
     gap_head = ("| model | " + " | ".join(f"shared-bottom MSE - model MSE, p = {p}" for p in ps)
                 + " |")
     gap_table = "\n".join([gap_head, "|---" + "|---:" * len(ps) + "|", *gaps])
@@ -260,6 +268,8 @@ Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
 the gain per model, paired by seed (positive: better than shared-bottom):
 
 {gap_table}
+
+{chr(10).join(verdicts)}
 
 ![test MSE against p]({png.name})
 """
