@@ -41,6 +41,9 @@ import torch.distributed as dist
 
 from moegraph.nn import SparseMoE, shard_experts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import load_line, load_warning, machine_load  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "expert_parallel.md"
 
 
@@ -113,6 +116,7 @@ def main(argv=None):
         args.repeats = 2
     torch.set_num_threads(1)
 
+    load_before = machine_load()
     one = {}
     for E in args.experts:
         for k in args.k:
@@ -138,7 +142,11 @@ def main(argv=None):
         lines.append(f"| {E} | {k} | {single:.1f} | {dp:.1f} | {ep:.1f} | {a2a:.1f} "
                      f"| {ep / dp:.2f} | {single / ep:.2f} |")
     table = "\n".join(lines)
+    load_after = machine_load()
     print(table)
+    warning = load_warning(load_before, load_after, own_threads=2)
+    if warning:
+        print(warning)
     if not args.quick:
         command = "python experiments/bench_expert_parallel.py " + " ".join(sys.argv[1:])
         RESULTS.write_text(
@@ -148,6 +156,7 @@ def main(argv=None):
             f"{args.hidden}, float32, one thread per process, median of {args.repeats} "
             f"steps (the slower rank's time). torch {torch.__version__}.\n\n"
             f"{table}\n\n"
+            f"{load_line(load_before, load_after, own_threads=2)}\n\n"
             "DP: each rank holds every expert (no exchange, no gradient all-reduce); "
             "EP: each rank holds E / 2 experts, rows travel by all-to-all; a2a only: "
             "the four exchanges of an EP step with its volumes, alone.\n\n"

@@ -78,6 +78,9 @@ from torch.nn import GELU, Linear, Module, Sequential
 
 from moegraph.nn import SparseMoE
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import load_line, machine_load  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_moe.md"
 TARGET_CONFIG = (64, 2)  # (E, k) at which the CPU targets apply
 TARGET_A_OVER_D = 0.85
@@ -493,13 +496,73 @@ def main(argv: list[str] | None = None):
     grad_out = torch.randn(args.rows, args.in_channels, generator=generator).to(device)
 
     results, notes = [], []
+    load_before = machine_load()
+    print(f"load average before: {load_before['load1']:.2f}", flush=True)
     start_all = time.perf_counter()
+    def report(final: bool):
+        # Printed and written after every configuration too, so that a long
+        # run that is stopped keeps what it measured (marked partial).
+        elapsed = time.perf_counter() - start_all
+        load_after = machine_load()
+        load_text = load_line(load_before, load_after, threads)
+        per_config = "; ".join(f"E={r['E']}, k={r['k']}: {r['load'][0]:.2f} / {r['load'][1]:.2f}"
+                               for r in results)
+
+        table = format_table(results)
+        targets = target_report(results, device)
+        print()
+        print(table)
+        print()
+        print("\n".join(targets))
+        print(f"\ntotal time {elapsed:.0f}s")
+        print(load_text)
+
+        if args.out is not None:
+            date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            peak = "peak RSS of the process" if device.type == "cpu" else "peak CUDA memory"
+            chunk = all_experts_chunk_size(args.rows, args.hidden, args.in_channels,
+                                           max(args.experts), args.all_experts_chunk)
+            lines = [
+                "# SparseMoE forward+backward throughput",
+                "",
+                f"- command: `{command}`",
+                f"- device: {device_name(device)} ({device.type}); timed in {dtype}",
+                f"- torch {torch.__version__}, {threads} threads",
+                f"- date: {date}; total time {elapsed:.0f}s"
+                + ("" if final else " (PARTIAL: written while the run was still going)"),
+                f"- N = {args.rows} rows, in = {args.in_channels}, expert hidden = {args.hidden}; "
+                f"median of {args.repeats} round-robin rounds after {args.warmup} warm-up"
+                + ("" if args.skip_all_experts else f" (c: {args.all_experts_repeats} round)"),
+                "",
+                "Rows per second (higher is better), forward + backward:",
+                "",
+                table,
+                "",
+                "(a) SparseMoE, backend 'auto'; (a') SparseMoE, backend 'grouped_mm'; "
+                "(b) naive loop over experts with index_select / index_add_; "
+                "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
+                f"forward and backward in chunks of at most {chunk} experts; "
+                f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
+                f"Peak mem: {peak} for that row.",
+                "",
+                *targets,
+                "",
+                load_text,
+                f"Per configuration, before / after: {per_config}.",
+                *([""] + [f"Note: {n}" for n in notes] if notes else []),
+                "",
+            ]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines))
+            print(f"wrote {args.out}")
+
     for E in args.experts:
         for k in args.k:
             if k > E:
                 continue
             print(f"E={E}, k={k}", flush=True)
             reset_peak_memory(device)
+            config_load = machine_load()["load1"]
             methods = build_methods(args, E, k, device)
             start = time.perf_counter()
             check = check_correctness(methods, x, grad_out, device)
@@ -515,52 +578,11 @@ def main(argv: list[str] | None = None):
                 "E": E, "k": k,
                 "rows_per_s": {m.key: m.rows_per_s for m in methods if m.rows_per_s},
                 "peak_gib": peak_memory_gib(device),
+                "load": (config_load, machine_load()["load1"]),
             })
             del methods
-    elapsed = time.perf_counter() - start_all
-
-    table = format_table(results)
-    targets = target_report(results, device)
-    print()
-    print(table)
-    print()
-    print("\n".join(targets))
-    print(f"\ntotal time {elapsed:.0f}s")
-
-    if args.out is not None:
-        date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        peak = "peak RSS of the process" if device.type == "cpu" else "peak CUDA memory"
-        chunk = all_experts_chunk_size(args.rows, args.hidden, args.in_channels,
-                                       max(args.experts), args.all_experts_chunk)
-        lines = [
-            "# SparseMoE forward+backward throughput",
-            "",
-            f"- command: `{command}`",
-            f"- device: {device_name(device)} ({device.type}); timed in {dtype}",
-            f"- torch {torch.__version__}, {threads} threads",
-            f"- date: {date}; total time {elapsed:.0f}s",
-            f"- N = {args.rows} rows, in = {args.in_channels}, expert hidden = {args.hidden}; "
-            f"median of {args.repeats} round-robin rounds after {args.warmup} warm-up"
-            + ("" if args.skip_all_experts else f" (c: {args.all_experts_repeats} round)"),
-            "",
-            "Rows per second (higher is better), forward + backward:",
-            "",
-            table,
-            "",
-            "(a) SparseMoE, backend 'auto'; (a') SparseMoE, backend 'grouped_mm'; "
-            "(b) naive loop over experts with index_select / index_add_; "
-            "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
-            f"forward and backward in chunks of at most {chunk} experts; "
-            f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
-            f"Peak mem: {peak} for that row.",
-            "",
-            *targets,
-            *([""] + [f"Note: {n}" for n in notes] if notes else []),
-            "",
-        ]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines))
-        print(f"wrote {args.out}")
+            report(final=False)
+    report(final=True)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,22 @@ Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
   :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
-  hop 2, top-1 routing) against ``gnn`` (PyG's GCN, ``model=gnn``), same
+  hop 2 (the squared GCN adjacency), top-1 routing) against ``gnn`` (PyG's
+  GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node
   runs one expert conv per layer: the transform FLOPs of the GCN, plus the
   router; hop-2 experts aggregate over more edges.
-* ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: GCN
-  blocks whose feed-forward part is a sparse MoE of 8 experts of width 64,
-  top-2) against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a
-  dense feed-forward part of width 128 = k x 64).
+* ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: the
+  experiment's backbone blocks, GCN layers or residual GCN blocks, each
+  followed by a sparse MoE feed-forward part of 8 experts of width 64, top-2)
+  against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a dense
+  feed-forward part of width 128 = k x 64).
 
-Runs are cached one JSON per (dataset, model, seed) under ``--runs``, so the
-study can be completed in parts; the table is rebuilt from every cached run::
+Runs are cached one JSON per (dataset, model, seed, configuration) under
+``--runs``, so the study can be completed in parts; the file name holds a hash
+of the run's resolved model config and protocol (:func:`config_hash`), so a
+changed default is never read from the runs of the old one. The table is
+rebuilt from the cached runs of the current configs::
 
     python experiments/run_graph_moe.py                     # default protocol
     python experiments/run_graph_moe.py --seeds 10 --datasets cora citeseer
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -52,14 +58,32 @@ PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
 DEFAULT_SEEDS = {"cora": 10, "citeseer": 10, "minesweeper": 3, "tolokers": 1,
                  "amherst41": 3, "reed98": 10}
 # GMoE where its 2-hop graph is too large for a 2-core CPU: why, per dataset.
-SKIP = {
-    ("tolokers", "gmoe"): "its 2-hop graph has 45M pairs (the graph: 1M edges); building it "
-                          "took 7 minutes here and every epoch would aggregate over it",
-}
+SKIP: dict[tuple[str, str], str] = {}
+
+
+@functools.cache
+def config_hash(dataset: str, model: str) -> str:
+    r"""A short hash of what decides the runs of ``model`` on ``dataset``
+    (the seed and split aside): the resolved model config (network and
+    optimiser), the backbone sizes, the data and the stopping rule."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moegraph.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides_for(dataset, model, 0))
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+           "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+           "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},
+           "max_epochs": cfg.trainer.max_epochs,
+           "patience": cfg.callbacks.early_stopping.patience}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def run_name(dataset: str, model: str, seed: int) -> str:
-    return f"{dataset}__{model}__seed{seed}.json"
+    digest = config_hash(dataset, model)
+    return f"{dataset}__{model}__seed{seed}__{digest}.json"
 
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
@@ -74,8 +98,11 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     return out
 
 
-def build_table(runs: Path, command: str) -> str:
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+def build_table(runs: Path, command: str, seeds: int = 10) -> str:
+    # Only the runs of the current configs (seeds beyond ``seeds`` not probed).
+    records = [json.loads(p.read_text()) for dataset in DATASETS for model in MODELS
+               for seed in range(seeds)
+               if (p := runs / run_name(dataset, model, seed)).exists()]
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
@@ -87,32 +114,37 @@ def build_table(runs: Path, command: str) -> str:
     lines = [
         "# MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs their dense twins",
         "",
-        f"Made by `{command}` (cached runs in `experiments/results/graph_moe_runs/`).",
+        f"Made by `{command}` (cached runs in `experiments/results/{runs.name}/`).",
         "",
         "Test score in percent, mean ± std over `n` seeds (on minesweeper, tolokers, "
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
         "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
-        "experts per layer, 2 on hop 1 and 2 on hop 2, top-1) vs the **GCN** of the same "
-        "width and depth; **MoE-GNN** (GCN blocks with a sparse MoE feed-forward part, 8 "
-        "experts of width 64, top-2) vs **dense-FFN GNN** (the same blocks, dense "
-        "feed-forward of width 128). Δ = MoE − dense. **hop-2 share**: share of GMoE's "
+        "experts per layer, 2 on hop 1 and 2 on hop 2 aggregating with the squared GCN "
+        "adjacency, top-1) vs the **GCN** of the same width and depth; **MoE-GNN** (the "
+        "experiment's backbone blocks: GCN layers with input dropout on cora, citeseer, "
+        "amherst41, reed98, residual LayerNorm blocks on minesweeper and tolokers, each "
+        "followed by a sparse MoE feed-forward part, 8 experts of width 64, top-2) vs "
+        "**dense-FFN GNN** (the same blocks, dense feed-forward of width 128). Δ of GMoE: "
+        "GMoE − GCN; Δ of MoE-GNN: MoE − dense. **hop-2 share**: share of GMoE's "
         "assignments on hop-2 experts (test-time routing on the full graph, mean over "
         "layers and seeds); **max/mean load**: the most loaded expert's share over the "
         "uniform share, mean over layers and seeds (1 = balanced). Time: mean wall seconds "
-        "per run (fit + test) on a 2-core CPU, one thread.",
+        "per run (fit + test) on a 2-core CPU shared with other jobs, one thread. "
+        "Untuned: every model runs the experiment's defaults (no search).",
         "",
         "| dataset | GCN | GMoE | Δ | hop-2 share | MoE-GNN dense-FFN | MoE-GNN | Δ | "
-        "max/mean load GMoE / MoE-GNN | n | time GCN / GMoE / dense / MoE (s) |",
+        "max/mean load GMoE / MoE-GNN | n GCN / GMoE / dense / MoE | "
+        "time GCN / GMoE / dense / MoE (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         if not any(k[0] == dataset for k in by_key):
             continue
-        cells, times, n = {}, [], 0
+        cells, times, n = {}, [], []
         for model in MODELS:
             values, rs = scores(dataset, model)
             cells[model] = values
-            n = max(n, len(values))
+            n.append(str(len(values)))
             times.append(f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–")
 
         def delta(a, b, cells=cells):
@@ -136,9 +168,15 @@ def build_table(runs: Path, command: str) -> str:
             f"| {dataset} | {mean_std(cells['gnn'])} | {mean_std(cells['gmoe'])} | "
             f"{delta('gmoe', 'gnn')} | {'–' if hop2 is None else f'{100 * hop2:.0f}%'} | "
             f"{mean_std(cells['dense_gnn'])} | {mean_std(cells['moe_gnn'])} | "
-            f"{delta('moe_gnn', 'dense_gnn')} | {ratio_txt} | {n} | {' / '.join(times)} |")
+            f"{delta('moe_gnn', 'dense_gnn')} | {ratio_txt} | {' / '.join(n)} | "
+            f"{' / '.join(times)} |")
     for (dataset, model), why in SKIP.items():
         lines += ["", f"{model} not run on {dataset}: {why}."]
+    reused = sorted({r["dataset"] for r in records if "reused_from" in r})
+    if reused:
+        lines += ["", "GCN runs on " + ", ".join(reused) + " are carried over from the "
+                  "previous study (`graph_moe_runs/`, the field `reused_from` of each JSON): "
+                  "the config of `model=gnn` and its overrides are unchanged."]
     _plot_load(by_key)
     lines += ["", "Expert load (test-time routing on the full graph, experts sorted by load "
               "within each run, mean over runs): `graph_moe_expert_load.png`."]
@@ -189,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs_v2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)

@@ -127,7 +127,9 @@ class RunCheckpoint(L.Callback):
         saved = checkpoint.get(CHECKPOINT_KEY) or {}
         self._pending = saved if "random_states" in saved else None
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Before the loop makes the epoch's loader iterator (Lightning's sanity
+        # check in between runs under isolated random states).
         if self._pending is not None and not self._pending["mid_epoch"]:
             set_random_states(self._pending["random_states"])
             self._pending = None

@@ -19,6 +19,15 @@ from moegraph.data.datamodule import (
 )
 from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
 from moegraph.data.mmoe_synthetic import mmoe_synthetic, mmoe_synthetic_frame
+from moegraph.data.molecules import (
+    GRAPH_DATASETS,
+    MOLECULE_DATASETS,
+    GraphDataModule,
+    MoleculeCSVDataset,
+    load_graph_dataset,
+    scaffold_split,
+    smiles_to_data,
+)
 from moegraph.data.movielens import (
     MovieLensDataModule,
     check_ratings,
@@ -30,7 +39,9 @@ from moegraph.data.movielens import (
 from moegraph.data.synthetic import csbm_graph, random_split_masks
 from moegraph.data.tabular import TabularMultiTaskDataModule, read_table
 
-__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches",
+__all__ = ["DATASETS", "GRAPH_DATASETS", "MOLECULE_DATASETS", "REAL_DATASETS",
+           "GraphDataModule", "MoleculeCSVDataset", "load_graph_dataset", "scaffold_split",
+           "smiles_to_data", "ClusterDataModule", "ClusterPatches",
            "EpochRandomSampler", "KHopLoader", "MovieLensDataModule", "NeighborSampler",
            "NodeDataModule", "TabularMultiTaskDataModule", "TorchNeighborLoader", "check_graph",
            "check_ratings",

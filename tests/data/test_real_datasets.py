@@ -89,8 +89,8 @@ def test_offline_and_missing_gives_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_name():
-    with pytest.raises(ValueError, match="unknown dataset 'coraa'; known datasets: synthetic, "
-                                         "cora"):
+    with pytest.raises(ValueError, match="unknown dataset 'coraa'; known datasets: "
+                                         "synthetic, pyg_file, cora"):
         NodeDataModule("coraa")
 
 

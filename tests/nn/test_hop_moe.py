@@ -1,6 +1,8 @@
 r"""HopMoEConv and GMoE against PyG's own convolutions run on every node."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from moegraph.nn import HopMoEConv, two_hop_edge_index
@@ -323,3 +325,83 @@ def test_gmoe_residual_blocks():
     body.load_state_dict(model.body.state_dict())
     model.eval(), body.eval()
     torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)
+
+
+# Issue 14: bad argument types and inputs; properties (hypothesis) #############
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (dict(num_experts="4"), "'num_experts'"),
+    (dict(k=True), r"'k' must be an integer in \[1, 4\]"),
+    (dict(capacity_factor=float("inf")), "'capacity_factor' must be a finite positive number"),
+    (dict(num_hop2_experts=1.0), r"'num_hop2_experts' must be an integer in \[0, 4\]"),
+    (dict(conv="gat", heads=True), "'heads'"),
+])
+def test_bad_argument_types(kwargs, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        HopMoEConv(6, 8, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_integer_or_bool_features_are_rejected(dtype):
+    _, edge_index = random_graph()
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        HopMoEConv(6, 8, num_experts=4)(torch.ones(30, 6, dtype=dtype), edge_index)
+
+
+@st.composite
+def graphs(draw):
+    N = draw(st.integers(1, 12))
+    M = draw(st.integers(0, 30))
+    pairs = draw(st.lists(st.tuples(st.integers(0, N - 1), st.integers(0, N - 1)),
+                          min_size=M, max_size=M))
+    edge_index = (torch.tensor(pairs, dtype=torch.long).t() if pairs
+                  else torch.empty(2, 0, dtype=torch.long))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    seed = draw(st.integers(0, 2 ** 16))
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(seed)) * scale
+    return x, edge_index
+
+
+ROUTINGS = {
+    "topk": (dict(k=2), "one"),
+    "topk_noisy_k1": (dict(k=1, router_kwargs=dict(noisy=True)), "one"),
+    "topk_null": (dict(k=2, router_kwargs=dict(num_null_experts=2)), "at_most_one"),
+    "topk_capacity": (dict(k=2, capacity_factor=0.5), "at_most_one"),
+    "topp": (dict(router="topp", router_kwargs=dict(p=0.6)), "at_most_one"),
+    "topp_normalized": (dict(router="topp", router_kwargs=dict(p=0.6, normalize=True)), "one"),
+    "expert_choice": (dict(router="expert_choice"), "any"),
+}
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(graph=graphs(), conv=st.sampled_from(CONVS), name=st.sampled_from(sorted(ROUTINGS)),
+       training=st.booleans())
+def test_properties(graph, conv, name, training):
+    r"""For any small graph: finite outputs and gradients; each node's gate
+    weights sum as its router defines (one for renormalised top-k / top-p, at
+    most one where null experts, top-p's unnormalised mass or dropped overflow
+    remove some, any non-negative sum for expert choice); a node routed to no
+    expert gets a zero output."""
+    x, edge_index = graph
+    kwargs, rule = ROUTINGS[name]
+    torch.manual_seed(0)
+    layer = HopMoEConv(6, 8, num_experts=4, conv=conv, heads=2 if conv == "gat" else 1,
+                       **kwargs).train(training)
+    x = x.requires_grad_()
+    out, routing = layer(x, edge_index)
+    assert out.shape == (x.size(0), 8) and torch.isfinite(out).all()
+    (out.square().sum() + sum(routing.aux_loss.values())).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+    weight = routing.dense_weight()  # [N, E]
+    assert (weight >= 0).all()
+    total = weight.sum(dim=-1)
+    if rule == "one":
+        torch.testing.assert_close(total, torch.ones_like(total))
+    elif rule == "at_most_one":
+        assert (total <= 1 + 1e-6).all()
+    unrouted = routing.experts_per_row() == 0
+    assert torch.equal(out[unrouted], torch.zeros_like(out[unrouted]))

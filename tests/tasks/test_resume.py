@@ -91,7 +91,7 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, model):
         for key in ("train/acc", "val/acc", "val/loss"):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (epoch, key)
     if model == "mowst":
-        assert resumed._schedule == full._schedule
+        assert resumed.schedule == full.schedule
 
 
 def test_loader_state_skips_the_given_batches():

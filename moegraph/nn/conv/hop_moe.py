@@ -16,12 +16,14 @@ from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins
 from moegraph.nn.experts import LinearExperts, MLPExperts
 from moegraph.nn.moe import MoEOutput
 from moegraph.nn.routing import Router, build_router
+from moegraph.utils.checks import check_int, check_positive_float
 from moegraph.utils.graph import HopGraph, check_edge_index, two_hop_edge_index
 
 __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index",
            "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
+HOP2_MODES = ("pairs", "square")
 
 
 class HopMoEConv(MessagePassing):
@@ -102,6 +104,15 @@ class HopMoEConv(MessagePassing):
             (default: :obj:`None`)
         deterministic (bool, optional): combine without scatter-add where
             every node has ``k`` experts (always on CUDA).
+        hop2 (str, optional): the receptive field of the hop-2 experts:
+            ``"pairs"``, the pairs at distance exactly two (normalised as the
+            expert type normalises a graph), or ``"square"`` (GCN experts
+            only), the normalised adjacency applied twice,
+            :math:`\hat{\mathbf{A}}^2\mathbf{X}` (MixHop's 2-hop
+            propagation): paths weighted by their count, the node and its
+            1-hop neighbours kept, and no 2-hop graph built. On a dense graph
+            ``"pairs"`` averages over most of the graph (a node loses its own
+            features); ``"square"`` does not. (default: :obj:`"pairs"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -125,25 +136,29 @@ class HopMoEConv(MessagePassing):
         cached: bool = True,
         aggregate_first: Optional[bool] = None,
         deterministic: bool = False,
+        hop2: str = "pairs",
     ):
         super().__init__(aggr="add", node_dim=0)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("num_experts", num_experts), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+        in_channels = check_int("in_channels", in_channels)
+        out_channels = check_int("out_channels", out_channels)
+        num_experts = check_int("num_experts", num_experts)
+        heads = check_int("heads", heads)
         if conv not in HOP_EXPERT_CONVS:
             raise ValueError(f"'conv' must be one of {HOP_EXPERT_CONVS} (got {conv!r})")
         num_hop2_experts = num_experts // 2 if num_hop2_experts is None else num_hop2_experts
-        if not 0 <= num_hop2_experts <= num_experts:
-            raise ValueError(f"'num_hop2_experts' must be in [0, num_experts={num_experts}] "
-                             f"(got {num_hop2_experts})")
+        num_hop2_experts = check_int("num_hop2_experts", num_hop2_experts, 0, num_experts,
+                                     " (num_experts)")
         if conv == "gat" and out_channels % heads != 0:
             raise ValueError(f"GAT experts: out_channels={out_channels} is not divisible by "
                              f"heads={heads}")
         if conv != "gat" and heads != 1:
             raise ValueError(f"'heads' applies to GAT experts only (conv={conv!r})")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+        if capacity_factor is not None:
+            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
+        if hop2 not in HOP2_MODES:
+            raise ValueError(f"'hop2' must be one of {HOP2_MODES} (got {hop2!r})")
+        if hop2 == "square" and conv != "gcn":
+            raise ValueError(f"'hop2=\"square\"' applies to GCN experts only (conv={conv!r})")
         if aggregate_first is False and conv not in ("gcn", "sage"):
             raise ValueError(f"'aggregate_first=False' applies to GCN and SAGE experts only "
                              f"(conv={conv!r}): the others aggregate before they transform")
@@ -158,6 +173,7 @@ class HopMoEConv(MessagePassing):
         self.cached = cached
         self.aggregate_first = aggregate_first
         self.deterministic = deterministic
+        self.hop2 = hop2
 
         if router_kwargs is None and router == "topk":
             router_kwargs = {"noisy": True}
@@ -207,7 +223,11 @@ class HopMoEConv(MessagePassing):
         for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
             if needed == 0:
                 continue
-            ei = edge_index.long() if hop == 1 else two_hop_edge_index(edge_index, num_nodes)
+            if hop == 2 and self.hop2 == "square" and 1 in graphs:
+                graphs[2] = graphs[1]  # the hop-1 graph, aggregated twice
+                continue
+            ei = (edge_index.long() if hop == 1 or self.hop2 == "square"
+                  else two_hop_edge_index(edge_index, num_nodes))
             weight = None
             if self.conv == "gcn":
                 ei, weight = gcn_norm(ei, None, num_nodes, improved=False, add_self_loops=True)
@@ -237,6 +257,8 @@ class HopMoEConv(MessagePassing):
         if x.size(1) != self.in_channels:
             raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
                              f"expects in_channels={self.in_channels}")
+        if not x.is_floating_point():
+            raise TypeError(f"'x' must be a floating-point tensor (got {x.dtype})")
         N = x.size(0)
         check_edge_index(edge_index, N)
         graphs = self.hop_graphs(edge_index, N)
@@ -259,13 +281,20 @@ class HopMoEConv(MessagePassing):
                           else (self.num_hop1_experts, self.num_experts))
                 # the distinct nodes of the hop's assignments, and which each is
                 targets, inverse = torch.unique(rows[part], return_inverse=True)  # [T], [A_h]
-                if self._transform_first(x, graphs[hop], rows[part], targets, counts[lo:hi]):
+                square = hop == 2 and self.hop2 == "square"
+                if not square and self._transform_first(x, graphs[hop], rows[part], targets,
+                                                        counts[lo:hi]):
                     ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
                                                              counts[lo:hi], lo))
                 else:
                     hop_counts = torch.zeros_like(counts)
                     hop_counts[lo:hi] = counts[lo:hi]
-                    z = self._aggregate(x, graphs[hop], rows[part], targets, inverse)
+                    source = x
+                    if square:  # A x on every node, then A (A x) into the targets
+                        every = torch.arange(N, device=x.device)
+                        source = self.propagate(graphs[hop].adjacency_to(every), x=x,
+                                                edge_weight=None)  # [N, F]
+                    z = self._aggregate(source, graphs[hop], rows[part], targets, inverse)
                     ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
         y = y * bins.weight.to(y.dtype).unsqueeze(-1)
@@ -386,4 +415,5 @@ class HopMoEConv(MessagePassing):
         extra = f", k={k}" if k is not None else f", router={self.router.__class__.__name__}"
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
-                f"{extra}, conv={self.conv})")
+                f"{extra}, conv={self.conv}"
+                f"{', hop2=square' if self.hop2 == 'square' else ''})")

@@ -64,6 +64,9 @@ class GMoE(Module):
             with ``residual``, :obj:`None` means ``dropout``. (default: :obj:`0.0`)
         residual (bool, optional): residual blocks with a dense FFN instead
             of the plain stack. (default: :obj:`False`)
+        hop2 (str, optional): receptive field of the hop-2 experts,
+            ``"pairs"`` or ``"square"`` (see
+            :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"pairs"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -90,6 +93,7 @@ class GMoE(Module):
         dropout: float = 0.5,
         input_dropout: Optional[float] = 0.0,
         residual: bool = False,
+        hop2: str = "pairs",
     ):
         super().__init__()
         if num_layers < 1:
@@ -106,6 +110,7 @@ class GMoE(Module):
         self.dropout = dropout
         self.input_dropout = input_dropout
         self.residual = residual
+        self.hop2 = hop2
         self.act = activation_resolver(act)
         self.convs = ModuleList()
         self.norms = ModuleList()
@@ -113,7 +118,7 @@ class GMoE(Module):
         if residual:
             conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
                                conv=conv, router=router, router_kwargs=router_kwargs,
-                               capacity_factor=capacity_factor, heads=heads)
+                               capacity_factor=capacity_factor, heads=heads, hop2=hop2)
             self.body = MoEGNN(in_channels, hidden_channels, out_channels, num_layers,
                                conv="hop_moe", conv_kwargs=conv_kwargs, ffn="dense", act=act,
                                norm=norm, dropout=dropout,
@@ -126,7 +131,7 @@ class GMoE(Module):
                 out_channels if last else hidden_channels,
                 num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                 router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor,
-                heads=1 if last else heads))
+                heads=1 if last else heads, hop2=hop2))
             if not last:
                 self.norms.append(make_norm(norm, hidden_channels))
         self.reset_parameters()

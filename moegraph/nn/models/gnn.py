@@ -68,12 +68,12 @@ def make_norm(name: Optional[str], channels: int) -> Module:
 
 
 class MoEGNN(Module):
-    r"""A GNN of residual blocks, each a graph convolution followed by a
-    feed-forward part that is a sparse MoE block every ``moe_every``-th layer
+    r"""A GNN of blocks, each a graph convolution followed by a feed-forward
+    part that is a sparse MoE block every ``moe_every``-th layer
     (Switch-style) and a dense FFN (or nothing) elsewhere.
 
     .. math::
-        \mathbf{H} &\leftarrow \mathrm{Norm}\big(\mathbf{H} + \mathrm{Drop}(
+        \mathbf{H} &\leftarrow \mathrm{Norm}\big([\mathbf{H} +]\, \mathrm{Drop}(
         \sigma(\mathrm{Conv}(\mathbf{H}, \mathcal{E})))\big)
 
         \mathbf{H} &\leftarrow \mathrm{Norm}\big(\mathbf{H} + \mathrm{Drop}(
@@ -81,7 +81,14 @@ class MoEGNN(Module):
         \mathrm{FFN} \in \{\mathrm{SparseMoE}, \mathrm{MLP}, 0\}
 
     with an input projection to ``hidden_channels`` before the first block
-    and a linear classifier after the last.
+    (after dropout on the input features) and a linear classifier after the
+    last. The convolution's input is added back with ``residual=True`` (the
+    blocks of Platonov et al. for heterophilous graphs, with
+    ``norm="layer_norm"``); with ``residual=False`` the convolution replaces
+    it, as in PyG's GCN, whose accuracy on the small homophilous graphs
+    (Cora, CiteSeer) this keeps: there the unsmoothed input projection
+    carried to the classifier by the residual costs 10 points and more (see
+    ``experiments/results/graph_moe_ablation.md``).
 
     Args:
         in_channels (int): node feature size.
@@ -109,6 +116,8 @@ class MoEGNN(Module):
         dropout (float, optional): dropout rate. (default: :obj:`0.0`)
         input_dropout (float, optional): dropout on the input features.
             (default: :obj:`0.0`)
+        residual (bool, optional): add each convolution's input back to its
+            output. (default: :obj:`True`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -135,6 +144,7 @@ class MoEGNN(Module):
         norm: Optional[str] = "layer_norm",
         dropout: float = 0.0,
         input_dropout: float = 0.0,
+        residual: bool = True,
     ):
         super().__init__()
         if num_layers < 1:
@@ -152,6 +162,7 @@ class MoEGNN(Module):
         self.moe_every = moe_every
         self.dropout = dropout
         self.input_dropout = input_dropout
+        self.residual = residual
         self.act = activation_resolver(act)
         ffn_hidden = ffn_hidden_channels or hidden_channels
 
@@ -203,7 +214,8 @@ class MoEGNN(Module):
             if isinstance(c, MoEOutput):  # a graph MoE convolution: keep its routing
                 c, routing = c
                 routings.append(routing)
-            h = conv_norm(h + F.dropout(self.act(c), self.dropout, self.training))
+            c = F.dropout(self.act(c), self.dropout, self.training)
+            h = conv_norm(h + c if self.residual else c)
             if isinstance(ffn, Identity):
                 continue
             if isinstance(ffn, SparseMoE):
@@ -219,4 +231,4 @@ class MoEGNN(Module):
         num_moe = sum(isinstance(f, SparseMoE) for f in self.ffns)
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
                 f"{self.out_channels}, num_layers={self.num_layers}, conv={self.conv_name}, "
-                f"moe_layers={num_moe})")
+                f"moe_layers={num_moe}{'' if self.residual else ', residual=False'})")

@@ -203,11 +203,31 @@ def test_conv_kwargs_not_mutated():
     assert all(c.heads == 4 and c.out_channels == HID // 4 for c in net.convs)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("ffn", ["dense", "none"])
+def test_block_against_a_naive_composition(residual, ffn):
+    r"""``residual`` adds the block's input back around the convolution
+    (``h + relu(conv(h))``) or not (``relu(conv(h))``, PyG's GCN layer); the
+    feed-forward part is always added back (``h + FFN(h)``)."""
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, dropout=0.5,
+                 input_dropout=0.5, residual=residual).eval()
+    h = net.lin_in(x)
+    for conv, block in zip(net.convs, net.ffns, strict=True):
+        c = torch.relu(conv(h, edge_index))
+        h = h + c if residual else c
+        if ffn == "dense":
+            h = h + block(h)
+    torch.testing.assert_close(net(x, edge_index).logits, net.lin_out(h))
+
+
 def test_repr():
     assert repr(make_net("gcn", num_layers=4, moe_every=2)) == \
         "MoEGNN(6, 16, 3, num_layers=4, conv=gcn, moe_layers=2)"
     assert repr(make_net("sage", "dense")) == \
         "MoEGNN(6, 16, 3, num_layers=2, conv=sage, moe_layers=0)"
+    assert repr(make_net("gcn", residual=False)) == \
+        "MoEGNN(6, 16, 3, num_layers=2, conv=gcn, moe_layers=2, residual=False)"
 
 
 @pytest.mark.parametrize("kwargs,match", [

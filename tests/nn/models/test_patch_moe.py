@@ -59,7 +59,8 @@ def test_repr_and_parts():
 @pytest.mark.parametrize("num_experts", [1, 3])
 def test_matches_naive_reference(act, num_experts):
     torch.manual_seed(0)
-    model = PatchMoE(8, 3, num_experts=num_experts, noisy=False, act=act, init_std=0.5).eval()
+    model = PatchMoE(8, 3, num_experts=num_experts, noisy=False, act=act, init_std=0.5,
+                     input_norm=False).eval()
     x = small()
     out = model(x)
     assert isinstance(out, ModelOutput) and out.logits.shape == (12, 2)

@@ -1,0 +1,245 @@
+r"""Ablation of the MoE-GNN block and of GMoE: what costs accuracy on
+Planetoid and on the heterophilous sets.
+
+Each variant is a list of config overrides of ``moegraph-train`` (the same
+config tree, ``experiment=nc_<dataset>``), trained by a lean full-batch loop
+with the protocol of the Lightning task (AdamW of the model config, the
+weighted aux losses, ``trainer.max_epochs``, early stopping on the validation
+metric with the experiment's patience, test at the best validation epoch),
+without Lightning's per-epoch overhead, so that a Cora run takes seconds::
+
+    python experiments/ablate_graph_moe.py --datasets cora citeseer --seeds 3
+    python experiments/ablate_graph_moe.py --group gmoe --datasets amherst41 --seeds 3
+
+Each run is cached as JSON under ``--runs`` (key: dataset, variant, seed and a
+hash of the overrides, so a changed variant is never read from an old run);
+the table goes to ``experiments/results/graph_moe_ablation.md`` (one section
+per group).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+SPLIT_DATASETS = ("minesweeper", "tolokers", "amherst41", "reed98")
+
+# Variants: name -> overrides added to ``experiment=nc_<dataset>``.
+OLD_MOE = ["model=moe_gnn", "model.net.norm=layer_norm", "model.net.dropout=0.2",
+           "model.net.residual=true", "model.net.input_dropout=0.0",
+           "model.net.hidden_channels=64", "model.net.num_layers=2"]
+OLD_DENSE = ["model=dense_gnn"] + OLD_MOE[1:]
+# GMoE as first studied: hop-2 experts over the pairs at distance two, noisy
+# top-1 gate renormalised over the chosen expert (always 1).
+OLD_GMOE = ["model=gmoe", "model.net.hop2=pairs", "model.net.router_kwargs=null"]
+GROUPS: dict[str, dict[str, list[str]]] = {
+    "block": {
+        "gcn": ["model=gnn", "model/strong=gcn"],
+        "mlp": ["model=mlp"],
+        "dense, old default": OLD_DENSE,
+        "moe, old default": OLD_MOE,
+        "dense, input dropout 0.5": OLD_DENSE + ["model.net.input_dropout=0.5"],
+        "dense, dropout 0.5 (input too)": OLD_DENSE + ["model.net.input_dropout=0.5",
+                                                       "model.net.dropout=0.5"],
+        "dense, no norm": OLD_DENSE + ["model.net.norm=null"],
+        "dense, no FFN": OLD_DENSE + ["model.net.ffn=none"],
+        "dense, no conv residual": OLD_DENSE + ["model.net.residual=false"],
+        "dense, no conv residual, dropout 0.5": OLD_DENSE + [
+            "model.net.residual=false", "model.net.input_dropout=0.5",
+            "model.net.dropout=0.5"],
+        "dense, no conv residual, dropout 0.5, no norm": OLD_DENSE + [
+            "model.net.residual=false", "model.net.input_dropout=0.5",
+            "model.net.dropout=0.5", "model.net.norm=null"],
+        "moe, no conv residual, dropout 0.5": OLD_MOE + [
+            "model.net.residual=false", "model.net.input_dropout=0.5",
+            "model.net.dropout=0.5"],
+        "moe, no conv residual, dropout 0.5, no norm": OLD_MOE + [
+            "model.net.residual=false", "model.net.input_dropout=0.5",
+            "model.net.dropout=0.5", "model.net.norm=null"],
+    },
+    "gmoe": {
+        "gcn": ["model=gnn", "model/strong=gcn"],
+        "gmoe, old default": OLD_GMOE,
+        "gmoe, hop-1 experts only": OLD_GMOE + ["model.net.num_hop2_experts=0"],
+        "gmoe, no balance loss": OLD_GMOE + ["model.aux_loss_weights.importance=0.0"],
+        "gmoe, full-softmax gate": OLD_GMOE[:-1] + [
+            "model.net.router_kwargs={noisy:true,normalize:false}"],
+        "gmoe, hop2=square": OLD_GMOE[:-2] + ["model.net.hop2=square",
+                                              "model.net.router_kwargs=null"],
+        "gmoe, hop2=square, full-softmax gate": OLD_GMOE[:-2] + [
+            "model.net.hop2=square", "model.net.router_kwargs={noisy:true,normalize:false}"],
+        "gmoe, hop2=square, no router noise": OLD_GMOE[:-2] + [
+            "model.net.hop2=square", "model.net.router_kwargs={noisy:false}"],
+        "gmoe, hop2=square, no router noise, full-softmax gate": OLD_GMOE[:-2] + [
+            "model.net.hop2=square", "model.net.router_kwargs={noisy:false,normalize:false}"],
+    },
+}
+
+
+def run_key(dataset: str, variant: str, overrides: list[str], seed: int) -> str:
+    digest = hashlib.sha1(json.dumps(overrides).encode()).hexdigest()[:8]
+    slug = "".join(c if c.isalnum() else "_" for c in variant).strip("_")
+    return f"{dataset}__{slug}__{digest}__seed{seed}.json"
+
+
+def overrides_for(dataset: str, variant_overrides: list[str], seed: int) -> list[str]:
+    out = [f"experiment=nc_{dataset}", f"seed={seed}", "logger=none", *variant_overrides]
+    if dataset in SPLIT_DATASETS:
+        out.append(f"data.split={seed}")
+    return out
+
+
+def score(logits, y, metric: str) -> float:
+    import torch
+
+    if metric == "auroc":
+        from torchmetrics.functional.classification import binary_auroc
+
+        return float(binary_auroc(torch.softmax(logits, -1)[:, 1], y))
+    return float((logits.argmax(-1) == y).float().mean())
+
+
+def train_lean(overrides: list[str]) -> dict:
+    r"""Fit and test one configuration with the protocol of the Lightning
+    task, in a plain loop: returns the scores, epochs, time and the expert
+    load of every routed layer on the full graph (eval mode)."""
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.nn.output import as_model_output
+    from moegraph.tasks.node_classification import weighted_aux_loss
+    from moegraph.train import CONFIG_DIR, instantiate_run
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # paths.* resolve through it
+    torch.manual_seed(cfg.seed)
+    run = instantiate_run(cfg, trainer=False)
+    task, data = run["task"], run["datamodule"].data
+    net, metric = task.net, cfg.data.get("metric", "acc")
+    opt = task.optimizer_factory(params=net.parameters())
+    patience = cfg.callbacks.early_stopping.patience
+    best, best_state, since, epochs = -1.0, None, 0, 0
+    start = time.perf_counter()
+    for epoch in range(cfg.trainer.max_epochs):
+        net.train()
+        opt.zero_grad()
+        out = as_model_output(net(data.x, data.edge_index))
+        loss = F.cross_entropy(out.logits[data.train_mask], data.y[data.train_mask])
+        loss = loss + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, loss)
+        loss.backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():
+            logits = as_model_output(net(data.x, data.edge_index)).logits
+        val = score(logits[data.val_mask], data.y[data.val_mask], metric)
+        epochs = epoch + 1
+        if val > best:
+            best, since = val, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            since += 1
+            if since >= patience:
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    with torch.no_grad():
+        out = as_model_output(net(data.x, data.edge_index))
+    record = {"metric": metric, "val": best, "epochs": epochs,
+              "test": score(out.logits[data.test_mask], data.y[data.test_mask], metric),
+              "train": score(out.logits[data.train_mask], data.y[data.train_mask], metric),
+              "seconds": time.perf_counter() - start}
+    if out.routing:
+        from moegraph.diagnostics import expert_load
+        from moegraph.nn.conv.hop_moe import HopMoEConv
+
+        load = expert_load(out.routing)  # [layers, experts]
+        record["expert_load"] = load.tolist()
+        record["max_over_mean_load"] = float((load.max(-1).values * load.size(-1)).mean())
+        hop_convs = [m for m in net.modules() if isinstance(m, HopMoEConv)]
+        if hop_convs and len(hop_convs) == load.size(0):
+            record["hop2_share"] = float(sum(load[i, c.num_hop1_experts:].sum()
+                                             for i, c in enumerate(hop_convs)) / len(hop_convs))
+    return record
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = sum(values) / len(values)
+    s = (sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+    return f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def table(group: str, datasets: list[str], seeds: int, runs: Path) -> list[str]:
+    lines = [f"## {group}", "",
+             "| variant | " + " | ".join(datasets) + " | train acc (first) | epochs (first) |",
+             "|---|" + "---|" * (len(datasets) + 2)]
+    for variant, ov in GROUPS[group].items():
+        cells, first = [], None
+        for dataset in datasets:
+            rs = []
+            for seed in range(seeds):
+                p = runs / run_key(dataset, variant, ov, seed)
+                if p.exists():
+                    rs.append(json.loads(p.read_text()))
+            cell = mean_std([r["test"] for r in rs]) + (f" ({len(rs)})" if len(rs) != seeds
+                                                        else "")
+            h2 = [r["hop2_share"] for r in rs if "hop2_share" in r]
+            if h2:
+                load = [r["max_over_mean_load"] for r in rs]
+                cell += (f" [hop-2 {100 * sum(h2) / len(h2):.0f}%, "
+                         f"max/mean {sum(load) / len(load):.2f}]")
+            cells.append(cell)
+            if first is None and rs:
+                first = rs
+        extra = ["–", "–"] if not first else [
+            mean_std([r["train"] for r in first]),
+            f"{sum(r['epochs'] for r in first) / len(first):.0f}"]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", default="block", choices=list(GROUPS))
+    parser.add_argument("--variants", nargs="*", default=None)
+    parser.add_argument("--datasets", nargs="+", default=["cora", "citeseer"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_ablation_runs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    variants = args.variants or list(GROUPS[args.group])
+    if not args.table_only:
+        for dataset in args.datasets:
+            for variant in variants:
+                ov = GROUPS[args.group][variant]
+                for seed in range(args.seeds):
+                    path = args.runs / run_key(dataset, variant, ov, seed)
+                    if path.exists():
+                        continue
+                    record = train_lean(overrides_for(dataset, ov, seed))
+                    record.update(dataset=dataset, variant=variant, seed=seed, overrides=ov)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(record, indent=1))
+                    print(f"{dataset} | {variant} | seed {seed}: test={record['test']:.4f} "
+                          f"train={record['train']:.3f} epochs={record['epochs']} "
+                          f"({record['seconds']:.1f}s)", flush=True)
+    print("\n".join(table(args.group, args.datasets, args.seeds, args.runs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+r"""GMoE as a model: its hop-2 options against a dense reference, and its
+default config (and MoE-GNN's) against a feature-only MLP on a homophilous
+synthetic graph."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+from torch_geometric.testing import get_random_edge_index
+from torch_geometric.utils import to_dense_adj, to_undirected
+
+from moegraph.data import csbm_graph
+from moegraph.nn import HopMoEConv
+from moegraph.nn.models import GMoE
+from moegraph.nn.output import as_model_output
+from moegraph.tasks.node_classification import weighted_aux_loss
+from moegraph.train import CONFIG_DIR
+
+
+def test_hop2_square_is_the_squared_gcn_adjacency():
+    r"""``hop2="square"``: a hop-2 GCN expert computes
+    :math:`(\hat{A}^2 X) W_e + b_e`, with :math:`\hat{A}` the GCN-normalised
+    adjacency with self-loops, built densely here."""
+    torch.manual_seed(0)
+    N, F_in, O = 25, 5, 3
+    edge_index = to_undirected(get_random_edge_index(N, N, 60))
+    x = torch.randn(N, F_in)
+    conv = HopMoEConv(F_in, O, num_experts=4, num_hop2_experts=2, k=1, hop2="square",
+                      router_kwargs={"noisy": False})
+    out, routing = conv(x, edge_index)
+    ei, w = gcn_norm(edge_index, None, N, add_self_loops=True)
+    a_hat = to_dense_adj(ei, edge_attr=w, max_num_nodes=N)[0].t()  # [target, source]
+    z = {0: a_hat @ x, 1: a_hat @ x, 2: a_hat @ (a_hat @ x), 3: a_hat @ (a_hat @ x)}
+    expected = torch.zeros(N, O)
+    for row, e, g in zip(routing.row.tolist(), routing.expert.tolist(),
+                         routing.weight.tolist(), strict=True):
+        expected[row] += g * (z[e][row] @ conv.experts.weight[e] + conv.experts.bias[e])
+    assert routing.expert.unique().numel() > 1  # both hops are exercised
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert repr(conv).endswith("conv=gcn, hop2=square)")
+
+
+def test_hop2_square_needs_no_two_hop_graph():
+    conv = HopMoEConv(4, 4, num_experts=2, k=1, hop2="square")
+    edge_index = to_undirected(get_random_edge_index(10, 10, 20))
+    graphs = conv.hop_graphs(edge_index, 10)
+    assert graphs[2] is graphs[1]  # the hop-1 graph, aggregated twice
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hop2": "cube"}, "'hop2' must be one of"),
+    ({"hop2": "square", "conv": "sage"}, "GCN experts only"),
+])
+def test_hop2_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HopMoEConv(4, 4, num_experts=2, k=1, **kwargs)
+
+
+def test_gmoe_passes_hop2_to_every_layer():
+    model = GMoE(6, 8, 3, num_layers=3, num_experts=4, k=1, hop2="square")
+    assert [c.hop2 for c in model.convs] == ["square"] * 3
+    model = GMoE(6, 8, 3, num_layers=2, num_experts=4, k=1, hop2="square", residual=True)
+    assert [c.hop2 for c in model.convs] == ["square"] * 2
+
+
+# Default configs against an MLP ###############################################
+
+def _fit(model: str, data, epochs: int = 50) -> float:
+    r"""Test accuracy at the best validation epoch of ``model=<model>`` (the
+    default config: optimiser, aux-loss weights, the network and the default
+    backbone sizes), trained full-batch on ``data``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={model}"])
+    torch.manual_seed(0)
+    C = int(data.y.max()) + 1
+    net = instantiate(cfg.model.net, _convert_="partial", in_channels=data.num_features,
+                      out_channels=C)
+    if isinstance(net, functools.partial):  # a net config may be a factory
+        net = net()
+    task = instantiate(cfg.model, _convert_="partial", net=net, num_classes=C)
+    opt = task.optimizer_factory(params=net.parameters())
+    best_val, test = -1.0, 0.0
+    for _ in range(epochs):
+        net.train()
+        opt.zero_grad()
+        out = as_model_output(net(data.x, data.edge_index))
+        loss = F.cross_entropy(out.logits[data.train_mask], data.y[data.train_mask])
+        loss = loss + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, loss)
+        loss.backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():
+            pred = as_model_output(net(data.x, data.edge_index)).logits.argmax(-1)
+        val = (pred[data.val_mask] == data.y[data.val_mask]).float().mean().item()
+        if val > best_val:
+            best_val = val
+            test = (pred[data.test_mask] == data.y[data.test_mask]).float().mean().item()
+    return test
+
+
+@pytest.fixture(scope="module")
+def homophilous_graph():
+    # Weak features, homophilous edges: measured here, the MLP reaches 39% test
+    # accuracy, MoE-GNN 89% and GMoE 97%.
+    return csbm_graph(num_nodes=400, num_classes=3, num_features=16, avg_degree=8.0,
+                      homophily=0.9, signal=0.2, train_ratio=0.2, val_ratio=0.2, seed=0)
+
+
+def test_default_configs_beat_an_mlp_on_a_homophilous_graph(homophilous_graph):
+    scores = {m: _fit(m, homophilous_graph) for m in ("mlp", "moe_gnn", "gmoe")}
+    for model in ("moe_gnn", "gmoe"):
+        assert scores[model] > scores["mlp"] + 0.25, scores
