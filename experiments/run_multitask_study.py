@@ -243,7 +243,8 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # the runs' command (--table-only only rebuilds this file from them)
+    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--table-only")
     seeds = sorted({r["seed"] for by_p in records.values() for rs in by_p.values() for r in rs})
     text = f"""# The MMoE paper's synthetic benchmark
 
