@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -38,10 +37,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _bench import load_line, load_warning, machine_load
+from _study import RESULTS as RESULTS_DIR
+from _study import command_line
 
 from moegraph.nn import SparseMoE, shard_experts
 
-RESULTS = Path(__file__).parent / "results" / "expert_parallel.md"
+RESULTS = RESULTS_DIR / "expert_parallel.md"
 
 
 def make_layer(args, E: int, k: int) -> SparseMoE:
@@ -113,6 +115,7 @@ def main(argv=None):
         args.repeats = 2
     torch.set_num_threads(1)
 
+    load_before = machine_load()
     one = {}
     for E in args.experts:
         for k in args.k:
@@ -138,16 +141,21 @@ def main(argv=None):
         lines.append(f"| {E} | {k} | {single:.1f} | {dp:.1f} | {ep:.1f} | {a2a:.1f} "
                      f"| {ep / dp:.2f} | {single / ep:.2f} |")
     table = "\n".join(lines)
+    load_after = machine_load()
     print(table)
+    warning = load_warning(load_before, load_after, own_threads=2)
+    if warning:
+        print(warning)
     if not args.quick:
-        command = "python experiments/bench_expert_parallel.py " + " ".join(sys.argv[1:])
+        command = command_line(__file__, argv)
         RESULTS.write_text(
             "# Expert parallelism on CPU (gloo, 2 processes)\n\n"
-            f"`{command.strip()}`: one forward + backward step of `SparseMoE` on "
+            f"`{command}`: one forward + backward step of `SparseMoE` on "
             f"N = {args.rows} rows in all, in = {args.in_channels}, expert hidden = "
             f"{args.hidden}, float32, one thread per process, median of {args.repeats} "
             f"steps (the slower rank's time). torch {torch.__version__}.\n\n"
             f"{table}\n\n"
+            f"{load_line(load_before, load_after, own_threads=2)}\n\n"
             "DP: each rank holds every expert (no exchange, no gradient all-reduce); "
             "EP: each rank holds E / 2 experts, rows travel by all-to-all; a2a only: "
             "the four exchanges of an EP step with its volumes, alone.\n\n"

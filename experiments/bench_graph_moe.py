@@ -31,17 +31,19 @@ Target of the issue: at ``E = 16, k = 2``, ours ``<= 0.35x`` the all-experts
 time.
 
     python experiments/bench_graph_moe.py          # 100k nodes; writes results/bench_graph_moe.md
-    python experiments/bench_graph_moe.py --quick  # 5k nodes; writes nothing
+    python experiments/bench_graph_moe.py --quick  # 5k nodes; writes nothing (unless --out)
+    python experiments/bench_graph_moe.py --device cuda --out results/gpu/bench_graph_moe.md
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench import load_line, load_warning, machine_load
+from _study import RESULTS, command_line
 from torch import Tensor
 from torch_geometric.nn import GCNConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
@@ -49,8 +51,6 @@ from torch_geometric.utils import to_torch_csr_tensor
 
 from moegraph.data import csbm_graph
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def normalized_adj_t(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -97,34 +97,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="5k nodes, 1 repeat, no file")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_graph_moe.md")
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (float32 on both)")
+    parser.add_argument("--quick", action="store_true",
+                        help="5k nodes, 1 repeat; no file unless --out is given")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown report (default: experiments/results/bench_graph_moe.md)")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_nodes, args.repeats = 5_000, 1
+    elif args.out is None:
+        args.out = RESULTS / "bench_graph_moe.md"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     F = args.channels
     data = csbm_graph(num_nodes=args.num_nodes, num_classes=4, num_features=F,
                       avg_degree=args.avg_degree, seed=0)
-    x, edge_index, N = data.x, data.edge_index, data.num_nodes
+    x, edge_index, N = data.x.to(device), data.edge_index.to(device), data.num_nodes
     start = time.perf_counter()
     hop2 = two_hop_edge_index(edge_index, N)
     hop2_time = time.perf_counter() - start
     print(f"graph: {N:,} nodes, {edge_index.size(1):,} edges, {hop2.size(1):,} 2-hop pairs "
           f"(built in {hop2_time:.2f} s); F = {F}; {args.threads} thread(s)", flush=True)
 
-    single = GCNConv(F, F, normalize=False)
+    single = GCNConv(F, F, normalize=False).to(device)
     adj1 = normalized_adj_t(edge_index, N)
     rows = []
+    load_before = None
     for E in args.experts:
         for k in args.k:
-            ours = HopMoEConv(F, F, num_experts=E, k=k).train()
+            ours = HopMoEConv(F, F, num_experts=E, k=k).to(device).train()
             ours.hop_graphs(edge_index, N)  # build the cache outside the timing
             # share the 2-hop graph already built: same pairs, the layer's own format
             reference = AllExperts(ours, edge_index, hop2).train()
-            grad_out = torch.randn(N, F, generator=torch.Generator().manual_seed(1))
+            grad_out = torch.randn(N, F, generator=torch.Generator().manual_seed(1)).to(device)
 
             def run(method: str, ours=ours, reference=reference,
                     grad_out=grad_out) -> tuple[Tensor, Tensor]:
@@ -152,10 +164,17 @@ def main(argv: list[str] | None = None) -> None:
                              for a, b in zip(grads_a, grads_b, strict=True)))
             methods = ["ours", "all", "single"]
             times: dict[str, list[float]] = {m: [] for m in methods}
+            if cuda:  # one more warm-up each (kernels, allocator)
+                for m in methods:
+                    run(m)
+            if load_before is None:
+                load_before = machine_load()
             for r in range(args.repeats):
                 for m in methods[r % 3:] + methods[:r % 3]:
+                    sync()
                     start = time.perf_counter()
                     run(m)
+                    sync()
                     times[m].append(time.perf_counter() - start)
             t = {m: statistics.median(v) for m, v in times.items()}
             ratio = t["ours"] / t["all"]
@@ -167,16 +186,22 @@ def main(argv: list[str] | None = None) -> None:
                         f"{'yes' if agree else 'NO'} |")
             print(rows[-1], flush=True)
 
+    load_after = machine_load()
+    warning = load_warning(load_before, load_after, 1 if cuda else args.threads)
+    if warning:
+        print(warning)
+    where = (f"float32 on {torch.cuda.get_device_name(device)}" if cuda else
+             f"float32 on CPU, {args.threads} thread(s)")
     lines = [
         "# Hop-expert graph MoE layer vs all experts everywhere vs a single conv",
         "",
-        f"Made by `python experiments/bench_graph_moe.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"Made by `{command_line(__file__, argv)}`.",
         f"Graph: CSBM, {N:,} nodes, {edge_index.size(1):,} directed edges, "
         f"{hop2.size(1):,} 2-hop pairs (built once in {hop2_time:.2f} s, outside the timings); "
-        f"GCN experts {F} -> {F}, half hop-1 and half hop-2; noisy top-k router; float32 on "
-        f"CPU, {args.threads} thread(s); one forward + backward step, median of "
-        f"{args.repeats} rounds (rotated order).",
+        f"GCN experts {F} -> {F}, half hop-1 and half hop-2; noisy top-k router; {where}; "
+        f"one forward + backward step, median of {args.repeats} rounds (rotated order).",
+        "",
+        load_line(load_before, load_after, 1 if cuda else args.threads),
         "",
         "| E | k | ours (ms) | all experts (ms) | single conv (ms) | ours / all | "
         "ours / single | target <= 0.35 met | outputs and grads agree |",
@@ -186,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
+    if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"wrote {args.out}")

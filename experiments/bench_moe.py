@@ -64,21 +64,21 @@ import argparse
 import contextlib
 import datetime
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _bench import load_line, machine_load
+from _study import RESULTS, command_line
 from torch import Tensor
 from torch.nn import GELU, Linear, Module, Sequential
 
 from moegraph.nn import SparseMoE
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_moe.md"
+DEFAULT_OUT = RESULTS / "bench_moe.md"
 TARGET_CONFIG = (64, 2)  # (E, k) at which the CPU targets apply
 TARGET_A_OVER_D = 0.85
 TARGET_A_OVER_B = 3.0
@@ -343,17 +343,23 @@ def _fmt_ratio(num: float | None, den: float | None) -> str:
 
 
 def format_table(results: list[dict]) -> str:
+    copies = any("a0" in res["rows_per_s"] for res in results)
     header = ["E", "k", "(a) SparseMoE auto", "(a') grouped_mm", "(b) naive loop",
               "(c) all experts", "(d) dense FFN", "a/d", "a/b", "peak mem (GiB)"]
+    if copies:
+        header[2:2] = ["(a0) with copies"]
+        header[-1:-1] = ["a0/d"]
     rows = []
     for res in results:
         rate = res["rows_per_s"]
         peak = res["peak_gib"]
+        keys = ("a0", "a", "a'", "b", "c", "d") if copies else ("a", "a'", "b", "c", "d")
         rows.append([str(res["E"]), str(res["k"])]
-                    + [_fmt_rate(rate.get(key)) for key in ("a", "a'", "b", "c", "d")]
+                    + [_fmt_rate(rate.get(key)) for key in keys]
                     + [_fmt_ratio(rate.get("a"), rate.get("d")),
-                       _fmt_ratio(rate.get("a"), rate.get("b")),
-                       "-" if peak is None else f"{peak:.2f}"])
+                       _fmt_ratio(rate.get("a"), rate.get("b"))]
+                    + ([_fmt_ratio(rate.get("a0"), rate.get("d"))] if copies else [])
+                    + ["-" if peak is None else f"{peak:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
@@ -413,6 +419,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "activation budget")
     parser.add_argument("--skip-all-experts", action="store_true",
                         help="leave out method (c), every expert on every row")
+    parser.add_argument("--compare-copies", action="store_true",
+                        help="add method (a0): SparseMoE as before the fused dispatch, with "
+                             "sorted copies of the rows, outputs and gradients")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only these methods (keys: a a' a0 b c d)")
     parser.add_argument("--device", default="auto",
                         help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -454,6 +465,15 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
         Method("a'", "SparseMoE (grouped_mm)", sparse_moe_step(moe_gmm), moe_gmm, R, W, N),
         Method("b", "naive loop", naive_loop_step(moe), moe, R, W, N),
     ]
+    if args.compare_copies:
+        moe_copies = SparseMoE(args.in_channels, args.hidden, num_experts=E, k=k).to(device)
+        moe_copies.load_state_dict(moe.state_dict())
+        moe_copies.train()
+        # Without the fused path, permute_and_compute gathers x[rows] into a
+        # sorted copy, runs the experts on it and index_adds the outputs back.
+        moe_copies.experts.gather_and_combine = lambda *args: None
+        methods.append(Method("a0", "SparseMoE with sorted copies (before)",
+                              sparse_moe_step(moe_copies), moe_copies, R, W, N))
     if not args.skip_all_experts:
         # On CPU the float32 correctness check already ran (c) once at full size.
         methods.append(Method("c", f"all experts (chunks of {chunk})",
@@ -461,6 +481,8 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
                               args.all_experts_repeats, W if device.type == "cuda" else 0, N))
     methods.append(Method("d", f"dense FFN ({args.in_channels}->{k * args.hidden}->"
                                f"{args.in_channels})", dense_step(ffn), ffn, R, W, N))
+    if args.only:
+        methods = [m for m in methods if m.key in args.only]
     return methods
 
 
@@ -480,7 +502,7 @@ def main(argv: list[str] | None = None):
     else:
         autocast = contextlib.nullcontext()
 
-    command = "python " + shlex.join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv, drop=())
     threads = torch.get_num_threads()
     env = (f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
            f"{threads} threads, timed in {dtype}")
@@ -493,13 +515,76 @@ def main(argv: list[str] | None = None):
     grad_out = torch.randn(args.rows, args.in_channels, generator=generator).to(device)
 
     results, notes = [], []
+    load_before = machine_load()
+    print(f"load average before: {load_before['load1']:.2f}", flush=True)
     start_all = time.perf_counter()
+    def report(final: bool):
+        # Printed and written after every configuration too, so that a long
+        # run that is stopped keeps what it measured (marked partial).
+        elapsed = time.perf_counter() - start_all
+        load_after = machine_load()
+        load_text = load_line(load_before, load_after, threads)
+        per_config = "; ".join(f"E={r['E']}, k={r['k']}: {r['load'][0]:.2f} / {r['load'][1]:.2f}"
+                               for r in results)
+
+        table = format_table(results)
+        targets = target_report(results, device)
+        print()
+        print(table)
+        print()
+        print("\n".join(targets))
+        print(f"\ntotal time {elapsed:.0f}s")
+        print(load_text)
+
+        if args.out is not None:
+            date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            peak = "peak RSS of the process" if device.type == "cpu" else "peak CUDA memory"
+            chunk = all_experts_chunk_size(args.rows, args.hidden, args.in_channels,
+                                           max(args.experts), args.all_experts_chunk)
+            lines = [
+                "# SparseMoE forward+backward throughput",
+                "",
+                f"- command: `{command}`",
+                f"- device: {device_name(device)} ({device.type}); timed in {dtype}",
+                f"- torch {torch.__version__}, {threads} threads",
+                f"- date: {date}; total time {elapsed:.0f}s"
+                + ("" if final else " (PARTIAL: written while the run was still going)"),
+                f"- N = {args.rows} rows, in = {args.in_channels}, expert hidden = {args.hidden}; "
+                f"median of {args.repeats} round-robin rounds after {args.warmup} warm-up"
+                + ("" if args.skip_all_experts else f" (c: {args.all_experts_repeats} round)"),
+                "",
+                "Rows per second (higher is better), forward + backward:",
+                "",
+                table,
+                "",
+                "(a) SparseMoE, backend 'auto'; (a') SparseMoE, backend 'grouped_mm'; "
+                "(b) naive loop over experts with index_select / index_add_; "
+                "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
+                f"forward and backward in chunks of at most {chunk} experts; "
+                f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
+                f"Peak mem: {peak} for that row."
+                + (" (a0) SparseMoE with the dispatch of before (sorted copies [A, F] of the "
+                   "rows and [A, O] of the outputs, index_add_ combine), same weights, same "
+                   "run." if args.compare_copies else ""),
+                "",
+                *targets,
+                "",
+                load_text,
+                f"Per configuration, before / after: {per_config}.",
+                *([""] + [f"Note: {n}" for n in notes] if notes else []),
+                "",
+            ]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines))
+            print(f"wrote {args.out}")
+
     for E in args.experts:
         for k in args.k:
             if k > E:
                 continue
             print(f"E={E}, k={k}", flush=True)
             reset_peak_memory(device)
+            config_load = machine_load()["load1"]
             methods = build_methods(args, E, k, device)
             start = time.perf_counter()
             check = check_correctness(methods, x, grad_out, device)
@@ -515,52 +600,11 @@ def main(argv: list[str] | None = None):
                 "E": E, "k": k,
                 "rows_per_s": {m.key: m.rows_per_s for m in methods if m.rows_per_s},
                 "peak_gib": peak_memory_gib(device),
+                "load": (config_load, machine_load()["load1"]),
             })
             del methods
-    elapsed = time.perf_counter() - start_all
-
-    table = format_table(results)
-    targets = target_report(results, device)
-    print()
-    print(table)
-    print()
-    print("\n".join(targets))
-    print(f"\ntotal time {elapsed:.0f}s")
-
-    if args.out is not None:
-        date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        peak = "peak RSS of the process" if device.type == "cpu" else "peak CUDA memory"
-        chunk = all_experts_chunk_size(args.rows, args.hidden, args.in_channels,
-                                       max(args.experts), args.all_experts_chunk)
-        lines = [
-            "# SparseMoE forward+backward throughput",
-            "",
-            f"- command: `{command}`",
-            f"- device: {device_name(device)} ({device.type}); timed in {dtype}",
-            f"- torch {torch.__version__}, {threads} threads",
-            f"- date: {date}; total time {elapsed:.0f}s",
-            f"- N = {args.rows} rows, in = {args.in_channels}, expert hidden = {args.hidden}; "
-            f"median of {args.repeats} round-robin rounds after {args.warmup} warm-up"
-            + ("" if args.skip_all_experts else f" (c: {args.all_experts_repeats} round)"),
-            "",
-            "Rows per second (higher is better), forward + backward:",
-            "",
-            table,
-            "",
-            "(a) SparseMoE, backend 'auto'; (a') SparseMoE, backend 'grouped_mm'; "
-            "(b) naive loop over experts with index_select / index_add_; "
-            "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
-            f"forward and backward in chunks of at most {chunk} experts; "
-            f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
-            f"Peak mem: {peak} for that row.",
-            "",
-            *targets,
-            *([""] + [f"Note: {n}" for n in notes] if notes else []),
-            "",
-        ]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines))
-        print(f"wrote {args.out}")
+            report(final=False)
+    report(final=True)
 
 
 if __name__ == "__main__":

@@ -19,27 +19,38 @@ Configurations at the default ``--experts 10`` (3 tasks, HoME groups
 
 Timing on a noisy shared machine: one warm-up step per method, then
 ``--repeats`` rounds, each running every method once in an order rotated
-from round to round; the median is reported.
+from round to round; the median CPU time of the process (one thread) is
+reported and compared, the wall time beside it. Every input width in
+``--in-channels`` is measured in the same run, side by side.
+
+Peak memory of one step: the growth of the process's resident set over one
+forward + backward, read from ``/proc/self/status`` (``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``), with glibc's malloc told to
+give large blocks back to the system (``mallopt``, ``malloc_trim``), so that
+one layer's freed memory does not hide the next one's. Linux only; elsewhere
+the column reads ``-``.
 
 Run from the repository root (one core)::
 
-    OMP_NUM_THREADS=1 taskset -c 1 python experiments/bench_multitask.py
+    PYTHONPATH=. OMP_NUM_THREADS=1 python experiments/bench_multitask.py
     python experiments/bench_multitask.py --quick   # tiny smoke run, writes no file
 
-The target is ``HoME / MMoE <= 1.5``.
+The target is ``HoME / MMoE <= 1.5`` at every width.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
+import gc
+import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _study import RESULTS, command_line
 from torch.nn import Module
 
 from moegraph.nn import PLE, HoME, MMoE
@@ -80,59 +91,118 @@ def step(model: Module, x: torch.Tensor) -> None:
     sum(o.sum() for o in out.outputs.values()).backward()
 
 
-def main() -> None:
+class PeakMemory:
+    r"""Peak resident-set growth over a block, in bytes (Linux + glibc)."""
+
+    def __init__(self):
+        self.ok = Path("/proc/self/clear_refs").exists()
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD fixed: large blocks mmapped
+        except OSError:
+            self.libc = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def measure(self, fn) -> float:
+        if not self.ok:
+            fn()
+            return float("nan")
+        gc.collect()
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = self._status("VmRSS")
+        fn()
+        return float(self._status("VmHWM") - base)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=65_536)
-    parser.add_argument("--in-channels", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=32_768)
+    parser.add_argument("--in-channels", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--experts", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no file written")
-    parser.add_argument("--out", default="experiments/results/bench_multitask.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "bench_multitask.md"))
+    args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 512, 2
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    models = build(args.experts, args.in_channels, args.hidden)
-    for m in models.values():
-        m.train()
-    x = torch.randn(args.rows, args.in_channels, requires_grad=True)
-    for m in models.values():
-        step(m, x)  # warm-up
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
-            step(models[n], x)
-            times[n].append(time.perf_counter() - t)
-    med = {n: statistics.median(v) for n, v in times.items()}
-    rows = ["| layer | experts per level | params | fwd+bwd (ms) | rows/s | x MMoE |",
-            "|---|---|---:|---:|---:|---:|"]
-    for n in names:
-        per_level = "+".join(str(lv.num_experts) for lv in models[n].levels)
-        rows.append(f"| {n} | {per_level} | {count(models[n]):,} | {1000 * med[n]:.1f} | "
-                    f"{args.rows / med[n]:,.0f} | {med[n] / med['MMoE']:.2f} |")
-    ratio = med["HoME"] / med["MMoE"]
-    verdict = f"HoME / MMoE = {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})"
-    table = "\n".join(rows)
-    print(table)
-    print(verdict)
+    load_before = os.getloadavg()
+    peak = PeakMemory()
+    tables, verdicts, met = [], [], True
+    for F in args.in_channels:
+        table, ratio = bench_width(args, F, peak)
+        ok = ratio <= 1.5
+        met &= ok
+        verdict = (f"F = {F}: HoME / MMoE = {ratio:.2f} (target <= 1.5: "
+                   f"{'met' if ok else 'NOT met'})")
+        print(f"\n### Input width F = {F}\n\n{table}\n\n{verdict}", flush=True)
+        tables.append(f"### Input width F = {F}\n\n{table}\n\n{verdict}")
+        verdicts.append(verdict)
+    load_after = os.getloadavg()
     if args.quick:
         return
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    text = (f"# Multi-gate layers: forward+backward time\n\n"
+    cmd = command_line(__file__, argv)
+    load = (f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
+            f"after {tuple(round(v, 2) for v in load_after)} on {os.cpu_count()} cores")
+    body = "\n\n".join(tables)
+    text = (f"# Multi-gate layers: forward+backward time and peak memory\n\n"
             f"Command: `OMP_NUM_THREADS={args.threads} {cmd}`  \n"
             f"Date: {datetime.date.today()}; torch {torch.__version__}; "
-            f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU.  \n"
-            f"Rows {args.rows:,}, input {args.in_channels}, expert width {args.hidden}, "
-            f"{args.experts} experts in all, 3 tasks (tower width 16); median of "
-            f"{args.repeats} rotated rounds after one warm-up.\n\n{table}\n\n{verdict}\n")
+            f"{platform.processor() or platform.machine()}, {args.threads} thread(s), CPU; "
+            f"{load}.  \n"
+            f"Rows {args.rows:,}, expert width {args.hidden}, {args.experts} experts in all "
+            f"(every layer), 3 tasks (tower width 16); time: median of {args.repeats} rotated "
+            f"rounds after one warm-up, as CPU time of the process (one thread; robust to "
+            f"the other jobs on the machine, which the wall time is not); the ratio is of "
+            f"CPU times; peak: resident-set growth during one forward + backward (inputs and "
+            f"parameters excluded).\n\n{body}\n\n"
+            + "\n".join(f"- {v}" for v in verdicts) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
+
+
+def bench_width(args, F: int, peak: PeakMemory) -> tuple[str, float]:
+    torch.manual_seed(0)
+    models = build(args.experts, F, args.hidden)
+    for m in models.values():
+        m.train()
+    x = torch.randn(args.rows, F, requires_grad=True)
+    names = list(models)
+    mem = {}
+    for n in names:
+        step(models[n], x)  # warm-up
+        mem[n] = peak.measure(lambda n=n: step(models[n], x))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t, c = time.perf_counter(), time.process_time()
+            step(models[n], x)
+            cpu[n].append(time.process_time() - c)
+            times[n].append(time.perf_counter() - t)
+    med = {n: statistics.median(v) for n, v in cpu.items()}
+    wall = {n: statistics.median(v) for n, v in times.items()}
+    rows = ["| layer | experts per level | params | fwd+bwd CPU time (ms) | x MMoE | "
+            "wall time (ms) | peak memory (MiB) | x MMoE |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        per_level = "+".join(str(lv.num_experts) for lv in models[n].levels)
+        mib = "-" if mem[n] != mem[n] else f"{mem[n] / 2**20:.0f}"
+        mrel = "-" if mem[n] != mem[n] else f"{mem[n] / mem['MMoE']:.2f}"
+        rows.append(f"| {n} | {per_level} | {count(models[n]):,} | {1000 * med[n]:.1f} | "
+                    f"{med[n] / med['MMoE']:.2f} | {1000 * wall[n]:.1f} | {mib} | {mrel} |")
+    return "\n".join(rows), med["HoME"] / med["MMoE"]
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import hydra
 import lightning as L
 import pytest
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 
 from moegraph.data import ClusterDataModule, MovieLensDataModule, NodeDataModule
@@ -29,27 +31,53 @@ MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": Sha
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
-    "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "movielens", "reed98",
-             "synthetic", "tolokers"],
-    "model": ["dense_gnn", "gmoe", "gnn", "home", "mlp", "mmoe", "moe_gnn", "mowst",
-              "patch_moe", "ple", "shared_bottom"],
+    "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "molhiv", "movielens",
+             "mtl_synthetic", "ogbg_molhiv", "reed98", "synthetic", "tabular", "tolokers",
+             "ogbn_arxiv", "ogbn_products", "ogbn_proteins", "pyg_file"],
+    "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "mlp", "mmoe",
+              "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
-    "logger": ["csv", "none"],
+    "logger": ["csv", "none", "tensorboard", "wandb", "many"],
     "trainer": ["cpu", "ddp", "default", "gpu"],
-    "experiment": ["cluster_moe", "cluster_single", "movielens_home", "movielens_mmoe",
-                   "movielens_ple", "movielens_shared_bottom", "nc_amherst41", "nc_citeseer",
+    "experiment": ["cluster_moe", "cluster_single", "molhiv_gcn", "molhiv_gin",
+                   "molhiv_gin_gmoe", "molhiv_gmoe", "movielens_home", "movielens_mmoe",
+                   "movielens_ple", "movielens_shared_bottom", "mtl_synthetic_home",
+                   "mtl_synthetic_mmoe", "mtl_synthetic_ple", "mtl_synthetic_shared_bottom",
+                   "nc_amherst41", "nc_citeseer",
                    "nc_cora", "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
                    "synthetic_moe_gnn"],
     "debug": ["fdr"],
+    "hparams_search": ["gnn", "mlp", "mowst", "mowst_star"],
 }
+# Files that other options of their group build on (their name starts with "_").
+BASES = {"data": ["_real"], "model": ["_multitask", "_node"],
+         "experiment": ["_movielens", "_mtl_synthetic", "_nc", "_nc_heterophilous"],
+         "hparams_search": ["_optuna"]}
+# What an option of a group needs beside it to compose.
+NEEDS = {"model/strong": ["model=gnn"], "model/weak": ["model=mlp"]}
 
 
 def test_every_option_is_tested():
     for group, options in OPTIONS.items():
         found = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-        assert found == sorted(options), group
+        assert found == sorted(options + BASES.get(group, [])), group
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
+def test_every_option_composes_and_resolves(compose_cfg, group, option):
+    cfg = compose_cfg(*NEEDS.get(group, []), f"{group}={option}")
+    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k != "hydra"}
+    assert resolved["model"]["_target_"].startswith("moegraph.tasks.")
+    assert "_target_" in resolved["data"] and "_target_" in resolved["trainer"]
+
+
+def test_a_base_is_not_a_choice(compose_cfg):
+    cfg = compose_cfg("data=_real")  # a real data set without its name
+    with pytest.raises(MissingMandatoryValue, match="name"):
+        instantiate_run(cfg, trainer=False)
 
 
 def test_default_config(compose_cfg, tmp_path):
@@ -68,7 +96,7 @@ def test_default_config(compose_cfg, tmp_path):
     optimizer = task.configure_optimizers()
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 0.01
     names = sorted(type(c).__name__ for c in run["callbacks"])
-    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar"]
+    assert names == ["EarlyStopping", "ModelCheckpoint", "RichProgressBar", "RunCheckpoint"]
     ckpt = next(c for c in run["callbacks"] if type(c).__name__ == "ModelCheckpoint")
     assert Path(ckpt.dirpath) == tmp_path / "checkpoints"
     assert [type(lg).__name__ for lg in run["loggers"]] == ["CSVLogger"]
@@ -80,13 +108,14 @@ def test_default_config(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize("model", NODE_MODELS)
 @pytest.mark.parametrize("callbacks", OPTIONS["callbacks"])
-@pytest.mark.parametrize("logger", OPTIONS["logger"])
+@pytest.mark.parametrize("logger", [g for g in OPTIONS["logger"] if g != "wandb"])
 def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     cfg = compose_cfg(TINY, f"model={model}", f"callbacks={callbacks}", f"logger={logger}",
                       "trainer=cpu")
     run = instantiate_run(cfg)
-    assert len(run["callbacks"]) == (3 if callbacks == "default" else 0)
-    assert len(run["loggers"]) == (1 if logger == "csv" else 0)
+    # every run adds RunCheckpoint (config and random states in the checkpoints)
+    assert len(run["callbacks"]) == (4 if callbacks == "default" else 1)
+    assert len(run["loggers"]) == {"csv": 1, "none": 0, "tensorboard": 1, "many": 2}[logger]
     net = run["net"]
     expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst,
                 "gmoe": GMoE}
@@ -118,9 +147,15 @@ def test_gnn_baseline(compose_cfg):
 
 @pytest.mark.parametrize("trainer", ["cpu", "default"])
 def test_cpu_trainers(compose_cfg, trainer):
+    import torch
+
     cfg = compose_cfg(TINY, f"trainer={trainer}")
-    assert cfg.trainer.accelerator == "cpu"
-    assert isinstance(instantiate_run(cfg)["trainer"], L.Trainer)
+    # trainer=default takes a GPU when there is one
+    assert cfg.trainer.accelerator == ("cpu" if trainer == "cpu" else "auto")
+    made = instantiate_run(cfg)["trainer"]
+    assert isinstance(made, L.Trainer)
+    on_gpu = trainer == "default" and torch.cuda.is_available()
+    assert type(made.accelerator).__name__ == ("CUDAAccelerator" if on_gpu else "CPUAccelerator")
 
 
 def test_gpu_trainer_composes(compose_cfg):
@@ -150,7 +185,8 @@ def test_debug_fdr(compose_cfg):
     run = instantiate_run(cfg)
     # No progress bar and no callbacks: a RichProgressBar would clash with
     # enable_progress_bar=false.
-    assert run["callbacks"] == [] and run["loggers"] == []
+    assert [type(c).__name__ for c in run["callbacks"]] == ["RunCheckpoint"]
+    assert run["loggers"] == []
     assert run["trainer"].fast_dev_run is True
 
 
@@ -242,7 +278,9 @@ def test_node_classification_experiments(compose_cfg, experiment):
 
 
 @pytest.mark.parametrize("data", [d for d in OPTIONS["data"]
-                                  if d not in ("synthetic", "movielens", "clusters")])
+                                  if d not in ("synthetic", "movielens", "clusters", "pyg_file",
+                                               "mtl_synthetic", "tabular", "molhiv",
+                                               "ogbg_molhiv")])
 def test_real_data_options(compose_cfg, real_data, data):
     from moegraph.data import REAL_DATASETS
 
@@ -347,5 +385,6 @@ def test_cluster_experiments(compose_cfg, experiment, num_experts):
 
 def test_patch_moe_on_other_data_fails_clearly(compose_cfg):
     cfg = compose_cfg(TINY, "model=patch_moe")  # the 4-class CSBM graph
-    with pytest.raises(InstantiationException, match="'out_channels' must be 2"):
+    with pytest.raises((InstantiationException, ValueError),
+                       match="'out_channels' must be 2|model=patch_moe does not fit"):
         instantiate_run(cfg, trainer=False)

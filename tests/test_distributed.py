@@ -8,6 +8,7 @@ the batch it is in: then 2 processes with ``B`` seeds each take the steps of
 one process with ``2B`` (DistributedSampler's seed ``r::2`` of the same order).
 """
 import json
+import math
 import os
 import shutil
 import signal
@@ -149,8 +150,14 @@ def test_uneven_batches_and_fewer_eval_nodes_than_processes(tmp_path, model):
     assert_ranks_agree(ddp)
     assert ddp[0]["steps"] == 8
     metrics = ddp[0]["metrics"]
-    assert metrics["val/acc"] in (0.0, 1.0) and metrics == ddp[1]["metrics"]
-    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    # Mowst's headline score is NaN until both experts and the gate have
+    # trained (2 epochs do not leave pre-training); its tau score is defined.
+    assert metrics["val/acc_tau" if model == "mowst" else "val/acc"] in (0.0, 1.0)
+    nan = {k for k, v in metrics.items() if math.isnan(v)}
+    assert nan <= ({"train/acc", "val/acc"} if model == "mowst" else set())
+    assert nan == {k for k, v in ddp[1]["metrics"].items() if math.isnan(v)}
+    assert ({k: v for k, v in metrics.items() if k not in nan}
+            == {k: v for k, v in ddp[1]["metrics"].items() if k not in nan})
 
 
 def _cli(tmp_path, entry, *overrides):
@@ -162,7 +169,7 @@ def _cli(tmp_path, entry, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["debug=fdr"],
-                                       ["model=mowst", "trainer.max_epochs=3",
+                                       ["model=mowst", "trainer.max_epochs=4",
                                         "model.pretrain_weak_epochs=1",
                                         "model.pretrain_strong_epochs=1",
                                         "+data.batch_size=32", "~callbacks.rich_progress_bar"]],

@@ -18,6 +18,16 @@ from moegraph.data.datamodule import (
     select_split,
 )
 from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
+from moegraph.data.mmoe_synthetic import mmoe_synthetic, mmoe_synthetic_frame
+from moegraph.data.molecules import (
+    GRAPH_DATASETS,
+    MOLECULE_DATASETS,
+    GraphDataModule,
+    MoleculeCSVDataset,
+    load_graph_dataset,
+    scaffold_split,
+    smiles_to_data,
+)
 from moegraph.data.movielens import (
     MovieLensDataModule,
     check_ratings,
@@ -27,11 +37,16 @@ from moegraph.data.movielens import (
     temporal_split,
 )
 from moegraph.data.synthetic import csbm_graph, random_split_masks
+from moegraph.data.tabular import TabularMultiTaskDataModule, read_table
 
-__all__ = ["DATASETS", "REAL_DATASETS", "ClusterDataModule", "ClusterPatches",
+__all__ = ["DATASETS", "GRAPH_DATASETS", "MOLECULE_DATASETS", "REAL_DATASETS",
+           "GraphDataModule", "MoleculeCSVDataset", "load_graph_dataset", "scaffold_split",
+           "smiles_to_data", "ClusterDataModule", "ClusterPatches",
            "EpochRandomSampler", "KHopLoader", "MovieLensDataModule", "NeighborSampler",
-           "NodeDataModule", "TorchNeighborLoader", "check_graph", "check_ratings",
+           "NodeDataModule", "TabularMultiTaskDataModule", "TorchNeighborLoader", "check_graph",
+           "check_ratings",
            "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
            "dataset_metric", "load_movielens100k", "load_node_dataset", "load_real_dataset",
+           "mmoe_synthetic", "mmoe_synthetic_frame", "read_table",
            "random_split_masks", "sample_negatives", "select_split", "synthetic_ratings",
            "temporal_split"]

@@ -153,13 +153,16 @@ def cluster_dataset(num_train: int = 16000, num_val: int = 4000, num_test: int =
                     num_clusters: int = 4, num_patches: int = 4, dim: int = 50,
                     alpha: Sequence[float] = (0.5, 2.0), beta: Sequence[float] = (1.0, 2.0),
                     gamma: Sequence[float] = (0.5, 3.0), noise_std: Optional[float] = None,
-                    seed: int = 0) -> Data:
+                    seed: int = 0, scale: float = 1.0) -> Data:
     r"""The cluster-structured task as one full batch: one draw of the vectors
     (:func:`cluster_vectors`), then ``num_train + num_val + num_test``
     samples (:func:`cluster_patches`), seeded by ``seed`` alone.
 
     Chen et al. use 16,000 training and 16,000 test samples, ``K = 4``,
     ``P = 4``, ``d = 50``; the validation samples are drawn on top of them.
+    ``scale`` multiplies every patch (Chen et al.'s official code feeds its
+    models ten times the generator's inputs): the same samples, at another
+    input scale.
 
     Returns:
         :class:`torch_geometric.data.Data` with ``x [N, P, d]``, ``y [N]`` in
@@ -171,12 +174,14 @@ def cluster_dataset(num_train: int = 16000, num_val: int = 4000, num_test: int =
     for name, value in (("num_train", num_train), ("num_test", num_test)):
         _check_positive_int(name, value)
     _check_positive_int("num_val", num_val, 0)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"'scale' must be a positive number (got {scale!r})")
     generator = torch.Generator().manual_seed(seed)
     v, c = cluster_vectors(num_clusters, dim, generator)
     N = num_train + num_val + num_test
     s = cluster_patches(N, v, c, num_patches, alpha, beta, gamma, noise_std, generator)
     split = torch.arange(N)
-    return Data(x=s.x, y=(s.y + 1) // 2, cluster=s.cluster, noise_cluster=s.noise_cluster,
+    return Data(x=s.x * scale, y=(s.y + 1) // 2, cluster=s.cluster, noise_cluster=s.noise_cluster,
                 train_mask=split < num_train,
                 val_mask=(split >= num_train) & (split < num_train + num_val),
                 test_mask=split >= num_train + num_val,
@@ -202,18 +207,21 @@ class ClusterDataModule(L.LightningDataModule):
         noise_std (float, optional): Gaussian patch noise; :math:`1/\sqrt{d}`
             if :obj:`None`.
         seed (int, optional): seed of the data. (default: :obj:`0`)
+        scale (float, optional): factor on every input patch. (default: :obj:`1.0`)
     """
 
     def __init__(self, num_train: int = 16000, num_val: int = 4000, num_test: int = 16000,
                  num_clusters: int = 4, num_patches: int = 4, dim: int = 50,
                  alpha: Sequence[float] = (0.5, 2.0), beta: Sequence[float] = (1.0, 2.0),
                  gamma: Sequence[float] = (0.5, 3.0), noise_std: Optional[float] = None,
-                 seed: int = 0):
+                 seed: int = 0, scale: float = 1.0):
         super().__init__()
         self.kwargs = dict(num_train=num_train, num_val=num_val, num_test=num_test,
                            num_clusters=num_clusters, num_patches=num_patches, dim=dim,
                            alpha=tuple(alpha), beta=tuple(beta), gamma=tuple(gamma),
-                           noise_std=noise_std, seed=seed)
+                           noise_std=noise_std, seed=seed, scale=scale)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"'scale' must be a positive number (got {scale!r})")
         self.num_clusters = num_clusters
         self.num_patches = num_patches
         self.dim = dim

@@ -2,7 +2,10 @@ r"""Node-classification data behind one LightningDataModule interface: real
 datasets through PyG's own classes, and the synthetic generator."""
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -28,7 +31,9 @@ class DatasetSpec(NamedTuple):
     subfolder: str         # folder holding raw/ under that root, e.g. "Cora"
     factory: Callable[[str], Any]  # root -> PyG dataset
     metric: str            # "acc" or "auroc"
-    split: str             # "public", "official" (10 given) or "random" (50/25/25)
+    split: str             # "public", "official" (10 given), "random" (50/25/25) or "ogb"
+    # what is copied from the data dir to the cache (relative to the subfolder)
+    files: tuple[str, ...] = ("raw",)
 
 
 def _planetoid(name: str) -> Callable[[str], Any]:
@@ -52,6 +57,41 @@ def _linkx(name: str) -> Callable[[str], Any]:
     return make
 
 
+def _pyg_data_classes() -> list[Any]:
+    r"""The classes of a saved PyG graph, for ``torch.load(weights_only=True)``."""
+    from torch_geometric.data.data import Data, DataEdgeAttr, DataTensorAttr
+    from torch_geometric.data.storage import EdgeStorage, GlobalStorage, NodeStorage
+
+    return [Data, DataEdgeAttr, DataTensorAttr, GlobalStorage, NodeStorage, EdgeStorage]
+
+
+def _ogb_node(name: str) -> Callable[[str], Any]:
+    r"""An OGB node-property dataset through ``ogb``'s own
+    :class:`~ogb.nodeproppred.PygNodePropPredDataset`, with its official split
+    as masks (and single-task labels as ``[N]``)."""
+    def make(root: str):
+        from ogb.nodeproppred import PygNodePropPredDataset
+
+        with torch.serialization.safe_globals(_pyg_data_classes()):  # ogb's own torch.load
+            dataset = PygNodePropPredDataset(name, root)
+        data = dataset[0]
+        for key, index in dataset.get_idx_split().items():
+            mask = torch.zeros(data.num_nodes, dtype=torch.bool)
+            mask[index] = True
+            data[f"{'val' if key == 'valid' else key}_mask"] = mask
+        if data.y.dim() == 2 and data.y.size(1) == 1:
+            data.y = data.y.view(-1)
+        if data.x is None and data.edge_attr is not None:  # ogbn-proteins: mean edge features
+            from torch_geometric.utils import scatter
+
+            data.x = scatter(data.edge_attr, data.edge_index[1], 0, data.num_nodes, "mean")
+        data.ogb_name = name
+        return [data]
+    return make
+
+
+OGB_FILES = ("raw", "split", "RELEASE_v1.txt")
+
 REAL_DATASETS: dict[str, DatasetSpec] = {
     "cora": DatasetSpec("Planetoid", "Cora", _planetoid("Cora"), "acc", "public"),
     "citeseer": DatasetSpec("Planetoid", "CiteSeer", _planetoid("CiteSeer"), "acc", "public"),
@@ -61,8 +101,16 @@ REAL_DATASETS: dict[str, DatasetSpec] = {
                             _heterophilous("Tolokers"), "auroc", "official"),
     "amherst41": DatasetSpec("LINKX", "amherst41", _linkx("amherst41"), "acc", "random"),
     "reed98": DatasetSpec("LINKX", "reed98", _linkx("reed98"), "acc", "random"),
+    # OGB (Hu et al., 2020): official splits; scored with ogb's Evaluator as well
+    "ogbn_arxiv": DatasetSpec("ogb", "ogbn_arxiv", _ogb_node("ogbn-arxiv"), "acc", "given",
+                              OGB_FILES),
+    "ogbn_products": DatasetSpec("ogb", "ogbn_products", _ogb_node("ogbn-products"), "acc",
+                                 "given", OGB_FILES),
+    "ogbn_proteins": DatasetSpec("ogb", "ogbn_proteins", _ogb_node("ogbn-proteins"), "auroc",
+                                 "given", OGB_FILES),
 }
-DATASETS = ("synthetic", *REAL_DATASETS)
+# a graph given in Python (NodeDataModule.from_data) or as a file (name="pyg_file")
+DATASETS = ("synthetic", "pyg_file", *REAL_DATASETS)
 METRICS = ("acc", "auroc")
 
 
@@ -74,6 +122,59 @@ def dataset_metric(name: str) -> str:
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+MANIFEST = ".moegraph-source.json"
+
+
+def _file_table(folder: Path, entries: Sequence[str]) -> dict[str, list[int]]:
+    r"""Size and modification time of every file under ``entries`` of ``folder``."""
+    table = {}
+    for entry in entries:
+        path = folder / entry
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else (
+            [path] if path.is_file() else [])
+        for f in files:
+            stat = f.stat()
+            table[str(f.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
+    return table
+
+
+def sync_cache(source: Path, target: Path, entries: Sequence[str]) -> bool:
+    r"""Copy ``entries`` (files or folders) of ``source`` to ``target`` unless the
+    cache already holds the same files: the cache records the size and time of
+    each source file (``.moegraph-source.json``), and is refreshed, its
+    ``processed/`` folder removed, when the source changed (another data
+    folder, a fixed file) or a cached file's size differs (a truncated copy).
+    Returns whether it copied."""
+    now = _file_table(source, entries)
+    manifest = target / MANIFEST
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text())
+        except ValueError:
+            recorded = None
+        cached = _file_table(target, entries)
+        if recorded == {"source": str(source), "files": now} and all(
+                key in cached and cached[key][0] == size for key, (size, _) in now.items()):
+            return False
+    elif target.is_dir() and _file_table(target, entries) and not now:
+        return False  # a cache filled by hand (or by a download), without a source
+    for entry in entries:
+        src, dst = source / entry, target / entry
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    shutil.rmtree(target / "processed", ignore_errors=True)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"source": str(source), "files": now}))
+    return True
 
 
 def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] = None) -> Data:
@@ -94,11 +195,20 @@ def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] =
         raise ValueError(f"{name}: give 'root' (the data folder) or 'cache_dir'")
     raw_source = source / spec.subfolder / "raw" if source is not None else None
     raw_target = target / spec.subfolder / "raw"
-    if (raw_source is not None and raw_source != raw_target and raw_source.is_dir()
-            and not (raw_target.is_dir() and any(raw_target.iterdir()))):
-        shutil.copytree(raw_source, raw_target, dirs_exist_ok=True)
+    if raw_source is not None and raw_source != raw_target and raw_source.is_dir():
+        sync_cache(source / spec.subfolder, target / spec.subfolder, spec.files)
     try:
         dataset = spec.factory(str(target))
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError,
+            KeyError, IndexError) as error:
+        files = sorted(_file_table(target / spec.subfolder, (*spec.files, "processed")))
+        raise RuntimeError(
+            f"dataset {name!r}: reading its files in {target / spec.subfolder} failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}). "
+            f"A file there is corrupt or truncated (files: {files}). Delete the cache folder "
+            f"{target / spec.subfolder} and check the source files"
+            f"{f' in {source / spec.subfolder}' if source is not None else ''}."
+        ) from error
     except OSError as error:  # URLError (offline) and missing files are OSErrors
         where = raw_source if raw_source is not None else raw_target
         raise FileNotFoundError(
@@ -110,6 +220,27 @@ def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] =
     return dataset[0]
 
 
+def ogb_scores(data: Data, logits: torch.Tensor) -> dict[str, float]:
+    r"""The scores of ``ogb``'s own :class:`~ogb.nodeproppred.Evaluator` on the
+    validation and test nodes of an OGB graph (``data.ogb_name``), from the
+    class scores ``logits [N, C]``: ``{split}/ogb_<metric>`` (e.g.
+    ``test/ogb_acc``); empty for a graph that is not from OGB."""
+    name = getattr(data, "ogb_name", None)
+    if name is None:
+        return {}
+    from ogb.nodeproppred import Evaluator
+
+    evaluator = Evaluator(name)
+    scores = {}
+    for split in ("val", "test"):
+        mask = data[f"{split}_mask"].cpu()
+        y_true = data.y.cpu()[mask].view(-1, 1)
+        y_pred = logits.detach().cpu()[mask].argmax(-1).view(-1, 1)
+        result = evaluator.eval({"y_true": y_true, "y_pred": y_pred})
+        scores.update({f"{split}/ogb_{k}": float(v) for k, v in result.items()})
+    return scores
+
+
 def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5,
                  val_ratio: float = 0.25) -> Data:
     r"""Leave ``data`` with one-dimensional ``train_mask``/``val_mask``/``test_mask``:
@@ -118,6 +249,12 @@ def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5
     rest split of the labelled nodes seeded by ``split`` (LINKX)."""
     kind = REAL_DATASETS[name].split
     data = data.clone()
+    if kind == "given":  # masks set by the loader (OGB's official split)
+        if split != 0:
+            raise ValueError(f"{name} has one official split: 'split' must be 0 (got {split})")
+        data = data.clone()
+        data.x = data.x.float()
+        return data
     if kind == "official":
         num_splits = data.train_mask.size(1)
         if not 0 <= split < num_splits:
@@ -132,7 +269,7 @@ def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5
         data.train_mask, data.val_mask, data.test_mask = random_split_masks(
             data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
     elif split != 0:
-        raise ValueError(f"{name} has one public split: 'split' must be 0 (got {split})")
+        raise ValueError(f"{name} has one {kind} split: 'split' must be 0 (got {split})")
     data.x = data.x.float()
     return data
 
@@ -154,6 +291,63 @@ def load_node_dataset(name: str, root: Optional[str] = None, cache_dir: Optional
     if name == "synthetic":
         return csbm_graph(**kwargs)
     return select_split(load_real_dataset(name, root, cache_dir), name, split, **kwargs)
+
+
+def load_pyg_file(path: str) -> Data:
+    r"""A graph saved with ``torch.save``: a :class:`~torch_geometric.data.Data`
+    (or a dict of its attributes) with ``x``, ``edge_index``, ``y`` and, if
+    given, the masks. Loaded with ``weights_only=True`` when the file allows it
+    (plain tensors in a dict), else as a pickle: load only files you trust."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"data.path: no graph file at {str(file)!r}")
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # a Data object: not a plain-tensor file
+            obj = torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise ValueError(f"data.path: {str(file)!r} is not a file written by torch.save (or it "
+                         f"is truncated): {type(error).__name__}: {error}") from error
+    if isinstance(obj, dict):
+        obj = Data(**obj)
+    if not isinstance(obj, Data):
+        raise TypeError(f"data.path: {str(file)!r} holds a {type(obj).__name__}; save a "
+                        f"torch_geometric.data.Data (or a dict) with x, edge_index and y")
+    return obj
+
+
+def prepare_graph(data: Data, name: str, split: int = 0, train_ratio: float = 0.5,
+                  val_ratio: float = 0.25) -> Data:
+    r"""A user's graph ready for :class:`NodeDataModule`: its masks if it has
+    them (column ``split`` of ``[N, S]`` masks), else a random
+    ``train_ratio``/``val_ratio``/rest split of the labelled nodes (``y >= 0``)
+    seeded by ``split``; float features."""
+    for key in ("x", "edge_index", "y"):
+        if data.get(key) is None:
+            raise ValueError(f"{name}: the graph has no '{key}' (it needs x, edge_index and y)")
+    data = data.clone()
+    keys = ("train_mask", "val_mask", "test_mask")
+    given = [data.get(k) is not None for k in keys]
+    if any(given) and not all(given):
+        raise ValueError(f"{name}: give all of {keys} or none (random split); got "
+                         f"{[k for k, g in zip(keys, given, strict=True) if g]}")
+    if all(given):
+        for key in keys:
+            if data[key].dim() == 2:
+                if not 0 <= split < data[key].size(1):
+                    raise ValueError(f"{name}: 'split' must lie in [0, {data[key].size(1) - 1}]"
+                                     f" (got {split})")
+                data[key] = data[key][:, split].contiguous()
+    else:
+        if split < 0:
+            raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
+        generator = torch.Generator().manual_seed(split)
+        labelled = (data.y >= 0).nonzero().view(-1)
+        data.train_mask, data.val_mask, data.test_mask = random_split_masks(
+            data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
+    data.x = data.x.float()
+    return data
 
 
 def check_graph(data: Data, name: str) -> None:
@@ -205,21 +399,35 @@ class NodeDataModule(L.LightningDataModule):
         num_neighbors (list of int, optional): neighbours sampled per hop in
             mini-batch mode, ``-1`` for all. (default: :obj:`[10, 10]`)
         num_workers (int, optional): loader workers. (default: :obj:`0`)
-        dataset_kwargs (dict, optional): arguments of the generator / split.
+        dataset_kwargs (dict, optional): arguments of the generator / split
+            (``train_ratio``, ``val_ratio`` of a random split).
+        path (str, optional): the graph file of ``name="pyg_file"`` (see
+            :func:`load_pyg_file`).
+
+    A graph in memory: :meth:`from_data`.
     """
 
     def __init__(self, name: str = "synthetic", root: Optional[str] = None,
                  cache_dir: Optional[str] = None, split: int = 0,
                  metric: Optional[str] = None, batch_size: Optional[int] = None,
                  num_neighbors: Optional[Sequence[int]] = None, num_workers: int = 0,
-                 dataset_kwargs: Optional[dict[str, Any]] = None):
+                 dataset_kwargs: Optional[dict[str, Any]] = None, path: Optional[str] = None):
         super().__init__()
         _check_name(name)
+        if (name == "pyg_file") != (path is not None):
+            raise ValueError("give 'path' (the graph file) exactly when name='pyg_file' "
+                             f"(got name={name!r}, path={path!r})")
         metric = metric or dataset_metric(name)
         if metric not in METRICS:
             raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"'batch_size' must be positive (got {batch_size})")
+        if num_neighbors is not None:
+            num_neighbors = list(num_neighbors)
+            if not num_neighbors or any(isinstance(n, bool) or not isinstance(n, int)
+                                        or n == 0 or n < -1 for n in num_neighbors):
+                raise ValueError(f"'num_neighbors' must be a non-empty list of positive ints "
+                                 f"(or -1: all neighbours), one per hop (got {num_neighbors})")
         self.name = name
         self.root = root
         self.cache_dir = cache_dir
@@ -229,13 +437,32 @@ class NodeDataModule(L.LightningDataModule):
         self.num_neighbors = list(num_neighbors or [10, 10])
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
+        self.path = path
         self.data: Optional[Data] = None
         self._sampler: Optional[NeighborSampler] = None
 
+    @classmethod
+    def from_data(cls, data: Data, split: int = 0, train_ratio: float = 0.5,
+                  val_ratio: float = 0.25, **kwargs: Any) -> NodeDataModule:
+        r"""A data module around a graph in memory: a
+        :class:`~torch_geometric.data.Data` with ``x``, ``edge_index``, ``y``
+        and masks (or a random ``train_ratio``/``val_ratio``/rest split of the
+        labelled nodes, seeded by ``split``). ``kwargs`` as in the constructor
+        (``batch_size``, ``num_neighbors``, ``metric``, ...)."""
+        module = cls(name="synthetic", split=split, **kwargs)
+        module.name = "custom"
+        module.data = prepare_graph(data, "custom", split, train_ratio, val_ratio)
+        check_graph(module.data, "custom")
+        return module
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.data is None:
-            data = load_node_dataset(self.name, self.root, self.cache_dir, self.split,
+            if self.name == "pyg_file":
+                data = prepare_graph(load_pyg_file(self.path), self.path, self.split,
                                      **self.dataset_kwargs)
+            else:
+                data = load_node_dataset(self.name, self.root, self.cache_dir, self.split,
+                                         **self.dataset_kwargs)
             check_graph(data, self.name)
             self.data = data
 
@@ -255,6 +482,11 @@ class NodeDataModule(L.LightningDataModule):
 
     def task_kwargs(self) -> dict[str, Any]:
         r"""What the LightningModule needs to know of the data."""
+        self.setup()
+        if self.data.y.dim() != 1:
+            raise ValueError(f"{self.name}: the labels are [N, {self.data.y.size(1)}] "
+                             f"(multi-label); the node-classification tasks take one class "
+                             f"per node")
         if self.metric == "auroc" and self.num_classes != 2:
             raise ValueError(f"{self.name}: metric 'auroc' needs a binary task "
                              f"(got {self.num_classes} classes)")

@@ -226,9 +226,11 @@ class _PairBatches(IterableDataset):
             rows = dm.rows(self.split)
             perm = torch.arange(rows["user"].numel())
         for chunk in perm.split(dm.batch_size):
-            yield dict(user_x=dm.user_x, item_x=dm.item_x, edge_index=dm.edge_index,
-                       user=rows["user"][chunk], item=rows["item"][chunk],
-                       y={t: v[chunk] for t, v in rows["y"].items()},
+            user = rows["user"][chunk]
+            yield dict(inputs=dict(user_x=dm.user_x, item_x=dm.item_x,
+                                   edge_index=dm.edge_index, user=user,
+                                   item=rows["item"][chunk]),
+                       group=user, y={t: v[chunk] for t, v in rows["y"].items()},
                        mask={t: v[chunk] for t, v in rows["mask"].items()})
 
 
@@ -237,9 +239,11 @@ class MovieLensDataModule(L.LightningDataModule):
     (user, movie) rows over the bipartite training graph; see the module
     docstring for the tasks, the split and the negatives.
 
-    Each batch is a dict: ``user_x [U, Fu]``, ``item_x [I, Fi]``,
-    ``edge_index [2, M]`` (training ratings, user -> item indices),
-    ``user [B]``, ``item [B]``, ``y`` and ``mask`` (dicts by task, ``[B]``).
+    Each batch is a dict: ``inputs`` (the network's keyword arguments:
+    ``user_x [U, Fu]``, ``item_x [I, Fi]``, ``edge_index [2, M]`` (training
+    ratings, user -> item indices), ``user [B]``, ``item [B]``), ``group``
+    (the user of each row, for GAUC), ``y`` and ``mask`` (dicts by task,
+    ``[B]``).
 
     Args:
         name (str, optional): ``"movielens100k"`` or ``"synthetic"``.
@@ -326,7 +330,7 @@ class MovieLensDataModule(L.LightningDataModule):
     def net_kwargs(self) -> dict[str, Any]:
         r"""What the network needs to know of the data (given by ``train``)."""
         self.setup()
-        return {"num_users": self.num_users, "num_items": self.num_items,
+        return {"encoder": "lightgcn", "num_users": self.num_users, "num_items": self.num_items,
                 "user_channels": self.user_x.size(1), "item_channels": self.item_x.size(1),
                 "tasks": {t: 1 for t in self.tasks}}
 

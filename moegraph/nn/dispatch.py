@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from moegraph.nn.experts import Experts
-from moegraph.nn.routing import Routing, drop_overflow, expert_capacity
+from moegraph.nn.routing import Routing, count_index, drop_overflow, expert_capacity
 
 
 class Bins(NamedTuple):
@@ -67,7 +67,7 @@ def indices_and_bins(routing: Routing, num_experts: int) -> Bins:
     expert, assignments keep their order (rows ascending for the routers of
     :mod:`moegraph.nn.routing`)."""
     order = torch.argsort(routing.expert, stable=True)  # [A]
-    counts = torch.bincount(routing.expert, minlength=num_experts)  # [E]
+    counts = count_index(routing.expert, num_experts)  # [E], no host sync
     return Bins(order, routing.row[order], routing.expert[order], routing.weight[order], counts)
 
 
@@ -114,5 +114,12 @@ def permute_and_compute(x: Tensor, bins: Bins, experts: Experts, fixed_k: Option
     Returns:
         Tensor: ``[N, O]`` (zero for a row with no assignment).
     """
+    if not deterministic:
+        # A bank that gathers its rows and adds its outputs itself (the same
+        # additions in the same order) spares the [A, F] and [A, O] copies.
+        fused = getattr(experts, "gather_and_combine", None)
+        out = None if fused is None else fused(x, bins.rows, bins.counts, bins.weight)
+        if out is not None:
+            return out
     y_sorted = experts(x.index_select(0, bins.rows), bins.counts, bins.weight)  # [A, O]
     return combine(y_sorted, bins.rows, x.size(0), fixed_k, deterministic)

@@ -15,6 +15,8 @@ from torch import Tensor
 from torch.nn import Module, ModuleList, Parameter
 from torch_geometric.nn.resolver import activation_resolver
 
+from moegraph.utils.checks import check_int
+
 BACKENDS = ("auto", "loop", "grouped_mm")
 
 
@@ -65,19 +67,30 @@ class _SegmentMLP(torch.autograd.Function):
     output), so any activation module works and nothing is recomputed; the
     activation's own trainable parameters are passed as trailing inputs so that
     they get their gradient too (e.g. PReLU).
+
+    With ``rows`` (the row of each sorted assignment), ``x`` holds the
+    unsorted rows ``[N, F]``: each block gathers its rows itself and adds its
+    weighted outputs into ``out [N, O]`` (and, backward, its input gradients
+    into ``grad_x [N, F]``), so the sorted copies of the input, the output and
+    their gradients, ``[A, F]`` and ``[A, O]`` each, are never allocated. The
+    additions happen in the order of the sorted assignments, exactly as an
+    ``index_add_`` of the sorted outputs would do them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, sizes, act, w1, b1, w2, b2, *act_params):
-        A, O = x.size(0), w2.size(-1)
-        y = x.new_empty(A, O)
+    def forward(ctx, x, weight, rows, num_rows, sizes, act, w1, b1, w2, b2, *act_params):
+        gather = rows is not None
+        A, O = sum(sizes), w2.size(-1)
+        y = x.new_empty(A, O)  # unweighted outputs, sorted by expert
+        out = x.new_zeros(num_rows, O) if gather else None
         graphs = []  # per block: (activation input, activation output)
         start = 0
         for e, size in enumerate(sizes):
             if size == 0:
                 continue
             end = start + size
-            hp = x[start:end] @ w1[e] if b1 is None else torch.addmm(b1[e], x[start:end], w1[e])
+            xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
+            hp = xe @ w1[e] if b1 is None else torch.addmm(b1[e], xe, w1[e])
             with torch.enable_grad():
                 hp.requires_grad_()
                 h = act(hp)
@@ -86,23 +99,28 @@ class _SegmentMLP(torch.autograd.Function):
                 torch.mm(h.detach(), w2[e], out=y[start:end])
             else:
                 torch.addmm(b2[e], h.detach(), w2[e], out=y[start:end])
+            if gather:
+                ye = y[start:end] if weight is None else y[start:end] * weight[start:end, None]
+                out.index_add_(0, rows[start:end], ye)
             start = end
         ctx.sizes, ctx.graphs, ctx.act_params = sizes, graphs, act_params
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        if weight is None:
-            ctx.save_for_backward(x, None, None, w1, w2)
-            return y
-        ctx.save_for_backward(x, weight, y, w1, w2)
-        return y * weight.unsqueeze(-1)
+        ctx.save_for_backward(x, rows, weight, None if weight is None else y, w1, w2)
+        if gather:
+            return out
+        return y if weight is None else y * weight.unsqueeze(-1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, y, w1, w2 = ctx.saved_tensors
+        x, rows, weight, y, w1, w2 = ctx.saved_tensors
+        gather = rows is not None
         sizes, graphs = ctx.sizes, iter(ctx.graphs)
         grad_out = grad_out.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
         grad_weight = torch.empty_like(weight) if (need_w and weight is not None) else None
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1 = w1.new_empty(w1.size(0), w1.size(2)) if ctx.has_b1 else None
@@ -119,7 +137,7 @@ class _SegmentMLP(torch.autograd.Function):
                     gb2[e].zero_()
                 continue
             end = start + size
-            g = grad_out[start:end]
+            g = grad_out.index_select(0, rows[start:end]) if gather else grad_out[start:end]
             if weight is not None:
                 if grad_weight is not None:
                     grad_weight[start:end] = (g * y[start:end]).sum(dim=-1)
@@ -133,13 +151,17 @@ class _SegmentMLP(torch.autograd.Function):
             for acc, grad in zip(grad_act, grad_p, strict=True):
                 if grad is not None:
                     acc += grad
-            torch.mm(x[start:end].t(), grad_h, out=gw1[e])
+            xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
+            torch.mm(xe.t(), grad_h, out=gw1[e])
             if gb1 is not None:
                 torch.sum(grad_h, dim=0, out=gb1[e])
             if grad_x is not None:
-                torch.mm(grad_h, w1[e].t(), out=grad_x[start:end])
+                if gather:
+                    grad_x.index_add_(0, rows[start:end], grad_h @ w1[e].t())
+                else:
+                    torch.mm(grad_h, w1[e].t(), out=grad_x[start:end])
             start = end
-        return (grad_x, grad_weight, None, None, gw1, gb1, gw2, gb2, *grad_act)
+        return (grad_x, grad_weight, None, None, None, None, gw1, gb1, gw2, gb2, *grad_act)
 
 
 class MLPExperts(Experts):
@@ -177,8 +199,7 @@ class MLPExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
                             ("out_channels", out_channels), ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
         self.in_channels = in_channels
@@ -208,22 +229,39 @@ class MLPExperts(Experts):
 
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:
+        return self._run(x_sorted, counts, weight)
+
+    def gather_and_combine(self, x: Tensor, rows: Tensor, counts: Tensor,
+                           weight: Optional[Tensor] = None) -> Optional[Tensor]:
+        r"""The experts on the rows ``x [N, F]`` routed to them and the
+        weighted outputs added back into their rows, ``[N, O]``: what
+        ``combine(self(x[rows], counts, weight), rows, N)`` computes, with the
+        same additions in the same order, without the sorted copies. Used by
+        :func:`~moegraph.nn.dispatch.permute_and_compute`; :obj:`None` where
+        this bank has no such path (``backend="grouped_mm"``)."""
+        if resolve_backend(self.backend) != "loop":
+            return None
+        return self._run(x, counts, weight, rows)
+
+    def _run(self, x: Tensor, counts: Tensor, weight: Optional[Tensor],
+             rows: Optional[Tensor] = None) -> Tensor:
         backend = resolve_backend(self.backend)
         # Under autocast the experts run in the autocast dtype, as nn.Linear would.
-        device_type = x_sorted.device.type
+        device_type = x.device.type
         dtype = (torch.get_autocast_dtype(device_type)
-                 if torch.is_autocast_enabled(device_type) else x_sorted.dtype)
+                 if torch.is_autocast_enabled(device_type) else x.dtype)
         params = [p if p is None else p.to(dtype)
                   for p in (self.weight1, self.bias1, self.weight2, self.bias2)]
-        x_sorted = x_sorted.to(dtype).contiguous()
+        x = x.to(dtype).contiguous()
         weight = None if weight is None else weight.to(dtype)
         with torch.autocast(device_type=device_type, enabled=False):
             if backend == "grouped_mm":
-                y = self._grouped_mm(x_sorted, counts, *params)
+                y = self._grouped_mm(x, counts, params[0], params[1], params[2], params[3])
                 return y if weight is None else y * weight.unsqueeze(-1)
             sizes = counts.tolist()  # host sync: block sizes are needed on the host
             act_params = [p for p in self.act.parameters() if p.requires_grad]
-            return _SegmentMLP.apply(x_sorted, weight, sizes, self.act, *params, *act_params)
+            return _SegmentMLP.apply(x, weight, rows, x.size(0), sizes, self.act, *params,
+                                     *act_params)
 
     def _grouped_mm(self, x: Tensor, counts: Tensor, w1: Tensor, b1: Optional[Tensor],
                     w2: Tensor, b2: Optional[Tensor]) -> Tensor:
@@ -323,8 +361,7 @@ class LinearExperts(Experts):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("num_experts", num_experts)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+            check_int(name, value)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_experts = num_experts

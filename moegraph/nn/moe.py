@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Linear, Module, Sequential
 from torch_geometric.nn.resolver import activation_resolver
@@ -10,6 +12,7 @@ from torch_geometric.nn.resolver import activation_resolver
 from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins, permute_and_compute
 from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
 from moegraph.nn.routing import ExpertChoiceRouter, Router, Routing, build_router
+from moegraph.utils.checks import check_int, check_positive_float
 
 __all__ = ["MoEOutput", "SparseMoE", "combine"]
 
@@ -40,6 +43,16 @@ class SparseMoE(Module):
     ``ceil(capacity_factor * A / E)`` assignments (``A = N * k`` for top-k);
     the overflow is dropped deterministically (first choices first, then by
     row index) and contributes nothing.
+
+    Host synchronisations per call (what makes a CUDA host wait): one scalar
+    read for the router's NaN/Inf check of its logits, and, with the
+    ``"loop"`` backend, one ``counts.tolist()`` for the block sizes of the
+    per-expert matmuls (``"grouped_mm"`` takes the offsets on the device).
+    Counting the assignments per expert, the auxiliary losses, the combine
+    and the whole backward pass need none. Data-dependent sizes add one
+    each where they are asked for: null experts and ``capacity_factor``
+    (dropped assignments), the top-p router (a variable number per row).
+    ``tests/nn/test_moe.py::test_host_syncs_per_call`` counts them.
 
     Args:
         in_channels (int): input size :math:`F`.
@@ -97,11 +110,17 @@ class SparseMoE(Module):
         deterministic: bool = False,
     ):
         super().__init__()
+        in_channels = check_int("in_channels", in_channels)
+        hidden_channels = check_int("hidden_channels", hidden_channels)
         out_channels = in_channels if out_channels is None else out_channels
+        out_channels = check_int("out_channels", out_channels)
+        num_experts = check_int("num_experts", num_experts)
+        num_shared_experts = check_int("num_shared_experts", num_shared_experts, low=0)
+        if shared_hidden_channels is not None:
+            shared_hidden_channels = check_int("shared_hidden_channels", shared_hidden_channels)
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.out_channels = out_channels
-        self.capacity_factor = capacity_factor
         self.num_shared_experts = num_shared_experts
         self.deterministic = deterministic
 
@@ -113,8 +132,8 @@ class SparseMoE(Module):
             if isinstance(router, ExpertChoiceRouter):
                 raise ValueError("the expert-choice router sets its own capacity: pass "
                                  "'capacity_factor' in 'router_kwargs', not to SparseMoE")
-            if not capacity_factor > 0:
-                raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
+        self.capacity_factor = capacity_factor
 
         if experts is None:
             experts = MLPExperts(in_channels, hidden_channels, out_channels, num_experts, act,
@@ -125,9 +144,6 @@ class SparseMoE(Module):
             raise ValueError(f"got {experts.num_experts} experts but num_experts={num_experts}")
         self.experts = experts
 
-        if num_shared_experts < 0:
-            raise ValueError(f"'num_shared_experts' must be non-negative "
-                             f"(got {num_shared_experts})")
         self.shared: Optional[Sequential]
         if num_shared_experts > 0:
             # S shared experts of hidden size h summed == one MLP of hidden S * h.
@@ -164,8 +180,24 @@ class SparseMoE(Module):
         out = permute_and_compute(x, bins, self.experts, routing.fixed_k,
                                   self.deterministic or x.is_cuda)  # [N, O]
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self._shared(x)
         return MoEOutput(out, routing)
+
+    def _shared(self, x: Tensor) -> Tensor:
+        r"""The shared experts, in the dtype the routed experts run in: the
+        autocast dtype under autocast, else that of ``x`` (as
+        :class:`~moegraph.nn.MLPExperts`)."""
+        assert self.shared is not None
+        lin1, act, lin2 = self.shared
+        assert isinstance(lin1, Linear) and isinstance(lin2, Linear)
+        if torch.is_autocast_enabled(x.device.type) or lin1.weight.dtype == x.dtype:
+            return self.shared(x)
+
+        def to_x(p: Optional[Tensor]) -> Optional[Tensor]:
+            return None if p is None else p.to(x.dtype)
+
+        h = act(F.linear(x, lin1.weight.to(x.dtype), to_x(lin1.bias)))
+        return F.linear(h, lin2.weight.to(x.dtype), to_x(lin2.bias))
 
     def __repr__(self) -> str:
         k = getattr(self.router, "k", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -366,7 +366,7 @@ class Mowst(Module):
         self.threshold = threshold
         self.gate_type = gate_type
         self.gate = ConfidenceGate(gate_type, gate_hidden_channels, gate_num_layers,
-                                   in_channels if gate_features else 0)
+                                   in_channels if gate_features and in_channels else 0)
         self.num_hops: Optional[int] = (receptive_hops(self.strong) if num_hops is None
                                         else num_hops)
         self._weak_takes_graph = _takes_graph(self.weak)
@@ -522,8 +522,8 @@ class Mowst(Module):
             edge_index, edge_weight = self._gcn_normalized_edges(gcn, edge_index, num_nodes,
                                                                  x.dtype)
         sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes)
-        kwargs = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
-                      num_sampled_edges_per_hop=sub.num_edges_per_hop)
+        kwargs: dict[str, Any] = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
+                                      num_sampled_edges_per_hop=sub.num_edges_per_hop)
         if edge_weight is not None:
             kwargs["edge_weight"] = edge_weight[sub.edge_id]
         try:

@@ -86,6 +86,67 @@ def _per_task_count(value: Union[int, Mapping[str, int]], tasks: Sequence[str],
     return counts
 
 
+class _FeatureGatedExperts(torch.autograd.Function):
+    r"""``k`` feature-gated experts over one input, without a ``[k, N, F]``
+    tensor: forward and backward run over blocks of rows (about
+    ``BLOCK_ELEMENTS`` gated inputs each, all experts batched), and backward
+    recomputes the gates from ``x`` and the low-rank logits ``z`` (the only
+    activations saved besides ``x``). Memory: ``x``, ``z``, the output and
+    a few blocks, whatever ``N``.
+
+    ``y_j = (x * 2 sigmoid(z_j B_j)) W_j + b_j`` with ``z = x A``.
+    """
+
+    BLOCK_ELEMENTS = 1 << 20  # k * rows * F per block: about 4 MiB of float32
+
+    @staticmethod
+    def _rows(k: int, F_in: int) -> int:
+        return max(1, _FeatureGatedExperts.BLOCK_ELEMENTS // max(k * F_in, 1))
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        N, F_in = x.shape
+        k, r, H = b.size(0), b.size(1), weight.size(2)
+        z = x @ a  # [N, k*r]
+        out = x.new_empty(k, N, H)
+        step = _FeatureGatedExperts._rows(k, F_in)
+        for lo in range(0, N, step):
+            xc, zc = x[lo:lo + step], z[lo:lo + step]
+            zk = zc.view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+            gated = torch.bmm(zk, b).sigmoid_().mul_(xc).mul_(2.0)  # [k, rows, F]
+            out[:, lo:lo + step] = torch.baddbmm(bias.unsqueeze(1), gated, weight)
+        ctx.save_for_backward(x, a, b, weight, z)
+        return out.transpose(0, 1).reshape(N, k * H)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, a, b, weight, z = ctx.saved_tensors
+        N, F_in = x.shape
+        k, r, H = b.size(0), b.size(1), weight.size(2)
+        g = grad_out.reshape(N, k, H).transpose(0, 1)  # [k, N, H]
+        grad_x = torch.empty_like(x)
+        grad_z = torch.empty_like(z)
+        grad_b = torch.zeros_like(b)
+        grad_w = torch.zeros_like(weight)
+        grad_bias = g.sum(1)  # [k, H]
+        step = _FeatureGatedExperts._rows(k, F_in)
+        for lo in range(0, N, step):
+            xc, gc = x[lo:lo + step], g[:, lo:lo + step]
+            zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+            s = torch.bmm(zk, b).sigmoid_()  # [k, rows, F]
+            grad_w.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)
+            gxt = torch.bmm(gc, weight.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
+            grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
+            gu = gxt.mul_(xc).mul_(s).mul_(1.0 - s)  # d(2 sigmoid(u)) = 2 s (1 - s) du
+            grad_b.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
+            gz = torch.bmm(gu, b.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
+            grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
+        grad_x.addmm_(grad_z, a.T)
+        grad_a = x.T @ grad_z
+        return grad_x, grad_a, grad_b, grad_w, grad_bias
+
+
 class GateSpec(NamedTuple):
     r"""One gate of a level: the stream it writes, the stream it reads (its
     input and, with a self-gate, its residual) and the experts it may see."""
@@ -161,6 +222,14 @@ class MultiGateLevel(Module):
         self.hidden_channels = hidden_channels
         self.num_experts = E
         self.expert_inputs = list(expert_inputs)
+        # Maximal runs of consecutive experts reading the same stream: (stream, (start, end)).
+        runs: list[tuple[str, tuple[int, int]]] = []
+        for e, name in enumerate(self.expert_inputs):
+            if runs and runs[-1][0] == name:
+                runs[-1] = (name, (runs[-1][1][0], e + 1))
+            else:
+                runs.append((name, (e, e + 1)))
+        self._stream_groups = runs
         self.gate_specs = list(gates)
         self.expert_norm = None if expert_norm == "none" else expert_norm
         self.feature_gate_rank = int(feature_gate_rank or 0)
@@ -228,27 +297,28 @@ class MultiGateLevel(Module):
         Letters: N rows, F input features, E experts, G gates, H expert width,
         r feature-gate rank.
         """
-        E, H, F_in = self.num_experts, self.hidden_channels, self.in_channels
-        names = self.expert_inputs
-        single = len(set(names)) == 1
-        x = streams[names[0]]
-        N = x.size(0)
-        if single and self.fg_a is None:
-            # Every expert reads the same input: one matmul for all of them.
-            w = self.weight.permute(1, 0, 2).reshape(F_in, E * H)
-            h = torch.addmm(self.bias.view(-1), x, w)  # [N, E*H]
-        else:
-            xs = x.unsqueeze(0) if single else torch.stack([streams[s] for s in names])
-            if self.fg_a is not None:
+        E, H = self.num_experts, self.hidden_channels
+        N = streams[self.expert_inputs[0]].size(0)
+        if self.training and self.norm is not None and N < 2:
+            raise ValueError(f"expert_norm='batch_norm' needs at least 2 rows per training "
+                             f"batch (got {N}): batch statistics of one row are undefined; "
+                             "use larger batches (drop a last batch of one row) or "
+                             "expert_norm='layer_norm'")
+        # Experts grouped by the stream they read: one matmul per stream (and,
+        # with feature-gates, one pass over the stream per expert).
+        parts = []
+        for stream, idx in self._stream_groups:
+            x = streams[stream]
+            s, e = idx
+            if self.fg_a is None:
+                w = self.weight[s:e].permute(1, 0, 2).reshape(self.in_channels, (e - s) * H)
+                parts.append(torch.addmm(self.bias[s:e].reshape(-1), x, w))  # [N, k*H]
+            else:
                 r = self.feature_gate_rank
-                if single:
-                    z = (x @ self.fg_a).view(N, E, r).transpose(0, 1)  # [E, N, r]
-                else:
-                    z = torch.bmm(xs, self.fg_a.view(F_in, E, r).transpose(0, 1))  # [E, N, r]
-                xs = xs * (2.0 * torch.sigmoid(torch.bmm(z, self.fg_b)))  # [E, N, F]
-            h = torch.baddbmm(self.bias.unsqueeze(1), xs.expand(E, N, F_in),
-                              self.weight)  # [E, N, H]
-            h = h.transpose(0, 1).reshape(N, E * H)
+                parts.append(_FeatureGatedExperts.apply(
+                    x, self.fg_a[:, s * r:e * r], self.fg_b[s:e], self.weight[s:e],
+                    self.bias[s:e]))  # [N, k*H]
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
         if self.norm is not None:
             h = self.norm(h)
         h = h.view(N, E, H)
@@ -341,11 +411,27 @@ class MultiTaskHead(Module):
         return [f"{li}/{g.name}" for li, level in enumerate(self.levels)
                 for g in level.gate_specs]
 
+    def check_input(self, x: Tensor) -> None:
+        r"""Raise a clear error for an input that is not a finite float
+        ``[N, in_channels]`` tensor."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{name}: 'x' must be a float tensor [N, {self.in_channels}] "
+                            f"(got {getattr(x, 'dtype', type(x).__name__)})")
+        if x.dim() != 2 or x.size(1) != self.in_channels:
+            raise ValueError(f"{name}: 'x' must have shape [N, {self.in_channels}] "
+                             f"(in_channels={self.in_channels}); got {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(1).sum())
+            raise ValueError(f"{name}: 'x' holds NaN or infinite values ({bad} of {x.size(0)} "
+                             "rows); clean or impute the features first")
+
     def forward(self, x: Tensor) -> MultiTaskOutput:
         r"""
         Args:
             x (Tensor): representation ``[N, F]``.
         """
+        self.check_input(x)
         streams = {INPUT: x}
         gates, experts = {}, []
         for li, level in enumerate(self.levels):
@@ -402,6 +488,7 @@ class SharedBottom(MultiTaskHead):
                 m.reset_parameters()
 
     def forward(self, x: Tensor) -> MultiTaskOutput:
+        self.check_input(x)
         h = self.bottom(x)  # [N, H]
         return MultiTaskOutput({t: self.towers[t](h) for t in self.tasks})
 

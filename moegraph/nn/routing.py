@@ -19,8 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, Parameter
 
+from moegraph.utils.checks import check_int, check_positive_float
+
 AUX_LOSS_NAMES = ("load_balance", "z_loss", "importance", "entropy")
 """Names of the auxiliary losses a router can return (unweighted)."""
+
+
+def count_index(index: Tensor, size: int) -> Tensor:
+    r"""How often each value in ``[0, size)`` occurs in ``index`` (int64
+    ``[size]``): :func:`torch.bincount` with ``minlength=size`` for indices
+    known to be below ``size``, without its host synchronisation on CUDA
+    (``bincount`` reads the maximum to size its output)."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index, dtype=torch.long))
 
 
 class Routing(NamedTuple):
@@ -97,17 +108,34 @@ def load_balancing_loss(probs: Tensor, top1: Tensor) -> Tensor:
     N, E = probs.shape
     if N == 0:
         return probs.new_zeros(())
-    f = torch.bincount(top1, minlength=E).to(probs.dtype) / N
+    f = count_index(top1, E).to(probs.dtype) / N
     P = probs.mean(dim=0)
     return E * (f * P).sum()
 
 
+Z_LOSS_QUADRATIC_UP_TO = 1e4
+r"""Beyond this ``|log-sum-exp|`` the z-loss grows logarithmically, not
+quadratically, so that it stays finite for any finite router logits."""
+
+
 def z_loss(logits: Tensor) -> Tensor:
     r"""Router z-loss of ST-MoE (Zoph et al., 2022):
-    :math:`\frac{1}{N}\sum_n \big(\log\sum_i e^{z_{ni}}\big)^2`."""
+    :math:`\frac{1}{N}\sum_n \phi\big(\log\sum_i e^{z_{ni}}\big)` with
+    :math:`\phi(l) = l^2` for :math:`|l| \le T`
+    (:data:`Z_LOSS_QUADRATIC_UP_TO`, far above any healthy router) and
+    :math:`T^2 (1 + 2 \log(|l| / T))` beyond: same value and slope at
+    :math:`T`, still pulling the logits down, but finite (and with finite
+    gradients) for finite logits of any size, where :math:`l^2` overflows
+    float32 from :math:`|l| \approx 1.8 \cdot 10^{19}`."""
     if logits.size(0) == 0:
         return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    lse = torch.logsumexp(logits, dim=-1).abs()  # [N]
+    T = Z_LOSS_QUADRATIC_UP_TO
+    big = lse > T
+    # Each branch is evaluated where it is not selected too: keep both finite.
+    quadratic = torch.where(big, T, lse).pow(2)
+    logarithmic = T * T * (1 + 2 * torch.log(torch.where(big, lse, T) / T))
+    return torch.where(big, logarithmic, quadratic).mean()
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -173,13 +201,13 @@ def drop_overflow(routing: Routing, capacity: int) -> Routing:
     A, N, E = routing.row.numel(), routing.num_rows, routing.num_experts
     device = routing.row.device
     # Rank of each assignment within its row (0 = first choice).
-    per_row = torch.bincount(routing.row, minlength=N)
+    per_row = count_index(routing.row, N)
     start = torch.cumsum(per_row, 0) - per_row
     rank = torch.arange(A, device=device) - start[routing.row]
     # Order by (expert, rank, row) with two stable sorts.
     order = torch.argsort(rank * max(N, 1) + routing.row, stable=True)
     order = order[torch.argsort(routing.expert[order], stable=True)]
-    counts = torch.bincount(routing.expert, minlength=E)
+    counts = count_index(routing.expert, E)
     expert_start = torch.cumsum(counts, 0) - counts
     sorted_expert = routing.expert[order]
     position = torch.arange(A, device=device) - expert_start[sorted_expert]
@@ -190,7 +218,7 @@ def drop_overflow(routing: Routing, capacity: int) -> Routing:
         row=routing.row[keep],
         expert=expert,
         weight=routing.weight[keep],
-        load=torch.bincount(expert, minlength=E).to(routing.load.dtype),
+        load=count_index(expert, E).to(routing.load.dtype),
         fixed_k=None,
         dropped=(~keep).sum(),
     )
@@ -205,12 +233,9 @@ class Router(Module):
 
     def __init__(self, in_channels: int, num_experts: int, num_null_experts: int = 0):
         super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"'in_channels' must be positive (got {in_channels})")
-        if num_experts < 1:
-            raise ValueError(f"'num_experts' must be positive (got {num_experts})")
-        if num_null_experts < 0:
-            raise ValueError(f"'num_null_experts' must be non-negative (got {num_null_experts})")
+        in_channels = check_int("in_channels", in_channels)
+        num_experts = check_int("num_experts", num_experts)
+        num_null_experts = check_int("num_null_experts", num_null_experts, low=0)
         self.in_channels = in_channels
         self.num_experts = num_experts
         self.num_null_experts = num_null_experts
@@ -232,13 +257,19 @@ class Router(Module):
         if x.size(1) != self.in_channels:
             raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
                              f"expects in_channels={self.in_channels}")
+        if not x.is_floating_point():
+            raise TypeError(f"'x' must be a floating-point tensor (got {x.dtype}); "
+                            f"convert integer or boolean features with x.float()")
 
     def _logits(self, x: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         r"""Float32 logits, autocast off. Raises on non-finite values."""
         weight = self.weight if weight is None else weight
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), weight.float())
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+        # NaN propagates through max and min, and +-Inf shows in one of them:
+        # two reductions, no [N, E] temporaries; one host sync.
+        if (not torch.compiler.is_compiling() and logits.numel() > 0
+                and not bool(torch.isfinite(torch.stack([logits.amax(), logits.amin()])).all())):
             bad = int((~torch.isfinite(logits).all(dim=-1)).sum())
             raise ValueError(f"{self.__class__.__name__} got non-finite router logits in {bad} "
                              f"row(s): 'x' contains NaN or Inf")
@@ -304,10 +335,8 @@ class TopKRouter(Router):
     def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
                  num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2):
         super().__init__(in_channels, num_experts, num_null_experts)
-        if not isinstance(k, int) or k < 1 or k > num_experts + num_null_experts:
-            raise ValueError(f"'k' must be an integer in [1, {num_experts + num_null_experts}] "
-                             f"(num_experts + num_null_experts), got {k}")
-        self.k = k
+        self.k = check_int("k", k, 1, self.num_total_experts,
+                           " (num_experts + num_null_experts)")
         self.noisy = noisy
         self.normalize = normalize
         self.noise_epsilon = noise_epsilon
@@ -346,11 +375,11 @@ class TopKRouter(Router):
         expert, weight = top_idx.reshape(-1), top_weight.reshape(-1)
 
         if self.training:
-            gates = torch.zeros_like(probs).scatter(1, top_idx, top_weight)  # [N, Et]
+            gates = torch.zeros_like(probs).scatter_(1, top_idx, top_weight)  # [N, Et]
             if noise_std is not None and k < Et:
                 load = self._smooth_load(clean, logits, noise_std)
             else:
-                load = torch.bincount(expert, minlength=Et).to(probs.dtype)
+                load = count_index(expert, Et).to(probs.dtype)
             losses = {
                 "load_balance": load_balancing_loss(probs, top_idx[:, 0]),
                 "z_loss": z_loss(logits),
@@ -360,7 +389,7 @@ class TopKRouter(Router):
             losses = dict.fromkeys(("load_balance", "z_loss", "importance"), probs.new_zeros(()))
 
         row, expert, weight, fixed_k = self._drop_null(row, expert, weight, k)
-        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        load = count_index(expert, self.num_experts).to(probs.dtype)
         return Routing(row, expert, weight, probs, load, losses, fixed_k)
 
     def _smooth_load(self, clean: Tensor, noisy: Tensor, noise_std: Tensor) -> Tensor:
@@ -409,10 +438,10 @@ class TopPRouter(Router):
                  max_k: Optional[int] = None, num_null_experts: int = 0,
                  normalize: bool = False):
         super().__init__(in_channels, num_experts, num_null_experts)
-        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
-            raise ValueError(f"'p' must be in (0, 1] (got {p})")
-        if max_k is not None and not (1 <= max_k <= self.num_total_experts):
-            raise ValueError(f"'max_k' must be in [1, {self.num_total_experts}] (got {max_k})")
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0):
+            raise ValueError(f"'p' must be in (0, 1] (got {p!r})")
+        if max_k is not None:
+            max_k = check_int("max_k", max_k, 1, self.num_total_experts)
         self.p = float(p)
         self.max_k = max_k
         self.normalize = normalize
@@ -440,7 +469,7 @@ class TopPRouter(Router):
 
         if self.training:
             gates = torch.zeros_like(probs).index_put_((row, expert), weight)
-            load = torch.bincount(expert, minlength=self.num_total_experts).to(probs.dtype)
+            load = count_index(expert, self.num_total_experts).to(probs.dtype)
             losses = {
                 "load_balance": load_balancing_loss(probs, sorted_idx[:, 0]),
                 "z_loss": z_loss(logits),
@@ -451,7 +480,7 @@ class TopPRouter(Router):
             losses = dict.fromkeys(("load_balance", "z_loss", "importance", "entropy"),
                                    probs.new_zeros(()))
         row, expert, weight, _ = self._drop_null(row, expert, weight, None)
-        load = torch.bincount(expert, minlength=self.num_experts).to(probs.dtype)
+        load = count_index(expert, self.num_experts).to(probs.dtype)
         return Routing(row, expert, weight, probs, load, losses, None)
 
 
@@ -482,9 +511,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, in_channels: int, num_experts: int, capacity_factor: float = 1.0):
         super().__init__(in_channels, num_experts, 0)
-        if not capacity_factor > 0:
-            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         self.reset_parameters()
 
     def _repr_args(self) -> str:

@@ -21,7 +21,8 @@ def make_metrics(metric: str, num_classes: int) -> MetricCollection:
     when ``metric="auroc"``."""
     if metric not in METRICS:
         raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
-    metrics = {"acc": Accuracy(task="multiclass", num_classes=num_classes)}
+    metrics: dict[str, Metric | MetricCollection] = {
+        "acc": Accuracy(task="multiclass", num_classes=num_classes)}
     if metric == "auroc":
         if num_classes != 2:
             raise ValueError(f"metric 'auroc' needs two classes (got {num_classes})")
@@ -101,6 +102,11 @@ class MowstMetrics(Metric):
     """
 
     full_state_update = False
+    weak: list[Tensor]
+    strong: list[Tensor]
+    gate: list[Tensor]
+    target: list[Tensor]
+    num_updates: Tensor
 
     def __init__(self, metric: str = "acc", threshold: float = 0.5):
         super().__init__()
@@ -190,6 +196,9 @@ class GroupAUROC(Metric):
 
     full_state_update = False
     higher_is_better = True
+    preds: list[Tensor]
+    target: list[Tensor]
+    group: list[Tensor]
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)

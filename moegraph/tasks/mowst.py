@@ -4,8 +4,10 @@ alternating turns, each with early stopping and roll-back (Algorithm 2 of
 Mowst*."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,10 +21,27 @@ from moegraph.checkpoint import from_config, net_from_config
 from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
 from moegraph.tasks.common import load_metric_states, metric_states, split_mask
 from moegraph.tasks.metrics import MowstMetrics
+from moegraph.tasks.mowst_schedule import PHASES, MowstSchedule, ScheduleConfig, Step
 from moegraph.tasks.node_classification import NodeClassificationTask
 
 log = logging.getLogger(__name__)
-PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint")
+__all__ = ["PHASES", "SELECT_ON", "MowstTask", "holdout_mask"]
+SELECT_ON = ("deterministic", "expected")
+MIXTURE_PHASES = ("weak", "strong", "joint")
+
+
+def holdout_mask(node_id: Tensor, share: float, salt: int = 0) -> Tensor:
+    r"""Whether each node (by its id in the whole graph) is held out, for a
+    fixed share of the nodes: a multiplicative hash of ``node_id + salt``
+    below ``share`` of :math:`2^{32}`. The same node is held out in every
+    step and mini-batch.
+
+    Shapes:
+        - **input:** ``node_id [N]``
+        - **output:** ``[N]`` bool
+    """
+    h = ((node_id.long() + salt) * 2654435761) % (1 << 32)
+    return h < int(share * (1 << 32))
 
 
 class MowstTask(NodeClassificationTask):
@@ -44,12 +63,38 @@ class MowstTask(NodeClassificationTask):
     The schedule replaces early stopping: an ``EarlyStopping`` callback of the
     trainer is removed (with a warning) when fitting starts. Frozen parts are
     in eval mode with gradients off; in full-batch training
-    their outputs are computed once per turn (they do not change). The
-    reported ``{split}/{metric}`` is the expected score of sampled inference
-    for Mowst and the mixture's for Mowst*; ``{split}/{metric}_tau``,
-    ``_weak``, ``_strong``, ``_mixture``, ``{split}/confidence`` and
-    ``{split}/confident`` are logged too, and ``schedule/round``,
-    ``schedule/phase`` (an index into :data:`PHASES`).
+    their outputs are computed once per turn (they do not change).
+
+    The reported ``{split}/{metric}`` (the headline, and what the checkpoint
+    callback selects on) is the score of deterministic inference, what
+    :meth:`~moegraph.nn.Mowst.predict` computes: the weak expert where
+    :math:`C_v \ge \tau`, else the strong one, for Mowst; the argmax of the
+    mixture for Mowst*. It is ``NaN`` while an expert pre-trains alone (no
+    Mowst exists yet, so no such epoch is selected as the Mowst checkpoint)
+    and, at the end of a turn that is rolled back, since the weights are then
+    those of the turn's start. ``{split}/{metric}_expected`` (the paper's
+    sampled inference), ``_tau``, ``_weak``, ``_strong``, ``_mixture``,
+    ``{split}/confidence`` and ``{split}/confident`` are logged too, and
+    ``schedule/round``, ``schedule/phase`` (an index into :data:`PHASES`);
+    ``test/checkpoint_phase`` says in which phase the tested weights were
+    validated, ``test/checkpoint_mixture`` whether the gate had trained.
+
+    Two settings depart from the paper's formulation (``gate_holdout=0``,
+    ``select_on="expected"``, see ``conf/model/mowst_paper.yaml``), for a
+    reason found in ``experiments/results/mowst_diagnosis.md``: both experts
+    fit the training nodes, so the gate, trained on them, learns no
+    confidence (the gradient of :math:`C_v` is
+    :math:`\mathrm{CE}^w_v - \mathrm{CE}^s_v \approx 0`) or learns one that
+    holds only on what the weak expert memorised. With ``gate_holdout=h`` a
+    fixed share :math:`h` of the training nodes is held out from the weak
+    expert (its pre-training and its part of each loss) and is where the gate
+    learns (the experts' outputs detached there). ``select_on`` is the score
+    each turn early-stops on and must beat to be kept.
+
+    A budget ``trainer.max_epochs`` too short for the schedule (pre-training
+    plus one turn of each part) scales the pre-training budgets and the
+    patience down to fit it, with a warning, so that a short run still trains
+    both experts and the gate; below three epochs it raises.
 
     Args:
         net (Mowst): the network.
@@ -71,6 +116,13 @@ class MowstTask(NodeClassificationTask):
         min_delta (float, optional): the least rise of the validation score
             that counts as a gain (the expected score of Mowst rises by
             tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+        gate_holdout (float, optional): share of the training nodes held out
+            from the weak expert, on which alone the gate learns; :obj:`0`
+            is the paper's formulation. (default: :obj:`0.0`)
+        select_on (str, optional): the validation score of the turns,
+            ``"deterministic"`` (the headline) or ``"expected"`` (the paper's
+            sampled inference); Mowst* always uses its mixture.
+            (default: :obj:`"deterministic"`)
     """
 
     def __init__(self, net: Mowst, num_classes: int,
@@ -80,7 +132,8 @@ class MowstTask(NodeClassificationTask):
                  metric: str = "acc", pretrain_weak_epochs: int = 0,
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
-                 min_delta: float = 1e-3):
+                 min_delta: float = 1e-3, gate_holdout: float = 0.0,
+                 select_on: str = "deterministic"):
         net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "
@@ -88,29 +141,29 @@ class MowstTask(NodeClassificationTask):
         if scheduler is not None:
             raise ValueError("MowstTask does not take a scheduler: its turns restart and "
                              "roll back training")
-        for name, value in (("pretrain_weak_epochs", pretrain_weak_epochs),
-                            ("pretrain_strong_epochs", pretrain_strong_epochs)):
-            if value < 0:
-                raise ValueError(f"'{name}' must be non-negative (got {value})")
-        for name, value in (("max_turn_epochs", max_turn_epochs),
-                            ("turn_patience", turn_patience), ("max_rounds", max_rounds),
-                            ("round_patience", round_patience)):
-            if value < 1:
-                raise ValueError(f"'{name}' must be positive (got {value})")
+        if not (isinstance(gate_holdout, (int, float)) and 0.0 <= gate_holdout < 1.0):
+            raise ValueError(f"'gate_holdout' must lie in [0, 1) (got {gate_holdout!r})")
+        if select_on not in SELECT_ON:
+            raise ValueError(f"'select_on' must be one of {SELECT_ON} (got {select_on!r})")
+        config = ScheduleConfig(pretrain_weak_epochs, pretrain_strong_epochs, max_turn_epochs,
+                                turn_patience, max_rounds, round_patience, min_delta,
+                                joint=net.variant == "mowst_star")
         c = net.out_channels
         if isinstance(c, int) and c != num_classes:
             raise ValueError(f"the network predicts {c} classes, the data has {num_classes}")
         super().__init__(net, num_classes, optimizer, None, aux_loss_weights, metric)
         self.automatic_optimization = False
+        self.net: Mowst = net
+        self.schedule_config = config
         self.pretrain_weak_epochs = pretrain_weak_epochs
         self.pretrain_strong_epochs = pretrain_strong_epochs
         self.max_turn_epochs = max_turn_epochs
         self.turn_patience = turn_patience
         self.max_rounds = max_rounds
         self.round_patience = round_patience
-        if min_delta < 0:
-            raise ValueError(f"'min_delta' must be non-negative (got {min_delta})")
         self.min_delta = min_delta
+        self.gate_holdout = float(gate_holdout)
+        self.select_on = select_on
         self.mowst_metrics = torch.nn.ModuleDict(
             {f"{split}_": MowstMetrics(metric, net.threshold)
              for split in ("train", "val", "test")})
@@ -119,35 +172,33 @@ class MowstTask(NodeClassificationTask):
         self._turn_id = 0
         self._turn_start_state: Optional[dict[str, Tensor]] = None
         self._turn_best_state: Optional[dict[str, Tensor]] = None
-        self._schedule = self._initial_schedule()
+        self._resumed_turn = False
+        self.schedule = MowstSchedule(config)
+        self._holdout_salt = 0
+        self._validated_phase: Optional[str] = None
+        self.checkpoint_phase: Optional[str] = None
+        self.turn_log: list[dict[str, Any]] = []
 
     # -- schedule state ----------------------------------------------------------
-    def _initial_schedule(self) -> dict[str, Any]:
-        if self.pretrain_weak_epochs:
-            phase = "pretrain_weak"
-        elif self.pretrain_strong_epochs:
-            phase = "pretrain_strong"
-        else:
-            phase = self._first_trained_phase()
-        return {"phase": phase, "round": 1, "epoch_in_turn": 0, "stale_epochs": 0,
-                "turn_best": -float("inf"), "best": -float("inf"), "round_gain": False,
-                "rounds_without_gain": 0, "done": False}
-
-    def _first_trained_phase(self) -> str:
-        return "joint" if self.net.variant == "mowst_star" else "weak"
-
     @property
     def phase(self) -> str:
         r"""The current phase, one of :data:`PHASES`."""
-        return self._schedule["phase"]
+        return self.schedule.phase
 
     def trained_modules(self, phase: Optional[str] = None) -> list[Module]:
         r"""The parts of the network a phase trains."""
         phase = phase or self.phase
         net = self.net
-        return {"pretrain_weak": [net.weak], "pretrain_strong": [net.strong],
-                "weak": [net.weak, net.gate], "strong": [net.strong],
-                "joint": [net.weak, net.gate, net.strong]}[phase]
+        parts: dict[str, list[Module]] = {
+            "pretrain_weak": [net.weak], "pretrain_strong": [net.strong],
+            "weak": [net.weak, net.gate], "strong": [net.strong],
+            "joint": [net.weak, net.gate, net.strong]}
+        return parts[phase]
+
+    def _metrics(self, split: str) -> MowstMetrics:
+        metrics = self.mowst_metrics[f"{split}_"]
+        assert isinstance(metrics, MowstMetrics)
+        return metrics
 
     def _parts(self) -> dict[str, Module]:
         return {"weak": self.net.weak, "gate": self.net.gate, "strong": self.net.strong}
@@ -214,12 +265,40 @@ class MowstTask(NodeClassificationTask):
             self._cache = (key, value)
         return value
 
-    def _loss(self, out: MowstOutput, y: Tensor) -> Tensor:
-        if self.phase == "pretrain_weak":
-            return F.cross_entropy(out.weak_logits, y)
+    def _loss(self, out: MowstOutput, y: Tensor, held: Optional[Tensor] = None) -> Tensor:
+        r"""The loss of the phase; with ``held`` (the held-out nodes of
+        ``gate_holdout``), the weak expert learns on the other nodes only and
+        the gate on the held-out ones only."""
         if self.phase == "pretrain_strong":
             return F.cross_entropy(out.strong_logits, y)
-        return self.net.loss(out, y)
+        if held is None or not bool(held.any()):
+            if self.phase == "pretrain_weak":
+                return F.cross_entropy(out.weak_logits, y)
+            return self.net.loss(out, y)
+        fit = ~held
+        if self.phase == "pretrain_weak":
+            if not bool(fit.any()):
+                return out.weak_logits.sum() * 0.0
+            return F.cross_entropy(out.weak_logits[fit], y[fit])
+        total = out.weak_logits.new_zeros(())
+        if bool(fit.any()):  # the experts learn, the gate does not
+            a = MowstOutput(out.weak_logits[fit], out.strong_logits[fit],
+                            out.gate_logit[fit].detach(), out.confidence[fit].detach())
+            total = total + self.net.loss(a, y[fit]) * int(fit.sum())
+        # the gate (and the strong expert) learn where the weak expert did not
+        b = MowstOutput(out.weak_logits[held].detach(), out.strong_logits[held],
+                        out.gate_logit[held], out.confidence[held])
+        total = total + self.net.loss(b, y[held]) * int(held.sum())
+        return total / y.numel()
+
+    def _held_out(self, data: Data, mask: Tensor) -> Optional[Tensor]:
+        r"""The held-out nodes among ``mask`` (for :attr:`gate_holdout`)."""
+        if not self.gate_holdout:
+            return None
+        node_id = getattr(data, "n_id", None)
+        if node_id is None:
+            node_id = torch.arange(data.num_nodes, device=mask.device)
+        return holdout_mask(node_id[mask], self.gate_holdout, self._holdout_salt)
 
     # -- steps -------------------------------------------------------------------
     def _split_outputs(self, data: Data, split: str) -> tuple[MowstOutput, Tensor, Tensor]:
@@ -232,13 +311,14 @@ class MowstTask(NodeClassificationTask):
         # A zero that depends on every output: in each phase it reaches the
         # trained parameters, so that a process without nodes still runs the
         # backward pass (and DDP's gradient all-reduce) with the others.
-        zero = sum(t.sum() for t in out) * 0.0
+        zero = torch.stack([t.sum() for t in out]).sum() * 0.0
         return MowstOutput(*(t[mask] for t in out)), y, zero
 
     def training_step(self, data: Data, batch_idx: int) -> Tensor:
         self._apply_freeze()
         sub, y, zero = self._split_outputs(data, "train")
-        loss = self._loss(sub, y) if y.numel() else zero
+        held = self._held_out(data, split_mask(data, "train"))
+        loss = self._loss(sub, y, held) if y.numel() else zero
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         trained = {id(p) for m in self.trained_modules() for p in m.parameters()}
@@ -252,7 +332,7 @@ class MowstTask(NodeClassificationTask):
                 opt.step()
         self.log_loss("train", loss, y.numel())
         if y.numel() or self.distributed:  # every process updates: all sync the states
-            self.mowst_metrics["train_"].update(sub, y)
+            self._metrics("train").update(sub, y)
         return loss.detach()
 
     def _eval_step(self, data: Data, split: str) -> Tensor:
@@ -260,7 +340,7 @@ class MowstTask(NodeClassificationTask):
         loss = self.net.loss(sub, y) if y.numel() else zero
         self.log_loss(split, loss, y.numel() if self.distributed else max(y.numel(), 1))
         if y.numel() or self.distributed:
-            self.mowst_metrics[f"{split}_"].update(sub, y)
+            self._metrics(split).update(sub, y)
         return loss
 
     def validation_step(self, data: Data, batch_idx: int) -> Tensor:
@@ -269,144 +349,178 @@ class MowstTask(NodeClassificationTask):
     def test_step(self, data: Data, batch_idx: int) -> Tensor:
         return self._eval_step(data, "test")
 
-    def _log_split(self, split: str) -> Optional[tuple[float, float]]:
-        r"""Log the split's scores; return the main score and the score the
-        current phase early-stops on (an expert's own when pre-training)."""
-        metrics = self.mowst_metrics[f"{split}_"]
+    def _scores(self, split: str) -> Optional[dict[str, Tensor]]:
+        r"""The split's Mowst scores of the epoch (and reset), or :obj:`None`
+        without an update."""
+        metrics = self._metrics(split)
         if not int(metrics.num_updates):
             return None
         values = metrics.compute()
         metrics.reset()
-        main = values["expected"] if self.net.variant == "mowst" else values["mixture"]
+        return values
+
+    def _headline_key(self) -> str:
+        return "tau" if self.net.variant == "mowst" else "mixture"
+
+    def _log_split(self, split: str, values: Optional[dict[str, Tensor]],
+                   headline: Optional[float] = None) -> None:
+        r"""Log the split's scores; ``headline`` overrides the logged
+        ``{split}/{metric}`` (``NaN`` when the weights have no Mowst score)."""
+        if values is None:
+            return
         logged = {}
-        for key in ("tau", "mixture", "weak", "strong"):
+        for key in ("expected", "tau", "mixture", "weak", "strong"):
             logged[f"{split}/{self.metric}_{key}"] = values[key]
         logged[f"{split}/confidence"] = values["confidence"]
         logged[f"{split}/confident"] = values["confident"]
         # The values are synced already (the metric gathers every process's nodes).
         self.log_dict(logged, sync_dist=True)
+        main = values[self._headline_key()] if headline is None else torch.tensor(headline)
         self.log(f"{split}/{self.metric}", main, prog_bar=split == "val", sync_dist=True)
-        return float(main), float(values[{"pretrain_weak": "weak", "pretrain_strong": "strong"}
-                                          .get(self.phase, "expected" if self.net.variant ==
-                                               "mowst" else "mixture")])
+
+    def _phase_score(self, values: dict[str, Tensor]) -> float:
+        r"""The score the current phase early-stops on."""
+        if self.phase == "pretrain_weak":
+            return float(values["weak"])
+        if self.phase == "pretrain_strong":
+            return float(values["strong"])
+        if self.net.variant == "mowst_star":
+            return float(values["mixture"])
+        return float(values["tau" if self.select_on == "deterministic" else "expected"])
 
     def on_train_epoch_start(self) -> None:
         self._apply_freeze()
 
     def on_train_epoch_end(self) -> None:
-        self._log_split("train")
+        self._log_split("train", self._scores("train"))
 
     def on_test_epoch_end(self) -> None:
-        self._log_split("test")
+        self._log_split("test", self._scores("test"))
+        phase = self.checkpoint_phase or self._validated_phase or self.phase
+        self.log("test/checkpoint_phase", float(PHASES.index(phase)))
+        self.log("test/checkpoint_mixture", float(phase in MIXTURE_PHASES))
 
     def on_validation_epoch_end(self) -> None:
-        scores = self._log_split("val")
-        self.log("schedule/round", float(self._schedule["round"]))
+        values = self._scores("val")
+        self.log("schedule/round", float(self.schedule.round))
         self.log("schedule/phase", float(PHASES.index(self.phase)))
-        if self.trainer.sanity_checking or scores is None or self._schedule["done"]:
+        if self.trainer.sanity_checking or values is None or self.schedule.done \
+                or self.trainer.state.fn != "fit":
+            self._log_split("val", values)
             return
-        self._advance(*scores)
+        self._validated_phase = self.phase
+        headline = float(values[self._headline_key()])
+        step = self._advance(self._phase_score(values))
+        # The logged (and checkpoint-selected) headline is that of the weights
+        # now in the network: none while an expert pre-trains alone; at the end
+        # of a turn, the turn's best if it was kept and selected on the
+        # headline, else unknown (rolled back).
+        if self._validated_phase not in MIXTURE_PHASES:
+            headline = math.nan
+        elif step is not None and step.turn_over:
+            same = self.net.variant == "mowst_star" or self.select_on == "deterministic"
+            headline = self.schedule.best if step.kept and same else math.nan
+        self._log_split("val", values, headline)
 
     # -- the schedule ------------------------------------------------------------
     def on_fit_start(self) -> None:
         from lightning.pytorch.callbacks import EarlyStopping
         from lightning.pytorch.utilities import rank_zero_warn
 
-        stoppers = [c for c in self.trainer.callbacks if isinstance(c, EarlyStopping)]
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set in Trainer
+        stoppers = [c for c in callbacks if isinstance(c, EarlyStopping)]
         if stoppers:
             rank_zero_warn("MowstTask early-stops each turn itself; the EarlyStopping callback "
                            "would end training in the middle of a round and is removed")
-            self.trainer.callbacks = [c for c in self.trainer.callbacks
-                                      if not isinstance(c, EarlyStopping)]
+            self.trainer.callbacks = [  # type: ignore[attr-defined]
+                c for c in callbacks if not isinstance(c, EarlyStopping)]
         self._caching = True
-        if getattr(self, "_resumed_turn", False):  # the checkpoint's turn goes on
+        if self._resumed_turn:  # the checkpoint's turn goes on
             self._resumed_turn, self._cache = False, None
             self._apply_freeze()
         else:
+            self._fit_schedule_to_budget(self.trainer.max_epochs)
+            self._holdout_salt = int(torch.randint(1 << 30, ()))  # from the run's seed
             self._begin_turn()
+
+    def _fit_schedule_to_budget(self, max_epochs: Optional[int]) -> None:
+        r"""Scale the pre-training budgets and the patience down (with a
+        warning) when ``max_epochs`` is shorter than the schedule's minimum
+        (:meth:`~moegraph.tasks.mowst_schedule.ScheduleConfig.min_epochs`), so
+        that both experts and the gate train; raise below three epochs."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        c = self.schedule_config
+        if self.trainer.fast_dev_run:  # a smoke run: one batch of each phase it reaches
+            return
+        if max_epochs is None or max_epochs < 0 or max_epochs >= c.min_epochs():
+            return
+        turns = 1 if c.joint else 2
+        if max_epochs < turns + (c.pretrain_weak_epochs > 0) + (c.pretrain_strong_epochs > 0):
+            raise ValueError(f"trainer.max_epochs={max_epochs} is too short for Mowst's "
+                             f"schedule: it needs an epoch per pre-training and per turn "
+                             f"(at least {c.min_epochs()} epochs for its settings)")
+        factor = max_epochs / c.min_epochs()
+        scaled = ScheduleConfig(
+            pretrain_weak_epochs=max(int(c.pretrain_weak_epochs * factor),
+                                     int(c.pretrain_weak_epochs > 0)),
+            pretrain_strong_epochs=max(int(c.pretrain_strong_epochs * factor),
+                                       int(c.pretrain_strong_epochs > 0)),
+            max_turn_epochs=c.max_turn_epochs,
+            turn_patience=max(int(c.turn_patience * factor), 1),
+            max_rounds=c.max_rounds, round_patience=c.round_patience,
+            min_delta=c.min_delta, joint=c.joint)
+        rank_zero_warn(
+            f"MowstTask: trainer.max_epochs={max_epochs} is shorter than the schedule "
+            f"({c.min_epochs()} epochs: pre-training {c.pretrain_weak_epochs} + "
+            f"{c.pretrain_strong_epochs}, turn patience {c.turn_patience}); scaled to "
+            f"pre-training {scaled.pretrain_weak_epochs} + {scaled.pretrain_strong_epochs}, "
+            f"turn patience {scaled.turn_patience}, so that both experts and the gate train")
+        self.schedule_config = scaled
+        self.schedule = MowstSchedule(scaled)
 
     def on_fit_end(self) -> None:
         self._caching, self._cache = False, None
 
     def _begin_turn(self) -> None:
-        s = self._schedule
-        s["epoch_in_turn"], s["stale_epochs"], s["turn_best"] = 0, 0, -float("inf")
+        self.schedule.begin_turn()
         self._cache = None
         self._turn_id += 1
         self._turn_start_state = self._trained_state()
         self._turn_best_state = None
         self._apply_freeze()
 
-    def _advance(self, main_score: float, score: float) -> None:
-        r"""After each validation: keep the turn's best state; end the turn on
-        patience; roll back; move to the next phase or stop.
+    def _advance(self, score: float) -> Step:
+        r"""After each validation: keep the turn's best state; at the end of
+        a turn, keep its best epoch or roll back, as the schedule says; move
+        to the next phase or stop.
 
-        ``score`` is what the phase early-stops on (the main score, or the
-        pre-trained expert's own); ``main_score`` the Mowst score."""
-        s = self._schedule
-        s["epoch_in_turn"] += 1
-        if score > s["turn_best"] + self.min_delta:
-            s["turn_best"], s["stale_epochs"] = score, 0
+        ``score`` is what the phase early-stops on (the selected Mowst score,
+        or the pre-trained expert's own)."""
+        s = self.schedule
+        phase, round_, best_before = s.phase, s.round, s.best
+        step = s.step(score)
+        if step.improved:
             self._turn_best_state = self._trained_state()
-        else:
-            s["stale_epochs"] += 1
-        patience = self.turn_patience
-        if s["stale_epochs"] < patience and s["epoch_in_turn"] < self._turn_limit():
-            return
-        # End of the turn: keep its best epoch if it beat the best so far
-        # (pre-training always keeps its expert's best epoch).
-        if self.phase.startswith("pretrain"):
-            self._load_trained_state(self._turn_best_state)
-            log.info("mowst: %s ended after %d epochs, best %.4f", self.phase,
-                     s["epoch_in_turn"], s["turn_best"])
-            self._next_phase()
-            return
-        gained = s["turn_best"] > s["best"] + self.min_delta
-        if gained:
-            s["best"] = s["turn_best"]
-            self._load_trained_state(self._turn_best_state)
-            if self.phase in ("weak", "strong"):
-                s["round_gain"] = True
-        else:
-            self._load_trained_state(self._turn_start_state)
+        if not step.turn_over:
+            return step
+        self.turn_log.append({"phase": phase, "round": round_, "epochs": step.epochs,
+                              "turn_best": step.turn_best, "best_before": best_before,
+                              "kept": step.kept})
+        state = self._turn_best_state if step.restore == "best" else self._turn_start_state
+        if state is not None:
+            self._load_trained_state(state)
         log.info("mowst: %s turn of round %d ended after %d epochs, best %.4f (%s)",
-                 self.phase, s["round"], s["epoch_in_turn"], s["turn_best"],
-                 "kept" if gained else "rolled back")
-        self._next_phase()
-
-    def _turn_limit(self) -> int:
-        return {"pretrain_weak": self.pretrain_weak_epochs,
-                "pretrain_strong": self.pretrain_strong_epochs}.get(
-            self.phase, self.max_turn_epochs if self.phase != "joint" else 10**9)
-
-    def _next_phase(self) -> None:
-        s = self._schedule
-        phase = self.phase
-        if phase == "joint":
-            s["done"] = True
-        elif phase == "pretrain_weak":
-            s["phase"] = ("pretrain_strong" if self.pretrain_strong_epochs
-                          else self._first_trained_phase())
-        elif phase == "pretrain_strong":
-            s["phase"] = self._first_trained_phase()
-        elif phase == "weak":
-            s["phase"] = "strong"
-        else:  # a round ends after its strong turn
-            s["rounds_without_gain"] = 0 if s["round_gain"] else s["rounds_without_gain"] + 1
-            s["round_gain"] = False
-            if (s["rounds_without_gain"] >= self.round_patience
-                    or s["round"] >= self.max_rounds):
-                s["done"] = True
-            else:
-                s["round"] += 1
-                s["phase"] = "weak"
-        if s["done"]:
+                 phase, round_, step.epochs, step.turn_best,
+                 "kept" if step.kept else "rolled back")
+        if s.done:
             self.trainer.should_stop = True
         else:
             self._begin_turn()
+        return step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mowst_schedule"] = dict(self._schedule)
+        checkpoint["mowst_schedule"] = self.schedule.state_dict()
         # The turn in progress (its start and best states, for the roll-back)
         # and the training metrics of the epoch so far: a run resumed in the
         # middle of a turn or of an epoch goes on as if never stopped.
@@ -414,9 +528,13 @@ class MowstTask(NodeClassificationTask):
                                     "start_state": self._turn_start_state,
                                     "best_state": self._turn_best_state}
         checkpoint["train_metric_states"] = metric_states(self.mowst_metrics["train_"])
+        checkpoint["mowst_run"] = {"validated_phase": self._validated_phase,
+                                   "turn_log": list(self.turn_log),
+                                   "holdout_salt": self._holdout_salt,
+                                   "schedule_config": dataclasses.asdict(self.schedule_config)}
 
     # -- optimisers ----------------------------------------------------------------
-    def _optimizer_parts(self) -> list[list[Tensor]]:
+    def _optimizer_parts(self) -> list[list[torch.nn.Parameter]]:
         r"""Parameter groups with one optimizer each: weak expert + gate, and
         the strong expert."""
         net = self.net
@@ -432,8 +550,16 @@ class MowstTask(NodeClassificationTask):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._cache = None
+        run = checkpoint.get("mowst_run", {})
+        self.checkpoint_phase = run.get("validated_phase")
+        fitting = self._trainer is None or self.trainer.state.fn == "fit"
+        if run and fitting:
+            self.turn_log = list(run["turn_log"])
+            self._holdout_salt = run["holdout_salt"]
+            self.schedule_config = ScheduleConfig(**run["schedule_config"])
         if "mowst_schedule" in checkpoint:
-            self._schedule = dict(checkpoint["mowst_schedule"])
+            self.schedule = MowstSchedule(self.schedule_config)
+            self.schedule.load_state_dict(checkpoint["mowst_schedule"])
         if "mowst_turn" in checkpoint:
             turn = checkpoint["mowst_turn"]
             self._turn_id = turn["turn_id"]
@@ -443,6 +569,67 @@ class MowstTask(NodeClassificationTask):
             load_metric_states(self.mowst_metrics["train_"], checkpoint["train_metric_states"])
 
     # -- after training ------------------------------------------------------------
+    @torch.no_grad()
+    def diagnose(self, data: Data, out: Optional[MowstOutput] = None) -> dict[str, Any]:
+        r"""What the trained Mowst does on each split of a full graph, for
+        ``mowst_diagnosis.json``: each expert's accuracy, the deterministic
+        and expected accuracy, the spread of the confidence and how it
+        relates to the weak expert being right (ROC-AUC of :math:`C` as a
+        predictor of it), the accuracy of both experts on the nodes kept by
+        the weak expert (:math:`C \ge \tau`); on the training nodes also
+        apart for those held out from the weak expert (``gate_holdout``).
+        Plus the turns of the schedule (kept or rolled back) and the phase in
+        which the tested weights were validated."""
+        from torchmetrics.functional.classification import binary_auroc
+
+        if out is None:
+            out = self.net.forward_experts(data.x, data.edge_index)
+        tau = self.net.threshold
+
+        def summary(mask: Tensor) -> dict[str, float]:
+            y = data.y[mask]
+            c = out.confidence[mask].float()
+            weak_ok = (out.weak_logits[mask].argmax(-1) == y).float()
+            strong_ok = (out.strong_logits[mask].argmax(-1) == y).float()
+            keep = c >= tau
+            q = torch.quantile(c, torch.tensor([0.05, 0.5, 0.95])) if c.numel() else None
+            both = bool(weak_ok.min() < 1) and bool(weak_ok.max() > 0) if c.numel() else False
+
+            def mean(t: Tensor) -> float:
+                return float(t.mean()) if t.numel() else math.nan
+
+            return {
+                "nodes": int(mask.sum()), "weak_acc": mean(weak_ok),
+                "strong_acc": mean(strong_ok),
+                "tau_acc": mean(torch.where(keep, weak_ok, strong_ok)),
+                "expected_acc": mean(c * weak_ok + (1 - c) * strong_ok),
+                "confidence_mean": mean(c),
+                "confidence_std": float(c.std()) if c.numel() > 1 else math.nan,
+                "confidence_q05": float(q[0]) if q is not None else math.nan,
+                "confidence_q50": float(q[1]) if q is not None else math.nan,
+                "confidence_q95": float(q[2]) if q is not None else math.nan,
+                "kept_share": mean(keep.float()),
+                "weak_acc_on_kept": mean(weak_ok[keep]),
+                "strong_acc_on_kept": mean(strong_ok[keep]),
+                "confidence_if_weak_right": mean(c[weak_ok.bool()]),
+                "confidence_if_weak_wrong": mean(c[~weak_ok.bool()]),
+                "confidence_auroc_weak_right": float(binary_auroc(c, weak_ok.long()))
+                if both else math.nan,
+            }
+
+        splits = {split: summary(data[f"{split}_mask"]) for split in ("train", "val", "test")}
+        if self.gate_holdout:
+            train = data.train_mask
+            held = holdout_mask(torch.arange(data.num_nodes, device=train.device),
+                                self.gate_holdout, self._holdout_salt)
+            splits["train_fitted"] = summary(train & ~held)
+            splits["train_held_out"] = summary(train & held)
+        return {"splits": splits, "turns": list(self.turn_log),
+                "checkpoint_phase": self.checkpoint_phase or self._validated_phase,
+                "threshold": tau, "gate_holdout": self.gate_holdout,
+                "select_on": self.select_on, "variant": self.net.variant}
+
+
     @torch.no_grad()
     def write_diagnostics(self, datamodule, output_dir: Path) -> dict[str, float]:
         r"""Confidence of every test node, whether each expert got it right,
@@ -470,6 +657,9 @@ class MowstTask(NodeClassificationTask):
             json.dump(record, f)
         plot_confidence_histogram(confidence, weak_ok, output_dir / "confidence.png",
                                   title=f"Mowst confidence on test nodes ({datamodule.name})")
+        diagnosis = self.diagnose(data, out)
+        with open(output_dir / "mowst_diagnosis.json", "w") as f:
+            json.dump(diagnosis, f, indent=1)
         N = data.num_nodes
         return {"diag/strong_fraction": float(prediction.strong_mask.float().mean()),
                 "diag/subgraph_fraction": prediction.num_subgraph_nodes / max(N, 1)}

@@ -133,6 +133,7 @@ class NodeClassificationTask(L.LightningModule):
                      sync_dist=True)
             return
         mean = self.eval_losses[split]
+        assert isinstance(mean, MeanMetric)
         mean.update(loss.detach(), weight)
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True)
 

@@ -97,22 +97,25 @@ def test_datamodule_synthetic():
     dm.setup()
     _check_datamodule(dm)
     assert dm.net_kwargs() == {"num_users": 60, "num_items": 80, "user_channels": 4,
-                               "item_channels": 3, "tasks": {"watch": 1, "like": 1, "rating": 1}}
+                               "item_channels": 3, "tasks": {"watch": 1, "like": 1, "rating": 1},
+                               "encoder": "lightgcn"}
     assert dm.task_kwargs() == {"tasks": {"watch": "binary", "like": "binary",
                                           "rating": "regression"}}
     loader = dm.train_dataloader()
     batches = list(loader)
     assert len(batches) == len(loader) == -(-dm.num_rows("train") // 500)
     b = batches[0]
-    assert set(b) == {"user_x", "item_x", "edge_index", "user", "item", "y", "mask"}
-    assert b["user"].shape == (500,) and set(b["y"]) == {"watch", "like", "rating"}
+    assert set(b) == {"inputs", "group", "y", "mask"}
+    assert set(b["inputs"]) == {"user_x", "item_x", "edge_index", "user", "item"}
+    assert torch.equal(b["group"], b["inputs"]["user"])
+    assert b["group"].shape == (500,) and set(b["y"]) == {"watch", "like", "rating"}
     # Training negatives are redrawn at each pass (epoch); validation rows are fixed.
     again = list(loader)
-    first = torch.cat([x["item"][~x["mask"]["like"]] for x in batches]).sort().values
-    second = torch.cat([x["item"][~x["mask"]["like"]] for x in again]).sort().values
+    first = torch.cat([x["inputs"]["item"][~x["mask"]["like"]] for x in batches]).sort().values
+    second = torch.cat([x["inputs"]["item"][~x["mask"]["like"]] for x in again]).sort().values
     assert not torch.equal(first, second)
-    v1 = next(iter(dm.val_dataloader()))["item"]
-    v2 = next(iter(dm.val_dataloader()))["item"]
+    v1 = next(iter(dm.val_dataloader()))["inputs"]["item"]
+    v2 = next(iter(dm.val_dataloader()))["inputs"]["item"]
     assert torch.equal(v1, v2)
 
 

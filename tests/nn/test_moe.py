@@ -21,6 +21,8 @@ from naive_reference import (
     to_dense,
 )
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch_geometric.datasets import Planetoid
 
 from moegraph.nn import (
     ExpertChoiceRouter,
@@ -524,3 +526,175 @@ def test_repr():
         "SparseMoE(16, 32, 16, num_experts=4, router=TopPRouter)"
     assert repr(SparseMoE(16, 32, 16, num_experts=4, router="expert_choice")) == \
         "SparseMoE(16, 32, 16, num_experts=4, router=ExpertChoiceRouter)"
+
+
+# Issue 14: bad argument types, input dtypes, huge router logits ###############
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (dict(num_experts="8"), r"'num_experts' must be a positive integer \(got '8'\)"),
+    (dict(k=True), r"'k' must be an integer in \[1, 4\]"),
+    (dict(capacity_factor=float("inf")), "'capacity_factor' must be a finite positive number"),
+    (dict(capacity_factor=float("nan")), "'capacity_factor'"),
+    (dict(capacity_factor="1.0"), "'capacity_factor'"),
+    (dict(num_shared_experts=1.5), "'num_shared_experts' must be a non-negative integer"),
+    (dict(num_shared_experts=1, shared_hidden_channels=0), "'shared_hidden_channels'"),
+    (dict(out_channels="8"), "'out_channels'"),
+])
+def test_bad_argument_types(kwargs, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SparseMoE(8, 16, **kwargs)
+    with pytest.raises(ValueError, match="'hidden_channels'"):
+        SparseMoE(8, 16.0, num_experts=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_other_input_dtype_runs_every_expert_in_it(dtype, shared):
+    # Before: the shared experts failed in 'mat1 and mat2' while the routed
+    # experts accepted the input. Now both run in the input's dtype.
+    torch.manual_seed(21)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2, num_shared_experts=shared).eval()
+    x = make_x(seed=22)
+    out = m(x.to(dtype)).out
+    assert out.dtype == dtype
+    reference = copy.deepcopy(m)  # every expert cast to dtype, routing in float32
+    reference.experts.to(dtype)
+    if reference.shared is not None:
+        reference.shared.to(dtype)
+    torch.testing.assert_close(out, reference(x.to(dtype)).out)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out.float(), m(x).out, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_integer_or_bool_input_is_rejected(dtype):
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, num_shared_experts=1)
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        m(torch.ones(5, FEAT, dtype=dtype))
+
+
+@pytest.mark.parametrize("name", ["topk", "topp", "expert_choice"])
+def test_huge_finite_input_gives_finite_loss_and_gradients(name):
+    torch.manual_seed(23)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, **ROUTER_CONFIGS[name]).train()
+    x = (make_x(seed=24) * 1e19).requires_grad_()
+    out, routing = m(x)
+    loss = 1e-3 * sum(routing.aux_loss.values())
+    assert torch.isfinite(loss)
+    (loss + out.sum() * 1e-30).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# Host synchronisations (issue 17) #############################################
+
+aten = torch.ops.aten
+# Ops that make the host wait for the device on CUDA: a scalar read (item,
+# bool, int), an output whose size depends on the data, or bincount (which
+# reads the maximum index to size its output).
+SYNC_OPS = {aten._local_scalar_dense.default: "scalar read", aten.nonzero.default: "nonzero",
+            aten.masked_select.default: "masked_select", aten.bincount.default: "bincount"}
+
+
+class SyncCounter(TorchDispatchMode):
+    r"""Records, on any device, the ops of a call that synchronise on CUDA;
+    ``Tensor.tolist`` (a copy to the host) is counted by a patch."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in SYNC_OPS:
+            self.syncs.append(SYNC_OPS[func])
+        elif func is aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            self.syncs.append("boolean mask")
+        elif (func is aten.repeat_interleave.Tensor
+              and kwargs.get("output_size") is None):
+            self.syncs.append("repeat_interleave")
+        return func(*args, **kwargs)
+
+
+def count_syncs(monkeypatch, fn):
+    counter = SyncCounter()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        counter.syncs.append("tolist")
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+    with counter:
+        fn()
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return sorted(counter.syncs)
+
+
+@pytest.mark.parametrize("backend,expected", [
+    ("loop", ["scalar read", "tolist"]),  # the NaN check; the block sizes
+    ("grouped_mm", ["scalar read"]),  # the NaN check only
+])
+@pytest.mark.parametrize("training", [False, True])
+def test_host_syncs_per_call(monkeypatch, backend, expected, training):
+    # Forward and backward of a dropless top-k layer: the routing, the
+    # counts per expert, the aux losses and the combine need no host sync.
+    torch.manual_seed(25)
+    m = SparseMoE(16, 16, 16, num_experts=4, k=2, backend=backend,
+                  num_shared_experts=1).train(training)
+    x = make_x(f=16, seed=26).requires_grad_()
+
+    def step():
+        out, routing = m(x)
+        (out.sum() + sum(routing.aux_loss.values())).backward()
+
+    assert count_syncs(monkeypatch, step) == expected
+
+
+def test_host_syncs_expert_choice_and_deterministic(monkeypatch):
+    torch.manual_seed(27)
+    m = SparseMoE(16, 16, 16, num_experts=4, router="expert_choice", deterministic=True).train()
+    x = make_x(f=16, seed=28)
+    assert count_syncs(monkeypatch, lambda: m(x)) == ["scalar read", "tolist"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_syncs_on_cuda():
+    # The same count from CUDA itself: each synchronising call warns once.
+    torch.manual_seed(29)
+    m = SparseMoE(16, 16, 16, num_experts=4, k=2).cuda().train()
+    x = make_x(f=16, seed=30).cuda().requires_grad_()
+    m(x)  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            out, routing = m(x)
+            (out.sum() + sum(routing.aux_loss.values())).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in record if "synchroniz" in str(w.message)]
+    assert len(syncs) == 2, [str(w.message) for w in syncs]  # NaN check, block sizes
+
+
+# On a real graph (Cora, from MOEGRAPH_DATA_DIR; skipped when absent) #########
+
+def test_cora_loads_from_a_copy_and_routes_every_node(real_data):
+    root = real_data("Planetoid/Cora")
+    data = Planetoid(str(root), "Cora")[0]
+    assert data.num_nodes == 2708 and data.num_features == 1433
+    assert (root / "Cora" / "processed").is_dir()  # written into the copy, not the source
+
+    torch.manual_seed(0)
+    moe = SparseMoE(data.num_features, 32, 7, num_experts=4, k=2).eval()
+    out, routing = moe(data.x)
+    assert out.shape == (2708, 7) and bool(torch.isfinite(out).all())
+    # Every node is routed to exactly k = 2 distinct experts.
+    assert torch.equal(routing.experts_per_row(), torch.full((2708,), 2))
+    assert int(routing.load.sum()) == 2 * 2708
+    dense = routing.dense_weight()
+    torch.testing.assert_close(dense.sum(dim=1), torch.ones(2708))

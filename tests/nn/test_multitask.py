@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moegraph.nn import CGC, PLE, HoME, MMoE, MultiTaskOutput, SharedBottom
 from moegraph.nn.multitask import GateSpec, MultiGateLevel
@@ -304,3 +306,91 @@ def test_masked_gates_have_no_nan_for_extreme_logits(x):
             lin.bias.fill_(1e4)
     out = model(x * 1e3)
     assert all(torch.isfinite(w).all() for w in out.gates.values())
+
+
+# -- the feature-gated experts' own backward, and properties of every layer ----------------
+def test_feature_gated_experts_gradcheck_and_naive_forward():
+    from moegraph.nn.multitask import _FeatureGatedExperts
+
+    torch.manual_seed(0)
+    N, Fi, k, r, H = 5, 4, 3, 2, 3
+    args = [torch.randn(s, dtype=torch.double, requires_grad=True)
+            for s in ((N, Fi), (Fi, k * r), (k, r, Fi), (k, Fi, H), (k, H))]
+    assert torch.autograd.gradcheck(_FeatureGatedExperts.apply, args)
+    block = _FeatureGatedExperts.BLOCK_ELEMENTS
+    try:  # blocks of 2 rows (the last one of 1)
+        _FeatureGatedExperts.BLOCK_ELEMENTS = 2 * k * Fi
+        assert torch.autograd.gradcheck(_FeatureGatedExperts.apply, args)
+    finally:
+        _FeatureGatedExperts.BLOCK_ELEMENTS = block
+    x, a, b, w, bias = (t.detach() for t in args)
+    out = _FeatureGatedExperts.apply(x, a, b, w, bias).view(N, k, H)
+    for j in range(k):  # x * 2 sigmoid(x A_j B_j) W_j + b_j, expert by expert
+        gated = x * 2 * torch.sigmoid(x @ a[:, j * r:(j + 1) * r] @ b[j])
+        torch.testing.assert_close(out[:, j], gated @ w[j] + bias[j])
+
+
+def _layer(kind, F_in, H, tasks, parts):
+    if kind == "mmoe":
+        return MMoE(F_in, H, tasks, num_experts=3)
+    if kind == "ple":
+        return PLE(F_in, H, tasks, num_levels=2, num_shared_experts=1)
+    if kind == "cgc":
+        return CGC(F_in, H, tasks)
+    norm, mask, fg, sg = parts
+    return HoME(F_in, H, tasks, expert_norm="batch_norm" if norm else None,
+                hierarchy_mask=mask, feature_gate=fg, self_gate=sg)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(kind=st.sampled_from(["mmoe", "ple", "cgc", "home"]), N=st.integers(2, 9),
+       F_in=st.integers(1, 6), H=st.integers(1, 5), T=st.integers(1, 3),
+       parts=st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
+       scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=st.integers(0, 2**16))
+def test_property_finite_outputs_gradients_and_gates(kind, N, F_in, H, T, parts, scale, seed):
+    torch.manual_seed(seed)
+    tasks = [f"t{i}" for i in range(T)]
+    if kind == "home" and parts[3]:
+        H = F_in  # a self-gate needs in_channels == hidden_channels at level 2 (H -> H)
+    layer = _layer(kind, F_in, H, tasks, parts)
+    x = (scale * torch.randn(N, F_in)).requires_grad_()
+    out = layer(x)
+    loss = sum(o.sum() for o in out.outputs.values())
+    loss.backward()
+    assert all(torch.isfinite(o).all() for o in out.outputs.values())
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    for li, level in enumerate(layer.levels):
+        for g in level.gate_specs:
+            w = out.gates[f"{li}/{g.name}"]  # [N, E]
+            torch.testing.assert_close(w.sum(1), torch.ones(N))
+            hidden = [e for e in range(level.num_experts) if e not in g.allowed]
+            assert (w[:, hidden] == 0).all() and (w >= 0).all()
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(N=st.integers(2, 10), seed=st.integers(0, 2**16), data=st.data())
+def test_property_masked_rows_contribute_nothing(N, seed, data):
+    from moegraph.tasks import MultiTaskLearning
+
+    torch.manual_seed(seed)
+    types = {"a": "binary", "b": "regression", "c": {"type": "multiclass", "num_classes": 3}}
+    net = HoME(4, 4, {"a": 1, "b": 1, "c": 3}).eval()  # eval: rows independent (batch norm)
+    task = MultiTaskLearning(net, types, optimizer=torch.optim.Adam)
+    mask = {t: torch.tensor(data.draw(st.lists(st.booleans(), min_size=N, max_size=N)))
+            for t in types}
+    x = torch.randn(N, 4)
+    y = {"a": torch.randint(0, 2, (N,)).float(), "b": torch.randn(N),
+         "c": torch.randint(0, 3, (N,))}
+    loss = task.validation_step(dict(inputs=x, y=y, mask=mask), 0)
+    # Change the features and labels of every row masked out for every task.
+    hidden = ~(mask["a"] | mask["b"] | mask["c"])
+    x2 = x.clone()
+    x2[hidden] = 100 * torch.randn(int(hidden.sum()), 4)
+    y2 = {t: v.clone() for t, v in y.items()}
+    for t in types:
+        y2[t][~mask[t]] = {"a": 1.0 - y[t][~mask[t]], "b": y[t][~mask[t]] + 50.0,
+                           "c": (y[t][~mask[t]] + 1) % 3}[t]
+    loss2 = task.validation_step(dict(inputs=x2, y=y2, mask=mask), 0)
+    assert torch.isfinite(loss)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)

@@ -28,7 +28,7 @@ from moegraph.nn import (
     TopPRouter,
     sum_aux_losses,
 )
-from moegraph.nn.routing import drop_overflow, expert_capacity
+from moegraph.nn.routing import drop_overflow, expert_capacity, z_loss
 
 # Naive references #############################################################
 
@@ -629,3 +629,76 @@ def test_router_repr():
     assert repr(TopPRouter(16, 4, p=0.5)) == "TopPRouter(16, num_experts=4, p=0.5)"
     assert (repr(ExpertChoiceRouter(16, 4, capacity_factor=2))
             == "ExpertChoiceRouter(16, num_experts=4, capacity_factor=2.0)")
+
+
+# Huge logits and bad arguments (issue 14) #####################################
+
+
+def naive_z_penalty(lse, T=1e4):
+    r"""The z-loss of one row: ``lse^2`` up to ``T``, then ``T^2 (1 + 2 log(|lse| / T))``."""
+    lse = abs(lse)
+    return lse ** 2 if lse <= T else T * T * (1 + 2 * math.log(lse / T))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e5, 1e19, 1e30, 1e36])
+def test_z_loss_against_naive_at_every_scale(scale):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g, dtype=torch.float64) * scale
+    expected = sum(naive_z_penalty(naive_logsumexp(row)) for row in logits.tolist()) / 6
+    got = z_loss(logits)
+    assert math.isfinite(got.item())
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_z_loss_is_smooth_at_the_switch():
+    # same value and slope on both sides of T = 1e4 (logits [l, -inf-like]: lse = l)
+    lse = torch.tensor([1e4 - 1e-3, 1e4 + 1e-3], dtype=torch.float64, requires_grad=True)
+    logits = torch.stack([lse, torch.full_like(lse, -1e9)], dim=-1)
+    values = [z_loss(logits[i:i + 1]) for i in range(2)]
+    grads = [torch.autograd.grad(v, lse)[0][i].item() for i, v in enumerate(values)]
+    # continuous: the gap across [T - 1e-3, T + 1e-3] is the slope 2T times the width
+    assert values[1].item() - values[0].item() == pytest.approx(2e4 * 2e-3, rel=1e-4)
+    assert grads[0] == pytest.approx(2e4, rel=1e-6) and grads[1] == pytest.approx(2e4, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_huge_finite_logits_give_finite_losses_and_gradients(name, scale):
+    # Before: z_loss = inf from |logits| ~ 1e19 and a non-finite input gradient.
+    torch.manual_seed(12)
+    router = ROUTER_MAKERS[name]().train()
+    x = (torch.randn(10, 8) * scale).requires_grad_()
+    routing = router(x)
+    total = sum(routing.aux_loss.values()) + routing.weight.sum()
+    assert all(math.isfinite(v.item()) for v in routing.aux_loss.values())
+    assert routing.aux_loss["z_loss"].item() > 0
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in router.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: TopKRouter(8, 2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (lambda: TopKRouter(8, "4"), r"'num_experts' must be a positive integer \(got '4'\)"),
+    (lambda: TopKRouter(8, True), "'num_experts'"),
+    (lambda: TopKRouter(8.0, 4), "'in_channels'"),
+    (lambda: TopKRouter(8, 4, k=True), r"'k' must be an integer in \[1, 4\]"),
+    (lambda: TopKRouter(8, 4, k="2"), "'k'"),
+    (lambda: TopKRouter(8, 4, num_null_experts=1.5), "'num_null_experts' must be a non-neg"),
+    (lambda: TopPRouter(8, 4, p=True), "'p'"),
+    (lambda: TopPRouter(8, 4, max_k=2.0), r"'max_k' must be an integer in \[1, 4\]"),
+    (lambda: ExpertChoiceRouter(8, 4, capacity_factor=float("inf")),
+     "'capacity_factor' must be a finite positive number"),
+    (lambda: ExpertChoiceRouter(8, 4, capacity_factor=float("nan")), "'capacity_factor'"),
+    (lambda: ExpertChoiceRouter(8, 4, capacity_factor="1"), "'capacity_factor'"),
+])
+def test_router_bad_argument_types(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_MAKERS))
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32, torch.bool])
+def test_router_rejects_non_float_input(name, dtype):
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        ROUTER_MAKERS[name]()(torch.ones(5, 8, dtype=dtype))

@@ -99,7 +99,7 @@ def test_alternating_schedule_trains_only_what_it_should():
         if phase in ("strong", "pretrain_strong"):
             assert strong and not weak and not gate
     # Two rounds at most.
-    assert task._schedule["round"] <= 2 and task._schedule["done"]
+    assert task.schedule.round <= 2 and task.schedule.done
 
 
 def test_mowst_star_trains_everything_jointly():
@@ -125,26 +125,26 @@ def test_schedule_rolls_back_a_turn_without_gain_and_keeps_a_better_one():
     with torch.no_grad():
         net.weak.lins[0].weight.add_(1.0)
     best = params(net.weak)
-    task._advance(0.5, 0.5)                # best epoch of the turn
+    task._advance(0.5)                # best epoch of the turn
     with torch.no_grad():
         net.weak.lins[0].weight.add_(1.0)  # a worse epoch
-    task._advance(0.4, 0.4)                # patience 1: the turn ends, best kept
+    task._advance(0.4)                # patience 1: the turn ends, best kept
     assert same(params(net.weak), best) and not same(params(net.weak), start)
-    assert task.phase == "strong" and task._schedule["best"] == 0.5
+    assert task.phase == "strong" and task.schedule.best == 0.5
     # Strong turn: no gain over 0.5 -> rolled back to where it began.
     start = params(net.strong)
     with torch.no_grad():
         net.strong.convs[0].lin.weight.add_(1.0)
-    task._advance(0.45, 0.45)
-    task._advance(0.45, 0.45)
+    task._advance(0.45)
+    task._advance(0.45)
     assert same(params(net.strong), start)
     # The round had a gain (the weak turn): training goes on.
-    assert task.phase == "weak" and task._schedule["round"] == 2
+    assert task.phase == "weak" and task.schedule.round == 2
     assert not task.trainer.should_stop
     # A round without gain ends training (round_patience=1).
     for _ in range(4):
-        task._advance(0.1, 0.1)
-    assert task._schedule["done"] and task.trainer.should_stop
+        task._advance(0.1)
+    assert task.schedule.done and task.trainer.should_stop
 
 
 def test_pretraining_keeps_its_best_epoch_and_moves_on():
@@ -153,20 +153,20 @@ def test_pretraining_keeps_its_best_epoch_and_moves_on():
     with torch.no_grad():
         task.net.weak.lins[0].weight.add_(1.0)
     best = params(task.net.weak)
-    task._advance(0.2, 0.9)
+    task._advance(0.9)
     with torch.no_grad():
         task.net.weak.lins[0].weight.add_(1.0)
-    task._advance(0.3, 0.5)   # limit of 2 epochs reached
+    task._advance(0.5)   # limit of 2 epochs reached
     assert same(params(task.net.weak), best)
     assert task.phase == "weak"
-    assert task._schedule["best"] == -float("inf")  # pre-training sets no Mowst best
+    assert task.schedule.best == -float("inf")  # pre-training sets no Mowst best
 
 
 def test_loss_of_each_phase():
     data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
     for phase in ("pretrain_weak", "pretrain_strong", "weak", "strong"):
         task = make_task()
-        task._schedule["phase"] = phase
+        task.schedule.phase = phase
         out = task.net.forward_experts(data.x, data.edge_index)
         y = data.y
         expected = {"pretrain_weak": torch.nn.functional.cross_entropy(out.weak_logits, y),
@@ -255,8 +255,8 @@ def test_mini_batches_with_a_neighbor_loader():
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"scheduler": functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)},
      ValueError, "does not take a scheduler"),
-    ({"turn_patience": 0}, ValueError, "'turn_patience' must be positive"),
-    ({"pretrain_weak_epochs": -1}, ValueError, "'pretrain_weak_epochs' must be non-negative"),
+    ({"turn_patience": 0}, ValueError, "'turn_patience' must be a positive integer"),
+    ({"pretrain_weak_epochs": -1}, ValueError, "'pretrain_weak_epochs' must be a non-negative"),
     ({"min_delta": -1.0}, ValueError, "'min_delta' must be non-negative"),
     ({"num_classes": 4}, ValueError, "predicts 3 classes, the data has 4"),
 ])

@@ -127,13 +127,12 @@ def test_multiclass_task():
             super().__init__()
             self.head = MMoE(3, 4, {"genre": 5})
 
-        def forward(self, user_x, item_x, edge_index, user, item):
+        def forward(self, item_x, item):
             return self.head(item_x[item])
 
     task = MultiTaskLearning(Net(), {"genre": {"type": "multiclass", "num_classes": 5}},
                              optimizer=torch.optim.Adam)
-    batch = dict(user_x=None, item_x=torch.randn(6, 3), edge_index=None,
-                 user=torch.zeros(4, dtype=torch.long), item=torch.tensor([0, 2, 4, 5]),
+    batch = dict(inputs=dict(item_x=torch.randn(6, 3), item=torch.tensor([0, 2, 4, 5])),
                  y={"genre": torch.tensor([0, 4, 2, 1])}, mask={"genre": torch.ones(4).bool()})
     out = task(batch)
     ref = F.cross_entropy(out.outputs["genre"], batch["y"]["genre"])
@@ -158,3 +157,176 @@ def test_diagnostics_by_hand():
     summary = multitask_summary(diag)
     assert summary["diag/flagged_shared_experts"] == 1.0
     assert summary["diag/max_zero_share"] == 0.75
+
+
+# -- a model-agnostic task: a bare head on a tensor input ----------------------------------
+MIXED = {"a": "binary", "b": "regression", "c": {"type": "multiclass", "num_classes": 3}}
+
+
+def mixed_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(inputs=torch.randn(n, 5, generator=g),
+                y={"a": torch.randint(0, 2, (n,), generator=g).float(),
+                   "b": torch.randn(n, generator=g), "c": torch.randint(0, 3, (n,), generator=g)},
+                mask={t: torch.rand(n, generator=g) > 0.3 for t in MIXED})
+
+
+def mixed_task(**kwargs):
+    torch.manual_seed(0)
+    net = MMoE(5, 4, {"a": 1, "b": 1, "c": 3}, num_experts=3)
+    return MultiTaskLearning(net, MIXED, optimizer=torch.optim.Adam, **kwargs)
+
+
+def test_bare_head_on_a_tensor_input_matches_reference():
+    task, batch = mixed_task(), mixed_batch()
+    out = task.net(batch["inputs"])
+    m = batch["mask"]
+    ref = (F.binary_cross_entropy_with_logits(out.outputs["a"][m["a"]], batch["y"]["a"][m["a"]])
+           + F.mse_loss(out.outputs["b"][m["b"]], batch["y"]["b"][m["b"]])
+           + F.cross_entropy(out.outputs["c"][m["c"]], batch["y"]["c"][m["c"]]))
+    assert task.training_step(batch, 0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_integer_mask_is_rejected_not_used_as_row_indices():
+    task, batch = mixed_task(), mixed_batch()
+    bool_loss = task.training_step(batch, 0).item()
+    # As row indices, an int64 0/1 mask would pick rows 0 and 1 again and again.
+    out = task.net(batch["inputs"])
+    as_index = F.binary_cross_entropy_with_logits(out.outputs["a"][batch["mask"]["a"].long()],
+                                                  batch["y"]["a"][batch["mask"]["a"].long()])
+    assert as_index.item() != pytest.approx(bool_loss)
+    batch["mask"]["b"] = batch["mask"]["b"].long()
+    with pytest.raises(TypeError, match="task 'b': the label mask must be a bool tensor of "
+                                        "shape \\[8\\].*int64.*mask.bool\\(\\)"):
+        task.training_step(batch, 0)
+
+
+@pytest.mark.parametrize("mask,error,match", [
+    (torch.ones(8), TypeError, "task 'a': the label mask must be a bool tensor.*float32"),
+    (torch.ones(7, dtype=torch.bool), ValueError, "task 'a': the label mask must have shape \\[8\\]"
+                                                  ".*got \\[7\\]"),
+    (torch.ones(8, 1, dtype=torch.bool), ValueError, "task 'a': the label mask must have shape"),
+    ([True] * 8, TypeError, "task 'a': the label mask must be a bool tensor.*list"),
+])
+def test_bad_masks_name_the_task(mask, error, match):
+    task, batch = mixed_task(), mixed_batch()
+    batch["mask"]["a"] = mask
+    with pytest.raises(error, match=match):
+        task.training_step(batch, 0)
+
+
+def test_bad_labels_name_the_task():
+    task = mixed_task()
+    batch = mixed_batch()
+    row = int(batch["mask"]["a"].nonzero()[0])
+    batch["y"]["a"][row] = 2.0
+    with pytest.raises(ValueError, match="task 'a' is binary: labels must be 0 or 1, got 2.0"):
+        task.training_step(batch, 0)
+    batch = mixed_batch()
+    row = int(batch["mask"]["b"].nonzero()[0])
+    batch["y"]["b"][row] = float("nan")
+    with pytest.raises(ValueError, match="task 'b': 1 labels under the mask are NaN"):
+        task.training_step(batch, 0)
+    batch = mixed_batch()
+    row = int(batch["mask"]["c"].nonzero()[0])
+    batch["y"]["c"][row] = 5
+    with pytest.raises(ValueError, match="task 'c' is multiclass with 3 classes: labels must be "
+                                         "integers in \\[0, 2\\], got 5"):
+        task.training_step(batch, 0)
+    batch = mixed_batch()
+    batch["y"]["b"] = batch["y"]["b"][:5]
+    with pytest.raises(ValueError, match="task 'b': the labels must have 8 rows"):
+        task.training_step(batch, 0)
+
+
+def test_nan_and_bad_labels_outside_the_mask_are_ignored():
+    task = mixed_task()
+    batch = mixed_batch()
+    ref = task.training_step(batch, 0).item()
+    for t, bad in (("a", 7.0), ("b", float("nan")), ("c", 9)):
+        hidden = ~batch["mask"][t]
+        assert hidden.any()
+        batch["y"][t][hidden] = bad
+    assert task.training_step(batch, 0).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_input_of_the_wrong_width_and_nan_features():
+    task, batch = mixed_task(), mixed_batch()
+    batch["inputs"] = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="MMoE: 'x' must have shape \\[N, 5\\] "
+                                         "\\(in_channels=5\\); got \\[8, 6\\]"):
+        task.training_step(batch, 0)
+    batch["inputs"] = torch.randn(8, 5)
+    batch["inputs"][3, 1] = float("nan")
+    with pytest.raises(ValueError,
+                       match="MMoE: 'x' holds NaN or infinite values \\(1 of 8 rows\\)"):
+        task.training_step(batch, 0)
+    with pytest.raises(KeyError, match="needs 'inputs'"):
+        task.training_step({"y": batch["y"], "mask": batch["mask"]}, 0)
+
+
+def test_home_on_a_one_row_training_batch():
+    home = HoME(5, 4, ["a", "b"])
+    with pytest.raises(ValueError, match="expert_norm='batch_norm' needs at least 2 rows per "
+                                         "training batch \\(got 1\\)"):
+        home(torch.randn(1, 5))
+    home.eval()
+    assert torch.isfinite(home(torch.randn(1, 5)).outputs["a"]).all()  # running statistics
+    assert torch.isfinite(HoME(5, 4, ["a", "b"], expert_norm="layer_norm")(
+        torch.randn(1, 5)).outputs["a"]).all()
+
+
+def _fit(task, batches, epochs=1):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    class DM(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(batches, batch_size=None)
+
+        def val_dataloader(self):
+            return DataLoader(batches, batch_size=None)
+
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=DM())
+    return trainer.callback_metrics
+
+
+def test_mean_metrics_are_logged_and_match_the_per_task_metrics():
+    from sklearn.metrics import r2_score, roc_auc_score
+
+    task = mixed_task(task_weights={"a": 2.0, "b": 1.0, "c": 1.0})
+    batches = [mixed_batch(64, seed=s) for s in range(3)]
+    metrics = _fit(task, batches)
+    task.eval()
+    with torch.no_grad():
+        outs = [task.net(b["inputs"]).outputs for b in batches]
+    cat = lambda t, key: torch.cat([(o[t] if key == "p" else b[key][t])  # noqa: E731
+                                    for o, b in zip(outs, batches, strict=True)])
+    m = {t: cat(t, "mask") for t in MIXED}
+    auc = roc_auc_score(cat("a", "y")[m["a"]].numpy(), cat("a", "p")[m["a"]].numpy())
+    r2 = r2_score(cat("b", "y")[m["b"]].numpy(), cat("b", "p")[m["b"]].numpy())
+    acc = (cat("c", "p")[m["c"]].argmax(1) == cat("c", "y")[m["c"]]).float().mean().item()
+    assert metrics["val/a/auc"].item() == pytest.approx(auc, abs=1e-5)
+    assert metrics["val/b/r2"].item() == pytest.approx(r2, abs=1e-4)
+    assert metrics["val/c/acc"].item() == pytest.approx(acc, abs=1e-6)
+    assert metrics["val/mean_auc"].item() == pytest.approx(auc, abs=1e-5)
+    assert metrics["val/mean_score"].item() == pytest.approx((2 * auc + r2 + acc) / 4, abs=1e-4)
+    assert "train/mean_score" in metrics
+
+
+def test_gauc_with_single_row_groups_warns_once_and_is_not_logged():
+    task = mixed_task()
+    batches = []
+    for s in range(2):
+        b = mixed_batch(16, seed=s)
+        b["group"] = torch.arange(16) + 16 * s  # every group a single row
+        batches.append(b)
+    with pytest.warns(UserWarning, match="val/a/gauc is undefined: no group holds both classes"
+                      ) as record:
+        metrics = _fit(task, batches, epochs=2)
+    assert sum("val/a/gauc" in str(w.message) for w in record) == 1
+    assert "val/a/gauc" not in metrics and "val/a/auc" in metrics
+    assert all(torch.isfinite(v).all() for v in metrics.values())

@@ -16,6 +16,7 @@ from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins
 from moegraph.nn.experts import LinearExperts, MLPExperts
 from moegraph.nn.moe import MoEOutput
 from moegraph.nn.routing import Router, build_router
+from moegraph.utils.checks import check_int, check_positive_float
 from moegraph.utils.graph import HopGraph, check_edge_index, two_hop_edge_index
 
 __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index",
@@ -138,23 +139,22 @@ class HopMoEConv(MessagePassing):
         hop2: str = "pairs",
     ):
         super().__init__(aggr="add", node_dim=0)
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("num_experts", num_experts), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value})")
+        in_channels = check_int("in_channels", in_channels)
+        out_channels = check_int("out_channels", out_channels)
+        num_experts = check_int("num_experts", num_experts)
+        heads = check_int("heads", heads)
         if conv not in HOP_EXPERT_CONVS:
             raise ValueError(f"'conv' must be one of {HOP_EXPERT_CONVS} (got {conv!r})")
         num_hop2_experts = num_experts // 2 if num_hop2_experts is None else num_hop2_experts
-        if not 0 <= num_hop2_experts <= num_experts:
-            raise ValueError(f"'num_hop2_experts' must be in [0, num_experts={num_experts}] "
-                             f"(got {num_hop2_experts})")
+        num_hop2_experts = check_int("num_hop2_experts", num_hop2_experts, 0, num_experts,
+                                     " (num_experts)")
         if conv == "gat" and out_channels % heads != 0:
             raise ValueError(f"GAT experts: out_channels={out_channels} is not divisible by "
                              f"heads={heads}")
         if conv != "gat" and heads != 1:
             raise ValueError(f"'heads' applies to GAT experts only (conv={conv!r})")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"'capacity_factor' must be positive (got {capacity_factor})")
+        if capacity_factor is not None:
+            capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         if hop2 not in HOP2_MODES:
             raise ValueError(f"'hop2' must be one of {HOP2_MODES} (got {hop2!r})")
         if hop2 == "square" and conv != "gcn":
@@ -219,7 +219,7 @@ class HopMoEConv(MessagePassing):
             # Holding the tensor keeps its storage alive, so identity is safe.
             if old[0] is key[0] and old[1:] == key[1:]:
                 return self._cache[1]
-        graphs = {}
+        graphs: dict[int, HopGraph] = {}
         for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
             if needed == 0:
                 continue
@@ -257,6 +257,8 @@ class HopMoEConv(MessagePassing):
         if x.size(1) != self.in_channels:
             raise ValueError(f"'x' has {x.size(1)} features but {self.__class__.__name__} "
                              f"expects in_channels={self.in_channels}")
+        if not x.is_floating_point():
+            raise TypeError(f"'x' must be a floating-point tensor (got {x.dtype})")
         N = x.size(0)
         check_edge_index(edge_index, N)
         graphs = self.hop_graphs(edge_index, N)

@@ -123,6 +123,17 @@ class PatchMoE(Module):
             (default: :obj:`"cubic"`)
         init_std (float, optional): standard deviation of the initial expert
             weights. (default: :obj:`0.1`)
+        input_norm (bool, optional): divide the inputs by one scalar, the
+            root-mean-square patch norm of the first batch seen
+            (:math:`s = \sqrt{\mathbb{E}\|\mathbf{x}^{(p)}\|^2}`, a buffer saved
+            with the model), so that the model does not depend on the input
+            scale: cubic experts scale as :math:`s^3` and Adam moves every
+            logit by about ``lr`` :math:`\cdot s`, so raw inputs ten times
+            larger saturate the loss and stall the router. The analysis of
+            Chen et al. takes unit-norm cluster vectors with
+            :math:`\Theta(1)` amplitudes; one positive factor on every patch
+            keeps their orthogonality and amplitude ratios and puts the
+            patches at that scale. (default: :obj:`True`)
 
     Shapes:
         - **input:** ``x [N, P, d]``
@@ -133,7 +144,7 @@ class PatchMoE(Module):
 
     def __init__(self, in_channels: int, hidden_channels: int = 16, out_channels: int = 2,
                  num_experts: int = 8, noisy: bool = True, act: str = "cubic",
-                 init_std: float = 0.1):
+                 init_std: float = 0.1, input_norm: bool = True):
         super().__init__()
         if out_channels != 2:
             raise ValueError(f"PatchMoE is a binary classifier: 'out_channels' must be 2 "
@@ -145,6 +156,10 @@ class PatchMoE(Module):
         self.noisy = noisy
         self.act = act
         self.init_std = init_std
+        self.input_norm = input_norm
+        # 0: not measured yet (set by the first forward pass when input_norm).
+        self.input_scale: Tensor
+        self.register_buffer("input_scale", torch.zeros(()))
         self.experts = PatchExperts(in_channels, hidden_channels, num_experts, act, init_std)
         if num_experts > 1:
             self.router = TopKRouter(in_channels, num_experts, k=1, noisy=noisy,
@@ -154,6 +169,7 @@ class PatchMoE(Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        self.input_scale.zero_()
         self.experts.reset_parameters()
         if self.router is not None:
             self.router.reset_parameters()
@@ -171,6 +187,8 @@ class PatchMoE(Module):
         if x.dim() != 3 or x.size(-1) != self.in_channels:
             raise ValueError(f"'x' must be [num_samples, num_patches, {self.in_channels}] "
                              f"(got shape {tuple(x.shape)})")
+        if self.input_norm:
+            x = self.normalize(x)
         N = x.size(0)
         if self.router is None:
             counts = torch.tensor([N], device=x.device)
@@ -184,6 +202,15 @@ class PatchMoE(Module):
             aux_loss, routings = routing.aux_loss, (routing,)
         logits = torch.stack([-0.5 * score, 0.5 * score], dim=-1)  # [N, 2]
         return ModelOutput(logits, aux_loss, routings)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        r"""``x / s``, with ``s`` the root-mean-square patch norm of the first
+        batch this model saw (measured once, then kept)."""
+        if float(self.input_scale) == 0.0:  # host sync: once per model
+            with torch.no_grad():
+                rms = x.detach().float().pow(2).sum(-1).mean().sqrt()
+                self.input_scale.fill_(float(rms) if float(rms) > 0 else 1.0)
+        return x / self.input_scale.to(x.dtype)
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "

@@ -1,10 +1,11 @@
-r"""HopMoEConv and GMoE against PyG's own convolutions run on every node."""
+r"""HopMoEConv against PyG's own convolutions run on every node."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-from moegraph.nn.models import GMoE
 from moegraph.nn.routing import ExpertChoiceRouter, TopKRouter
 from moegraph.utils.graph import HopGraph
 
@@ -279,47 +280,81 @@ def test_bad_input():
         HopMoEConv(6, 8, conv="gin", aggregate_first=False)
 
 
-# GMoE #########################################################################
+# Issue 14: bad argument types and inputs; properties (hypothesis) #############
 
-def test_gmoe_model_and_minibatch():
-    from torch_geometric.data import Data
-
-    from moegraph.data.datamodule import KHopLoader
-
-    x, edge_index = random_graph(60, 200, 2)
-    model = GMoE(6, 16, 3, num_layers=2, conv="sage", num_experts=4, k=1).eval()
-    out = model(x, edge_index)
-    assert out.logits.shape == (60, 3)
-    assert len(out.routing) == 2 and set(out.aux_loss) >= {"importance"}
-    assert repr(model) == "GMoE(6, 16, 3, num_layers=2, conv=sage, num_experts=4)"
-    # A mini-batch with the full 4-hop neighbourhood of its seeds (2 layers of
-    # hop-2 experts) gives the seeds their full-graph output.
-    data = Data(x=x, edge_index=edge_index, y=torch.zeros(60, dtype=torch.long))
-    mask = torch.zeros(60, dtype=torch.bool)
-    mask[:10] = True
-    batch = next(iter(KHopLoader(data, mask, num_hops=4, batch_size=10)))
-    sub = model(batch.x, batch.edge_index).logits[:batch.batch_size]
-    torch.testing.assert_close(sub, out.logits[batch.n_id[:batch.batch_size]], atol=1e-5,
-                               rtol=1e-4)
-    with pytest.raises(ValueError, match="num_layers"):
-        GMoE(6, 16, 3, num_layers=0)
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=2.0), r"'num_experts' must be a positive integer \(got 2.0\)"),
+    (dict(num_experts="4"), "'num_experts'"),
+    (dict(k=True), r"'k' must be an integer in \[1, 4\]"),
+    (dict(capacity_factor=float("inf")), "'capacity_factor' must be a finite positive number"),
+    (dict(num_hop2_experts=1.0), r"'num_hop2_experts' must be an integer in \[0, 4\]"),
+    (dict(conv="gat", heads=True), "'heads'"),
+])
+def test_bad_argument_types(kwargs, match):
+    kwargs = {"num_experts": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        HopMoEConv(6, 8, **kwargs)
 
 
-def test_gmoe_residual_blocks():
-    x, edge_index = random_graph(40, 120, 4)
-    model = GMoE(6, 16, 3, num_layers=3, num_experts=4, k=1, norm="layer_norm",
-                 residual=True).train()
-    assert repr(model) == "GMoE(6, 16, 3, num_layers=3, conv=gcn, num_experts=4, residual=True)"
-    assert all(isinstance(conv, HopMoEConv) for conv in model.convs) and len(model.convs) == 3
-    out = model(x, edge_index)
-    assert out.logits.shape == (40, 3) and len(out.routing) == 3
-    (out.logits.sum() + sum(out.aux_loss.values())).backward()
-    assert all(conv.router.weight.grad is not None for conv in model.convs)
-    # the residual body is MoEGNN's: a hop-MoE conv in place of a PyG conv
-    from moegraph.nn.models import MoEGNN
-    body = MoEGNN(6, 16, 3, num_layers=3, conv="hop_moe", ffn="dense", norm="layer_norm",
-                  dropout=0.5, input_dropout=0.5,
-                  conv_kwargs=dict(num_experts=4, k=1))
-    body.load_state_dict(model.body.state_dict())
-    model.eval(), body.eval()
-    torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool])
+def test_integer_or_bool_features_are_rejected(dtype):
+    _, edge_index = random_graph()
+    with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
+        HopMoEConv(6, 8, num_experts=4)(torch.ones(30, 6, dtype=dtype), edge_index)
+
+
+@st.composite
+def graphs(draw):
+    N = draw(st.integers(1, 12))
+    M = draw(st.integers(0, 30))
+    pairs = draw(st.lists(st.tuples(st.integers(0, N - 1), st.integers(0, N - 1)),
+                          min_size=M, max_size=M))
+    edge_index = (torch.tensor(pairs, dtype=torch.long).t() if pairs
+                  else torch.empty(2, 0, dtype=torch.long))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    seed = draw(st.integers(0, 2 ** 16))
+    x = torch.randn(N, 6, generator=torch.Generator().manual_seed(seed)) * scale
+    return x, edge_index
+
+
+ROUTINGS = {
+    "topk": (dict(k=2), "one"),
+    "topk_noisy_k1": (dict(k=1, router_kwargs=dict(noisy=True)), "one"),
+    "topk_null": (dict(k=2, router_kwargs=dict(num_null_experts=2)), "at_most_one"),
+    "topk_capacity": (dict(k=2, capacity_factor=0.5), "at_most_one"),
+    "topp": (dict(router="topp", router_kwargs=dict(p=0.6)), "at_most_one"),
+    "topp_normalized": (dict(router="topp", router_kwargs=dict(p=0.6, normalize=True)), "one"),
+    "expert_choice": (dict(router="expert_choice"), "any"),
+}
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(graph=graphs(), conv=st.sampled_from(CONVS), name=st.sampled_from(sorted(ROUTINGS)),
+       training=st.booleans())
+def test_properties(graph, conv, name, training):
+    r"""For any small graph: finite outputs and gradients; each node's gate
+    weights sum as its router defines (one for renormalised top-k / top-p, at
+    most one where null experts, top-p's unnormalised mass or dropped overflow
+    remove some, any non-negative sum for expert choice); a node routed to no
+    expert gets a zero output."""
+    x, edge_index = graph
+    kwargs, rule = ROUTINGS[name]
+    torch.manual_seed(0)
+    layer = HopMoEConv(6, 8, num_experts=4, conv=conv, heads=2 if conv == "gat" else 1,
+                       **kwargs).train(training)
+    x = x.requires_grad_()
+    out, routing = layer(x, edge_index)
+    assert out.shape == (x.size(0), 8) and torch.isfinite(out).all()
+    (out.square().sum() + sum(routing.aux_loss.values())).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+    weight = routing.dense_weight()  # [N, E]
+    assert (weight >= 0).all()
+    total = weight.sum(dim=-1)
+    if rule == "one":
+        torch.testing.assert_close(total, torch.ones_like(total))
+    elif rule == "at_most_one":
+        assert (total <= 1 + 1e-6).all()
+    unrouted = routing.experts_per_row() == 0
+    assert torch.equal(out[unrouted], torch.zeros_like(out[unrouted]))

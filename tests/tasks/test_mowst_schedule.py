@@ -1,0 +1,117 @@
+r"""Tests of moegraph.tasks.mowst_schedule: the schedule of Mowst as a plain
+state machine (no Lightning), driven by hand-made validation scores."""
+import math
+
+import pytest
+
+from moegraph.tasks.mowst_schedule import PHASES, MowstSchedule, ScheduleConfig, Step
+
+
+def run(schedule, scores):
+    r"""Feed scores until the schedule ends; return (phase, step) per epoch."""
+    trace = []
+    for score in scores:
+        phase = schedule.phase
+        trace.append((phase, schedule.step(score)))
+        if schedule.done:
+            break
+    return trace
+
+
+def test_first_phase_follows_the_pretraining_budgets():
+    assert MowstSchedule(ScheduleConfig(2, 3)).phase == "pretrain_weak"
+    assert MowstSchedule(ScheduleConfig(0, 3)).phase == "pretrain_strong"
+    assert MowstSchedule(ScheduleConfig(0, 0)).phase == "weak"
+    assert MowstSchedule(ScheduleConfig(0, 0, joint=True)).phase == "joint"
+
+
+def test_pretraining_runs_its_budget_then_keeps_its_best_epoch():
+    s = MowstSchedule(ScheduleConfig(pretrain_weak_epochs=3, pretrain_strong_epochs=2,
+                                     turn_patience=10))
+    trace = run(s, [0.1, 0.3, 0.2, 0.5, 0.4])
+    assert [p for p, _ in trace] == ["pretrain_weak"] * 3 + ["pretrain_strong"] * 2
+    assert [st.improved for _, st in trace] == [True, True, False, True, False]
+    assert trace[2][1][:4] == (False, True, "best", True)  # weak pre-training over
+    assert trace[4][1][:4] == (False, True, "best", True)
+    assert s.phase == "weak" and not s.mixture_trained
+    assert s.best == -math.inf  # pre-training sets no bar for the mixture
+
+
+def test_a_turn_that_does_not_beat_the_best_is_rolled_back():
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, max_rounds=5, round_patience=1,
+                                     min_delta=0.0))
+    # weak turn: best 0.6 -> kept; strong turn: best 0.5 < 0.6 -> rolled back.
+    trace = run(s, [0.6, 0.5, 0.5, 0.5, 0.4, 0.3])
+    assert [p for p, _ in trace] == ["weak"] * 3 + ["strong"] * 3
+    assert trace[2][1][:4] == (False, True, "best", True)
+    assert trace[5][1][:4] == (False, True, "start", False)
+    assert s.best == 0.6 and s.mixture_trained
+    # The round had a kept turn: a second round starts.
+    assert not s.done and s.phase == "weak" and s.round == 2
+
+
+def test_rounds_without_gain_end_training():
+    s = MowstSchedule(ScheduleConfig(turn_patience=1, max_rounds=10, round_patience=2,
+                                     min_delta=0.0))
+    s.set_baseline(0.9)  # nothing below 0.9 is kept
+    trace = run(s, [0.5] * 20)
+    assert s.done and s.round == 2 and s.rounds_without_gain == 2
+    assert len(trace) == 8  # two rounds of two turns of two epochs (best, then stale)
+    assert [st.restore for _, st in trace] == [None, "start"] * 4
+    with pytest.raises(RuntimeError, match="over"):
+        s.step(0.5)
+
+
+def test_min_delta_and_max_turn_epochs():
+    s = MowstSchedule(ScheduleConfig(max_turn_epochs=3, turn_patience=5, min_delta=0.1))
+    trace = run(s, [0.5, 0.55, 0.58])  # the rises are below min_delta
+    assert [st.improved for _, st in trace] == [True, False, False]
+    assert trace[-1][1].turn_over and s.phase == "strong"  # ended on max_turn_epochs
+
+
+def test_joint_turn_ends_training():
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, joint=True))
+    trace = run(s, [0.5, 0.7, 0.6, 0.6])
+    assert s.done and s.mixture_trained and len(trace) == 4
+    assert trace[-1][1][:4] == (False, True, "best", True)
+
+
+def test_state_dict_round_trip_and_old_checkpoints():
+    config = ScheduleConfig(turn_patience=2)
+    s = MowstSchedule(config)
+    run(s, [0.6, 0.5, 0.4])
+    restored = MowstSchedule(config)
+    restored.load_state_dict(s.state_dict())
+    assert restored == s
+    # A checkpoint written before `mixture_trained` existed still loads.
+    old = {k: v for k, v in s.state_dict().items() if k != "mixture_trained"}
+    MowstSchedule(config).load_state_dict(old)
+    with pytest.raises(KeyError, match="unknown Mowst schedule state"):
+        MowstSchedule(config).load_state_dict({"phaze": "weak"})
+    with pytest.raises(ValueError, match="'phase' must be one of"):
+        MowstSchedule(config).load_state_dict({"phase": "warmup"})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(pretrain_weak_epochs=-1), "'pretrain_weak_epochs' must be a non-negative"),
+    (dict(turn_patience=0), "'turn_patience' must be a positive"),
+    (dict(max_rounds=2.5), "'max_rounds' must be a positive"),
+    (dict(min_delta=-0.1), "'min_delta' must be non-negative"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig(**kwargs)
+
+
+def test_min_epochs():
+    assert ScheduleConfig(100, 100, turn_patience=20).min_epochs() == 240
+    assert ScheduleConfig(0, 0, turn_patience=20, joint=True).min_epochs() == 20
+    assert set(PHASES) == {"pretrain_weak", "pretrain_strong", "weak", "strong", "joint"}
+
+
+def test_step_reports_the_turn_it_ended():
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    *_, (_, last) = run(s, [0.4, 0.7, 0.6, 0.5])
+    assert isinstance(last, Step) and last.turn_over
+    assert last.epochs == 4 and last.turn_best == 0.7  # two stale epochs after 0.7
+    assert s.epoch_in_turn == 0 and s.turn_best == -math.inf  # the next turn's counters
