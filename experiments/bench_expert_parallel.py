@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -38,13 +37,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _bench import load_line, load_warning, machine_load
+from _study import RESULTS as RESULTS_DIR
+from _study import command_line
 
 from moegraph.nn import SparseMoE, shard_experts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_line, load_warning, machine_load  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results" / "expert_parallel.md"
+RESULTS = RESULTS_DIR / "expert_parallel.md"
 
 
 def make_layer(args, E: int, k: int) -> SparseMoE:
@@ -148,10 +147,10 @@ def main(argv=None):
     if warning:
         print(warning)
     if not args.quick:
-        command = "python experiments/bench_expert_parallel.py " + " ".join(sys.argv[1:])
+        command = command_line(__file__, argv)
         RESULTS.write_text(
             "# Expert parallelism on CPU (gloo, 2 processes)\n\n"
-            f"`{command.strip()}`: one forward + backward step of `SparseMoE` on "
+            f"`{command}`: one forward + backward step of `SparseMoE` on "
             f"N = {args.rows} rows in all, in = {args.in_channels}, expert hidden = "
             f"{args.hidden}, float32, one thread per process, median of {args.repeats} "
             f"steps (the slower rank's time). torch {torch.__version__}.\n\n"

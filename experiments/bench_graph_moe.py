@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench import load_line, load_warning, machine_load
+from _study import RESULTS, command_line
 from torch import Tensor
 from torch_geometric.nn import GCNConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
@@ -50,11 +51,6 @@ from torch_geometric.utils import to_torch_csr_tensor
 
 from moegraph.data import csbm_graph
 from moegraph.nn import HopMoEConv, two_hop_edge_index
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_line, load_warning, machine_load  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def normalized_adj_t(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -199,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Hop-expert graph MoE layer vs all experts everywhere vs a single conv",
         "",
-        f"Made by `python experiments/bench_graph_moe.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"Made by `{command_line(__file__, argv)}`.",
         f"Graph: CSBM, {N:,} nodes, {edge_index.size(1):,} directed edges, "
         f"{hop2.size(1):,} 2-hop pairs (built once in {hop2_time:.2f} s, outside the timings); "
         f"GCN experts {F} -> {F}, half hop-1 and half hop-2; noisy top-k router; {where}; "

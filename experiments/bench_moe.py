@@ -64,24 +64,21 @@ import argparse
 import contextlib
 import datetime
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _bench import load_line, machine_load
+from _study import RESULTS, command_line
 from torch import Tensor
 from torch.nn import GELU, Linear, Module, Sequential
 
 from moegraph.nn import SparseMoE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_line, machine_load  # noqa: E402
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_moe.md"
+DEFAULT_OUT = RESULTS / "bench_moe.md"
 TARGET_CONFIG = (64, 2)  # (E, k) at which the CPU targets apply
 TARGET_A_OVER_D = 0.85
 TARGET_A_OVER_B = 3.0
@@ -346,17 +343,23 @@ def _fmt_ratio(num: float | None, den: float | None) -> str:
 
 
 def format_table(results: list[dict]) -> str:
+    copies = any("a0" in res["rows_per_s"] for res in results)
     header = ["E", "k", "(a) SparseMoE auto", "(a') grouped_mm", "(b) naive loop",
               "(c) all experts", "(d) dense FFN", "a/d", "a/b", "peak mem (GiB)"]
+    if copies:
+        header[2:2] = ["(a0) with copies"]
+        header[-1:-1] = ["a0/d"]
     rows = []
     for res in results:
         rate = res["rows_per_s"]
         peak = res["peak_gib"]
+        keys = ("a0", "a", "a'", "b", "c", "d") if copies else ("a", "a'", "b", "c", "d")
         rows.append([str(res["E"]), str(res["k"])]
-                    + [_fmt_rate(rate.get(key)) for key in ("a", "a'", "b", "c", "d")]
+                    + [_fmt_rate(rate.get(key)) for key in keys]
                     + [_fmt_ratio(rate.get("a"), rate.get("d")),
-                       _fmt_ratio(rate.get("a"), rate.get("b")),
-                       "-" if peak is None else f"{peak:.2f}"])
+                       _fmt_ratio(rate.get("a"), rate.get("b"))]
+                    + ([_fmt_ratio(rate.get("a0"), rate.get("d"))] if copies else [])
+                    + ["-" if peak is None else f"{peak:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
@@ -416,6 +419,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "activation budget")
     parser.add_argument("--skip-all-experts", action="store_true",
                         help="leave out method (c), every expert on every row")
+    parser.add_argument("--compare-copies", action="store_true",
+                        help="add method (a0): SparseMoE as before the fused dispatch, with "
+                             "sorted copies of the rows, outputs and gradients")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="time only these methods (keys: a a' a0 b c d)")
     parser.add_argument("--device", default="auto",
                         help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -457,6 +465,15 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
         Method("a'", "SparseMoE (grouped_mm)", sparse_moe_step(moe_gmm), moe_gmm, R, W, N),
         Method("b", "naive loop", naive_loop_step(moe), moe, R, W, N),
     ]
+    if args.compare_copies:
+        moe_copies = SparseMoE(args.in_channels, args.hidden, num_experts=E, k=k).to(device)
+        moe_copies.load_state_dict(moe.state_dict())
+        moe_copies.train()
+        # Without the fused path, permute_and_compute gathers x[rows] into a
+        # sorted copy, runs the experts on it and index_adds the outputs back.
+        moe_copies.experts.gather_and_combine = lambda *args: None
+        methods.append(Method("a0", "SparseMoE with sorted copies (before)",
+                              sparse_moe_step(moe_copies), moe_copies, R, W, N))
     if not args.skip_all_experts:
         # On CPU the float32 correctness check already ran (c) once at full size.
         methods.append(Method("c", f"all experts (chunks of {chunk})",
@@ -464,6 +481,8 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
                               args.all_experts_repeats, W if device.type == "cuda" else 0, N))
     methods.append(Method("d", f"dense FFN ({args.in_channels}->{k * args.hidden}->"
                                f"{args.in_channels})", dense_step(ffn), ffn, R, W, N))
+    if args.only:
+        methods = [m for m in methods if m.key in args.only]
     return methods
 
 
@@ -483,7 +502,7 @@ def main(argv: list[str] | None = None):
     else:
         autocast = contextlib.nullcontext()
 
-    command = "python " + shlex.join([sys.argv[0]] + (sys.argv[1:] if argv is None else argv))
+    command = command_line(__file__, argv, drop=())
     threads = torch.get_num_threads()
     env = (f"device: {device_name(device)} ({device.type}), torch {torch.__version__}, "
            f"{threads} threads, timed in {dtype}")
@@ -543,7 +562,10 @@ def main(argv: list[str] | None = None):
                 "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
                 f"forward and backward in chunks of at most {chunk} experts; "
                 f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
-                f"Peak mem: {peak} for that row.",
+                f"Peak mem: {peak} for that row."
+                + (" (a0) SparseMoE with the dispatch of before (sorted copies [A, F] of the "
+                   "rows and [A, O] of the outputs, index_add_ combine), same weights, same "
+                   "run." if args.compare_copies else ""),
                 "",
                 *targets,
                 "",

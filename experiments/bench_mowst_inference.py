@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 from pathlib import Path
 
+import _study
 import torch
 from torch_geometric.nn import GCNConv
 from torch_geometric.utils import k_hop_subgraph
@@ -32,16 +31,10 @@ from moegraph.data import csbm_graph
 from moegraph.nn import Mowst
 from moegraph.nn.models import make_backbone
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def timed(fn, repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
+    r"""Median seconds of ``repeats`` calls after a warm-up, and the output."""
+    times, out = _study.timed(fn, repeats)
     return statistics.median(times), out
 
 
@@ -59,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="20k nodes, 1 repeat")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_mowst_inference.md")
+    parser.add_argument("--out", type=Path, default=_study.RESULTS / "bench_mowst_inference.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_nodes, args.repeats = 20_000, 1
@@ -75,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Mowst sparse inference vs full-graph GNN inference",
         "",
-        f"Made by `python experiments/bench_mowst_inference.py "
-        f"{' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        f"Made by `{_study.command_line(__file__, argv)}`.",
         f"Graph: CSBM, {N:,} nodes, {M:,} directed edges, {args.features} features; "
         f"{args.layers}-layer backbones, hidden {args.hidden}; float32 on CPU, "
         f"{args.threads} thread(s); median of {args.repeats} runs. Unconfident nodes chosen: "

@@ -45,13 +45,12 @@ import datetime
 import gc
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _study import RESULTS, command_line
 from torch.nn import Module
 
 from moegraph.nn import PLE, HoME, MMoE
@@ -123,7 +122,7 @@ class PeakMemory:
         return float(self._status("VmHWM") - base)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=32_768)
     parser.add_argument("--in-channels", type=int, nargs="+", default=[64, 512])
@@ -132,8 +131,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no file written")
-    parser.add_argument("--out", default="experiments/results/bench_multitask.md")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(RESULTS / "bench_multitask.md"))
+    args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.repeats = 512, 2
     torch.set_num_threads(args.threads)
@@ -152,7 +151,7 @@ def main() -> None:
     load_after = os.getloadavg()
     if args.quick:
         return
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    cmd = command_line(__file__, argv)
     load = (f"load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
             f"after {tuple(round(v, 2) for v in load_after)} on {os.cpu_count()} cores")
     body = "\n\n".join(tables)

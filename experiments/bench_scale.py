@@ -32,10 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import load_warning, machine_load, peak_rss_gib, reset_peak_rss, rss_gib  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _bench import load_warning, machine_load, peak_rss_gib, reset_peak_rss, rss_gib
+from _study import RESULTS
 
 
 def run_one(args) -> dict:
@@ -174,7 +172,8 @@ def write_table(rows: list[dict], args, path: Path) -> None:
         "",
         f"CSBM graph generated in-process (`moegraph.data.csbm_graph`), average in-degree "
         f"{args.avg_degree:g} (directed edges = {args.avg_degree:g} x nodes), 32 features, 4 "
-        f"classes; {args.train:.0%} of the nodes are training seeds, {args.val:.0%} validation "
+        f"classes; {100 * args.train:g}% of the nodes are training seeds, {100 * args.val:g}% "
+        f"validation "
         f"(other rows: see their seeds column); fanout {args.fanout}, {args.batch_size} seeds "
         f"per batch, pure-torch `TorchNeighborLoader` (no pyg-lib / torch-sparse), {device}, "
         f"one process per row. Hidden 64, 2 SAGE layers; MoE-GNN: a top-2 MoE block of 8 "

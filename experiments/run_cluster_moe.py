@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "experiments" / "results"
-
-from run_node_classification import mean_std, run_pending, train_cached  # noqa: E402  (sibling script)
+from _study import (
+    QUIET,
+    RESULTS,
+    add_study_arguments,
+    command_line,
+    load_runs,
+    mean_std,
+    results_header,
+    run_diagnostics,
+    run_pending,
+    train_cached,
+)
 
 # name: (experiment, expert activation, label, the paper's test accuracy (%), Table 1)
 MODELS = {
@@ -43,9 +49,8 @@ def overrides_for(model: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
     experiment, act, _, _ = MODELS[model]
     # The 5-seed table was made with raw inputs (before PatchMoE's input_norm).
-    return [f"experiment={experiment}", f"model.net.act={act}", f"seed={seed}", "logger=none",
-            "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false", "model.net.input_norm=false"]
+    return [f"experiment={experiment}", f"model.net.act={act}", f"seed={seed}", *QUIET,
+            "model.net.input_norm=false"]
 
 
 # The input-scale / router study (``--robustness``): 8 cubic experts on a smaller
@@ -65,15 +70,15 @@ ROBUST = {
 
 
 def run_robust(name: str, seed: int, runs: Path) -> dict:
-    overrides = ["experiment=cluster_moe", f"seed={seed}", "logger=none",
-                 "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-                 "+trainer.enable_model_summary=false", *ROBUST_DATA, *ROBUST[name][1]]
+    overrides = ["experiment=cluster_moe", f"seed={seed}", *QUIET, *ROBUST_DATA,
+                 *ROBUST[name][1]]
     return train_cached(overrides, {"variant": name, "seed": seed},
-                        runs / f"{name}__seed{seed}.json", protocol, routing_by_cluster)
+                        runs / f"{name}__seed{seed}.json",
+                        (run_diagnostics, protocol, routing_by_cluster))
 
 
 def build_robust_table(runs: Path, command: str) -> str:
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    records = load_runs(runs)
     if not records:
         return ""
     by: dict[str, list[dict]] = {}
@@ -123,14 +128,15 @@ def build_robust_table(runs: Path, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def protocol(cfg) -> dict:
-    return {"num_experts": cfg.model.net.num_experts,
+def protocol(cfg, output_dir: Path | None = None) -> dict:
+    r"""A ``collect``: the protocol fields of a run."""
+    return {"protocol": {"num_experts": cfg.model.net.num_experts,
             "hidden_channels": cfg.model.net.hidden_channels, "noisy": cfg.model.net.noisy,
             "optimizer": cfg.model.optimizer._target_.split(".")[-1],
             "lr": cfg.model.optimizer.lr, "max_epochs": cfg.trainer.max_epochs,
             "patience": cfg.callbacks.early_stopping.patience,
             "num_train": cfg.data.num_train, "num_val": cfg.data.num_val,
-            "num_test": cfg.data.num_test}
+            "num_test": cfg.data.num_test}}
 
 
 def routing_by_cluster(cfg, output_dir: Path) -> dict:
@@ -160,7 +166,8 @@ def run_one(model: str, seed: int, runs: Path) -> dict:
     r"""Train one model through ``train(cfg)``, measure its routing by cluster
     on the test samples with the best checkpoint, and cache the record."""
     return train_cached(overrides_for(model, seed), {"model": model, "seed": seed},
-                        runs / run_name(model, seed), protocol, routing_by_cluster)
+                        runs / run_name(model, seed),
+                        (run_diagnostics, protocol, routing_by_cluster))
 
 
 def specialisation(share: list[list[float]]) -> tuple[float, int]:
@@ -172,15 +179,12 @@ def specialisation(share: list[list[float]]) -> tuple[float, int]:
 
 
 def build_table(runs: Path, command: str) -> str:
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     by_model: dict[str, list[dict]] = {}
-    for r in records:
+    for r in load_runs(runs):
         by_model.setdefault(r["model"], []).append(r)
     lines = [
-        "# Chen et al. (2022): one expert vs a mixture on cluster-structured data",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/cluster_moe_runs/`).",
-        "",
+        *results_header("Chen et al. (2022): one expert vs a mixture on cluster-structured "
+                        "data", command, runs),
         "Data (`conf/data/clusters.yaml`): K = 4 clusters, P = 4 patches, d = 50, "
         "α ~ U(0.5, 2), β ~ U(1, 2), γ ~ U(0.5, 3), Gaussian patch N(0, I/d); 16,000 "
         "training, 4,000 validation (for the checkpoint and early stopping) and 16,000 "
@@ -244,15 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--runs", type=Path, default=RESULTS / "cluster_moe_runs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
+    add_study_arguments(parser, RESULTS / "cluster_moe_runs")
     parser.add_argument("--robustness", nargs="*", default=None, choices=list(ROBUST),
                         help="run the input-scale / router study (these settings; all if "
                              "none given) instead of the main table")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_cluster_moe.py", *given])
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
@@ -263,11 +264,14 @@ def main(argv: list[str] | None = None) -> None:
         run_pending([(robust_runs / f"{v}__seed{s}.json",
                       functools.partial(run_robust, v, s, robust_runs), f"{v} seed {s}")
                      for s in range(args.seeds) for v in (args.robustness or list(ROBUST))],
-                    tag="cluster")
+                    tag="cluster", dry_run=args.dry_run)
     elif not args.table_only:
         run_pending([(args.runs / run_name(m, s), functools.partial(run_one, m, s, args.runs),
                       f"{m} seed {s}")
-                     for s in range(args.seeds) for m in args.models], tag="cluster")
+                     for s in range(args.seeds) for m in args.models], tag="cluster",
+                    dry_run=args.dry_run)
+    if args.dry_run:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     main_command = ("python experiments/run_cluster_moe.py" if args.robustness is not None
                     else command)

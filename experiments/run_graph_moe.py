@@ -37,19 +37,22 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-from run_node_classification import (  # the sibling study: one way to train and cache
-    COST_ORDER,
-    DATASETS,
+from _study import (
+    QUIET,
     RESULTS,
     ROOT,
-    SPLIT_DATASETS,
+    add_study_arguments,
+    backbone_protocol,
+    command_line,
     mean_std,
+    results_header,
+    run_diagnostics,
     run_pending,
     train_cached,
 )
+from run_node_classification import DATASETS, SPLIT_DATASETS, seed_major  # the same datasets
 
 MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
@@ -88,9 +91,7 @@ def run_name(dataset: str, model: str, seed: int) -> str:
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
-    out = [f"experiment=nc_{dataset}", f"seed={seed}", "logger=none",
-           "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-           "+trainer.enable_model_summary=false", f"model={model}"]
+    out = [f"experiment=nc_{dataset}", f"seed={seed}", *QUIET, f"model={model}"]
     if model == "gnn":
         out.append("model/strong=gcn")
     if dataset in SPLIT_DATASETS:
@@ -112,10 +113,8 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
         return [r["metrics"][f"test/{r['metric']}"] for r in rs], rs
 
     lines = [
-        "# MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs their dense twins",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/{runs.name}/`).",
-        "",
+        *results_header("MoE inside GNNs: hop-expert GMoE and MoE feed-forward blocks vs "
+                        "their dense twins", command, runs),
         "Test score in percent, mean ± std over `n` seeds (on minesweeper, tolokers, "
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
         "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
@@ -227,28 +226,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "graph_moe_runs_v2")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
+    add_study_arguments(parser, RESULTS / "graph_moe_runs_v2")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_graph_moe.py", *given])
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        cost_order = [d for d in COST_ORDER if d in args.datasets]
         run_pending([
             (args.runs / run_name(dataset, model, seed),
              functools.partial(train_cached, overrides_for(dataset, model, seed),
                                {"dataset": dataset, "model": model, "seed": seed},
-                               args.runs / run_name(dataset, model, seed)),
+                               args.runs / run_name(dataset, model, seed),
+                               (run_diagnostics, backbone_protocol)),
              f"{dataset} {model} seed {seed}")
-            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
-            for model in args.models if (dataset, model) not in SKIP])
+            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
+            for model in args.models if (dataset, model) not in SKIP],
+            dry_run=args.dry_run)
+        if args.dry_run:
+            return
     table = build_table(args.runs, command)
     out = RESULTS / "graph_moe.md"
     out.write_text(table)

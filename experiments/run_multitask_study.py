@@ -33,19 +33,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
-import shlex
 import statistics
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
+from _study import QUIET, RESULTS, command_line, load_runs, mean_std, run_pending, train_cached
 
-RESULTS = Path("experiments/results")
 RUNS = RESULTS / "movielens_multitask_runs"
 HOME_ABLATIONS = {
     "HoME w/o expert norm": ["model.net.head.expert_norm=null"],
@@ -71,8 +68,6 @@ SYN_ROWS: dict[str, list[str]] = {
     "HoME": ["experiment=mtl_synthetic_home"],
     **{k: ["experiment=mtl_synthetic_home", *v] for k, v in HOME_ABLATIONS.items()},
 }
-QUIET = ["logger=none", "~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false",
-         "+trainer.enable_model_summary=false"]
 COLUMNS = [("watch AUC", "test/watch/auc"), ("watch GAUC", "test/watch/gauc"),
            ("like AUC", "test/like/auc"), ("like GAUC", "test/like/gauc"),
            ("rating RMSE", "test/rating/rmse")]
@@ -83,46 +78,37 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def run_path(name: str, seed: int, runs: Path = RUNS) -> Path:
+    return runs / f"{slug(name)}_seed{seed}.json"
+
+
+def params_and_diagnostics(cfg, output_dir: Path) -> dict:
+    r"""A ``collect``: the network's parameter count and the diagnostics the run wrote."""
+    from moegraph.train import instantiate_run
+
+    params = sum(p.numel() for p in instantiate_run(cfg, trainer=False)["net"].parameters())
+    diag_file = output_dir / "multitask_diagnostics.json"
+    diag = json.loads(diag_file.read_text()) if diag_file.is_file() else None
+    return {"params": params, "diagnostics": diag}
+
+
 def run_one(name: str, overrides: list[str], seed: int, cache_dir: str,
-            path: Path | None = None) -> dict:
-    r"""Train one (row, seed) through ``train(cfg)``, or read its cached JSON."""
-    path = path or RUNS / f"{slug(name)}_seed{seed}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from moegraph.train import CONFIG_DIR, instantiate_run, train
-
-    with tempfile.TemporaryDirectory() as out:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, *QUIET, f"seed={seed}",
-                                              f"paths.cache_dir={cache_dir}"],
-                          return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = out
-        HydraConfig.instance().set_config(cfg)
-        params = sum(p.numel() for p in
-                     instantiate_run(cfg, trainer=False)["net"].parameters())
-        start = time.perf_counter()
-        metrics = train(cfg)
-        wall = time.perf_counter() - start
-        diag_file = Path(out) / "multitask_diagnostics.json"
-        diag = json.loads(diag_file.read_text()) if diag_file.is_file() else None
-    record = {"name": name, "seed": seed, "overrides": overrides, "params": params,
-              "wall_seconds": wall, "metrics": metrics, "diagnostics": diag}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    return record
+            runs: Path = RUNS, path: Path | None = None) -> dict:
+    r"""Train one (row, seed) through ``train(cfg)`` and cache its JSON (at
+    ``path``, by default the row's file under ``runs``)."""
+    return train_cached([*overrides, *QUIET, f"seed={seed}", f"paths.cache_dir={cache_dir}"],
+                        {"name": name, "seed": seed, "overrides": overrides},
+                        path or run_path(name, seed, runs), (params_and_diagnostics,))
 
 
-def mean_std(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "-"
-    m = statistics.mean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+def describe(record: dict) -> str:
+    return ", ".join(f"{c}={record['metrics'][k]:.4f}" for c, k in COLUMNS
+                     if k in record["metrics"])
+
+
+def cell(values: list[float], digits: int = 4) -> str:
+    r"""Mean ± std of a cell, unscaled."""
+    return mean_std(values, scale=1.0, digits=digits, empty="-")
 
 
 def table(records: dict[str, list[dict]]) -> str:
@@ -130,10 +116,10 @@ def table(records: dict[str, list[dict]]) -> str:
             + " | params | fit time (s) | epochs |")
     lines = [head, "|---" + "|---:" * (len(COLUMNS) + 3) + "|"]
     for name, recs in records.items():
-        cells = [mean_std([r["metrics"][k] for r in recs if k in r["metrics"]])
+        cells = [cell([r["metrics"][k] for r in recs if k in r["metrics"]])
                  for _, k in COLUMNS]
-        fit = mean_std([r["metrics"]["time/fit_seconds"] for r in recs], 1)
-        epochs = mean_std([r["metrics"]["time/epochs"] for r in recs], 1)
+        fit = cell([r["metrics"]["time/fit_seconds"] for r in recs], 1)
+        epochs = cell([r["metrics"]["time/epochs"] for r in recs], 1)
         lines.append(f"| {name} | " + " | ".join(cells)
                      + f" | {recs[0]['params']:,} | {fit} | {epochs} |")
     return "\n".join(lines)
@@ -151,10 +137,10 @@ def diag_table(records: dict[str, list[dict]]) -> str:
         zero = [100 * max(max(lv["zero_share"]) for lv in d["levels"]) for d in diags]
         spread = [max(lv["scale_spread"] for lv in d["levels"]) for d in diags]
         flagged = [float(sum(x["flagged"] for x in d["degradation"])) for d in diags]
-        own = [mean_std([100 * d["underfitting"][t]["own"] for d in diags
+        own = [cell([100 * d["underfitting"][t]["own"] for d in diags
                          if t in d["underfitting"]], 1) for t in tasks]
-        lines.append(f"| {name} | {mean_std(zero, 1)} | {mean_std(spread, 2)} | "
-                     f"{mean_std(flagged, 1)} | " + " | ".join(own) + " |")
+        lines.append(f"| {name} | {cell(zero, 1)} | {cell(spread, 2)} "
+                     f"| {cell(flagged, 1)} | " + " | ".join(own) + " |")
     return "\n".join(lines)
 
 
@@ -164,31 +150,40 @@ def synthetic_mse(rec: dict) -> float:
     return (m["test/y1/rmse"] ** 2 + m["test/y2/rmse"] ** 2) / 2
 
 
-def synthetic_study(args) -> None:
+def synthetic_study(args, argv: list[str] | None) -> None:
     torch.set_num_threads(1)
     rows = args.rows or list(SYN_ROWS)
     unknown = [r for r in rows if r not in SYN_ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {list(SYN_ROWS)}")
+    def overrides(name: str, p: float) -> list[str]:
+        return [*SYN_ROWS[name], f"data.frames.correlation={p}",
+                f"data.frames.num_rows={args.num_rows}"]
+
+    def path(name: str, p: float, seed: int) -> Path:
+        return SYN_RUNS / f"{slug(name)}_p{p}_seed{seed}.json"
+
+    # seed-major: every model gets seed 0 first
+    grid = [(seed, p, name) for seed in range(args.seeds) for p in args.correlations
+            for name in rows]
+    run_pending([(path(name, p, seed),
+                  functools.partial(run_one, name, overrides(name, p), seed, args.cache_dir,
+                                    path=path(name, p, seed)),
+                  f"{name} p={p} seed {seed}") for seed, p, name in grid],
+                tag="synthetic", dry_run=args.dry_run,
+                describe=lambda r: f"test MSE {synthetic_mse(r):.4f}, "
+                                   f"{r['metrics']['time/epochs']:.0f} epochs")
+    if args.dry_run:
+        return
     records: dict[str, dict[float, list[dict]]] = {}
-    for seed in range(args.seeds):  # seed-major: every model gets seed 0 first
-        for p in args.correlations:
-            for name in rows:
-                path = SYN_RUNS / f"{slug(name)}_p{p}_seed{seed}.json"
-                overrides = [*SYN_ROWS[name], f"data.frames.correlation={p}",
-                             f"data.frames.num_rows={args.num_rows}"]
-                t = time.perf_counter()
-                cached = path.is_file()
-                rec = run_one(name, overrides, seed, args.cache_dir, path)
-                records.setdefault(name, {}).setdefault(p, []).append(rec)
-                if not cached:
-                    print(f"[synthetic] {name} p={p} seed {seed}: test MSE "
-                          f"{synthetic_mse(rec):.4f} ({time.perf_counter() - t:.0f}s, "
-                          f"{rec['metrics']['time/epochs']:.0f} epochs)", flush=True)
-    write_synthetic(args, records)
+    for seed, p, name in grid:
+        rec = json.loads(path(name, p, seed).read_text())
+        records.setdefault(name, {}).setdefault(p, []).append(rec)
+    write_synthetic(args, records, argv)
 
 
-def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
+def write_synthetic(args, records: dict[str, dict[float, list[dict]]],
+                    argv: list[str] | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +193,7 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
     head = "| model | params | " + " | ".join(f"test MSE, p = {p}" for p in ps) + " |"
     lines = [head, "|---|---:" + "|---:" * len(ps) + "|"]
     for name, by_p in records.items():
-        cells = [mean_std([synthetic_mse(r) for r in by_p.get(p, [])]) for p in ps]
+        cells = [cell([synthetic_mse(r) for r in by_p.get(p, [])]) for p in ps]
         params = next(iter(by_p.values()))[0]["params"]
         lines.append(f"| {name} | {params:,} | " + " | ".join(cells) + " |")
     gaps = []
@@ -209,7 +204,7 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
             pairs = {r["seed"]: synthetic_mse(r) for r in base.get(p, [])}
             diff = [pairs[r["seed"]] - synthetic_mse(r) for r in records[name].get(p, [])
                     if r["seed"] in pairs]
-            cells.append(mean_std(diff))
+            cells.append(cell(diff))
         gaps.append(f"| {name} | " + " | ".join(cells) + " |")
     gap_head = ("| model | " + " | ".join(f"shared-bottom MSE - model MSE, p = {p}" for p in ps)
                 + " |")
@@ -233,7 +228,7 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]]) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    cmd = command_line(__file__, argv, drop=("--dry-run",))
     seeds = sorted({r["seed"] for by_p in records.values() for rs in by_p.values() for r in rs})
     text = f"""# The MMoE paper's synthetic benchmark
 
@@ -265,7 +260,7 @@ the gain per model, paired by seed (positive: better than shared-bottom):
     print(text)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--benchmark", choices=["movielens", "synthetic"], default="movielens")
     parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
@@ -275,9 +270,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache",
                         help="where the raw files are copied before PyG processes them")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs to do (not cached yet), train nothing")
+    args = parser.parse_args(argv)
     if args.benchmark == "synthetic":
-        synthetic_study(args)
+        synthetic_study(args, argv)
         return
     args.rows = args.rows or list(ROWS)
     unknown = [r for r in args.rows if r not in ROWS]
@@ -288,16 +286,16 @@ def main() -> None:
         raise SystemExit("set MOEGRAPH_DATA_DIR to the folder holding MovieLens100K/raw "
                          "(e.g. ../shared/data)")
     torch.set_num_threads(1)
-    records: dict[str, list[dict]] = {}
-    for name in args.rows:
-        for seed in range(args.seeds):
-            t = time.perf_counter()
-            rec = run_one(name, ROWS[name], seed, args.cache_dir)
-            records.setdefault(name, []).append(rec)
-            print(f"[study] {name} seed {seed}: "
-                  + ", ".join(f"{c}={rec['metrics'][k]:.4f}" for c, k in COLUMNS
-                              if k in rec["metrics"])
-                  + f" ({time.perf_counter() - t:.1f}s)", flush=True)
+    run_pending([(run_path(name, seed, args.runs),
+                  functools.partial(run_one, name, ROWS[name], seed, args.cache_dir, args.runs),
+                  f"{name} seed {seed}")
+                 for name in args.rows for seed in range(args.seeds)],
+                describe=describe, dry_run=args.dry_run)
+    if args.dry_run:
+        return
+    cached = {(r["name"], r["seed"]): r for r in load_runs(args.runs)}
+    records = {name: [cached[name, seed] for seed in range(args.seeds)]
+               for name in args.rows}
 
     from moegraph.diagnostics import plot_multitask_diagnostics
 
@@ -309,7 +307,7 @@ def main() -> None:
     if diags:
         plot_multitask_diagnostics(diags, gates_png, "gates")
         plot_multitask_diagnostics(diags, collapse_png, "collapse")
-    cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    cmd = command_line(__file__, argv, drop=("--dry-run",))
     text = f"""# Multi-task recommendation on MovieLens-100K
 
 Command: `MOEGRAPH_DATA_DIR=../shared/data OMP_NUM_THREADS=1 taskset -c 1 {cmd}`

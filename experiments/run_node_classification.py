@@ -19,17 +19,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import math
 import os
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "experiments" / "results"
+from _study import (
+    QUIET,
+    RESULTS,
+    ROOT,
+    add_study_arguments,
+    backbone_protocol,
+    command_line,
+    load_runs,
+    mean_std,
+    results_header,
+    run_diagnostics,
+    run_pending,
+    train_cached,
+)
+
 DATASETS = ("cora", "citeseer", "minesweeper", "tolokers", "amherst41", "reed98")
 BACKBONES = ("gcn", "sage", "gat")
 MODELS = ("mlp", "gnn", "mowst", "mowst_star")
@@ -41,15 +48,23 @@ COST_ORDER = ("reed98", "cora", "amherst41", "citeseer", "minesweeper", "toloker
 SPLIT_DATASETS = ("minesweeper", "tolokers", "amherst41", "reed98")
 
 
+def seed_major(datasets: list[str], seeds: int | None,
+               default_seeds: dict[str, int]) -> list[tuple[int, str]]:
+    r"""``(seed, dataset)`` in the order a study runs them: seed 0 of every
+    dataset first (cheapest first), then seed 1, ...: a study cut short still
+    covers every cell. ``seeds`` (when given) replaces each dataset's default."""
+    order = [d for d in COST_ORDER if d in datasets]
+    count = {d: seeds or default_seeds[d] for d in order}
+    return [(s, d) for s in range(max(count.values(), default=0)) for d in order if s < count[d]]
+
+
 def run_name(dataset: str, model: str, backbone: str, seed: int) -> str:
     return f"{dataset}__{model}__{backbone if model != 'mlp' else 'none'}__seed{seed}.json"
 
 
 def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[str]:
     r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
-    out = [f"experiment=nc_{dataset}", f"seed={seed}", "logger=none",
-           "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
-           "+trainer.enable_model_summary=false"]
+    out = [f"experiment=nc_{dataset}", f"seed={seed}", *QUIET]
     if dataset in SPLIT_DATASETS:
         out.append(f"data.split={seed}")
     if model == "mlp":
@@ -63,95 +78,19 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
     return out
 
 
-def backbone_protocol(cfg) -> dict:
-    r"""The protocol fields of a node-classification run."""
-    return {"hidden_channels": cfg.backbone.hidden_channels,
-            "num_layers": cfg.backbone.num_layers, "residual": cfg.backbone.residual,
-            "max_epochs": cfg.trainer.max_epochs, "lr": cfg.model.optimizer.lr}
-
-
-def train_cached(overrides: list[str], record: dict, path: Path,
-                 protocol: Callable[[Any], dict] = backbone_protocol,
-                 collect: Optional[Callable[[Any, Path], dict]] = None) -> dict:
-    r"""Train one configuration through ``train(cfg)`` (the entry point of
-    ``moegraph-train``, with the same overrides) and cache its record as JSON
-    at ``path``: ``record`` plus the overrides, the metrics, the wall time,
-    ``protocol(cfg)``, what the run's diagnostics wrote (Mowst confidence
-    histogram, expert load) and what ``collect(cfg, output_dir)`` returns,
-    called before the run's output folder is deleted."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from moegraph.diagnostics import confidence_histogram
-    from moegraph.train import CONFIG_DIR, train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = tmp
-        HydraConfig.instance().set_config(cfg)
-        start = time.perf_counter()
-        metrics = train(cfg)
-        wall = time.perf_counter() - start
-        record = {**record, "overrides": overrides, "metric": cfg.data.get("metric", "acc"),
-                  "metrics": metrics, "wall_seconds": wall, "protocol": protocol(cfg)}
-        confidence = Path(tmp) / "confidence.json"
-        if confidence.exists():
-            c = json.loads(confidence.read_text())
-            _, right, wrong = confidence_histogram(c["confidence"], c["weak_correct"])
-            record["confidence_hist"] = {"right": right.tolist(), "wrong": wrong.tolist()}
-        load = Path(tmp) / "expert_load.json"
-        if load.exists():
-            record["expert_load"] = json.loads(load.read_text())
-        if collect is not None:
-            record.update(collect(cfg, Path(tmp)))
-    HydraConfig.instance().cfg = None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    return record
-
-
-def run_pending(jobs: list[tuple[Path, Callable[[], dict], str]], tag: str = "study") -> None:
-    r"""Run each job ``(cache path, run, label)`` whose cache file does not
-    exist, printing its test score and time. A job finished meanwhile by
-    another process of the same study is skipped."""
-    todo = [job for job in jobs if not job[0].exists()]
-    print(f"[{tag}] {len(todo)} runs to do (cached runs are skipped)", flush=True)
-    for i, (path, run, label) in enumerate(todo, 1):
-        if path.exists():
-            continue
-        start = time.perf_counter()
-        record = run()
-        metric = record["metric"]
-        score = record["metrics"].get(f"test/{metric}", float("nan"))
-        print(f"[{tag}] {i}/{len(todo)} {label}: test/{metric}={score:.4f} "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
-
-
 def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> dict:
     r"""Train one configuration of this study and cache its record."""
     return train_cached(overrides_for(dataset, model, backbone, seed),
                         {"dataset": dataset, "model": model, "backbone": backbone,
                          "seed": seed},
-                        runs / run_name(dataset, model, backbone, seed))
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(
-        values) > 1 else 0.0
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+                        runs / run_name(dataset, model, backbone, seed),
+                        collect=(run_diagnostics, backbone_protocol))
 
 
 def build_table(runs: Path, command: str) -> str:
     r"""The markdown table of every cached run, and the confidence PNGs."""
-    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     by_key: dict[tuple, list[dict]] = {}
-    for r in records:
+    for r in load_runs(runs):
         by_key.setdefault((r["dataset"], r["model"], r["backbone"]), []).append(r)
 
     def scores(dataset, model, backbone, key=None):
@@ -162,10 +101,7 @@ def build_table(runs: Path, command: str) -> str:
         return [r["metrics"][name] for r in rs if name in r["metrics"]], rs
 
     lines = [
-        "# Node classification: MLP, GNN, Mowst, Mowst*",
-        "",
-        f"Made by `{command}` (cached runs in `experiments/results/node_classification_runs/`).",
-        "",
+        *results_header("Node classification: MLP, GNN, Mowst, Mowst*", command, runs),
         "Test score in percent, mean ± std over the seeds given (`n`; on minesweeper, "
         "tolokers, amherst41 and reed98 seed *s* also picks split *s*). Accuracy, except "
         "ROC-AUC on minesweeper and tolokers. **Mowst** is the expected score of the "
@@ -257,29 +193,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--runs", type=Path, default=RESULTS / "node_classification_runs")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--table-only", action="store_true")
+    add_study_arguments(parser, RESULTS / "node_classification_runs")
     args = parser.parse_args(argv)
-    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only"]
-    command = " ".join(["python experiments/run_node_classification.py", *given])
+    command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     if not args.table_only:
-        # Seed 0 of every dataset first (cheapest first), then seed 1, ...: a
-        # study cut short still covers every cell.
-        cost_order = [d for d in COST_ORDER if d in args.datasets]
         run_pending([
             (args.runs / run_name(dataset, model, backbone, seed),
              functools.partial(run_one, dataset, model, backbone, seed, args.runs),
              f"{dataset} {model} {backbone} seed {seed}")
-            for seed in range(max(args.seeds or DEFAULT_SEEDS[d] for d in cost_order))
-            for dataset in cost_order if seed < (args.seeds or DEFAULT_SEEDS[dataset])
+            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
             for model in args.models
-            for backbone in (["none"] if model == "mlp" else args.backbones)])
+            for backbone in (["none"] if model == "mlp" else args.backbones)],
+            dry_run=args.dry_run)
+        if args.dry_run:
+            return
     table = build_table(args.runs, command)
     out = RESULTS / "node_classification.md"
     out.write_text(table)

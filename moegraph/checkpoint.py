@@ -98,6 +98,8 @@ class RunCheckpoint(L.Callback):
     training starts again, before the next epoch's loader is iterated (a
     ``DataLoader`` draws its base seed from torch's generator): in both cases
     at the point where the uninterrupted run drew its next random number.
+    Under DDP each process's states are saved, and each process gets its own
+    back when resumed with the same number of processes (else rank 0's).
 
     Args:
         config (dict, optional): the resolved run config, stored under
@@ -119,12 +121,22 @@ class RunCheckpoint(L.Callback):
         batch_progress = trainer.fit_loop.epoch_loop.batch_progress
         mid_epoch = (trainer.training and not batch_progress.is_last_batch
                      and batch_progress.current.completed > 0)
-        checkpoint[CHECKPOINT_KEY] = {"config": self.config,
-                                      "random_states": random_states(),
-                                      "mid_epoch": bool(mid_epoch)}
+        states = random_states()
+        saved = {"config": self.config, "random_states": states, "mid_epoch": bool(mid_epoch)}
+        if trainer.world_size > 1:  # every process saves (rank 0 writes): each its own states
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, states)
+                saved["random_states_per_rank"] = gathered
+        checkpoint[CHECKPOINT_KEY] = saved
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY) or {}
+        saved = dict(checkpoint.get(CHECKPOINT_KEY) or {})
+        per_rank = saved.get("random_states_per_rank")
+        if per_rank and len(per_rank) == trainer.world_size:  # the same number of processes
+            saved["random_states"] = per_rank[trainer.global_rank]
         self._pending = saved if "random_states" in saved else None
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from moegraph.checkpoint import RunCheckpoint, check_resumable, record_init_configs
 
@@ -42,6 +43,28 @@ def _config_dir() -> str:
 
 
 CONFIG_DIR = _config_dir()
+
+
+def compose_config(overrides: Sequence[str] = (),
+                   output_dir: str | Path | None = None) -> DictConfig:
+    r"""Compose ``conf/train.yaml`` with command-line ``overrides`` as
+    ``moegraph-train`` would, for tests and scripts that call :func:`train`.
+
+    The ``hydra`` node is kept and registered with ``HydraConfig`` (so
+    ``${hydra:...}`` interpolations resolve, as in a real run); the run writes
+    to ``output_dir`` when given. The caller that is done with the config may
+    clear it with ``HydraConfig.instance().cfg = None``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
@@ -77,7 +100,10 @@ def instantiate_run(cfg: DictConfig, trainer: bool = True) -> dict[str, Any]:
     run = dict(datamodule=datamodule, net=net, task=task, callbacks=callbacks, loggers=loggers)
     if trainer:
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        set_num_threads(trainer_cfg.pop("num_threads", None))
+        devices = trainer_cfg.get("devices")
+        processes = devices if trainer_cfg.get("accelerator") == "cpu" and isinstance(
+            devices, int) and devices > 1 else 1  # DDP on CPU: the cores are shared
+        set_num_threads(trainer_cfg.pop("num_threads", None), processes)
         run["trainer"] = hydra.utils.instantiate(trainer_cfg, callbacks=callbacks,
                                                  logger=loggers or False)
     return run
@@ -127,12 +153,13 @@ def check_model_fits_data(cfg: DictConfig, net_kwargs: dict[str, Any],
             f"model=patch_moe takes data=clusters")
 
 
-def set_num_threads(num_threads: Any) -> None:
+def set_num_threads(num_threads: Any, processes: int = 1) -> None:
     r"""Intra-op threads of torch (``trainer.num_threads``): an int, or
     ``"auto"``: the CPUs this process may use less the machine's load (1-minute
-    load average), at least 1, so that a run on a busy machine does not
-    oversubscribe it; unless ``OMP_NUM_THREADS`` is set, which then decides.
-    :obj:`None` leaves torch's default."""
+    load average), shared by the run's ``processes`` (DDP on CPU), at least 1,
+    so that a run on a busy machine does not oversubscribe it; unless
+    ``OMP_NUM_THREADS`` is set, which then decides. :obj:`None` leaves torch's
+    default."""
     import torch
 
     if num_threads is None:
@@ -145,7 +172,7 @@ def set_num_threads(num_threads: Any) -> None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        num_threads = max(1, min(cpus, round(cpus - load)))
+        num_threads = max(1, min(cpus, round(cpus - load)) // max(processes, 1))
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"'trainer.num_threads' must be a positive int, 'auto' or null "
                          f"(got {num_threads!r})")

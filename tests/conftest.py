@@ -17,19 +17,12 @@ def single_thread():
 def compose_cfg(tmp_path):
     r"""Compose ``conf/train.yaml`` with overrides, as the CLI would, writing to
     ``tmp_path`` (as lightning-hydra-template's tests do)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
 
-    from moegraph.train import CONFIG_DIR
+    from moegraph.train import compose_config
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path)
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_config(overrides, tmp_path)
 
     yield _compose
     HydraConfig.instance().cfg = None

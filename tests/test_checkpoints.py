@@ -325,6 +325,26 @@ def test_empty_validation_split_with_checkpointing(compose_cfg):
         train(cfg)
 
 
+@pytest.mark.parametrize("cpus,load,processes,expected", [
+    (16, 0.0, 1, 16), (16, 10.2, 1, 6), (2, 5.0, 1, 1), (16, 0.0, 2, 8), (16, 12.0, 2, 2)])
+def test_num_threads_auto_leaves_busy_cores_alone(monkeypatch, cpus, load, processes, expected):
+    from moegraph.train import set_num_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    threads = torch.get_num_threads()
+    try:
+        set_num_threads("auto", processes)
+        assert torch.get_num_threads() == expected
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the environment decides
+        torch.set_num_threads(3)
+        set_num_threads("auto", processes)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_num_threads(compose_cfg):
     threads = torch.get_num_threads()
     try:

@@ -5,6 +5,8 @@ import hydra
 import lightning as L
 import pytest
 from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 
 from moegraph.data import ClusterDataModule, MovieLensDataModule, NodeDataModule
@@ -47,14 +49,35 @@ OPTIONS = {
                    "nc_cora", "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
                    "synthetic_moe_gnn"],
     "debug": ["fdr"],
-    "hparams_search": ["_optuna", "gnn", "mlp", "mowst", "mowst_star"],
+    "hparams_search": ["gnn", "mlp", "mowst", "mowst_star"],
 }
+# Files that other options of their group build on (their name starts with "_").
+BASES = {"data": ["_real"], "model": ["_multitask", "_node"],
+         "experiment": ["_movielens", "_mtl_synthetic", "_nc", "_nc_heterophilous"],
+         "hparams_search": ["_optuna"]}
+# What an option of a group needs beside it to compose.
+NEEDS = {"model/strong": ["model=gnn"], "model/weak": ["model=mlp"]}
 
 
 def test_every_option_is_tested():
     for group, options in OPTIONS.items():
         found = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
-        assert found == sorted(options), group
+        assert found == sorted(options + BASES.get(group, [])), group
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in OPTIONS.items() for o in opts])
+def test_every_option_composes_and_resolves(compose_cfg, group, option):
+    cfg = compose_cfg(*NEEDS.get(group, []), f"{group}={option}")
+    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                for k, v in cfg.items() if k != "hydra"}
+    assert resolved["model"]["_target_"].startswith("moegraph.tasks.")
+    assert "_target_" in resolved["data"] and "_target_" in resolved["trainer"]
+
+
+def test_a_base_is_not_a_choice(compose_cfg):
+    cfg = compose_cfg("data=_real")  # a real data set without its name
+    with pytest.raises(MissingMandatoryValue, match="name"):
+        instantiate_run(cfg, trainer=False)
 
 
 def test_default_config(compose_cfg, tmp_path):

@@ -169,7 +169,7 @@ def _cli(tmp_path, entry, *overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [["debug=fdr"],
-                                       ["model=mowst", "trainer.max_epochs=3",
+                                       ["model=mowst", "trainer.max_epochs=4",
                                         "model.pretrain_weak_epochs=1",
                                         "model.pretrain_strong_epochs=1",
                                         "+data.batch_size=32", "~callbacks.rich_progress_bar"]],

@@ -77,6 +77,7 @@ def test_same_seed_same_metrics(compose_cfg, tmp_path):
         assert first[key] == second[key], key
 
 
+@pytest.mark.slow  # 30 epochs: about 9 s on a loaded 2-core machine
 def test_short_training_learns(compose_cfg, tmp_path):
     cfg = compose_cfg("data.dataset_kwargs.num_nodes=1000", "trainer.max_epochs=30",
                       "~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false",

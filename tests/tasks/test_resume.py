@@ -92,29 +92,3 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path, model):
             assert got[key] == pytest.approx(expected[key], abs=1e-6), (epoch, key)
     if model == "mowst":
         assert resumed.schedule == full.schedule
-
-
-def test_loader_state_skips_the_given_batches():
-    from moegraph.data.loader import TorchNeighborLoader
-
-    dm = NodeDataModule("synthetic", dataset_kwargs=dict(num_nodes=100, seed=1))
-    dm.setup()
-    loader = TorchNeighborLoader(dm.data, [3], input_nodes=dm.data.train_mask, batch_size=8,
-                                 shuffle=True, seed=5)
-    loader.sampler.set_epoch(2)
-    order = [b.n_id[:b.batch_size] for b in loader]
-    it = iter(loader)
-    next(it), next(it)
-    state = loader.state_dict()
-    assert state["batches"] == 2
-    fresh = TorchNeighborLoader(dm.data, [3], input_nodes=dm.data.train_mask, batch_size=8,
-                                shuffle=True, seed=5)
-    fresh.load_state_dict(state)
-    fresh.sampler.set_epoch(2)
-    rest = [b.n_id[:b.batch_size] for b in fresh]
-    assert len(rest) == len(order) - 2
-    assert all(torch.equal(a, b) for a, b in zip(rest, order[2:], strict=True))
-    # the next epoch is whole again; an end-of-epoch state skips nothing
-    assert len(list(fresh)) == len(order) == len(fresh)
-    fresh.load_state_dict({**state, "batches": len(order)})
-    assert len(list(fresh)) == len(order)

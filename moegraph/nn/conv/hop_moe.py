@@ -219,7 +219,7 @@ class HopMoEConv(MessagePassing):
             # Holding the tensor keeps its storage alive, so identity is safe.
             if old[0] is key[0] and old[1:] == key[1:]:
                 return self._cache[1]
-        graphs = {}
+        graphs: dict[int, HopGraph] = {}
         for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
             if needed == 0:
                 continue

@@ -158,6 +158,7 @@ class PatchMoE(Module):
         self.init_std = init_std
         self.input_norm = input_norm
         # 0: not measured yet (set by the first forward pass when input_norm).
+        self.input_scale: Tensor
         self.register_buffer("input_scale", torch.zeros(()))
         self.experts = PatchExperts(in_channels, hidden_channels, num_experts, act, init_std)
         if num_experts > 1:

@@ -155,6 +155,7 @@ def test_bad_input():
         model(torch.full((2, 4, 8), float("nan")))
 
 
+@pytest.mark.slow  # 2 x 30 epochs: about 12 s on a loaded 2-core machine
 def test_moe_learns_the_cluster_task_a_single_expert_does_not(compose_cfg):
     r"""Through the one entry point, on a small draw of the task: the MoE is
     far above chance and above the single expert, whose ceiling on this data

@@ -1,0 +1,216 @@
+r"""What every study runner and benchmark under ``experiments/`` shares.
+
+* :func:`train_cached` trains one configuration through
+  :func:`moegraph.train.train` (a config composed by
+  :func:`moegraph.train.compose_config`, the overrides ``moegraph-train``
+  takes) and caches its record as one JSON file; :func:`run_pending` runs the
+  jobs whose file does not exist yet, so a study can be completed in parts.
+* :func:`mean_std` formats the mean and sample standard deviation of a cell;
+  :func:`command_line` and :func:`results_header` put the command that made a
+  results file at its top; :class:`Timer`, :func:`timed` and
+  :func:`time_rotated` measure wall time.
+
+The scripts are run from anywhere as ``python experiments/<script>.py``;
+Python puts ``experiments/`` first on the import path, so they import this
+module as ``_study``.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+# Overrides that silence a run (no logger, no progress bar, no model summary).
+QUIET = ["logger=none", "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
+         "+trainer.enable_model_summary=false"]
+
+Collect = Callable[[Any, Path], dict]
+T = TypeVar("T")
+
+
+class Timer:
+    r"""Wall time of a ``with`` block, in ``seconds`` once the block ends."""
+
+    def __enter__(self) -> Timer:
+        self.seconds = 0.0
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+def timed(fn: Callable[[], T], repeats: int,
+          sync: Callable[[], object] = lambda: None) -> tuple[list[float], T]:
+    r"""Seconds of each of ``repeats`` calls of ``fn`` after one warm-up call,
+    and the last call's output; ``sync`` (e.g. a barrier) runs before each
+    timed call."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        with Timer() as t:
+            out = fn()
+        times.append(t.seconds)
+    return times, out
+
+
+def time_rotated(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    r"""Median seconds per call of each step, over ``repeats`` rounds in which
+    every step runs once, the order rotated by one each round (so that no step
+    always runs first, or right after the same neighbour)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            with Timer() as t:
+                steps[n]()
+            times[n].append(t.seconds)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2,
+             empty: str = "–") -> str:
+    r"""``"mean ± std"`` of ``values`` times ``scale`` (percent by default),
+    with the sample standard deviation (0 for one value); ``empty`` for none."""
+    if not values:
+        return empty
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def relative(path: Path) -> str:
+    r"""``path`` relative to the repository root when it lies inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def command_line(script: str | Path, argv: Optional[Sequence[str]] = None,
+                 drop: Iterable[str] = ("--table-only", "--dry-run")) -> str:
+    r"""The command that runs ``script`` with ``argv`` (default: this
+    process's arguments), less the flags in ``drop``, for a results file."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    dropped = set(drop)
+    return shlex.join(["python", relative(Path(script)), *(a for a in args if a not in dropped)])
+
+
+# Flags of a study runner that change what it does, not what it measures: left
+# out of the command written into a results file.
+STUDY_FLAGS = ("--table-only", "--dry-run")
+
+
+def add_study_arguments(parser: Any, runs: Path) -> None:
+    r"""The arguments every study runner takes: ``--runs`` (the cache folder,
+    default ``runs``), ``--threads``, ``--table-only``, ``--dry-run``."""
+    parser.add_argument("--runs", type=Path, default=runs,
+                        help="folder of the cached runs, one JSON each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rebuild the results from the cached runs, train nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs to do (not cached yet), train nothing")
+
+
+def results_header(title: str, command: str, runs: Optional[Path] = None) -> list[str]:
+    r"""The first lines of a results file: its title and the command that made
+    it (and where its cached runs are)."""
+    made = f"Made by `{command}`"
+    made += f" (cached runs in `{relative(runs)}/`)." if runs is not None else "."
+    return [f"# {title}", "", made, ""]
+
+
+def load_runs(runs: Path) -> list[dict]:
+    r"""Every cached run record under ``runs``, in file-name order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(runs).glob("*.json"))]
+
+
+def train_cached(overrides: Sequence[str], record: dict, path: Path,
+                 collect: Sequence[Collect] = ()) -> dict:
+    r"""Train one configuration through ``train(cfg)`` (the entry point of
+    ``moegraph-train``, with the same overrides) and cache its record as JSON
+    at ``path``: the overrides, then ``record`` (whose keys win), the metrics,
+    the wall time (``wall_seconds``, fit and test) and what each
+    ``collect(cfg, output_dir)`` returns, called before the run's temporary
+    output folder is deleted."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import compose_config, train
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = compose_config(overrides, tmp)
+            with Timer() as timer:
+                metrics = train(cfg)
+            record = {"overrides": list(overrides), **record, "metrics": metrics,
+                      "wall_seconds": timer.seconds}
+            for fn in collect:
+                record.update(fn(cfg, Path(tmp)))
+    finally:
+        HydraConfig.instance().cfg = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def run_diagnostics(cfg: Any, output_dir: Path) -> dict:
+    r"""A ``collect`` for node-level studies: the name of the data's metric
+    and what the run's diagnostics wrote (Mowst confidence histogram on the
+    test nodes, expert load)."""
+    from moegraph.diagnostics import confidence_histogram
+
+    out: dict[str, Any] = {"metric": cfg.data.get("metric", "acc")}
+    confidence = output_dir / "confidence.json"
+    if confidence.exists():
+        c = json.loads(confidence.read_text())
+        _, right, wrong = confidence_histogram(c["confidence"], c["weak_correct"])
+        out["confidence_hist"] = {"right": right.tolist(), "wrong": wrong.tolist()}
+    load = output_dir / "expert_load.json"
+    if load.exists():
+        out["expert_load"] = json.loads(load.read_text())
+    return out
+
+
+def backbone_protocol(cfg: Any, output_dir: Optional[Path] = None) -> dict:
+    r"""A ``collect``: the protocol fields of a node-classification run."""
+    return {"protocol": {
+        "hidden_channels": cfg.backbone.hidden_channels, "num_layers": cfg.backbone.num_layers,
+        "residual": cfg.backbone.residual, "max_epochs": cfg.trainer.max_epochs,
+        "lr": cfg.model.optimizer.lr}}
+
+
+def score_line(record: dict) -> str:
+    r"""``test/<metric>=<value>`` of a record that names its metric."""
+    metric = record["metric"]
+    return f"test/{metric}={record['metrics'].get(f'test/{metric}', float('nan')):.4f}"
+
+
+def run_pending(jobs: Sequence[tuple[Path, Callable[[], dict], str]], tag: str = "study",
+                describe: Callable[[dict], str] = score_line,
+                dry_run: bool = False) -> list[str]:
+    r"""Run each job ``(cache path, run, label)`` whose cache file does not
+    exist, printing ``describe(record)`` and its time; return the labels of
+    the jobs that were to do. A job finished meanwhile by another process of
+    the same study is skipped. ``dry_run``: only list the jobs to do."""
+    todo = [job for job in jobs if not job[0].exists()]
+    print(f"[{tag}] {len(todo)} runs to do, {len(jobs) - len(todo)} cached", flush=True)
+    if dry_run:
+        for path, _, label in todo:
+            print(f"[{tag}] to do: {label} -> {relative(path)}")
+        return [label for _, _, label in todo]
+    for i, (path, run, label) in enumerate(todo, 1):
+        if path.exists():
+            continue
+        with Timer() as t:
+            record = run()
+        print(f"[{tag}] {i}/{len(todo)} {label}: {describe(record)} ({t.seconds:.0f}s)",
+              flush=True)
+    return [label for _, _, label in todo]

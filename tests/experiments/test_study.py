@@ -1,0 +1,84 @@
+r"""The shared helpers of the study runners and benchmarks (``experiments/_study.py``)."""
+import json
+import math
+import time
+
+import pytest
+
+
+def test_mean_std_against_hand_values(script):
+    study = script("_study")
+    # values 0.1, 0.2, 0.3: mean 0.2, sample std sqrt(((0.1)^2 + 0 + (0.1)^2) / 2) = 0.1
+    assert study.mean_std([0.1, 0.2, 0.3]) == "20.00 ± 10.00"
+    # 1, 2, 3, 4: mean 2.5, sample variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    std = math.sqrt(5 / 3)
+    assert study.mean_std([1, 2, 3, 4], scale=1.0, digits=3) == f"2.500 ± {std:.3f}"
+    assert study.mean_std([0.5]) == "50.00 ± 0.00"  # one value: no spread
+    assert study.mean_std([]) == "–"
+    assert study.mean_std([], empty="n/a") == "n/a"
+
+
+def test_run_pending_skips_cached_runs(script, tmp_path, capsys):
+    study = script("_study")
+    cached = tmp_path / "a.json"
+    cached.write_text(json.dumps({"metric": "acc", "metrics": {"test/acc": 0.5}}))
+    calls = []
+
+    def run(path, value):
+        calls.append(path.name)
+        record = {"metric": "acc", "metrics": {"test/acc": value}}
+        path.write_text(json.dumps(record))
+        return record
+
+    jobs = [(tmp_path / name, lambda p=tmp_path / name, v=v: run(p, v), name)
+            for name, v in (("a.json", 0.1), ("b.json", 0.25), ("c.json", 0.75))]
+    assert study.run_pending(jobs, dry_run=True) == ["b.json", "c.json"]
+    assert calls == []  # a dry run trains nothing
+    assert study.run_pending(jobs) == ["b.json", "c.json"]
+    assert calls == ["b.json", "c.json"]
+    out = capsys.readouterr().out
+    assert "2 runs to do, 1 cached" in out and "test/acc=0.2500" in out
+    assert study.run_pending(jobs) == []  # now every run is cached
+    assert calls == ["b.json", "c.json"]
+    assert json.loads(cached.read_text())["metrics"]["test/acc"] == 0.5  # untouched
+    assert [r["metrics"]["test/acc"] for r in study.load_runs(tmp_path)] == [0.5, 0.25, 0.75]
+
+
+def test_command_line_and_header(script):
+    study = script("_study")
+    script_path = study.ROOT / "experiments" / "run_x.py"
+    command = study.command_line(script_path, ["--seeds", "3", "--table-only", "a b"])
+    assert command == "python experiments/run_x.py --seeds 3 'a b'"
+    runs = study.RESULTS / "x_runs"
+    assert study.results_header("Title", command, runs) == [
+        "# Title", "", f"Made by `{command}` (cached runs in `experiments/results/x_runs/`).", ""]
+    assert study.results_header("Title", "cmd")[2] == "Made by `cmd`."
+
+
+def test_timers(script):
+    study = script("_study")
+    with study.Timer() as t:
+        time.sleep(0.02)
+    assert 0.02 <= t.seconds < 1.0
+    calls = []
+    times, out = study.timed(lambda: calls.append(1) or len(calls), repeats=3)
+    assert len(times) == 3 and len(calls) == 4 and out == 4  # one warm-up call
+    order = []
+    medians = study.time_rotated({"a": lambda: order.append("a"),
+                                  "b": lambda: order.append("b")}, repeats=2)
+    assert order == ["a", "b", "b", "a"] and set(medians) == {"a", "b"}
+
+
+@pytest.mark.slow
+def test_train_cached_runs_and_caches(script, tmp_path):
+    r"""One tiny run through ``train(cfg)``: the record holds the overrides,
+    the metrics ``train`` returned and what each ``collect`` added."""
+    study = script("_study")
+    path = tmp_path / "runs" / "tiny.json"
+    overrides = ["data.dataset_kwargs.num_nodes=60", "trainer.max_epochs=1", *study.QUIET]
+    record = study.train_cached(overrides, {"seed": 0}, path,
+                                collect=(study.run_diagnostics, lambda cfg, out: {"x": 1}))
+    assert json.loads(path.read_text()) == record
+    assert record["overrides"] == overrides and record["seed"] == 0 and record["x"] == 1
+    assert record["metric"] == "acc" and "test/acc" in record["metrics"]
+    assert record["wall_seconds"] > 0
