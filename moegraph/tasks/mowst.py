@@ -123,6 +123,8 @@ class MowstTask(NodeClassificationTask):
             ``"deterministic"`` (the headline) or ``"expected"`` (the paper's
             sampled inference); Mowst* always uses its mixture.
             (default: :obj:`"deterministic"`)
+        multilabel (bool, optional): must be :obj:`False`: multi-label data
+            (ogbn-proteins) is refused with a clear error.
     """
 
     def __init__(self, net: Mowst, num_classes: int,
@@ -133,7 +135,12 @@ class MowstTask(NodeClassificationTask):
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
                  min_delta: float = 1e-3, gate_holdout: float = 0.0,
-                 select_on: str = "deterministic"):
+                 select_on: str = "deterministic", multilabel: bool = False):
+        if multilabel:
+            raise ValueError("MowstTask takes one class per node (its confidence and "
+                             "mixture are per node over classes); multi-label data "
+                             "(multilabel=True, e.g. ogbn_proteins) needs a "
+                             "NodeClassificationTask model (mlp, gnn, moe_gnn, gmoe, ...)")
         net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "

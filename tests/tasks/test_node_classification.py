@@ -6,6 +6,7 @@ through one ``fast_dev_run``.
 """
 import copy
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -223,3 +224,49 @@ def test_training_reduces_the_loss():
         task.training_step(data, 0).backward()
         optimizer.step()
     assert float(task.training_step(data, 0).detach()) < 0.7 * first
+
+
+# -- multi-label (ogbn-proteins) ----------------------------------------------------------
+def test_multilabel_loss_is_bce_over_the_labelled_entries():
+    from moegraph.tasks.common import multilabel_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, 4.0]])
+    y = torch.tensor([[1, 0, -1], [0, -1, 1]])  # -1: unlabelled
+    by_hand = -(math.log(1 / (1 + math.exp(-2.0))) + math.log(1 - 1 / (1 + math.exp(1.0)))
+                + math.log(1 - 1 / (1 + math.exp(0.3))) + math.log(1 / (1 + math.exp(-4.0)))) / 4
+    assert float(multilabel_loss(logits, y)) == pytest.approx(by_hand, rel=1e-6)
+    nan_y = y.float().masked_fill(y < 0, float("nan"))  # ogb's float labels with NaN
+    assert float(multilabel_loss(logits, nan_y)) == pytest.approx(by_hand, rel=1e-6)
+    none = multilabel_loss(logits.requires_grad_(), torch.full_like(y, -1))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_multilabel_task_step_and_metrics():
+    from moegraph.tasks.metrics import make_metrics
+
+    T = 3
+    g = torch.Generator().manual_seed(0)
+    data = Data(x=torch.randn(20, 4, generator=g), edge_index=torch.zeros(2, 0).long(),
+                y=torch.randint(0, 2, (20, T), generator=g))
+    data.train_mask = torch.ones(20, dtype=torch.bool)
+    task = NodeClassificationTask(GCN(4, 8, 1, T), T, ADAM, metric="auroc", multilabel=True)
+    loss = task.training_step(data, 0)
+    logits = task.net(data.x, data.edge_index)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.y.float())
+    assert float(loss) == pytest.approx(float(bce), rel=1e-6)
+    # the task's mean ROC-AUC: each task's by pairs, averaged
+    auroc = float(task.train_metrics["auroc"].compute())
+    per_task = []
+    for t in range(T):
+        s, y = logits[:, t].detach(), data.y[:, t]
+        diff = s[y == 1][:, None] - s[y == 0][None, :]
+        per_task.append(float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()))
+    assert auroc == pytest.approx(sum(per_task) / T, abs=1e-6)
+    with pytest.raises(ValueError, match=r"multilabel: labels must be \[N, 3\]"):
+        task._check_labels(data.y[:, :2])
+    with pytest.raises(ValueError, match="multilabel: labels must be 0 or 1"):
+        task._check_labels(data.y * 2)
+    single = NodeClassificationTask(GCN(4, 8, 1, T), T, ADAM)
+    with pytest.raises(ValueError, match="multi-label data: multilabel=True"):
+        single._check_labels(data.y)
+    assert list(make_metrics("acc", T, multilabel=True)) == ["acc"]
