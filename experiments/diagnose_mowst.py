@@ -192,8 +192,9 @@ NOTES = """
    is CE(weak) - CE(strong), about zero on memorised nodes, so the gate hardly learns:
    the 5-95% spread of C on test nodes is a few hundredths, in a band around 0.5
    (0.43-0.57). Which expert deterministic inference uses is then decided by the side
-   of 0.5 the barely trained gate falls on: on one CiteSeer seed it fell
-   above, and the weak expert took every test node (the collapse of Mowst tau).
+   of 0.5 the barely trained gate falls on: on one CiteSeer and one amherst41 seed it
+   fell above, and the weak expert took (nearly) every test node (the collapses of
+   Mowst tau).
    Mean C is even higher on train than on test nodes (Cora, CiteSeer): what confidence
    the gate learns comes from what the weak expert memorised.
 2. **The expected score trails the GNN by about 10 points** because, with a flat C of
@@ -209,7 +210,8 @@ NOTES = """
 the weak expert never fits, where the weak expert's error is honest; turns early-stop
 on, and must improve, the deterministic score. The gate then learns that the weak
 expert is worse than the GNN almost everywhere and drives C towards 0: Mowst becomes
-its GNN (within noise on Cora and CiteSeer; no collapse), but it does **not beat** it.
+its GNN (within noise on Cora, CiteSeer and amherst41; no collapse), but it does
+**not beat** it.
 Two things limit it, both visible above: the GNN also fits the held-out nodes, so on
 them the gate compares an honest weak expert with a memorising GNN; and the weak
 expert degrades (its loss is weighted by C, which goes to 0 while decoupled weight
