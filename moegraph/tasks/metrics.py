@@ -10,25 +10,45 @@ from torch import Tensor
 from torchmetrics import Accuracy, Metric, MetricCollection
 from torchmetrics.classification import BinaryAUROC, MultilabelAccuracy, MultilabelAUROC
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from moegraph.nn.mowst import MowstOutput, mixture_log_probs
 
 METRICS = ("acc", "auroc")
 
 
+class MeanTaskAUROC(MultilabelAUROC):
+    r"""The ROC-AUC of each binary task, averaged over the tasks that hold
+    both classes among their labelled entries (``-1``: unlabelled), as
+    ``ogb``'s Evaluator does for ogbn-proteins (torchmetrics' ``"macro"``
+    average counts a task without positives as 0); ``NaN`` when no task has
+    both classes."""
+
+    def __init__(self, num_labels: int, **kwargs: Any):
+        super().__init__(num_labels=num_labels, average="none", ignore_index=-1, **kwargs)
+
+    def compute(self) -> Tensor:
+        per_task = super().compute()
+        target = dim_zero_cat(self.target)
+        valid = (target == 1).any(0) & (target == 0).any(0)
+        if not bool(valid.any()):
+            return per_task.new_tensor(float("nan"))
+        return per_task[valid].mean()
+
+
 def make_metrics(metric: str, num_classes: int, multilabel: bool = False) -> MetricCollection:
     r"""Accuracy, plus binary ROC-AUC (on the positive-class probability)
     when ``metric="auroc"``. With ``multilabel``, ``num_classes`` binary
     tasks: the accuracy and (``metric="auroc"``) the ROC-AUC of each task,
-    averaged over the tasks (macro), the entries labelled ``-1`` ignored."""
+    averaged over the tasks (:class:`MeanTaskAUROC`), the entries labelled
+    ``-1`` ignored."""
     if metric not in METRICS:
         raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
     if multilabel:
         metrics_ml: dict[str, Metric | MetricCollection] = {
             "acc": MultilabelAccuracy(num_labels=num_classes, ignore_index=-1)}
         if metric == "auroc":
-            metrics_ml["auroc"] = MultilabelAUROC(num_labels=num_classes, average="macro",
-                                                  ignore_index=-1)
+            metrics_ml["auroc"] = MeanTaskAUROC(num_classes)
         return MetricCollection(metrics_ml)
     metrics: dict[str, Metric | MetricCollection] = {
         "acc": Accuracy(task="multiclass", num_classes=num_classes)}

@@ -244,25 +244,26 @@ def test_multilabel_loss_is_bce_over_the_labelled_entries():
 def test_multilabel_task_step_and_metrics():
     from moegraph.tasks.metrics import make_metrics
 
-    T = 3
+    T = 4
     g = torch.Generator().manual_seed(0)
     data = Data(x=torch.randn(20, 4, generator=g), edge_index=torch.zeros(2, 0).long(),
                 y=torch.randint(0, 2, (20, T), generator=g))
+    data.y[:, 3] = 0  # a task without positives: left out of the mean (as ogb does)
     data.train_mask = torch.ones(20, dtype=torch.bool)
     task = NodeClassificationTask(GCN(4, 8, 1, T), T, ADAM, metric="auroc", multilabel=True)
     loss = task.training_step(data, 0)
     logits = task.net(data.x, data.edge_index)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.y.float())
     assert float(loss) == pytest.approx(float(bce), rel=1e-6)
-    # the task's mean ROC-AUC: each task's by pairs, averaged
+    # the task's mean ROC-AUC: each task's by pairs, averaged over those with both classes
     auroc = float(task.train_metrics["auroc"].compute())
     per_task = []
-    for t in range(T):
+    for t in range(T - 1):
         s, y = logits[:, t].detach(), data.y[:, t]
         diff = s[y == 1][:, None] - s[y == 0][None, :]
         per_task.append(float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()))
-    assert auroc == pytest.approx(sum(per_task) / T, abs=1e-6)
-    with pytest.raises(ValueError, match=r"multilabel: labels must be \[N, 3\]"):
+    assert auroc == pytest.approx(sum(per_task) / (T - 1), abs=1e-6)
+    with pytest.raises(ValueError, match=r"multilabel: labels must be \[N, 4\]"):
         task._check_labels(data.y[:, :2])
     with pytest.raises(ValueError, match="multilabel: labels must be 0 or 1"):
         task._check_labels(data.y * 2)
