@@ -288,3 +288,18 @@ def test_ogbn_proteins_refused_by_mowst(compose_cfg, tmp_path):
         train(compose_cfg("data=ogbn_proteins", f"paths.data_dir={tmp_path / 'source'}",
                           f"paths.cache_dir={tmp_path / 'cache'}", "model=mowst",
                           "logger=none"))
+
+
+def test_from_data_multilabel_splits_the_nodes_with_a_label():
+    data = graph(masks=False)
+    data.y = torch.stack([data.y == 0, data.y == 1], 1).long()  # [N, 2] tasks
+    data.y[:20] = -1  # unlabelled nodes
+    data.y[20:30, 0] = -1  # one task unlabelled: the node still counts
+    dm = NodeDataModule.from_data(data, train_ratio=0.6, val_ratio=0.2)
+    masks = torch.stack([dm.data.train_mask, dm.data.val_mask, dm.data.test_mask])
+    assert masks.sum(0).tolist() == [0] * 20 + [1] * 100
+    assert dm.multilabel and dm.num_classes == 2
+    assert dm.task_kwargs() == {"num_classes": 2, "metric": "acc", "multilabel": True}
+    data.train_mask, data.val_mask, data.test_mask = (torch.arange(N) < 60,) * 3
+    with pytest.raises(ValueError, match="'train_mask' holds unlabelled nodes"):
+        NodeDataModule.from_data(data)
