@@ -1,7 +1,9 @@
 # moegraph: set-up, training and tests in one place.
 #   make train   create .venv if missing, install, run the default experiment
-#   make test    same set-up, then the test suite without the slow tests
-#   make test-slow   the slow tests alone (CI runs them as a step of their own)
+#   make test    same set-up, then what CI runs: lint, the tests not marked
+#                slow, the wheel check (.ci/check_wheel)
+#   make test-fast   the tests not marked slow, nothing else
+#   make test-slow   the slow tests alone; make test-all: every test
 #   make lint    ruff and mypy
 # GPU users: create .venv and install your CUDA build of torch into it first;
 # the set-up installs TORCH_SPEC only when no torch is importable.
@@ -13,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.moegraph-installed
 export MOEGRAPH_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup train test test-slow test-all bench lint clean
+.PHONY: setup train test test-fast test-slow test-all bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +29,13 @@ setup: $(STAMP)
 train: setup
 	$(BIN)/moegraph-train $(ARGS)
 
+# What CI runs (.ci/run): lint, the tests not marked slow, then the wheel
+# installed in a fresh venv and its CLI run from another directory.
 # pytest exits 5 when it collects no test: make treats that as the failure it is.
-test: setup
+test: lint test-fast
+	PYTHON=$(BIN)/python .ci/check_wheel
+
+test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: setup

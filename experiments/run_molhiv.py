@@ -70,8 +70,8 @@ def build_table(runs: Path, command: str) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in records:
         by_arm.setdefault(r["arm"], []).append(r)
-    lines = ["| arm | n | val ROC-AUC | test ROC-AUC | hop-2 share | max/mean load | "
-             "s / run |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | n | val ROC-AUC (last epoch) | test ROC-AUC (best val epoch) | "
+             "hop-2 share | max/mean load | s / run |", "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = by_arm.get(arm, [])
         if not rs:
@@ -122,8 +122,27 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append((path, run, f"{arm} seed {seed}"))
         run_pending(jobs, tag="molhiv")
     table = build_table(args.runs, command)
+    header = [
+        "# ogbg-molhiv: GMoE against its dense baseline", "",
+        "Data: `data=molhiv` (ogbg-molhiv rebuilt offline from HIV.csv: OGB's features and "
+        "scaffold split; validation and test sets whole, 4,113 molecules each). Test "
+        "ROC-AUC (%) by OGB's `Evaluator` at the epoch of best validation ROC-AUC, mean ± "
+        "std over seeds (the seed also draws the training subset).", "",
+        f"CPU protocol: hidden {protocol['hidden']}, {protocol['layers']} layers, "
+        f"{protocol['epochs']} epochs on a {100 * protocol['subset']:.0f}% seeded subset of the "
+        f"training graphs, batch {protocol['batch_size']}, Adam lr {protocol['lr']}, dropout "
+        "0.5, mean pooling, one CPU thread on a shared 2-core machine. OGB's reference is 5 "
+        "layers, hidden 300, 100 epochs on all 32,901 training graphs, batch 32, lr 0.001 "
+        "(GCN 76.06 ± 0.97, GIN 75.58 ± 1.40; GMoE reports +1.81 over its baseline): this "
+        "protocol sees 1/200 of its graph-epochs, with narrower and fewer layers, so the "
+        "scores are far below the leaderboard's and say nothing about converged models.", "",
+        "Arms: `gcn_node` is GCN with the bonds added to the atoms (`edge_mode=node`), the "
+        "dense twin of `gmoe` (GMoE-GCN: 4 GCN experts per layer, 2 hop-1 and 2 hop-2, noisy "
+        "top-1 per atom, importance and load-balance losses 0.01), which takes the bonds the "
+        "same way; `gcn` is OGB's GCN with bonds inside the messages.", "",
+    ]
     print(table)
-    (args.runs / "TABLE.md").write_text(table)
+    (RESULTS / "molhiv.md").write_text("\n".join(header) + "\n" + table)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,13 @@ def format_expert_load(load: Tensor) -> str:
 
 def plot_expert_load(load: Tensor, path: str | Path, title: str = "expert load") -> Path:
     r"""Save :func:`expert_load` as a heatmap PNG (layers x experts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     L, E = load.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * E + 2), 0.6 * L + 1.8))
+    fig = Figure(figsize=(max(4.0, 0.5 * E + 2), 0.6 * L + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(100 * load.numpy(), aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
@@ -56,7 +54,6 @@ def plot_expert_load(load: Tensor, path: str | Path, title: str = "expert load")
     fig.colorbar(im, ax=ax, label="% of assignments")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -91,15 +88,13 @@ def plot_routing_by_group(share: Tensor, path: str | Path, group_name: str = "cl
                           title: str = "routing by group") -> Path:
     r"""Save :func:`routing_by_group` as a heatmap PNG (groups x experts,
     percent written in each cell)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     G, E = share.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * E + 2), 0.5 * G + 1.8))
+    fig = Figure(figsize=(max(4.0, 0.6 * E + 2), 0.5 * G + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(100 * share.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=100)
     for i in range(G):
         for j in range(E):
@@ -114,7 +109,6 @@ def plot_routing_by_group(share: Tensor, path: str | Path, group_name: str = "cl
     fig.colorbar(im, ax=ax, label=f"% of the {group_name}'s samples")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -142,15 +136,13 @@ def plot_confidence_histogram(confidence: Tensor, correct: Tensor, path: str | P
     r"""Save the histogram of :func:`confidence_histogram` as a PNG: where
     the gate puts the nodes the MLP gets right (ideally near 1) and wrong
     (ideally near 0, deferred to the GNN)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     edges, right, wrong = confidence_histogram(confidence, correct, bins)
     centers = ((edges[1:] + edges[:-1]) / 2).numpy()
     width = 1.0 / bins
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     ax.bar(centers, right.numpy(), width=width * 0.9, alpha=0.6, label="weak expert right")
     ax.bar(centers, wrong.numpy(), width=width * 0.9, alpha=0.6, label="weak expert wrong")
     ax.set_xlabel("confidence C")
@@ -162,7 +154,6 @@ def plot_confidence_histogram(confidence: Tensor, correct: Tensor, path: str | P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -289,10 +280,7 @@ def plot_multitask_diagnostics(diags: dict[str, dict], path: str | Path,
     by owner). ``kind="collapse"``: zero share (%) and relative scale (scale /
     level mean) per expert.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if kind not in ("gates", "collapse"):
         raise ValueError(f"'kind' must be 'gates' or 'collapse' (got {kind!r})")
@@ -300,8 +288,8 @@ def plot_multitask_diagnostics(diags: dict[str, dict], path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [(m, d) for m, d in diags.items() if d["levels"]]
     cols = max((len(d["levels"]) for _, d in rows), default=1)
-    fig, axes = plt.subplots(max(len(rows), 1), cols, squeeze=False,
-                             figsize=(4.2 * cols + 1, 2.6 * max(len(rows), 1) + 0.5))
+    fig = Figure(figsize=(4.2 * cols + 1, 2.6 * max(len(rows), 1) + 0.5))
+    axes = fig.subplots(max(len(rows), 1), cols, squeeze=False)
     for r, (model, diag) in enumerate(rows):
         for li in range(cols):
             ax = axes[r][li]
@@ -341,5 +329,4 @@ def plot_multitask_diagnostics(diags: dict[str, dict], path: str | Path,
                  else "expert collapse: zero activations and output scale", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

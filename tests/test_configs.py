@@ -26,7 +26,7 @@ from moegraph.tasks import MowstTask, MultiTaskLearning, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
-NODE_MODELS = ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst"]
+NODE_MODELS = ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst", "mowst_paper"]
 MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": SharedBottom}
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
@@ -118,12 +118,13 @@ def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     assert len(run["loggers"]) == {"csv": 1, "none": 0, "tensorboard": 1, "many": 2}[logger]
     net = run["net"]
     expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst,
-                "gmoe": GMoE}
+                "mowst_paper": Mowst, "gmoe": GMoE}
     assert isinstance(net, expected[model])
     if isinstance(net, MoEGNN):
         num_moe = sum(isinstance(f, SparseMoE) for f in net.ffns)
         assert num_moe == (2 if model == "moe_gnn" else 0)
-    assert isinstance(run["task"], MowstTask if model == "mowst" else NodeClassificationTask)
+    assert isinstance(run["task"], MowstTask if model.startswith("mowst")
+                      else NodeClassificationTask)
 
 
 @pytest.mark.parametrize("experiment,task_name,num_moe", [("synthetic_moe_gnn",
@@ -243,6 +244,16 @@ def test_mowst_options(compose_cfg, strong, variant):
     assert isinstance(net.weak, MLP) and isinstance(net.strong, STRONG[strong])
     assert net.strong.hidden_channels == 16 and net.strong.out_channels == 4
     assert isinstance(task, MowstTask) and task.pretrain_weak_epochs == 100
+    assert task.gate_holdout == 0.5 and task.select_on == "deterministic"
+
+
+@pytest.mark.parametrize("strong", ["gcn", "sage"])
+def test_mowst_paper_is_mowst_with_the_papers_formulation(compose_cfg, strong):
+    cfg = compose_cfg(TINY, "model=mowst_paper", f"model/strong={strong}")
+    task = instantiate_run(cfg, trainer=False)["task"]
+    assert isinstance(task, MowstTask) and isinstance(task.net.strong, STRONG[strong])
+    assert task.gate_holdout == 0.0 and task.select_on == "expected"
+    assert task.pretrain_weak_epochs == 100 and task.net.gate_type == "mlp"
 
 
 @pytest.mark.parametrize("strong", OPTIONS["model/strong"])

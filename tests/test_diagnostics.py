@@ -110,3 +110,19 @@ def test_routing_by_group():
         routing_by_group(routing, group[:4])
     with pytest.raises(ValueError, match="must be non-negative"):
         routing_by_group(routing, -group)
+
+
+def test_plots_leave_the_users_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from moegraph.diagnostics import plot_confidence_histogram, plot_expert_load
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's choice, not the Agg the plots render with
+    try:
+        plot_expert_load(torch.tensor([[3.0, 1.0], [2.0, 2.0]]), tmp_path / "load.png")
+        plot_confidence_histogram(torch.rand(20), torch.rand(20) > 0.5, tmp_path / "c.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "load.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)

@@ -119,6 +119,13 @@ def dataset_metric(name: str) -> str:
     return REAL_DATASETS[name].metric if name in REAL_DATASETS else "acc"
 
 
+def labelled_nodes(y: torch.Tensor) -> torch.Tensor:
+    r"""The nodes with a label: ``y >= 0``, or with at least one labelled task
+    for multi-label ``y [N, T]``."""
+    labelled = y >= 0
+    return labelled.any(-1) if labelled.dim() == 2 else labelled
+
+
 def _check_name(name: str) -> None:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
@@ -223,8 +230,10 @@ def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] =
 def ogb_scores(data: Data, logits: torch.Tensor) -> dict[str, float]:
     r"""The scores of ``ogb``'s own :class:`~ogb.nodeproppred.Evaluator` on the
     validation and test nodes of an OGB graph (``data.ogb_name``), from the
-    class scores ``logits [N, C]``: ``{split}/ogb_<metric>`` (e.g.
-    ``test/ogb_acc``); empty for a graph that is not from OGB."""
+    class scores ``logits [N, C]`` (the scores of the tasks, for a multi-label
+    graph scored by ROC-AUC): ``{split}/ogb_<metric>`` (e.g. ``test/ogb_acc``,
+    ``test/ogb_rocauc`` for ogbn-proteins); empty for a graph that is not
+    from OGB."""
     name = getattr(data, "ogb_name", None)
     if name is None:
         return {}
@@ -234,8 +243,12 @@ def ogb_scores(data: Data, logits: torch.Tensor) -> dict[str, float]:
     scores = {}
     for split in ("val", "test"):
         mask = data[f"{split}_mask"].cpu()
-        y_true = data.y.cpu()[mask].view(-1, 1)
-        y_pred = logits.detach().cpu()[mask].argmax(-1).view(-1, 1)
+        if evaluator.eval_metric == "rocauc":  # multi-label: the score of every task
+            y_true = data.y.cpu()[mask]
+            y_pred = logits.detach().float().cpu()[mask]
+        else:
+            y_true = data.y.cpu()[mask].view(-1, 1)
+            y_pred = logits.detach().cpu()[mask].argmax(-1).view(-1, 1)
         result = evaluator.eval({"y_true": y_true, "y_pred": y_pred})
         scores.update({f"{split}/ogb_{k}": float(v) for k, v in result.items()})
     return scores
@@ -265,7 +278,7 @@ def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5
         if split < 0:
             raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
         generator = torch.Generator().manual_seed(split)
-        labelled = (data.y >= 0).nonzero().view(-1)
+        labelled = labelled_nodes(data.y).nonzero().view(-1)
         data.train_mask, data.val_mask, data.test_mask = random_split_masks(
             data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
     elif split != 0:
@@ -343,7 +356,7 @@ def prepare_graph(data: Data, name: str, split: int = 0, train_ratio: float = 0.
         if split < 0:
             raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
         generator = torch.Generator().manual_seed(split)
-        labelled = (data.y >= 0).nonzero().view(-1)
+        labelled = labelled_nodes(data.y).nonzero().view(-1)
         data.train_mask, data.val_mask, data.test_mask = random_split_masks(
             data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
     data.x = data.x.float()
@@ -366,7 +379,7 @@ def check_graph(data: Data, name: str) -> None:
         mask = data.get(key)
         if mask is None or mask.dtype != torch.bool or mask.shape != (N,):
             raise ValueError(f"{name}: '{key}' must be a boolean mask of shape [{N}]")
-        if bool((data.y[mask] < 0).any()):
+        if bool((~labelled_nodes(data.y[mask])).any()):
             raise ValueError(f"{name}: '{key}' holds unlabelled nodes (y < 0)")
 
 
@@ -478,8 +491,18 @@ class NodeDataModule(L.LightningDataModule):
         return self._graph().num_features
 
     @property
+    def multilabel(self) -> bool:
+        r"""Whether the labels are ``[N, T]``: ``T`` binary tasks per node
+        (ogbn-proteins)."""
+        return self._graph().y.dim() == 2
+
+    @property
     def num_classes(self) -> int:
-        return int(self._graph().y.max()) + 1
+        r"""Number of classes, or of binary tasks of multi-label data."""
+        y = self._graph().y
+        if self.multilabel:
+            return y.size(1)
+        return int(y.max()) + 1
 
     def net_kwargs(self) -> dict[str, int]:
         r"""What the network needs to know of the data (given by ``train``)."""
@@ -487,11 +510,9 @@ class NodeDataModule(L.LightningDataModule):
 
     def task_kwargs(self) -> dict[str, Any]:
         r"""What the LightningModule needs to know of the data."""
-        y = self._graph().y
-        if y.dim() != 1:
-            raise ValueError(f"{self.name}: the labels are [N, {y.size(1)}] "
-                             f"(multi-label); the node-classification tasks take one class "
-                             f"per node")
+        self.setup()
+        if self.multilabel:  # T binary tasks: BCE, metrics averaged over the tasks
+            return {"num_classes": self.num_classes, "metric": self.metric, "multilabel": True}
         if self.metric == "auroc" and self.num_classes != 2:
             raise ValueError(f"{self.name}: metric 'auroc' needs a binary task "
                              f"(got {self.num_classes} classes)")

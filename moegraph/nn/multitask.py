@@ -40,13 +40,11 @@ class MultiTaskOutput(NamedTuple):
             ``[N, E_l]`` over all experts of its level (exactly zero for an
             expert the gate's mask hides).
         experts (tuple of Tensor): expert activations per level, ``[N, E_l, H]``.
-        aux_loss (dict): auxiliary losses (none here; kept for a uniform record).
     """
 
     outputs: dict[str, Tensor]
     gates: dict[str, Tensor] = {}
     experts: tuple[Tensor, ...] = ()
-    aux_loss: dict[str, Tensor] = {}
 
 
 def task_out_channels(tasks: Tasks) -> dict[str, int]:

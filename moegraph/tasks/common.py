@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module
 from torch_geometric.data import Data
@@ -21,6 +22,22 @@ def split_mask(data: Data, split: str) -> Tensor:
         mask[:batch_size] = True
         return mask
     return data[f"{split}_mask"]
+
+
+def multilabel_loss(logits: Tensor, y: Tensor) -> Tensor:
+    r"""Binary cross-entropy with logits over the labelled entries of
+    multi-label targets ``y [N, T]`` (``0``/``1``; a negative value or ``NaN``:
+    unlabelled), averaged over those entries; zero (with a gradient path)
+    when none is labelled."""
+    labelled = y >= 0
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[labelled], y[labelled].to(logits.dtype))
+
+
+def multilabel_target(y: Tensor) -> Tensor:
+    r"""Multi-label targets as integers for the metrics: ``-1`` where unlabelled."""
+    return torch.where(y >= 0, y, torch.full_like(y, -1)).long()
 
 
 def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],

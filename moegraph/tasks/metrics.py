@@ -8,19 +8,48 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Accuracy, Metric, MetricCollection
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics.classification import BinaryAUROC, MultilabelAccuracy, MultilabelAUROC
 from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.utilities import dim_zero_cat
 
 from moegraph.nn.mowst import MowstOutput, mixture_log_probs
 
 METRICS = ("acc", "auroc")
 
 
-def make_metrics(metric: str, num_classes: int) -> MetricCollection:
+class MeanTaskAUROC(MultilabelAUROC):
+    r"""The ROC-AUC of each binary task, averaged over the tasks that hold
+    both classes among their labelled entries (``-1``: unlabelled), as
+    ``ogb``'s Evaluator does for ogbn-proteins (torchmetrics' ``"macro"``
+    average counts a task without positives as 0); ``NaN`` when no task has
+    both classes."""
+
+    def __init__(self, num_labels: int, **kwargs: Any):
+        super().__init__(num_labels=num_labels, average="none", ignore_index=-1, **kwargs)
+
+    def compute(self) -> Tensor:
+        per_task = super().compute()
+        target = dim_zero_cat(self.target)
+        valid = (target == 1).any(0) & (target == 0).any(0)
+        if not bool(valid.any()):
+            return per_task.new_tensor(float("nan"))
+        return per_task[valid].mean()
+
+
+def make_metrics(metric: str, num_classes: int, multilabel: bool = False) -> MetricCollection:
     r"""Accuracy, plus binary ROC-AUC (on the positive-class probability)
-    when ``metric="auroc"``."""
+    when ``metric="auroc"``. With ``multilabel``, ``num_classes`` binary
+    tasks: the accuracy and (``metric="auroc"``) the ROC-AUC of each task,
+    averaged over the tasks (:class:`MeanTaskAUROC`), the entries labelled
+    ``-1`` ignored."""
     if metric not in METRICS:
         raise ValueError(f"'metric' must be one of {METRICS} (got {metric!r})")
+    if multilabel:
+        metrics_ml: dict[str, Metric | MetricCollection] = {
+            "acc": MultilabelAccuracy(num_labels=num_classes, ignore_index=-1)}
+        if metric == "auroc":
+            metrics_ml["auroc"] = MeanTaskAUROC(num_classes)
+        return MetricCollection(metrics_ml)
     metrics: dict[str, Metric | MetricCollection] = {
         "acc": Accuracy(task="multiclass", num_classes=num_classes)}
     if metric == "auroc":
@@ -30,8 +59,16 @@ def make_metrics(metric: str, num_classes: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-def update_metrics(metrics: MetricCollection, logits: Tensor, target: Tensor) -> None:
-    r"""Feed class scores ``[N, C]`` to each metric in the form it takes."""
+def update_metrics(metrics: MetricCollection, logits: Tensor, target: Tensor,
+                   multilabel: bool = False) -> None:
+    r"""Feed class scores ``[N, C]`` to each metric in the form it takes
+    (with ``multilabel``: the probabilities of the ``C`` tasks, and targets
+    in ``{-1, 0, 1}``)."""
+    if multilabel:
+        probs = logits.float().sigmoid()
+        for metric in metrics.values():
+            metric.update(probs, target)
+        return
     for name, metric in metrics.items(keep_base=True):
         if name.endswith("auroc"):
             metric.update(logits.float().softmax(-1)[:, 1], target)

@@ -123,6 +123,8 @@ class MowstTask(NodeClassificationTask):
             ``"deterministic"`` (the headline) or ``"expected"`` (the paper's
             sampled inference); Mowst* always uses its mixture.
             (default: :obj:`"deterministic"`)
+        multilabel (bool, optional): must be :obj:`False`: multi-label data
+            (ogbn-proteins) is refused with a clear error.
     """
 
     def __init__(self, net: Mowst, num_classes: int,
@@ -133,7 +135,12 @@ class MowstTask(NodeClassificationTask):
                  pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
                  turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
                  min_delta: float = 1e-3, gate_holdout: float = 0.0,
-                 select_on: str = "deterministic"):
+                 select_on: str = "deterministic", multilabel: bool = False):
+        if multilabel:
+            raise ValueError("MowstTask takes one class per node (its confidence and "
+                             "mixture are per node over classes); multi-label data "
+                             "(multilabel=True, e.g. ogbn_proteins) needs a "
+                             "NodeClassificationTask model (mlp, gnn, moe_gnn, gmoe, ...)")
         net, optimizer = net_from_config(net), from_config(optimizer)  # see moegraph.checkpoint
         if not isinstance(net, Mowst):
             raise TypeError(f"MowstTask needs a moegraph.nn.Mowst network (got "
@@ -234,6 +241,7 @@ class MowstTask(NodeClassificationTask):
         without gradients, and once per turn on a full graph."""
         net = self.net
         x, edge_index = data.x, data.edge_index
+        net.check_inputs(x, edge_index)
         # Frozen parts are in eval mode in training and evaluation alike: within
         # a turn of fit, their output on the full graph is one constant.
         full_graph = (self._caching and
@@ -306,6 +314,8 @@ class MowstTask(NodeClassificationTask):
         a zero that keeps the graph when there are none."""
         out = self._mowst_forward(data)
         mask = split_mask(data, split)
+        if split in ("train", "val"):  # the schedule early-stops on validation nodes
+            self.check_split_not_empty(data, mask, split)
         y = data.y[mask]
         self._check_labels(y)
         # A zero that depends on every output: in each phase it reaches the
@@ -378,15 +388,18 @@ class MowstTask(NodeClassificationTask):
         main = values[self._headline_key()] if headline is None else torch.tensor(headline)
         self.log(f"{split}/{self.metric}", main, prog_bar=split == "val", sync_dist=True)
 
-    def _phase_score(self, values: dict[str, Tensor]) -> float:
-        r"""The score the current phase early-stops on."""
+    def _phase_score(self, values: dict[str, Tensor]) -> tuple[float, float]:
+        r"""The score the current phase early-stops on, and the score that
+        breaks its ties (see :meth:`MowstSchedule.step`)."""
         if self.phase == "pretrain_weak":
-            return float(values["weak"])
+            return float(values["weak"]), -math.inf
         if self.phase == "pretrain_strong":
-            return float(values["strong"])
+            return float(values["strong"]), -math.inf
         if self.net.variant == "mowst_star":
-            return float(values["mixture"])
-        return float(values["tau" if self.select_on == "deterministic" else "expected"])
+            return float(values["mixture"]), -math.inf
+        if self.select_on == "deterministic":
+            return float(values["tau"]), float(values["expected"])
+        return float(values["expected"]), -math.inf
 
     def on_train_epoch_start(self) -> None:
         self._apply_freeze()
@@ -410,7 +423,7 @@ class MowstTask(NodeClassificationTask):
             return
         self._validated_phase = self.phase
         headline = float(values[self._headline_key()])
-        step = self._advance(self._phase_score(values))
+        step = self._advance(*self._phase_score(values))
         # The logged (and checkpoint-selected) headline is that of the weights
         # now in the network: none while an expert pre-trains alone; at the end
         # of a turn, the turn's best if it was kept and selected on the
@@ -451,7 +464,8 @@ class MowstTask(NodeClassificationTask):
         from lightning.pytorch.utilities import rank_zero_warn
 
         c = self.schedule_config
-        if self.trainer.fast_dev_run:  # a smoke run: one batch of each phase it reaches
+        # a smoke run (fast_dev_run): one batch of each phase it reaches
+        if self._trainer is not None and bool(getattr(self._trainer, "fast_dev_run", False)):
             return
         if max_epochs is None or max_epochs < 0 or max_epochs >= c.min_epochs():
             return
@@ -490,7 +504,7 @@ class MowstTask(NodeClassificationTask):
         self._turn_best_state = None
         self._apply_freeze()
 
-    def _advance(self, score: float) -> Step:
+    def _advance(self, score: float, tiebreak: float = -math.inf) -> Step:
         r"""After each validation: keep the turn's best state; at the end of
         a turn, keep its best epoch or roll back, as the schedule says; move
         to the next phase or stop.
@@ -499,7 +513,7 @@ class MowstTask(NodeClassificationTask):
         or the pre-trained expert's own)."""
         s = self.schedule
         phase, round_, best_before = s.phase, s.round, s.best
-        step = s.step(score)
+        step = s.step(score, tiebreak)
         if step.improved:
             self._turn_best_state = self._trained_state()
         if not step.turn_over:

@@ -108,6 +108,8 @@ class MowstSchedule:
         best (float): the best score of a kept turn (the score a new turn
             must beat to be kept); ``-inf`` until one is kept, or the score
             given to :meth:`set_baseline`.
+        turn_best_tiebreak, best_tiebreak (float): the second scores (see
+            :meth:`step`) of those epochs.
         round_gain (bool): a turn of this round was kept.
         rounds_without_gain (int): rounds in a row without a kept turn.
         mixture_trained (bool): a turn in which the gate trains has ended
@@ -122,6 +124,8 @@ class MowstSchedule:
     stale_epochs: int = 0
     turn_best: float = -math.inf
     best: float = -math.inf
+    turn_best_tiebreak: float = -math.inf
+    best_tiebreak: float = -math.inf
     round_gain: bool = False
     rounds_without_gain: int = 0
     mixture_trained: bool = False
@@ -140,6 +144,7 @@ class MowstSchedule:
     def begin_turn(self) -> None:
         r"""Reset the counters of the turn."""
         self.epoch_in_turn, self.stale_epochs, self.turn_best = 0, 0, -math.inf
+        self.turn_best_tiebreak = -math.inf
 
     def set_baseline(self, score: float) -> None:
         r"""A score that the first kept turn must beat (e.g. the strong
@@ -155,16 +160,31 @@ class MowstSchedule:
             return c.pretrain_strong_epochs
         return c.max_turn_epochs if self.phase != "joint" else 10**9
 
-    def step(self, score: float) -> Step:
+    def _better(self, score: float, tiebreak: float, best: float, best_tiebreak: float) -> bool:
+        r"""``score`` beats ``best`` by ``min_delta``, or equals it at least
+        and ``tiebreak`` beats ``best_tiebreak`` by ``min_delta``."""
+        d = self.config.min_delta
+        return score > best + d or (score >= best and tiebreak > best_tiebreak + d)
+
+    def step(self, score: float, tiebreak: float = -math.inf) -> Step:
         r"""Record one validation epoch with the score the phase early-stops
-        on; at the end of a turn, move to the next phase (or finish)."""
+        on; at the end of a turn, move to the next phase (or finish).
+
+        ``tiebreak`` is a second score that decides between epochs (and
+        turns) of the same ``score``: a step-valued score such as the accuracy
+        of deterministic inference stays flat while the gate moves towards a
+        threshold, and the expected score, continuous in the gate, tells the
+        progress (without it, patience would end the turn first)."""
         if self.done:
             raise RuntimeError("the schedule is over")
         c = self.config
+        if math.isnan(tiebreak):
+            tiebreak = -math.inf
         self.epoch_in_turn += 1
-        improved = score > self.turn_best + c.min_delta
+        improved = self._better(score, tiebreak, self.turn_best, self.turn_best_tiebreak)
         if improved:
             self.turn_best, self.stale_epochs = float(score), 0
+            self.turn_best_tiebreak = float(tiebreak)
         else:
             self.stale_epochs += 1
         epochs, turn_best = self.epoch_in_turn, self.turn_best
@@ -173,9 +193,10 @@ class MowstSchedule:
         if self.pretraining:  # pre-training keeps its expert's best epoch
             self._next_phase()
             return Step(improved, True, "best", True, epochs, turn_best)
-        kept = self.turn_best > self.best + c.min_delta
+        kept = self._better(self.turn_best, self.turn_best_tiebreak, self.best,
+                            self.best_tiebreak)
         if kept:
-            self.best = self.turn_best
+            self.best, self.best_tiebreak = self.turn_best, self.turn_best_tiebreak
             if self.phase in ("weak", "strong"):
                 self.round_gain = True
         self.mixture_trained = self.mixture_trained or self.phase in ("weak", "joint")

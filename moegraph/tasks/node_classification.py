@@ -21,6 +21,8 @@ from moegraph.tasks.common import (  # noqa: F401 (public here before)
     build_optimizers,
     load_metric_states,
     metric_states,
+    multilabel_loss,
+    multilabel_target,
     split_mask,
 )
 from moegraph.tasks.metrics import METRICS, make_metrics, update_metrics  # noqa: F401
@@ -55,32 +57,41 @@ class NodeClassificationTask(L.LightningModule):
     weighted here and added to the cross-entropy. Logs ``{split}/loss``,
     ``{split}/acc`` (and ``{split}/auroc`` for a binary task with
     ``metric="auroc"``), ``train/aux_loss`` and each ``train/aux/<name>``.
+    With ``multilabel`` (``y [N, num_classes]`` in ``{0, 1}``, ``-1`` where
+    unlabelled, e.g. ogbn-proteins), the loss is the binary cross-entropy
+    with logits over the labelled entries and the metrics are averaged over
+    the tasks (``{split}/auroc``: mean ROC-AUC of the tasks).
     Takes a full graph (split by its masks) or a
     :class:`~torch_geometric.loader.NeighborLoader` mini-batch (scored on its
     seed nodes).
 
     Args:
         net (Module): the network.
-        num_classes (int): number of classes.
+        num_classes (int): number of classes (of binary tasks with
+            ``multilabel``).
         optimizer (callable): partial optimizer, called with the parameters.
         scheduler (callable, optional): partial LR scheduler.
         aux_loss_weights (dict, optional): weight of each auxiliary loss by
             name (``load_balance``, ``z_loss``, ``importance``, ``entropy``).
         metric (str, optional): ``"acc"`` or ``"auroc"``, the metric the
             dataset is judged by. (default: :obj:`"acc"`)
+        multilabel (bool, optional): ``num_classes`` binary tasks per node.
+            (default: :obj:`False`)
     """
 
     def __init__(self, net: Module, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
-                 metric: str = "acc", expert_parallel: bool = False):
+                 metric: str = "acc", expert_parallel: bool = False,
+                 multilabel: bool = False):
         super().__init__()
         # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
         net = net_from_config(net)
         optimizer, scheduler = from_config(optimizer), from_config(scheduler)
-        if num_classes < 2:
-            raise ValueError(f"'num_classes' must be at least 2 (got {num_classes})")
+        if num_classes < (1 if multilabel else 2):
+            raise ValueError(f"'num_classes' must be at least {1 if multilabel else 2} "
+                             f"(got {num_classes})")
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.num_classes = num_classes
@@ -89,7 +100,8 @@ class NodeClassificationTask(L.LightningModule):
         self.aux_loss_weights = check_aux_loss_weights(aux_loss_weights)
         self.metric = metric
         self.expert_parallel = expert_parallel
-        metrics = make_metrics(metric, num_classes)
+        self.multilabel = bool(multilabel)
+        metrics = make_metrics(metric, num_classes, self.multilabel)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -110,6 +122,18 @@ class NodeClassificationTask(L.LightningModule):
         return as_model_output(self.net(data.x, data.edge_index))
 
     def _check_labels(self, y: Tensor) -> None:
+        if self.multilabel:
+            if y.dim() != 2 or y.size(1) != self.num_classes:
+                raise ValueError(f"multilabel: labels must be [N, {self.num_classes}] "
+                                 f"(got {list(y.shape)})")
+            labelled = y[y >= 0]
+            if bool(((labelled != 0) & (labelled != 1)).any()):
+                raise ValueError("multilabel: labels must be 0 or 1 (negative or NaN: "
+                                 "unlabelled)")
+            return
+        if y.dim() != 1:
+            raise ValueError(f"labels are {list(y.shape)}: one class per node needs [N] "
+                             f"(multi-label data: multilabel=True)")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}] "
                              f"(got [{int(y.min())}, {int(y.max())}])")
@@ -137,20 +161,40 @@ class NodeClassificationTask(L.LightningModule):
         mean.update(loss.detach(), weight)
         self.log(f"{split}/loss", mean, prog_bar=split == "val", on_step=False, on_epoch=True)
 
+    def check_split_not_empty(self, data: Data, mask: Tensor, split: str) -> None:
+        r"""Raise a clear error when the ``split`` mask of a full graph selects
+        no node in a single process (training on it would run the whole
+        budget on a zero loss). A mini-batch, or a process of several, may
+        hold none."""
+        if isinstance(getattr(data, "batch_size", None), int) or self.distributed:
+            return
+        if not bool(mask.any()):
+            raise ValueError(f"the '{split}_mask' of the graph selects no node: "
+                             f"{type(self).__name__} has nothing to "
+                             f"{'train' if split == 'train' else 'evaluate'} on")
+
     def _step(self, data: Data, split: str, metrics: MetricCollection) -> Tensor:
         out = self(data)
         mask = split_mask(data, split)
+        if split == "train":
+            self.check_split_not_empty(data, mask, split)
         logits, y = out.logits[mask], data.y[mask]
         self._check_labels(y)
         batch_size = int(mask.sum())
-        loss = F.cross_entropy(logits, y) if batch_size else logits.sum() * 0.0
+        if self.multilabel:
+            loss = multilabel_loss(logits, y) if batch_size else logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, y) if batch_size else logits.sum() * 0.0
         # Under DDP every process logs the same keys at every step (a batch
         # without nodes of the split included: weight 0), so that the syncs
         # of the logged values and of the metrics' states meet.
         weight = batch_size if self.distributed else max(batch_size, 1)
         self.log_loss(split, loss, weight)
         if batch_size:
-            update_metrics(metrics, logits, y)
+            if self.multilabel:
+                update_metrics(metrics, logits, multilabel_target(y), multilabel=True)
+            else:
+                update_metrics(metrics, logits, y)
         if batch_size or self.distributed:  # torchmetrics sync even without an update
             # A metric given only update() has no step value: log it per epoch.
             self.log_dict(metrics, batch_size=weight, prog_bar=split == "val",

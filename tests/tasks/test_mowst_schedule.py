@@ -115,3 +115,27 @@ def test_step_reports_the_turn_it_ended():
     assert isinstance(last, Step) and last.turn_over
     assert last.epochs == 4 and last.turn_best == 0.7  # two stale epochs after 0.7
     assert s.epoch_in_turn == 0 and s.turn_best == -math.inf  # the next turn's counters
+
+
+def test_tiebreak_keeps_a_flat_score_turn_going_and_decides_between_equals():
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    # The main score is flat while the second one rises: no patience runs out.
+    trace = run(s, [0.5] * 3)  # without a tiebreak: best, stale, stale -> over
+    assert trace[-1][1].turn_over
+    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    steps = [s.step(0.5, t) for t in (0.1, 0.2, 0.3, 0.4)]
+    assert all(st.improved for st in steps) and not any(st.turn_over for st in steps)
+    assert s.turn_best == 0.5 and s.turn_best_tiebreak == 0.4
+    # A lower main score never wins on its tiebreak.
+    assert not s.step(0.45, 0.9).improved
+
+
+def test_tiebreak_decides_whether_an_equal_turn_is_kept():
+    s = MowstSchedule(ScheduleConfig(turn_patience=1, min_delta=0.0, max_rounds=3))
+    s.step(0.5, 0.2)
+    assert s.step(0.5, 0.1).kept  # weak turn kept: best (0.5, 0.2)
+    s.step(0.5, 0.3)
+    assert s.step(0.4, 0.9).kept  # strong turn: equal main score, better tiebreak
+    assert s.best == 0.5 and s.best_tiebreak == 0.3
+    s.step(0.5, 0.25)
+    assert not s.step(0.5, 0.2).kept  # equal main score, lower tiebreak: rolled back

@@ -1,6 +1,8 @@
 r"""The multi-task LightningModule: GAUC, masked losses, weighting, errors."""
 from functools import partial
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -330,3 +332,43 @@ def test_gauc_with_single_row_groups_warns_once_and_is_not_logged():
     assert sum("val/a/gauc" in str(w.message) for w in record) == 1
     assert "val/a/gauc" not in metrics and "val/a/auc" in metrics
     assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+# -- the config tree: tabular data and the MMoE synthetic benchmark -------------------------
+@pytest.mark.parametrize("model,head", [("shared_bottom", "SharedBottom"), ("mmoe", "MMoE"),
+                                        ("ple", "PLE"), ("home", "HoME")])
+def test_mtl_synthetic_experiments_compose(compose_cfg, model, head):
+    from moegraph.data import TabularMultiTaskDataModule
+    from moegraph.nn.models import TabularMultiTaskNet
+    from moegraph.train import instantiate_run
+
+    cfg = compose_cfg(f"experiment=mtl_synthetic_{model}", "data.frames.num_rows=200",
+                      "data.frames.correlation=0.5")
+    assert cfg.optimized_metric == "val/mean_score"
+    run = instantiate_run(cfg)
+    dm, net = run["datamodule"], run["net"]
+    assert isinstance(dm, TabularMultiTaskDataModule) and dm.metric == "mean_score"
+    assert isinstance(net, TabularMultiTaskNet) and type(net.head).__name__ == head
+    assert net.head.in_channels == 100 and net.tasks == ["y1", "y2"]
+    by_name = {type(c).__name__: c for c in run["callbacks"]}
+    assert by_name["ModelCheckpoint"].monitor == "val/mean_score"
+    assert by_name["ModelCheckpoint"].mode == "max"
+
+
+def test_tabular_data_config_with_a_csv(compose_cfg, tmp_path):
+    from moegraph.train import instantiate_run, train
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=300), "c": rng.choice(["u", "v"], 300)})
+    df["click"] = (df.a + rng.normal(size=300) > 0).astype(int)
+    df["buy"] = (df.a > 0.5).astype(int)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    cfg = compose_cfg("data=tabular", "model=mmoe", f"data.path={tmp_path / 't.csv'}",
+                      "data.tasks={click: binary, buy: binary}", "debug=fdr")
+    assert cfg.optimized_metric == "val/mean_auc"
+    run = instantiate_run(cfg, trainer=False)
+    assert run["net"].head.in_channels == 1 + 2  # a, one-hot c
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/mean_auc"] <= 1.0
+    assert metrics["test/mean_auc"] == pytest.approx(
+        (metrics["test/click/auc"] + metrics["test/buy/auc"]) / 2)

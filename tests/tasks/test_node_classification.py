@@ -6,6 +6,7 @@ through one ``fast_dev_run``.
 """
 import copy
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -115,6 +116,13 @@ def test_empty_mask_gives_a_finite_zero_loss():
     assert torch.isfinite(loss) and float(loss.detach()) == 0.0
 
 
+def test_empty_training_mask_raises():
+    data = make_data()
+    data.train_mask[:] = False
+    with pytest.raises(ValueError, match="'train_mask' of the graph selects no node"):
+        make_task().training_step(data, 0)
+
+
 def test_plain_tensor_net():
     torch.manual_seed(0)
     net = GCN(FEAT, 8, num_layers=2, out_channels=C)
@@ -216,3 +224,50 @@ def test_training_reduces_the_loss():
         task.training_step(data, 0).backward()
         optimizer.step()
     assert float(task.training_step(data, 0).detach()) < 0.7 * first
+
+
+# -- multi-label (ogbn-proteins) ----------------------------------------------------------
+def test_multilabel_loss_is_bce_over_the_labelled_entries():
+    from moegraph.tasks.common import multilabel_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.5, 4.0]])
+    y = torch.tensor([[1, 0, -1], [0, -1, 1]])  # -1: unlabelled
+    by_hand = -(math.log(1 / (1 + math.exp(-2.0))) + math.log(1 - 1 / (1 + math.exp(1.0)))
+                + math.log(1 - 1 / (1 + math.exp(0.3))) + math.log(1 / (1 + math.exp(-4.0)))) / 4
+    assert float(multilabel_loss(logits, y)) == pytest.approx(by_hand, rel=1e-6)
+    nan_y = y.float().masked_fill(y < 0, float("nan"))  # ogb's float labels with NaN
+    assert float(multilabel_loss(logits, nan_y)) == pytest.approx(by_hand, rel=1e-6)
+    none = multilabel_loss(logits.requires_grad_(), torch.full_like(y, -1))
+    assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_multilabel_task_step_and_metrics():
+    from moegraph.tasks.metrics import make_metrics
+
+    T = 4
+    g = torch.Generator().manual_seed(0)
+    data = Data(x=torch.randn(20, 4, generator=g), edge_index=torch.zeros(2, 0).long(),
+                y=torch.randint(0, 2, (20, T), generator=g))
+    data.y[:, 3] = 0  # a task without positives: left out of the mean (as ogb does)
+    data.train_mask = torch.ones(20, dtype=torch.bool)
+    task = NodeClassificationTask(GCN(4, 8, 1, T), T, ADAM, metric="auroc", multilabel=True)
+    loss = task.training_step(data, 0)
+    logits = task.net(data.x, data.edge_index)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, data.y.float())
+    assert float(loss) == pytest.approx(float(bce), rel=1e-6)
+    # the task's mean ROC-AUC: each task's by pairs, averaged over those with both classes
+    auroc = float(task.train_metrics["auroc"].compute())
+    per_task = []
+    for t in range(T - 1):
+        s, y = logits[:, t].detach(), data.y[:, t]
+        diff = s[y == 1][:, None] - s[y == 0][None, :]
+        per_task.append(float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()))
+    assert auroc == pytest.approx(sum(per_task) / (T - 1), abs=1e-6)
+    with pytest.raises(ValueError, match=r"multilabel: labels must be \[N, 4\]"):
+        task._check_labels(data.y[:, :2])
+    with pytest.raises(ValueError, match="multilabel: labels must be 0 or 1"):
+        task._check_labels(data.y * 2)
+    single = NodeClassificationTask(GCN(4, 8, 1, T), T, ADAM)
+    with pytest.raises(ValueError, match="multi-label data: multilabel=True"):
+        single._check_labels(data.y)
+    assert list(make_metrics("acc", T, multilabel=True)) == ["acc"]

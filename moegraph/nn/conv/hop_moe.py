@@ -213,7 +213,11 @@ class HopMoEConv(MessagePassing):
         r"""The hop graphs the experts need, built for this expert type
         (GCN: normalised with self-loops; GAT: with self-loops; SAGE, GIN:
         plain), cached for the last ``edge_index`` when ``cached``."""
-        key = (edge_index, edge_index._version, num_nodes, edge_index.device)
+        # An inference tensor (made under torch.inference_mode, e.g. a batch
+        # collated in Lightning's evaluation loops) has no version counter and
+        # cannot be edited in place: its version is fixed.
+        version = 0 if edge_index.is_inference() else edge_index._version
+        key = (edge_index, version, num_nodes, edge_index.device)
         if self.cached and self._cache is not None:
             old = self._cache[0]
             # Holding the tensor keeps its storage alive, so identity is safe.

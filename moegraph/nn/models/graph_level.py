@@ -336,12 +336,6 @@ class GraphLevelGNN(Module):
         B = num_graphs if num_graphs is not None else (int(batch.max()) + 1 if batch.numel()
                                                        else 1)
         h = self.encoder(x if self.in_channels is None else x.float())  # [N, C]
-        if self.num_experts is not None and edge_index.is_inference():
-            # HopMoEConv keys its hop-graph cache on the tensor's version counter,
-            # which tensors made under torch.inference_mode (a batch collated in
-            # Lightning's validation / test loop) lack: a normal copy of the edges.
-            with torch.inference_mode(False):
-                edge_index = edge_index.clone()
         routings = []
         for layer, conv in enumerate(self.convs):
             h_in = h

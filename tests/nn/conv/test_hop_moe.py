@@ -211,6 +211,19 @@ def test_gradients_reach_router_and_routed_experts(conv):
             assert param.grad.abs().sum() > 0, name
 
 
+def test_inference_tensor_edges():
+    # A batch collated under torch.inference_mode (Lightning's evaluation
+    # loops) holds inference tensors, which have no version counter.
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, k=2).eval()
+    expected, _ = layer(x, edge_index)
+    with torch.inference_mode():
+        frozen = edge_index.clone()
+        out, _ = layer(x, frozen)
+        assert layer.hop_graphs(frozen, 30) is layer.hop_graphs(frozen, 30)  # cached
+    torch.testing.assert_close(out, expected)
+
+
 def test_hop_graph_cache():
     x, edge_index = random_graph()
     layer = HopMoEConv(6, 8).eval()
