@@ -24,7 +24,7 @@ expert, which then ignores the other clusters' signal directions.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import lightning as L
 import torch
@@ -216,7 +216,7 @@ class ClusterDataModule(L.LightningDataModule):
                  gamma: Sequence[float] = (0.5, 3.0), noise_std: Optional[float] = None,
                  seed: int = 0, scale: float = 1.0):
         super().__init__()
-        self.kwargs = dict(num_train=num_train, num_val=num_val, num_test=num_test,
+        self.kwargs: dict[str, Any] = dict(num_train=num_train, num_val=num_val, num_test=num_test,
                            num_clusters=num_clusters, num_patches=num_patches, dim=dim,
                            alpha=tuple(alpha), beta=tuple(beta), gamma=tuple(gamma),
                            noise_std=noise_std, seed=seed, scale=scale)

@@ -60,9 +60,10 @@ def parse_smiles(smiles: str, strict: bool = False):
     parsed at all.
     """
     _require_rdkit("parse_smiles")
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem
+    from rdkit.rdBase import DisableLog, EnableLog  # RDLogger's (its stub omits them)
 
-    RDLogger.DisableLog("rdApp.*")
+    DisableLog("rdApp.*")
     try:
         mol = Chem.MolFromSmiles(smiles)
         if mol is None and not strict:
@@ -73,7 +74,7 @@ def parse_smiles(smiles: str, strict: bool = False):
                 Chem.SanitizeMol(mol, flags.SANITIZE_ALL ^ flags.SANITIZE_PROPERTIES,
                                  catchErrors=True)
     finally:
-        RDLogger.EnableLog("rdApp.*")
+        EnableLog("rdApp.*")
     if mol is None:
         raise ValueError(f"rdkit cannot parse the SMILES {smiles!r}")
     return mol
@@ -314,7 +315,7 @@ class GraphDataModule(L.LightningDataModule):
             raise ValueError(f"'batch_size' must be positive (got {batch_size})")
         if subset is not None and not 0 < subset <= 1:
             raise ValueError(f"'subset' must lie in (0, 1] (got {subset})")
-        self.name = name
+        self.name: str = name
         from ogb.graphproppred import Evaluator
 
         own = Evaluator(self.evaluator_name).eval_metric
@@ -348,10 +349,15 @@ class GraphDataModule(L.LightningDataModule):
             split = {**split, "train": train[keep].sort().values}
         self.dataset, self.split_idx = dataset, split
 
+    def _loaded(self) -> InMemoryDataset:
+        r"""The dataset, loaded on first use."""
+        self.setup()
+        assert self.dataset is not None  # set by setup()
+        return self.dataset
+
     @property
     def num_tasks(self) -> int:
-        self.setup()
-        return int(self.dataset[0].y.size(-1))
+        return int(self._loaded()[0].y.size(-1))
 
     def net_kwargs(self) -> dict[str, int]:
         r"""What the network needs to know of the data (given by ``train``)."""
@@ -364,8 +370,8 @@ class GraphDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False):
         from torch_geometric.loader import DataLoader
 
-        self.setup()
-        return DataLoader(self.dataset[self.split_idx[split]], batch_size=self.batch_size,
+        dataset = self._loaded()
+        return DataLoader(dataset[self.split_idx[split]], batch_size=self.batch_size,
                           shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self):

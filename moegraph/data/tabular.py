@@ -84,11 +84,11 @@ class _Batches(IterableDataset):
         self.dm, self.split, self.passes = dm, split, 0
 
     def __len__(self) -> int:
-        n = self.dm.tensors[self.split]["x"].size(0)
+        n = self.dm._loaded()[self.split]["x"].size(0)
         return (n + self.dm.batch_size - 1) // self.dm.batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dm, t = self.dm, self.dm.tensors[self.split]
+        dm, t = self.dm, self.dm._loaded()[self.split]
         n = t["x"].size(0)
         if self.split == "train":
             g = torch.Generator().manual_seed(dm.seed * 100_003 + self.passes)
@@ -187,7 +187,7 @@ class TabularMultiTaskDataModule(L.LightningDataModule):
 
     # -- reading and splitting ------------------------------------------------
     def _split_frames(self) -> dict[str, Any]:
-        src = self.frames if self.frames is not None else self.path
+        src: Any = self.frames if self.frames is not None else self.path  # frames, or path(s)
         if isinstance(src, Mapping):
             missing = [s for s in ("train", "val") if s not in src]
             if missing or set(src) - set(SPLITS):
@@ -358,6 +358,12 @@ class TabularMultiTaskDataModule(L.LightningDataModule):
         self.stats = self.fit(frames["train"])
         self.tensors = {s: self.encode(frames[s], s) for s in SPLITS}
 
+    def _loaded(self) -> dict[str, dict[str, Any]]:
+        r"""The encoded splits, loaded on first use."""
+        self.setup()
+        assert self.tensors is not None  # set by setup()
+        return self.tensors
+
     # -- what the network and the task need ------------------------------------
     def out_channels(self) -> dict[str, int]:
         return {t: (self.num_classes(t) if spec["type"] == "multiclass" else 1)
@@ -371,10 +377,10 @@ class TabularMultiTaskDataModule(L.LightningDataModule):
 
     def net_kwargs(self) -> dict[str, Any]:
         r"""What the network needs to know of the data (given by ``train``)."""
-        self.setup()
+        x = self._loaded()["train"]["x"]
         cards = ([len(self.stats["categories"][c]) + 1 for c in self.stats["categorical"]]
                  if self.categorical_encoding == "embedding" else [])
-        return {"encoder": "tabular", "in_channels": self.tensors["train"]["x"].size(1),
+        return {"encoder": "tabular", "in_channels": x.size(1),
                 "cardinalities": cards, "tasks": self.out_channels()}
 
     def task_kwargs(self) -> dict[str, Any]:

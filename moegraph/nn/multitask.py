@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +199,8 @@ class MultiGateLevel(Module):
           ``[N, G, E]``, expert activations ``[N, E, H]``
     """
 
+    gate_index: Tensor  # buffer: position of each gate's logits in the dense [G, E] matrix
+
     def __init__(self, in_channels: int, hidden_channels: int, expert_inputs: Sequence[str],
                  gates: Sequence[GateSpec], expert_norm: Optional[str] = None,
                  feature_gate_rank: Optional[int] = None, self_gate: bool = False):
@@ -320,7 +322,7 @@ class MultiGateLevel(Module):
         if self.norm is not None:
             h = self.norm(h)
         h = h.view(N, E, H)
-        if self.norm_weight is not None:
+        if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
             h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
         h = F.silu(h) if self.expert_norm is not None else F.relu(h)  # [N, E, H]
 
@@ -407,7 +409,7 @@ class MultiTaskHead(Module):
     @property
     def gate_names(self) -> list[str]:
         return [f"{li}/{g.name}" for li, level in enumerate(self.levels)
-                for g in level.gate_specs]
+                for g in cast(MultiGateLevel, level).gate_specs]
 
     def check_input(self, x: Tensor) -> None:
         r"""Raise a clear error for an input that is not a finite float
@@ -434,7 +436,7 @@ class MultiTaskHead(Module):
         gates, experts = {}, []
         for li, level in enumerate(self.levels):
             streams, weights, h = level(streams)
-            for gi, g in enumerate(level.gate_specs):
+            for gi, g in enumerate(cast(MultiGateLevel, level).gate_specs):
                 gates[f"{li}/{g.name}"] = weights[:, gi]  # [N, E_l]
             experts.append(h)
         outputs = {t: self.towers[t](streams[t]) for t in self.tasks}
@@ -717,10 +719,10 @@ class HoME(MultiTaskHead):
                  hierarchy_mask: bool = True, feature_gate: bool = True,
                  feature_gate_rank: int = 4, self_gate: bool = True):
         super().__init__(in_channels, hidden_channels, tasks, tower_channels)
-        groups = {t: [t] for t in self.tasks} if groups is None else {
+        group_lists: dict[str, list[str]] = {t: [t] for t in self.tasks} if groups is None else {
             str(g): list(ts) for g, ts in dict(groups).items()}
-        self.group_of = self._check_groups(groups)
-        self.groups = groups
+        self.group_of = self._check_groups(group_lists)
+        self.groups = group_lists
         shared = ([int(num_shared_experts)] * 2 if isinstance(num_shared_experts, int)
                   else [int(n) for n in num_shared_experts])
         if len(shared) != 2 or min(shared) < 1:
@@ -747,13 +749,13 @@ class HoME(MultiTaskHead):
         # Level 1: shared + one expert group per meta-task group.
         labels, inputs = ["shared"] * S, [INPUT] * S
         own1: dict[str, list[int]] = {}
-        for g in groups:
+        for g in group_lists:
             own1[g] = list(range(len(labels), len(labels) + Gn))
             labels += [f"group:{g}"] * Gn
             inputs += [INPUT] * Gn
         every1 = tuple(range(len(labels)))
         gates = [GateSpec(g, INPUT, tuple(range(S)) + tuple(own1[g]) if hierarchy_mask
-                          else every1) for g in groups]
+                          else every1) for g in group_lists]
         gates.append(GateSpec("shared", INPUT, every1))
         self._add_level(labels, inputs, gates, expert_norm=expert_norm,
                         feature_gate_rank=rank)
@@ -762,7 +764,7 @@ class HoME(MultiTaskHead):
         S = shared[1]
         labels, inputs = ["shared"] * S, ["shared"] * S
         own2: dict[str, list[int]] = {}
-        for g in groups:
+        for g in group_lists:
             own2[g] = list(range(len(labels), len(labels) + Gn))
             labels += [f"group:{g}"] * Gn
             inputs += [g] * Gn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import lightning as L
 import torch
@@ -134,8 +134,8 @@ class GraphClassificationTask(L.LightningModule):
         y_true = torch.cat([y for y, _ in outputs])
         y_pred = torch.cat([p for _, p in outputs])
         if self._trainer is not None and self._trainer.world_size > 1:  # DDP: all graphs
-            y_true = self.all_gather(y_true).flatten(0, 1)
-            y_pred = self.all_gather(y_pred).flatten(0, 1)
+            y_true = cast(Tensor, self.all_gather(y_true)).flatten(0, 1)
+            y_pred = cast(Tensor, self.all_gather(y_pred)).flatten(0, 1)
         self.log(f"{split}/{self.metric}", self.score(y_true, y_pred), prog_bar=True)
 
     def training_step(self, data: Batch, batch_idx: int) -> Tensor:

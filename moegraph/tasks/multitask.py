@@ -5,14 +5,14 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Module, ModuleDict
-from torchmetrics import Accuracy, MeanSquaredError, R2Score
+from torchmetrics import Accuracy, MeanSquaredError, Metric, R2Score
 from torchmetrics.classification import BinaryAUROC
 
 from moegraph.checkpoint import from_config, net_from_config
@@ -218,7 +218,8 @@ class MultiTaskLearning(L.LightningModule):
             check_task_batch(t, spec, out.outputs[t], batch["y"][t], batch["mask"][t])
         group = batch.get(self.group_key) if self.group_key else None
         B = next(iter(out.outputs.values())).size(0)
-        total = objective = None
+        total: Optional[Tensor] = None
+        objective: Optional[Tensor] = None
         for i, (t, spec) in enumerate(self.tasks.items()):
             mask = batch["mask"][t]
             n = int(mask.sum())
@@ -234,7 +235,7 @@ class MultiTaskLearning(L.LightningModule):
             self.log(f"{split}/{t}/loss", loss, batch_size=max(n, 1), on_step=False,
                      on_epoch=True)
             if n:
-                metrics = self.metrics[f"{split}_{t}"]
+                metrics = self._metrics(split, t)
                 if spec["type"] == "binary":
                     p = torch.sigmoid(pred.detach())
                     metrics["auc"].update(p, target.long())
@@ -245,6 +246,7 @@ class MultiTaskLearning(L.LightningModule):
                 elif n >= 2:  # R2 needs two rows
                     metrics["rmse"].update(pred.detach(), target.float())
                     metrics["r2"].update(pred.detach(), target.float())
+        assert total is not None and objective is not None  # check_tasks: at least one task
         self.log(f"{split}/loss", total, batch_size=B, on_step=False, on_epoch=True,
                  prog_bar=split != "test")
         if self.log_vars is not None and split == "train":
@@ -253,13 +255,17 @@ class MultiTaskLearning(L.LightningModule):
                          on_step=False, on_epoch=True)
         return (objective if split == "train" else total), out
 
+    def _metrics(self, split: str, task: str) -> Mapping[str, Metric]:
+        r"""The metrics of ``task`` on ``split`` (a :class:`ModuleDict` of them)."""
+        return cast("Mapping[str, Metric]", self.metrics[f"{split}_{task}"])
+
     def _epoch_end(self, split: str) -> None:
         r"""Compute, log and reset the per-task metrics of ``split``, then
         their means ``{split}/mean_auc`` and ``{split}/mean_score``."""
         aucs, scores, weights = [], [], []
         for t, spec in self.tasks.items():
             values = {}
-            for name, metric in self.metrics[f"{split}_{t}"].items():
+            for name, metric in self._metrics(split, t).items():
                 if metric.update_count == 0:
                     continue
                 value = metric.compute()

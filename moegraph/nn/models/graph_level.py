@@ -2,7 +2,7 @@ r"""Graph-level networks: a GCN / GIN / GMoE stack over the nodes of many
 small graphs, pooled into one prediction per graph (OGB's molecule models)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,8 @@ class FeatureEncoder(Module):
         if x.dim() != 2 or x.size(1) != len(self.embeddings):
             raise ValueError(f"expected integer features [N, {len(self.embeddings)}] (got "
                              f"{tuple(x.shape)})")
-        out = x.new_zeros(x.size(0), self.channels, dtype=self.embeddings[0].weight.dtype)
+        dtype = cast(Embedding, self.embeddings[0]).weight.dtype
+        out = x.new_zeros(x.size(0), self.channels, dtype=dtype)
         for f, emb in enumerate(self.embeddings):
             out = out + emb(x[:, f])
         return out
@@ -286,7 +287,7 @@ class GraphLevelGNN(Module):
         self.norms = ModuleList([BatchNorm1d(C) for _ in range(num_layers)])
         self.bond_encoders = ModuleList()
         for _ in range(num_layers):
-            if moe:
+            if num_experts is not None:  # moe
                 self.convs.append(HopMoEConv(C, C, num_experts=num_experts,
                                              num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                                              router=router, router_kwargs=router_kwargs,
