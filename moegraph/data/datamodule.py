@@ -254,6 +254,18 @@ def ogb_scores(data: Data, logits: torch.Tensor) -> dict[str, float]:
     return scores
 
 
+def _random_split(data: Data, name: str, split: int, train_ratio: float,
+                  val_ratio: float) -> None:
+    r"""Set ``data``'s masks to a random ``train_ratio``/``val_ratio``/rest
+    split of its labelled nodes, seeded by ``split``."""
+    if split < 0:
+        raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
+    generator = torch.Generator().manual_seed(split)
+    labelled = labelled_nodes(data.y).nonzero().view(-1)
+    data.train_mask, data.val_mask, data.test_mask = random_split_masks(
+        data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
+
+
 def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5,
                  val_ratio: float = 0.25) -> Data:
     r"""Leave ``data`` with one-dimensional ``train_mask``/``val_mask``/``test_mask``:
@@ -265,7 +277,6 @@ def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5
     if kind == "given":  # masks set by the loader (OGB's official split)
         if split != 0:
             raise ValueError(f"{name} has one official split: 'split' must be 0 (got {split})")
-        data = data.clone()
         data.x = data.x.float()
         return data
     if kind == "official":
@@ -275,12 +286,7 @@ def select_split(data: Data, name: str, split: int = 0, train_ratio: float = 0.5
         for key in ("train_mask", "val_mask", "test_mask"):
             data[key] = data[key][:, split].contiguous()
     elif kind == "random":
-        if split < 0:
-            raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
-        generator = torch.Generator().manual_seed(split)
-        labelled = labelled_nodes(data.y).nonzero().view(-1)
-        data.train_mask, data.val_mask, data.test_mask = random_split_masks(
-            data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
+        _random_split(data, name, split, train_ratio, val_ratio)
     elif split != 0:
         raise ValueError(f"{name} has one {kind} split: 'split' must be 0 (got {split})")
     data.x = data.x.float()
@@ -353,12 +359,7 @@ def prepare_graph(data: Data, name: str, split: int = 0, train_ratio: float = 0.
                                      f" (got {split})")
                 data[key] = data[key][:, split].contiguous()
     else:
-        if split < 0:
-            raise ValueError(f"{name}: 'split' must be non-negative (got {split})")
-        generator = torch.Generator().manual_seed(split)
-        labelled = labelled_nodes(data.y).nonzero().view(-1)
-        data.train_mask, data.val_mask, data.test_mask = random_split_masks(
-            data.num_nodes, train_ratio, val_ratio, generator, candidates=labelled)
+        _random_split(data, name, split, train_ratio, val_ratio)
     data.x = data.x.float()
     return data
 
