@@ -99,9 +99,7 @@ def build_robust_table(runs: Path, command: str) -> str:
         if not rs:
             continue
         test = [r["metrics"]["test/acc"] for r in rs]
-        spec = [specialisation(r["routing_by_cluster"]) for r in rs if "routing_by_cluster" in r]
-        top = f"{100 * sum(s[0] for s in spec) / len(spec):.1f}" if spec else "–"
-        owners = "/".join(str(s[1]) for s in spec) if spec else "–"
+        top, owners = specialisation_cells(rs)
         epochs = sum(r["metrics"]["time/epochs"] for r in rs) / len(rs)
         lines.append(f"| {label} | {mean_std(test)} | {top} | {owners} | {epochs:.0f} | "
                      f"{len(rs)} |")
@@ -178,6 +176,15 @@ def specialisation(share: list[list[float]]) -> tuple[float, int]:
     return sum(top) / len(top), len(owners)
 
 
+def specialisation_cells(rs: list[dict]) -> tuple[str, str]:
+    r"""The table cells of :func:`specialisation` over some runs: the mean
+    top-expert share (%) and the experts owning a cluster per seed."""
+    spec = [specialisation(r["routing_by_cluster"]) for r in rs if "routing_by_cluster" in r]
+    top = f"{100 * sum(s[0] for s in spec) / len(spec):.1f}" if spec else "–"
+    owners = "/".join(str(s[1]) for s in spec) if spec else "–"
+    return top, owners
+
+
 def build_table(runs: Path, command: str) -> str:
     by_model: dict[str, list[dict]] = {}
     for r in load_runs(runs):
@@ -207,9 +214,7 @@ def build_table(runs: Path, command: str) -> str:
             continue
         test = [r["metrics"]["test/acc"] for r in rs]
         train = [r["metrics"]["train/acc"] for r in rs if "train/acc" in r["metrics"]]
-        spec = [specialisation(r["routing_by_cluster"]) for r in rs if "routing_by_cluster" in r]
-        top = f"{100 * sum(s[0] for s in spec) / len(spec):.1f}" if spec else "–"
-        owners = "/".join(str(s[1]) for s in spec) if spec else "–"
+        top, owners = specialisation_cells(rs)
         epochs = sum(r["metrics"]["time/epochs"] for r in rs) / len(rs)
         fit = sum(r["metrics"]["time/fit_seconds"] for r in rs) / len(rs)
         lines.append(f"| {label} | {mean_std(test)} | {paper:.1f} | {mean_std(train)} | "
