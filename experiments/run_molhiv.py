@@ -28,11 +28,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
-from run_node_classification import RESULTS, mean_std, run_pending, train_cached
+from _study import (
+    QUIET,
+    RESULTS,
+    mean_std,
+    relative,
+    run_diagnostics,
+    run_pending,
+    train_cached,
+    write_results,
+)
 
 ARMS = {
     "gcn_node": ["experiment=molhiv_gcn", "model.net.edge_mode=node"],
@@ -49,8 +57,9 @@ PROTOCOL = {"hidden": 64, "layers": 3, "epochs": 5, "subset": 0.1, "batch_size":
 
 
 def overrides_for(arm: str, seed: int, protocol: dict) -> list[str]:
-    return [*ARMS[arm], f"seed={seed}", "logger=none", "callbacks.rich_progress_bar=null",
-            "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    # A CSV logger for the per-epoch curves (:func:`curves`), otherwise quiet.
+    quiet = ["logger=csv" if o == "logger=none" else o for o in QUIET]
+    return [*ARMS[arm], f"seed={seed}", *quiet,
             f"backbone.hidden_channels={protocol['hidden']}",
             f"backbone.num_layers={protocol['layers']}",
             f"trainer.max_epochs={protocol['epochs']}", f"data.subset={protocol['subset']}",
@@ -58,11 +67,30 @@ def overrides_for(arm: str, seed: int, protocol: dict) -> list[str]:
             f"model.optimizer.lr={protocol['lr']}"]
 
 
-def graph_protocol(cfg) -> dict:
-    return {"hidden_channels": cfg.backbone.hidden_channels,
-            "num_layers": cfg.backbone.num_layers, "max_epochs": cfg.trainer.max_epochs,
-            "subset": cfg.data.subset, "batch_size": cfg.data.batch_size,
-            "lr": cfg.model.optimizer.lr, "edge_mode": cfg.model.net.edge_mode}
+def graph_protocol(cfg, output_dir: Path | None = None) -> dict:
+    r"""A ``collect`` of :func:`train_cached`: the protocol of a run."""
+    return {"protocol": {
+        "hidden_channels": cfg.backbone.hidden_channels, "num_layers": cfg.backbone.num_layers,
+        "max_epochs": cfg.trainer.max_epochs, "subset": cfg.data.subset,
+        "batch_size": cfg.data.batch_size, "lr": cfg.model.optimizer.lr,
+        "edge_mode": cfg.model.net.edge_mode}}
+
+
+def curves(cfg, output_dir: Path) -> dict:
+    r"""A ``collect``: the per-epoch validation ROC-AUC and training loss that
+    the CSV logger wrote (``curves: {"val/rocauc": [...], ...}``)."""
+    import csv
+
+    files = sorted(output_dir.glob("csv/version_*/metrics.csv"))
+    if not files:
+        return {}
+    out: dict[str, dict[int, float]] = {"val/rocauc": {}, "train/loss_epoch": {}}
+    with files[-1].open() as f:
+        for row in csv.DictReader(f):
+            for key, values in out.items():
+                if row.get(key):
+                    values[int(row["epoch"])] = float(row[key])
+    return {"curves": {k: [v[e] for e in sorted(v)] for k, v in out.items()}}
 
 
 def build_table(runs: Path, command: str) -> str:
@@ -88,7 +116,7 @@ def build_table(runs: Path, command: str) -> str:
     loads = [f"- `{r['arm']}` seed {r['seed']}: " + "; ".join(
         f"layer {i}: " + " / ".join(f"{100 * s:.0f}" for s in row)
         for i, row in enumerate(r["expert_load"])) for r in records if r.get("expert_load")]
-    where = os.path.relpath(runs, RESULTS.parent.parent)
+    where = relative(runs)
     return "\n".join([f"Made by `{command}` (cached runs in `{where}`).",
                       "", *lines, "", "Per-layer expert load on the test molecules "
                       "(% of atoms, experts 0-1 hop-1, 2-3 hop-2):", "", *loads, ""])
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = args.runs / f"{arm}__{tag}__seed{seed}.json"
                 run = functools.partial(train_cached, overrides_for(arm, seed, protocol),
                                         {"arm": arm, "seed": seed, "protocol_tag": tag},
-                                        path, graph_protocol)
+                                        path, (run_diagnostics, graph_protocol, curves))
                 jobs.append((path, run, f"{arm} seed {seed}"))
         run_pending(jobs, tag="molhiv")
     table = build_table(args.runs, command)
@@ -142,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "same way; `gcn` is OGB's GCN with bonds inside the messages.", "",
     ]
     print(table)
-    (RESULTS / "molhiv.md").write_text("\n".join(header) + "\n" + table)
+    write_results(RESULTS / "molhiv.md", "\n".join(header) + "\n" + table)
 
 
 if __name__ == "__main__":
