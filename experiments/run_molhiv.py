@@ -152,7 +152,10 @@ def paired_table(by_arm: dict[str, list[dict]]) -> list[str]:
             return f"{100 * r['metrics']['test/rocauc']:.2f}{where}"
 
         def curve(r: dict) -> str:
-            values = r.get("curves", {}).get("val/rocauc")
+            # the epochs that trained (the CSV logger also logs the final
+            # re-validation of the best checkpoint, one epoch further)
+            c = r.get("curves", {})
+            values = c.get("val/rocauc", [])[:len(c.get("train/loss_epoch", []))]
             return " ".join(f"{100 * v:.1f}" for v in values) if values else "–"
 
         deltas = []
