@@ -216,7 +216,8 @@ def diagnosis_table(by_key: dict) -> list[str]:
     2% of the nodes (nearly dead), mean over seeds."""
     out = ["Diagnosis of GMoE against GCN, per dataset (mean over its runs): **stalled**: "
            "runs whose best validation epoch is the first (the model tested is the "
-           "first epoch's); **train acc**: last epoch, training mode (dropout, router "
+           "first epoch's; – where the runs predate the record of that epoch); "
+           "**train acc**: last epoch, training mode (dropout, router "
            "noise); per layer (1 / 2): **hop-2 share** of the test-time assignments, "
            "**max/mean load**, **dead**: experts under 2% of the nodes, summed over runs.",
            "", "| dataset | stalled GCN / GMoE | train acc GCN / GMoE | hop-2 share per layer "
@@ -228,7 +229,10 @@ def diagnosis_table(by_key: dict) -> list[str]:
             continue
 
         def stalled(rs):
-            return f"{sum(r['metrics'].get('best/epoch', -1) == 0 for r in rs)}/{len(rs)}"
+            known = [r for r in rs if "best/epoch" in r["metrics"]]  # not in older runs
+            if not known:
+                return "–"
+            return f"{sum(r['metrics']['best/epoch'] == 0 for r in known)}/{len(known)}"
 
         def train_acc(rs):
             values = [r["metrics"]["train/acc"] for r in rs if "train/acc" in r["metrics"]]
