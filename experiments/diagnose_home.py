@@ -31,6 +31,7 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +260,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--tag", default="onehot")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--out", default=None,
+                        help="write the summary table (markdown) to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     runs = RUNS / args.tag
@@ -285,6 +288,35 @@ def main(argv=None) -> None:
                   + f"; train loss best/last {e[rec['best_epoch'] - 1]['train_loss']:.3f}/"
                   f"{e[-1]['train_loss']:.3f}; {rec['cpu_seconds']:.0f} s", flush=True)
     print(command_line(__file__, argv))
+    if args.out:
+        what = "R^2" if args.numeric else "AUC"
+        Path(args.out).write_text(
+            f"Command: `PYTHONPATH=. OMP_NUM_THREADS=1 {command_line(__file__, argv)}`\n\n"
+            + summary_table(recs, what) + "\n")
+
+
+def summary_table(recs: dict[str, list[dict]], what: str) -> str:
+    r"""One row per variant: mean over its seeds of the epoch-by-epoch record."""
+    def m(values):
+        return statistics.fmean(values) if values else float("nan")
+
+    lines = [f"| variant | seeds | best epoch | best val {what} | val {what}, last epoch "
+             f"| test {what} (best epoch) | train loss, best / last epoch "
+             "| eval - own-stats val (last) | feature-gate mean dev. (last) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in recs.items():
+        last = [r["epochs"][-1] for r in rs]
+        best = [r["epochs"][r["best_epoch"] - 1] for r in rs]
+        gap = [e["bn_gap"] for e in last if "bn_gap" in e]
+        dev = [e["fg_dev"] for e in last if "fg_dev" in e]
+        lines.append(
+            f"| {name} | {len(rs)} | {m([r['best_epoch'] for r in rs]):.1f} "
+            f"| {m([e['val_mean'] for e in best]):.4f} | {m([e['val_mean'] for e in last]):.4f} "
+            f"| {m([statistics.fmean(r['test'].values()) for r in rs]):.4f} "
+            f"| {m([e['train_loss'] for e in best]):.3f} / "
+            f"{m([e['train_loss'] for e in last]):.3f} "
+            f"| {f'{m(gap):+.4f}' if gap else '-'} | {f'{m(dev):.3f}' if dev else '-'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
