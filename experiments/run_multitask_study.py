@@ -271,8 +271,9 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]],
         order = sorted(means)  # ascending p: the gain should fall along it
         steps = zip(order[:-1], order[1:], strict=True)
         grows = len(order) > 1 and all(means[a] > means[b] for a, b in steps)
-        verdicts.append(f"- {name}: mean gain over shared-bottom "
-                        f"{'grows' if grows else 'does NOT grow monotonically'} as p falls "
+        trend = ("measured at one p only" if len(order) < 2 else
+                 "grows as p falls" if grows else "does NOT grow monotonically as p falls")
+        verdicts.append(f"- {name}: mean gain over shared-bottom {trend} "
                         f"({', '.join(f'p = {p}: {means[p]:+.4f}' for p in order)}).")
     gap_head = ("| model | " + " | ".join(f"shared-bottom MSE - model MSE, p = {p}" for p in ps)
                 + " |")
@@ -310,10 +311,11 @@ c = 1, m = 10 sinusoids (alpha, beta ~ N(0, 1), drawn per seed), noise variance 
 training statistics; two regression tasks whose weight vectors have cosine p. Models
 (`conf/experiment/mtl_synthetic_*.yaml`): towers of width 8; shared-bottom one layer of 128;
 MMoE 8 experts of width 16; PLE 2 levels of 4 shared + 2 per task; HoME each task its own
-group, 4 shared + 2 per group (+ 1 per task at level 2), batch norm + Swish, feature-gate rank
-4, self-gate. Adam lr 0.01, batches of 256, at most 20 epochs, early stopping (patience 5)
-and checkpoint on the validation mean R^2 of the two tasks; the best checkpoint is tested.
-Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
+group, 4 shared + 2 per group (+ 1 per task at level 2), batch norm starting at gain 0.1 +
+Swish (HoME (paper form): gain 1; see `home_diagnosis.md`), feature-gate rank 4, self-gate;
+"w/o expert norm": ReLU experts. Adam lr 0.01, batches of 256, at most 20 epochs, early
+stopping (patience 5) and checkpoint on the validation mean R^2 of the two tasks; the best
+checkpoint is tested. Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
 
 {chr(10).join(lines)}
 
@@ -405,9 +407,11 @@ out where unlabelled. Encoder: LightGCN (2 layers, 16-dim id embeddings plus a l
 the side features), pair representation `[e_u, e_i, e_u * e_i]` (48). Heads: experts of width
 16, towers of width 8; MMoE 6 experts; PLE 2 levels of 3 shared + 1 per task; HoME groups
 {{watch}}, {{like, rating}}, level 1: 2 shared + 1 per group, level 2: 2 shared + 1 per
-group + 1 per task, batch norm + Swish, feature-gate rank 4, self-gate; shared-bottom one
-16-wide layer; single-task = shared-bottom trained on one task. Adam lr 0.01, batches of
-16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
+group + 1 per task, batch norm starting at gain 0.1 + Swish (HoME (paper form): gain 1, the
+paper's BatchNorm; see `home_diagnosis.md`), feature-gate rank 4, self-gate ("w/o expert
+norm": ReLU experts); shared-bottom one 16-wide layer; single-task = shared-bottom trained
+on one task (rows of the v1 study, `movielens_multitask_runs/`, not re-run). Adam lr 0.01,
+batches of 16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
 validation loss (sum of the task losses, weight 1 each); the best checkpoint is tested.
 GAUC = AUC per user averaged over users with both classes. Test metrics, mean ± std over
 the seeds 0, 1, ... (their number in the last column; the seed also draws the negatives).
