@@ -316,6 +316,9 @@ Swish (HoME (paper form): gain 1; see `home_diagnosis.md`), feature-gate rank 4,
 "w/o expert norm": ReLU experts. Adam lr 0.01, batches of 256, at most 20 epochs, early
 stopping (patience 5) and checkpoint on the validation mean R^2 of the two tasks; the best
 checkpoint is tested. Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
+The runs of shared-bottom, MMoE, PLE, HoME (paper form) and HoME w/o expert norm are those of
+the study before HoME's gain-0.1 default (`multitask_synthetic_runs/`, same configurations),
+copied into `multitask_synthetic_runs_v2/`; HoME's other ablations ran at p = 0.5 only.
 
 {chr(10).join(lines)}
 
