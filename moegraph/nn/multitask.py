@@ -723,6 +723,14 @@ class HoME(MultiTaskHead):
         activation (str, optional): the experts' activation, ``"relu"`` or
             ``"silu"``; :obj:`None`: Swish with ``expert_norm``, ReLU
             without. (default: :obj:`None`)
+        expert_norm_gain (float, optional): initial gain :math:`\gamma_0` of
+            the expert normalisation, :math:`\mathrm{BN}_e(\mathbf{u}) =
+            \gamma \hat{\mathbf{u}} + \beta` with :math:`\gamma` learned from
+            :math:`\gamma_0`. The paper's BatchNorm starts at 1; moegraph starts
+            at 0.1, since at 1 the normalised experts start at unit scale and
+            memorise sparse (one-hot) tabular input within a few epochs (see
+            ``experiments/results/home_diagnosis.md``). Pass ``1.0`` for the
+            paper's exact form. (default: :obj:`0.1`)
 
     Shapes:
         - **input:** ``[N, F]``
