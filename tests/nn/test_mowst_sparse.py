@@ -8,6 +8,7 @@ from torch_geometric.nn import GCNConv
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 from torch_geometric.utils import erdos_renyi_graph
 
+from moegraph.nn import mowst as mowst_module
 from moegraph.nn.models import MoEGNN
 from moegraph.nn.mowst import Mowst, receptive_hops
 from moegraph.utils.graph import (
@@ -18,6 +19,13 @@ from moegraph.utils.graph import (
 )
 
 FEAT, CLASSES = 6, 3
+
+
+@pytest.fixture(autouse=True)
+def always_trim(monkeypatch):
+    r"""On these small graphs two hops reach most edges: test the trimmed path
+    whatever its share (the switch to the whole graph has its own test)."""
+    monkeypatch.setattr(mowst_module, "DENSE_EDGE_SHARE", float("inf"))
 
 
 def graph(num_nodes=40, num_edges=90, num_isolated=5, seed=0):
@@ -305,3 +313,21 @@ def test_sparse_inference_sums_messages_as_the_full_graph(strong):
     sparse = model.predict(x, edge_index, threshold=0.6, sparse=True)
     dense = model.predict(x, edge_index, threshold=0.6, sparse=False)
     assert torch.equal(sparse.probs, dense.probs)
+
+
+@pytest.mark.parametrize("share,whole", [(0.9, True), (float("inf"), False)])
+def test_a_subgraph_with_most_edges_runs_on_the_whole_graph(monkeypatch, share, whole):
+    monkeypatch.setattr(mowst_module, "DENSE_EDGE_SHARE", share)
+    x, edge_index = graph(seed=22)
+    torch.manual_seed(23)
+    model = Mowst(MLP([FEAT, 8, CLASSES]), GCN(FEAT, 8, 2, CLASSES)).eval()
+    calls = []
+    handle = model.strong.register_forward_pre_hook(lambda m, args: calls.append(args[0].size(0)))
+    index = torch.arange(0, 35)  # every node with edges: the subgraph holds every edge
+    out, num_sub = model.strong_forward_at(x, edge_index, index)
+    handle.remove()
+    assert torch.allclose(out, model.strong_forward(x, edge_index)[index], atol=1e-6)
+    assert calls == [x.size(0)] if whole else calls == [35]
+    assert num_sub == (x.size(0) if whole else 35)
+    out, num_sub = model.strong_forward_at(x, edge_index, torch.tensor([36]))  # isolated
+    assert num_sub == 1  # a small subgraph is trimmed at any share
