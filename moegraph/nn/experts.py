@@ -8,7 +8,7 @@ weights.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +57,26 @@ class Experts(Module):
         raise NotImplementedError
 
 
+def _gelu_kernels(act: torch.nn.GELU) -> tuple[Callable, Callable]:
+    approximate = act.approximate
+    return (lambda hp: torch.nn.functional.gelu(hp, approximate=approximate),
+            lambda grad, hp, h: torch.ops.aten.gelu_backward(grad, hp, approximate=approximate))
+
+
+def _relu_kernels(act: torch.nn.ReLU) -> tuple[Callable, Callable]:
+    return torch.relu, lambda grad, hp, h: torch.ops.aten.threshold_backward(grad, h, 0)
+
+
+# Activations whose forward and backward kernels :class:`_SegmentMLP` calls
+# itself (the very kernels autograd would call), sparing an autograd graph and
+# an ``autograd.grad`` call per expert block; any other activation goes through
+# autograd.
+_ACT_KERNELS: dict[type, Callable[[Any], tuple[Callable, Callable]]] = {
+    torch.nn.GELU: _gelu_kernels,
+    torch.nn.ReLU: _relu_kernels,
+}
+
+
 class _SegmentMLP(torch.autograd.Function):
     r"""Two-layer MLP experts over contiguous row blocks, one matmul per block.
 
@@ -66,7 +86,9 @@ class _SegmentMLP(torch.autograd.Function):
     input, and per block the activation's own autograd graph (its input and
     output), so any activation module works and nothing is recomputed; the
     activation's own trainable parameters are passed as trailing inputs so that
-    they get their gradient too (e.g. PReLU).
+    they get their gradient too (e.g. PReLU). GELU and ReLU skip the graph:
+    their forward and backward kernels are called directly (the ones autograd
+    would call, so the numbers are the same).
 
     With ``rows`` (the row of each sorted assignment), ``x`` holds the
     unsorted rows ``[N, F]``: each block gathers its rows itself and adds its
@@ -97,6 +119,7 @@ class _SegmentMLP(torch.autograd.Function):
         if gather:  # every row written exactly once when unique
             out = x.new_empty(num_rows, O) if unique else x.new_zeros(num_rows, O)
         graphs = []  # per block: (activation input, activation output)
+        fused = _ACT_KERNELS.get(type(act), lambda a: None)(act)
         start = 0
         for e, size in enumerate(sizes):
             if size == 0:
@@ -104,9 +127,12 @@ class _SegmentMLP(torch.autograd.Function):
             end = start + size
             xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
             hp = xe @ w1[e] if b1 is None else torch.addmm(b1[e], xe, w1[e])
-            with torch.enable_grad():
-                hp.requires_grad_()
-                h = act(hp)
+            if fused is not None:  # no autograd graph per block
+                h = fused[0](hp)
+            else:
+                with torch.enable_grad():
+                    hp.requires_grad_()
+                    h = act(hp)
             graphs.append((hp, h))
             ye = None if y is None else y[start:end]
             if b2 is None:
@@ -121,7 +147,7 @@ class _SegmentMLP(torch.autograd.Function):
                 else:
                     out.index_add_(0, rows[start:end], ye)
             start = end
-        ctx.sizes, ctx.graphs, ctx.act_params = sizes, graphs, act_params
+        ctx.sizes, ctx.graphs, ctx.act_params, ctx.fused = sizes, graphs, act_params, fused
         ctx.has_b1, ctx.has_b2, ctx.unique = b1 is not None, b2 is not None, unique
         ctx.save_for_backward(x, rows, weight, y if keep_y else None, w1, w2)
         if gather:
@@ -164,11 +190,14 @@ class _SegmentMLP(torch.autograd.Function):
             torch.mm(h.detach().t(), g, out=gw2[e])
             if gb2 is not None:
                 torch.sum(g, dim=0, out=gb2[e])
-            grad_h, *grad_p = torch.autograd.grad(h, (hp, *ctx.act_params), g @ w2[e].t(),
-                                                  retain_graph=True, allow_unused=True)
-            for acc, grad in zip(grad_act, grad_p, strict=True):
-                if grad is not None:
-                    acc += grad
+            if ctx.fused is not None:  # the kernel autograd would call
+                grad_h = ctx.fused[1](g @ w2[e].t(), hp, h)
+            else:
+                grad_h, *grad_p = torch.autograd.grad(h, (hp, *ctx.act_params), g @ w2[e].t(),
+                                                      retain_graph=True, allow_unused=True)
+                for acc, grad in zip(grad_act, grad_p, strict=True):
+                    if grad is not None:
+                        acc += grad
             xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
             torch.mm(xe.t(), grad_h, out=gw1[e])
             if gb1 is not None:
