@@ -78,9 +78,37 @@ def untrimmed_hops(model: Mowst) -> int:
                                     for m in model.strong.modules()))
 
 
+def strong_at_before(model: Mowst, x: Tensor, edge_index: Tensor, index: Tensor) -> Tensor:
+    r"""The strong expert at ``index`` as sparse inference computed it before
+    (for ``--compare-before``): GCN's normalisation of the whole graph
+    (``gcn_norm``: the self-looped edges and all their weights), then the
+    hop-ordered subgraph of the looped graph, its weights gathered by edge id."""
+    from moegraph.utils.graph import gcn_normalized_edges, hop_ordered_subgraph, trimmable_convs
+
+    convs = trimmable_convs(model.strong)
+    assert convs is not None and model.num_hops is not None
+    gcn = [c for c in convs if isinstance(c, GCNConv) and c.normalize]
+    N, edge_weight = x.size(0), None
+    if gcn:
+        edge_index, edge_weight = gcn_normalized_edges(gcn, edge_index, N, x.dtype)
+    sub = hop_ordered_subgraph(index, model.num_hops, edge_index, N)
+    kwargs = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
+                  num_sampled_edges_per_hop=sub.num_edges_per_hop)
+    if edge_weight is not None:
+        kwargs["edge_weight"] = edge_weight[sub.edge_id]
+    try:
+        for conv in gcn:
+            conv.normalize = False
+        out = model.strong(x[sub.subset], sub.edge_index, **kwargs)
+    finally:
+        for conv in gcn:
+            conv.normalize = True
+    return out[sub.mapping]
+
+
 def bench_row(name: str, model: Mowst, x: Tensor, edge_index: Tensor, index: Tensor,
               c: float, weak_ms: float, repeats: int, untrimmed: bool,
-              predict: bool = False) -> str:
+              predict: bool = False, before: bool = False) -> str:
     r"""One table row: the full GNN, sparse inference at the nodes ``index``
     (the weak expert and gate on every node, then the strong expert's
     :meth:`~moegraph.nn.Mowst.strong_forward_at`; with ``predict``, the call
@@ -106,9 +134,15 @@ def bench_row(name: str, model: Mowst, x: Tensor, edge_index: Tensor, index: Ten
             index, untrimmed_hops(model), edge_index, relabel_nodes=True, num_nodes=N)
         return model.strong_forward(x[subset], sub_edge_index)[mapping]
 
+    def sparse_before():
+        model.gate_forward(model.weak_forward(x, edge_index), x)
+        return strong_at_before(model, x, edge_index, index)
+
     steps: dict[str, Callable[[], object]] = {"full": full, "sparse": sparse}
     if untrimmed and index.numel():
         steps["untrimmed"] = plain
+    if before and index.numel():
+        steps["before"] = sparse_before
     with torch.no_grad():
         times = rotated(steps, repeats)
         full_logits = full()
@@ -128,6 +162,9 @@ def bench_row(name: str, model: Mowst, x: Tensor, edge_index: Tensor, index: Ten
     ratio = paired_ratio(times["sparse"], times["full"])
     plain_ratio = (f"{paired_ratio(times['untrimmed'], times['full']):.2f}"
                    if "untrimmed" in times else "–")
+    if before:
+        plain_ratio += (f" | {paired_ratio(times['before'], times['full']):.2f}"
+                        if "before" in times else " | –")
     target = 1 - 0.5 * c
     met = "yes" if ratio <= target else ("no" if c >= 0.5 else "–")
     same = "yes (bitwise)" if identical else f"NO (max diff {diff:.1e})"
@@ -171,7 +208,8 @@ def synthetic_rows(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         score = confidence if args.select == "gate" else torch.rand(N)
         for c in args.fractions:
             row = bench_row(backbone, model, x, edge_index, lowest(score, c), c, weak_ms,
-                            args.repeats, not args.no_untrimmed)
+                            args.repeats, not args.no_untrimmed,
+                            before=args.compare_before)
             print(row, flush=True)
             rows.append(row)
     return text, rows
@@ -235,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-untrimmed", action="store_true",
                         help="leave out the untrimmed k_hop_subgraph path")
+    parser.add_argument("--compare-before", action="store_true",
+                        help="add the sparse path of before (whole-graph gcn_norm), same rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="20k nodes, 1 repeat")
     parser.add_argument("--out", type=Path, default=_study.RESULTS / "bench_mowst_inference.md")
@@ -264,10 +304,15 @@ def main(argv: list[str] | None = None) -> None:
         "(every node); `untrimmed` = Mowst time / full GNN time when the GNN runs untrimmed on "
         "`k_hop_subgraph` (GCN: one hop more), the path before layer-by-layer trimming; "
         "`identical`: the strong expert's logits at the routed nodes (for `predict` rows: "
-        "the probabilities of `Mowst.predict`) equal those of full inference bit for bit.",
+        "the probabilities of `Mowst.predict`) equal those of full inference bit for bit."
+        + (" `before` = the sparse path of before (GCN normalised on the whole graph with "
+           "`gcn_norm`, the subgraph cut from the looped graph) / full GNN, same rounds."
+           if args.compare_before else ""),
         "",
-        HEADER,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        HEADER.replace("| untrimmed |", "| untrimmed | before |") if args.compare_before
+        else HEADER,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compare_before
+                                                               else ""),
         *rows,
         "",
         load_line(before, after, args.threads),
