@@ -52,7 +52,7 @@ OPTIONS = {
     "hparams_search": ["gnn", "mlp", "mowst", "mowst_star"],
 }
 # Files that other options of their group build on (their name starts with "_").
-BASES = {"data": ["_real"], "model": ["_multitask", "_node"],
+BASES = {"data": ["_real"], "model": ["_multitask", "_node"], "model/strong": ["_base"],
          "experiment": ["_movielens", "_mtl_synthetic", "_nc", "_nc_heterophilous"],
          "hparams_search": ["_optuna"]}
 # What an option of a group needs beside it to compose.
@@ -141,7 +141,7 @@ def test_gnn_baseline(compose_cfg):
     run = instantiate_run(compose_cfg(TINY, "model=dense_gnn"), trainer=False)
     net, task = run["net"], run["task"]
     dense = net.ffns[0]
-    assert dense[0].out_features == 128  # k * expert hidden = 2 * 64
+    assert dense[0].out_features == 128  # moe_gnn's k * expert hidden = 2 * 64
     # The dense baseline weights no auxiliary loss (moe_gnn's weights are not inherited).
     assert task.aux_loss_weights == {}
 
