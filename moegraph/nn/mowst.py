@@ -33,7 +33,8 @@ DISPERSIONS = ("variance", "entropy")
 GATE_TYPES = ("mlp", "variance", "entropy")
 IGNORE_INDEX = -100
 # Sparse inference runs the strong expert on the whole graph instead when its
-# trimmed subgraph would hold this share of the graph's edges (or more).
+# trimmed layers would visit this share of the whole-graph pass's edge visits
+# (layers times edges) or more.
 DENSE_EDGE_SHARE = 0.9
 
 
@@ -501,10 +502,11 @@ class Mowst(Module):
         graph's (a BLAS may differ there by one unit in the last place).
         Any other
         expert runs untrimmed on :func:`~torch_geometric.utils.k_hop_subgraph`.
-        When the trimmed subgraph would hold :data:`DENSE_EDGE_SHARE` (90%) of
-        the graph's edges or more (dense graphs, where two hops reach almost
-        every node), the strong expert runs on the whole graph instead: the
-        gathers would cost more than the edges they save.
+        When the trimmed layers would still visit :data:`DENSE_EDGE_SHARE`
+        (90%) of the edges that the whole-graph pass visits, summed over the
+        layers (almost every node unconfident, or dense graphs where one hop
+        reaches almost every node), the strong expert runs on the whole graph
+        instead: the gathers would cost more than the visits they save.
 
         Args:
             x (Tensor): node features of the whole graph.
@@ -534,9 +536,11 @@ class Mowst(Module):
         self_loops = bool(gcn) and gcn[0].add_self_loops
         sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes,
                                    add_self_loops=self_loops)
-        whole = edge_index.size(1) + (num_nodes if self_loops else 0)
-        if sum(sub.num_edges_per_hop) >= DENSE_EDGE_SHARE * whole:
-            # nearly every edge is needed: gathering them would cost more than it saves
+        # Edge visits: layer l of k runs on the edges into hops < k - l.
+        k, whole = self.num_hops, edge_index.size(1) + (num_nodes if self_loops else 0)
+        visits = sum(count * (k - h) for h, count in enumerate(sub.num_edges_per_hop))
+        if visits >= DENSE_EDGE_SHARE * k * whole:
+            # nearly every edge in every layer: the gathers would cost more than they save
             return self.strong_forward(x, edge_index)[index], num_nodes
         kwargs: dict[str, Any] = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
                                       num_sampled_edges_per_hop=sub.num_edges_per_hop)
