@@ -195,7 +195,8 @@ def all_experts_step(moe: SparseMoE, chunk: int) -> Step:
             out_chunk = _backward(chunk_forward(x, gates_leaf[:, start:end], start, end),
                                   grad_out)
             out = out_chunk if out is None else out + out_chunk
-        gates.backward(gates_leaf.grad)
+        if gates.requires_grad:  # not for top-1, whose weights are the constant one
+            gates.backward(gates_leaf.grad)
         return out
 
     return step
@@ -345,6 +346,26 @@ def _fmt_ratio(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}"
 
 
+def speed_ratio(res: dict, num: str, den: str) -> float | None:
+    r"""Speed of method ``num`` over method ``den``: the median over rounds of
+    ``time[den] / time[num]`` within the same round (both ran side by side, so
+    a burst of load that slows one round slows both), or the ratio of the
+    median rates where the rounds do not pair up."""
+    times = res.get("times", {})
+    t_num, t_den = times.get(num), times.get(den)
+    if t_num and t_den and len(t_num) == len(t_den):
+        return statistics.median(d / n for n, d in zip(t_num, t_den, strict=True))
+    rate = res["rows_per_s"]
+    if rate.get(num) is None or rate.get(den) is None:
+        return None
+    return rate[num] / rate[den]
+
+
+def _fmt_speed_ratio(res: dict, num: str, den: str) -> str:
+    ratio = speed_ratio(res, num, den)
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def format_table(results: list[dict]) -> str:
     copies = any("a0" in res["rows_per_s"] for res in results)
     header = ["E", "k", "(a) SparseMoE auto", "(a') grouped_mm", "(b) naive loop",
@@ -359,9 +380,8 @@ def format_table(results: list[dict]) -> str:
         keys = ("a0", "a", "a'", "b", "c", "d") if copies else ("a", "a'", "b", "c", "d")
         rows.append([str(res["E"]), str(res["k"])]
                     + [_fmt_rate(rate.get(key)) for key in keys]
-                    + [_fmt_ratio(rate.get("a"), rate.get("d")),
-                       _fmt_ratio(rate.get("a"), rate.get("b"))]
-                    + ([_fmt_ratio(rate.get("a0"), rate.get("d"))] if copies else [])
+                    + [_fmt_speed_ratio(res, "a", "d"), _fmt_speed_ratio(res, "a", "b")]
+                    + ([_fmt_speed_ratio(res, "a0", "d")] if copies else [])
                     + ["-" if peak is None else f"{peak:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
@@ -373,20 +393,28 @@ def format_table(results: list[dict]) -> str:
 
 
 def target_report(results: list[dict], device: torch.device) -> list[str]:
+    lines = []
+    E = TARGET_CONFIG[0]
+    top1 = next((r for r in results if (r["E"], r["k"]) == (E, 1)), None)
+    ratio = None if top1 is None else speed_ratio(top1, "a", "d")
+    if ratio is not None:
+        verdict = "met" if ratio >= TARGET_A_OVER_D else "NOT met"
+        lines += [f"Target at E={E}, k=1: a/d = {ratio:.2f} (target >= {TARGET_A_OVER_D:g}): "
+                  f"{verdict}", ""]
     res = next((r for r in results if (r["E"], r["k"]) == TARGET_CONFIG), None)
     E, k = TARGET_CONFIG
     if res is None:
-        return [f"Targets (E={E}, k={k}): not measured in this run."]
+        return lines + [f"Targets (E={E}, k={k}): not measured in this run."]
     rate = res["rows_per_s"]
-    lines = [f"Targets at E={E}, k={k}"
-             + ("" if device.type == "cpu" else " (stated for CPU; this run is on "
-                f"{device.type})") + ":"]
+    lines += [f"Targets at E={E}, k={k}"
+              + ("" if device.type == "cpu" else " (stated for CPU; this run is on "
+                 f"{device.type})") + ":"]
     for name, num, den, target in (("a/d", "a", "d", TARGET_A_OVER_D),
                                    ("a/b", "a", "b", TARGET_A_OVER_B)):
-        if rate.get(num) is None or rate.get(den) is None:
+        ratio = speed_ratio(res, num, den)
+        if ratio is None:
             lines.append(f"- {name}: not measured")
             continue
-        ratio = rate[num] / rate[den]
         verdict = "met" if ratio >= target else "NOT met"
         lines.append(f"- {name} = {ratio:.2f} (target >= {target:g}): {verdict}")
     if rate.get("b") and rate.get("d"):
@@ -565,7 +593,8 @@ def main(argv: list[str] | None = None):
                 "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
                 f"forward and backward in chunks of at most {chunk} experts; "
                 f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
-                f"Peak mem: {peak} for that row."
+                f"Peak mem: {peak} for that row. a/d, a/b: medians over rounds of the ratio of "
+                "the two methods' times in the same round."
                 + (" (a0) SparseMoE with the dispatch of before (sorted copies [A, F] of the "
                    "rows and [A, O] of the outputs, index_add_ combine), same weights, same "
                    "run." if args.compare_copies else ""),
@@ -602,6 +631,7 @@ def main(argv: list[str] | None = None):
             results.append({
                 "E": E, "k": k,
                 "rows_per_s": {m.key: m.rows_per_s for m in methods if m.rows_per_s},
+                "times": {m.key: list(m.times) for m in methods if m.times},
                 "peak_gib": peak_memory_gib(device),
                 "load": (config_load, machine_load()["load1"]),
             })
