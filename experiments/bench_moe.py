@@ -160,6 +160,34 @@ def naive_loop_step(moe: SparseMoE) -> Step:
     return step
 
 
+class _AutogradGELU(GELU):
+    r"""GELU outside :class:`~moegraph.nn.MLPExperts`' table of kernels."""
+
+
+def top1_before(moe: SparseMoE, device: torch.device) -> SparseMoE:
+    r"""(a1): a copy of ``moe`` (same weights) that runs top-1 as before its
+    own path: a combine weight that carries a gradient (exactly zero, as the
+    softmax over one choice had), outputs and input gradients added into
+    zeroed buffers, the activation through autograd in every expert block."""
+    import copy
+
+    old = copy.deepcopy(moe).to(device)
+    router, experts = old.router, old.experts
+    route = router.forward
+
+    def forward(x: Tensor):
+        routing = route(x)
+        chosen = routing.probs.gather(1, routing.expert.view(-1, 1)).view(-1)
+        return routing._replace(weight=routing.weight + 0.0 * chosen)
+
+    router.forward = forward
+    fused = experts.gather_and_combine
+    experts.gather_and_combine = (lambda x, rows, counts, weight=None, unique=False:
+                                  fused(x, rows, counts, weight, unique=False))
+    experts.act = _AutogradGELU(approximate=experts.act.approximate)
+    return old
+
+
 def all_experts_step(moe: SparseMoE, chunk: int) -> Step:
     r"""(c): every expert on every row, times the dense gate matrix, summed.
 
@@ -368,8 +396,12 @@ def _fmt_speed_ratio(res: dict, num: str, den: str) -> str:
 
 def format_table(results: list[dict]) -> str:
     copies = any("a0" in res["rows_per_s"] for res in results)
+    top1 = any("a1" in res["rows_per_s"] for res in results)
     header = ["E", "k", "(a) SparseMoE auto", "(a') grouped_mm", "(b) naive loop",
               "(c) all experts", "(d) dense FFN", "a/d", "a/b", "peak mem (GiB)"]
+    if top1:
+        header[2:2] = ["(a1) top-1 of before"]
+        header[-1:-1] = ["a1/d"]
     if copies:
         header[2:2] = ["(a0) with copies"]
         header[-1:-1] = ["a0/d"]
@@ -377,10 +409,12 @@ def format_table(results: list[dict]) -> str:
     for res in results:
         rate = res["rows_per_s"]
         peak = res["peak_gib"]
-        keys = ("a0", "a", "a'", "b", "c", "d") if copies else ("a", "a'", "b", "c", "d")
+        keys = (("a0",) if copies else ()) + (("a1",) if top1 else ()) + ("a", "a'", "b", "c",
+                                                                          "d")
         rows.append([str(res["E"]), str(res["k"])]
                     + [_fmt_rate(rate.get(key)) for key in keys]
                     + [_fmt_speed_ratio(res, "a", "d"), _fmt_speed_ratio(res, "a", "b")]
+                    + ([_fmt_speed_ratio(res, "a1", "d")] if top1 else [])
                     + ([_fmt_speed_ratio(res, "a0", "d")] if copies else [])
                     + ["-" if peak is None else f"{peak:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -453,6 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-copies", action="store_true",
                         help="add method (a0): SparseMoE as before the fused dispatch, with "
                              "sorted copies of the rows, outputs and gradients")
+    parser.add_argument("--compare-top1-before", action="store_true",
+                        help="add method (a1) at k = 1: SparseMoE as before its top-1 path "
+                             "(weight with a gradient, outputs added into zeroed buffers, "
+                             "the activation through autograd per block)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="time only these methods (keys: a a' a0 b c d)")
     parser.add_argument("--device", default="auto",
@@ -502,9 +540,13 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
         moe_copies.train()
         # Without the fused path, permute_and_compute gathers x[rows] into a
         # sorted copy, runs the experts on it and index_adds the outputs back.
-        moe_copies.experts.gather_and_combine = lambda *args: None
+        moe_copies.experts.gather_and_combine = lambda *args, **kwargs: None
         methods.append(Method("a0", "SparseMoE with sorted copies (before)",
                               sparse_moe_step(moe_copies), moe_copies, R, W, N))
+    if args.compare_top1_before and k == 1:
+        old = top1_before(moe, device)
+        methods.append(Method("a1", "SparseMoE, the top-1 path of before",
+                              sparse_moe_step(old), old, R, W, N))
     if not args.skip_all_experts:
         # On CPU the float32 correctness check already ran (c) once at full size.
         methods.append(Method("c", f"all experts (chunks of {chunk})",
@@ -595,6 +637,10 @@ def main(argv: list[str] | None = None):
                 f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
                 f"Peak mem: {peak} for that row. a/d, a/b: medians over rounds of the ratio of "
                 "the two methods' times in the same round."
+                + (" (a1) SparseMoE at k = 1 as before its top-1 path: a combine weight "
+                   "with a (zero) gradient, outputs and input gradients added into zeroed "
+                   "buffers, GELU through autograd per block; same weights, same rounds."
+                   if args.compare_top1_before else "")
                 + (" (a0) SparseMoE with the dispatch of before (sorted copies [A, F] of the "
                    "rows and [A, O] of the outputs, index_add_ combine), same weights, same "
                    "run." if args.compare_copies else ""),
