@@ -23,6 +23,10 @@ from moegraph.nn.output import as_model_output
 from moegraph.tasks.node_classification import weighted_aux_loss
 from moegraph.train import CONFIG_DIR
 
+# pytest-xdist (make test): one worker runs this module, its module-scoped
+# fixture is built once.
+pytestmark = pytest.mark.xdist_group("gmoe_module_fixture")
+
 
 def random_graph(num_nodes, num_edges, seed):
     g = torch.Generator().manual_seed(seed)
