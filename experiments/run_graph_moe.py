@@ -86,6 +86,12 @@ def config_hash(dataset: str, model: str) -> str:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net = model_cfg["net"]
     net["_target_"] = TARGET_ALIASES.get(net["_target_"], net["_target_"])
+    if net.get("ffn") == "dense" and net.get("k") is not None:
+        # model=dense_gnn now gives k and lets MoEGNN take the product
+        # k * ffn_hidden_channels; hashed as the same width given directly
+        # (ffn_hidden_channels=128, k=null), the network it builds.
+        width = net.get("ffn_hidden_channels") or net["hidden_channels"]
+        net["ffn_hidden_channels"], net["k"] = width * net["k"], None
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},
