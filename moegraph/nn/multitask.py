@@ -147,6 +147,21 @@ class _FeatureGatedExperts(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_w, grad_bias
 
 
+def _feature_gated_experts(x: Tensor, a: Tensor, b: Tensor, weight: Tensor,
+                           bias: Tensor) -> Tensor:
+    r"""``_FeatureGatedExperts`` in one dtype. Under autocast every operand is
+    cast to the autocast dtype (as ``nn.Linear`` would run) and autocast is off
+    inside, so that backward, which runs outside autocast, meets the dtypes
+    forward saved; the casts carry the gradients back to float32 parameters."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _FeatureGatedExperts.apply(x, a, b, weight, bias)
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _FeatureGatedExperts.apply(x.to(dtype), a.to(dtype), b.to(dtype),
+                                          weight.to(dtype), bias.to(dtype))
+
+
 class GateSpec(NamedTuple):
     r"""One gate of a level: the stream it writes, the stream it reads (its
     input and, with a self-gate, its residual) and the experts it may see."""
@@ -331,7 +346,7 @@ class MultiGateLevel(Module):
                 parts.append(torch.addmm(self.bias[s:e].reshape(-1), x, w))  # [N, k*H]
             else:
                 r = self.feature_gate_rank
-                parts.append(_FeatureGatedExperts.apply(
+                parts.append(_feature_gated_experts(
                     x, self.fg_a[:, s * r:e * r], self.fg_b[s:e], self.weight[s:e],
                     self.bias[s:e]))  # [N, k*H]
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
