@@ -38,7 +38,7 @@ def test_pretraining_runs_its_budget_then_keeps_its_best_epoch():
 
 
 def test_a_turn_that_does_not_beat_the_best_is_rolled_back():
-    s = MowstSchedule(ScheduleConfig(turn_patience=2, max_rounds=5, round_patience=1,
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, max_rounds=5, round_patience=1,
                                      min_delta=0.0))
     # weak turn: best 0.6 -> kept; strong turn: best 0.5 < 0.6 -> rolled back.
     trace = run(s, [0.6, 0.5, 0.5, 0.5, 0.4, 0.3])
@@ -51,7 +51,7 @@ def test_a_turn_that_does_not_beat_the_best_is_rolled_back():
 
 
 def test_rounds_without_gain_end_training():
-    s = MowstSchedule(ScheduleConfig(turn_patience=1, max_rounds=10, round_patience=2,
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=1, max_rounds=10, round_patience=2,
                                      min_delta=0.0))
     s.set_baseline(0.9)  # nothing below 0.9 is kept
     trace = run(s, [0.5] * 20)
@@ -63,21 +63,21 @@ def test_rounds_without_gain_end_training():
 
 
 def test_min_delta_and_max_turn_epochs():
-    s = MowstSchedule(ScheduleConfig(max_turn_epochs=3, turn_patience=5, min_delta=0.1))
+    s = MowstSchedule(ScheduleConfig(0, 0, max_turn_epochs=3, turn_patience=5, min_delta=0.1))
     trace = run(s, [0.5, 0.55, 0.58])  # the rises are below min_delta
     assert [st.improved for _, st in trace] == [True, False, False]
     assert trace[-1][1].turn_over and s.phase == "strong"  # ended on max_turn_epochs
 
 
 def test_joint_turn_ends_training():
-    s = MowstSchedule(ScheduleConfig(turn_patience=2, joint=True))
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, joint=True))
     trace = run(s, [0.5, 0.7, 0.6, 0.6])
     assert s.done and s.mixture_trained and len(trace) == 4
     assert trace[-1][1][:4] == (False, True, "best", True)
 
 
 def test_state_dict_round_trip_and_old_checkpoints():
-    config = ScheduleConfig(turn_patience=2)
+    config = ScheduleConfig(0, 0, turn_patience=2)
     s = MowstSchedule(config)
     run(s, [0.6, 0.5, 0.4])
     restored = MowstSchedule(config)
@@ -106,11 +106,11 @@ def test_bad_config(kwargs, match):
 def test_min_epochs():
     assert ScheduleConfig(100, 100, turn_patience=20).min_epochs() == 240
     assert ScheduleConfig(0, 0, turn_patience=20, joint=True).min_epochs() == 20
-    assert set(PHASES) == {"pretrain_weak", "pretrain_strong", "weak", "strong", "joint"}
+    assert set(PHASES) == {"pretrain_weak", "pretrain_strong", "weak", "strong", "joint", "gate"}
 
 
 def test_step_reports_the_turn_it_ended():
-    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, min_delta=0.0))
     *_, (_, last) = run(s, [0.4, 0.7, 0.6, 0.5])
     assert isinstance(last, Step) and last.turn_over
     assert last.epochs == 4 and last.turn_best == 0.7  # two stale epochs after 0.7
@@ -118,11 +118,11 @@ def test_step_reports_the_turn_it_ended():
 
 
 def test_tiebreak_keeps_a_flat_score_turn_going_and_decides_between_equals():
-    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, min_delta=0.0))
     # The main score is flat while the second one rises: no patience runs out.
     trace = run(s, [0.5] * 3)  # without a tiebreak: best, stale, stale -> over
     assert trace[-1][1].turn_over
-    s = MowstSchedule(ScheduleConfig(turn_patience=2, min_delta=0.0))
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, min_delta=0.0))
     steps = [s.step(0.5, t) for t in (0.1, 0.2, 0.3, 0.4)]
     assert all(st.improved for st in steps) and not any(st.turn_over for st in steps)
     assert s.turn_best == 0.5 and s.turn_best_tiebreak == 0.4
@@ -131,7 +131,7 @@ def test_tiebreak_keeps_a_flat_score_turn_going_and_decides_between_equals():
 
 
 def test_tiebreak_decides_whether_an_equal_turn_is_kept():
-    s = MowstSchedule(ScheduleConfig(turn_patience=1, min_delta=0.0, max_rounds=3))
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=1, min_delta=0.0, max_rounds=3))
     s.step(0.5, 0.2)
     assert s.step(0.5, 0.1).kept  # weak turn kept: best (0.5, 0.2)
     s.step(0.5, 0.3)
@@ -139,3 +139,40 @@ def test_tiebreak_decides_whether_an_equal_turn_is_kept():
     assert s.best == 0.5 and s.best_tiebreak == 0.3
     s.step(0.5, 0.25)
     assert not s.step(0.5, 0.2).kept  # equal main score, lower tiebreak: rolled back
+
+
+def test_gate_turn_follows_the_pretraining_and_takes_the_first_weak_turn():
+    s = MowstSchedule(ScheduleConfig(1, 1, turn_patience=1, max_rounds=2, round_patience=5,
+                                     min_delta=0.0, gate_turn=True))
+    trace = run(s, [0.5, 0.7] + [0.6, 0.6] + [0.8, 0.8] * 2 + [0.9, 0.9] * 10)
+    phases = [p for p, _ in trace]
+    assert phases[:2] == ["pretrain_weak", "pretrain_strong"]
+    # round 1: the gate's turn, then the strong one; round 2 as the paper's
+    assert phases[2:] == ["gate"] * 2 + ["strong"] * 2 + ["weak"] * 2 + ["strong"] * 2
+    assert s.done and s.mixture_trained
+
+
+def test_gate_turn_alone_with_max_rounds_0_and_before_the_joint_turn():
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=2, max_rounds=0, gate_turn=True))
+    trace = run(s, [0.5, 0.4, 0.4, 0.9])
+    assert [p for p, _ in trace] == ["gate"] * 3 and s.done
+    assert trace[-1][1].kept and s.best == 0.5
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=1, gate_turn=True, joint=True))
+    assert [p for p, _ in run(s, [0.5, 0.5, 0.6, 0.6])] == ["gate"] * 2 + ["joint"] * 2
+    with pytest.raises(ValueError, match="'max_rounds' must be a positive integer"):
+        ScheduleConfig(max_rounds=0)
+
+
+def test_gate_turn_below_the_baseline_is_rolled_back():
+    s = MowstSchedule(ScheduleConfig(0, 0, turn_patience=1, max_rounds=0, gate_turn=True,
+                                     min_delta=0.0))
+    s.set_baseline(0.8)  # the GNN's own validation score
+    trace = run(s, [0.7, 0.7])
+    assert trace[-1][1].turn_over and trace[-1][1].restore == "start"
+    assert not trace[-1][1].kept and s.best == 0.8
+
+
+def test_min_epochs_with_a_gate_turn():
+    assert ScheduleConfig(100, 100, turn_patience=20, gate_turn=True,
+                          max_rounds=0).min_epochs() == 220
+    assert ScheduleConfig(100, 100, turn_patience=20, gate_turn=True).min_epochs() == 240
