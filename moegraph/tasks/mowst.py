@@ -103,8 +103,9 @@ class MowstTask(NodeClassificationTask):
     out-of-fold prediction), early-stopped on validation with the final
     experts. It starts from :math:`C \approx 0` (Mowst = its GNN) and must
     beat the GNN's own validation score to be kept, else it is rolled back
-    to that start. Then the rounds of alternating turns go on (the gate turn
-    is round 1's weak turn), unless ``max_rounds=0``. The cross-fitting trains
+    to that start. By default (``max_rounds=0``) training ends there; with
+    ``max_rounds > 0`` rounds of alternating turns follow (the gate turn is
+    round 1's weak turn). The cross-fitting trains
     :math:`2K` expert copies outside the trainer's epochs (full batch on the
     whole graph, also when the data module samples mini-batches).
 
@@ -134,7 +135,10 @@ class MowstTask(NodeClassificationTask):
         turn_patience (int, optional): epochs without gain that end a turn.
             (default: :obj:`20`)
         max_rounds (int, optional): rounds at most; with cross-fitting,
-            :obj:`0` ends training after the gate turn. (default: :obj:`10`)
+            :obj:`0` ends training after the gate turn (the alternating turns
+            after it did not change the result in
+            ``experiments/results/mowst_crossfit.md`` and doubled the time);
+            without, it must be positive. (default: :obj:`0`)
         round_patience (int, optional): rounds without gain that end
             training. (default: :obj:`2`)
         min_delta (float, optional): the least rise of the validation score
@@ -162,7 +166,7 @@ class MowstTask(NodeClassificationTask):
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", pretrain_weak_epochs: int = 100,
                  pretrain_strong_epochs: int = 100, max_turn_epochs: int = 100,
-                 turn_patience: int = 20, max_rounds: int = 10, round_patience: int = 2,
+                 turn_patience: int = 20, max_rounds: int = 0, round_patience: int = 2,
                  min_delta: float = 1e-3, crossfit_folds: int = 2, gate_holdout: float = 0.0,
                  select_on: str = "deterministic", multilabel: bool = False):
         if multilabel:

@@ -48,7 +48,8 @@ class Step(NamedTuple):
 class ScheduleConfig:
     r"""The fixed settings of a :class:`MowstSchedule` (see
     :class:`~moegraph.tasks.MowstTask` for their meaning; its defaults are
-    these, and ``conf/model/mowst.yaml`` does not restate them).
+    these, and ``conf/model/mowst.yaml`` lists the same values: the tests check
+    that the three agree).
 
     ``gate_turn``: the gate alone trains in the first turn after the
     pre-training (from the cross-fitted predictions of the experts); it is
@@ -60,11 +61,11 @@ class ScheduleConfig:
     pretrain_strong_epochs: int = 100
     max_turn_epochs: int = 100
     turn_patience: int = 20
-    max_rounds: int = 10
+    max_rounds: int = 0
     round_patience: int = 2
     min_delta: float = 1e-3
     joint: bool = False
-    gate_turn: bool = False
+    gate_turn: bool = True
 
     def __post_init__(self) -> None:
         for name in ("pretrain_weak_epochs", "pretrain_strong_epochs"):

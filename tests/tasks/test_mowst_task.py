@@ -1,5 +1,6 @@
 r"""Tests of moegraph.tasks.MowstTask: the schedule, freezing, roll-back,
 metrics, checkpoints and a real-data run on Cora."""
+import dataclasses
 import functools
 import types
 
@@ -12,6 +13,7 @@ from moegraph.data import NodeDataModule, csbm_graph
 from moegraph.nn import Mowst, MowstOutput
 from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
 from moegraph.tasks.metrics import expected_accuracy
+from moegraph.tasks.mowst_schedule import ScheduleConfig
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning",
@@ -27,10 +29,11 @@ def make_net(variant="mowst"):
                  variant=variant)
 
 
-# The schedule of these tests: no pre-training, no cross-fitting, turns of 10
-# epochs of patience at most (MowstTask's defaults pre-train and cross-fit).
+# The schedule of these tests: no pre-training, no cross-fitting, up to 10 rounds of
+# alternating turns of 10 epochs of patience (MowstTask's defaults pre-train,
+# cross-fit and end after the gate's turn).
 SHORT = {"pretrain_weak_epochs": 0, "pretrain_strong_epochs": 0, "turn_patience": 10,
-         "crossfit_folds": 0}
+         "crossfit_folds": 0, "max_rounds": 10}
 
 
 def make_task(variant="mowst", **kwargs):
@@ -535,6 +538,12 @@ def test_config_restates_the_code_defaults():
         listed)
     for key in listed:
         assert conf[key] == defaults[key], key
+    schedule = ScheduleConfig()  # the schedule's own defaults: the same
+    for f in dataclasses.fields(schedule):
+        if f.name == "gate_turn":
+            assert schedule.gate_turn == (defaults["crossfit_folds"] > 0)
+        elif f.name != "joint":
+            assert getattr(schedule, f.name) == defaults[f.name], f.name
 
 
 def fit_crossfit(seed, **kwargs):

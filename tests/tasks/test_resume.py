@@ -52,7 +52,7 @@ def make_task(model):
     # turns of 2 epochs: a checkpoint in the middle of the second epoch of a turn
     return MowstTask(net, num_classes=C, optimizer=ADAM, turn_patience=2, max_turn_epochs=2,
                      min_delta=0.0, pretrain_weak_epochs=0, pretrain_strong_epochs=0,
-                     crossfit_folds=0)
+                     crossfit_folds=0, max_rounds=10)
 
 
 def fit(tmp_path, model, ckpt_path=None, epochs=3):
