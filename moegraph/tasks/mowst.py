@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["PHASES", "SELECT_ON", "MowstTask", "holdout_mask"]
 SELECT_ON = ("deterministic", "expected")
 MIXTURE_PHASES = ("weak", "strong", "joint", "gate")
-# The gate's logit when its turn begins (C = 0.018 on every node): Mowst starts as
-# its GNN, the state a gate turn that does not beat the GNN is rolled back to.
+# The gate's logit (C = 0.018 on every node) that a gate turn which does not beat
+# the GNN is rolled back to: Mowst is then its GNN.
 GATE_START_LOGIT = -4.0
 
 
@@ -101,11 +101,11 @@ class MowstTask(NodeClassificationTask):
     alone learns (phase ``"gate"``) from those out-of-fold logits on every
     training node (its input: the dispersion of the weak expert's
     out-of-fold prediction), early-stopped on validation with the final
-    experts. It starts from :math:`C \approx 0` (Mowst = its GNN) and must
-    beat the GNN's own validation score to be kept, else it is rolled back
-    to that start. By default (``max_rounds=0``) training ends there; with
-    ``max_rounds > 0`` rounds of alternating turns follow (the gate turn is
-    round 1's weak turn). The cross-fitting trains
+    experts. It must beat the GNN's own validation score to be kept, else it
+    is rolled back to :math:`C \approx 0` on every node (Mowst = its GNN).
+    By default (``max_rounds=0``) training ends there; with ``max_rounds > 0``
+    rounds of alternating turns follow (the gate turn is round 1's weak
+    turn). The cross-fitting trains
     :math:`2K` expert copies outside the trainer's epochs (full batch on the
     whole graph, also when the data module samples mini-batches).
 
@@ -598,14 +598,20 @@ class MowstTask(NodeClassificationTask):
         self.schedule.begin_turn()
         self._cache = None
         self._turn_id += 1
-        if self.phase == "gate":  # Mowst starts as its GNN
-            gate = self.net.gate
+        gate = self.net.gate
+        if self.phase == "gate":  # rolled back, Mowst is its GNN
             gate.reset_parameters()
             assert gate.mlp is not None  # the constructor checks it
             last: Any = gate.mlp.lins[-1]  # type: ignore[index]  # PyG's MLP: a Linear
-            with torch.no_grad():
+            with torch.no_grad():  # a constant C on every node
+                last.weight.zero_()
                 last.bias.fill_(GATE_START_LOGIT)
         self._turn_start_state = self._trained_state()
+        if self.phase == "gate":
+            # The gate learns from a fresh initialisation (C about 0.5): from the
+            # roll-back state, the deterministic score stays flat (C far below
+            # tau) for more epochs than the turn's patience.
+            gate.reset_parameters()
         self._turn_best_state = None
         self._apply_freeze()
 

@@ -472,7 +472,7 @@ def test_gate_turn_learns_only_from_the_out_of_fold_logits():
     task.manual_backward = lambda loss: loss.backward()
     task.log_loss = lambda *a, **k: None
     assert task.phase == "gate"
-    task._begin_turn()  # the gate starts trusting the GNN
+    task._begin_turn()
     y = data.y
     weak = torch.nn.functional.one_hot(y, C).float() * 8.0  # right and sure
     strong = torch.nn.functional.one_hot((y + 1) % C, C).float() * 8.0  # wrong
@@ -492,6 +492,19 @@ def test_gate_turn_learns_only_from_the_out_of_fold_logits():
     assert bias.grad is not None and float(bias.grad) < 0
     assert all(p.grad is None for p in task.net.weak.parameters())
     assert all(p.grad is None for p in task.net.strong.parameters())
+
+
+def test_gate_turn_trains_a_fresh_gate_and_rolls_back_to_the_gnn():
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    task = make_task(crossfit_folds=2)
+    assert task.phase == "gate"
+    task._begin_turn()
+    confidence = task.net.forward_experts(data.x, data.edge_index).confidence
+    assert float((confidence - 0.5).abs().max()) < 0.3  # a fresh gate: about 0.5
+    task._load_trained_state(task._turn_start_state)  # a turn rolled back
+    confidence = task.net.forward_experts(data.x, data.edge_index).confidence
+    torch.testing.assert_close(confidence, torch.full_like(confidence, 0.01799),
+                               atol=1e-4, rtol=0)  # sigmoid(-4): every node to the GNN
 
 
 def test_crossfit_is_refused_with_a_fixed_gate_and_one_fold():
