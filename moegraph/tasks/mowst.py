@@ -57,7 +57,8 @@ class MowstTask(NodeClassificationTask):
     and/or strong expert alone; then rounds of two turns, (a) the weak expert
     and the gate with the strong expert frozen, (b) the strong expert with
     the weak expert and gate frozen. A turn trains until its validation score
-    has not improved for ``turn_patience`` epochs (or ``max_turn_epochs``),
+    has not improved for ``turn_patience`` epochs (or ``max_turn_epochs``;
+    pre-training: ``pretrain_patience``),
     then rolls the trained part back to its best epoch, or to where it began
     when the turn did not beat the best score so far. Training stops after
     ``round_patience`` rounds without a gain, after ``max_rounds`` rounds or
@@ -127,9 +128,14 @@ class MowstTask(NodeClassificationTask):
             expert and gate and once for the strong expert.
         metric (str, optional): ``"acc"`` or ``"auroc"``. (default: :obj:`"acc"`)
         pretrain_weak_epochs (int, optional): maximum epochs of weak-expert
-            pre-training (early-stopped); :obj:`0` skips it. (default: :obj:`100`)
+            pre-training (early-stopped); :obj:`0` skips it. The defaults
+            of pre-training are those of the study's baselines (300 epochs,
+            patience 50), so that Mowst's GNN is trained as the GNN alone.
+            (default: :obj:`300`)
         pretrain_strong_epochs (int, optional): the same for the strong expert.
-            (default: :obj:`100`)
+            (default: :obj:`300`)
+        pretrain_patience (int, optional): epochs without gain that end a
+            pre-training. (default: :obj:`50`)
         max_turn_epochs (int, optional): epochs per turn at most.
             (default: :obj:`100`)
         turn_patience (int, optional): epochs without gain that end a turn.
@@ -148,7 +154,7 @@ class MowstTask(NodeClassificationTask):
             cross-fitting from which the gate learns in its own turn;
             :obj:`0` is the paper's formulation (no gate turn). The fold
             copies train for the pre-training budgets (``max_turn_epochs``
-            when one is :obj:`0`) with ``turn_patience``. (default: :obj:`2`)
+            when one is :obj:`0`) with ``pretrain_patience``. (default: :obj:`2`)
         gate_holdout (float, optional): share of the training nodes held out
             from the weak expert, on which alone the gate learns in the weak
             turns; :obj:`0` is the paper's formulation. (default: :obj:`0.0`)
@@ -164,8 +170,9 @@ class MowstTask(NodeClassificationTask):
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
-                 metric: str = "acc", pretrain_weak_epochs: int = 100,
-                 pretrain_strong_epochs: int = 100, max_turn_epochs: int = 100,
+                 metric: str = "acc", pretrain_weak_epochs: int = 300,
+                 pretrain_strong_epochs: int = 300, pretrain_patience: int = 50,
+                 max_turn_epochs: int = 100,
                  turn_patience: int = 20, max_rounds: int = 0, round_patience: int = 2,
                  min_delta: float = 1e-3, crossfit_folds: int = 2, gate_holdout: float = 0.0,
                  select_on: str = "deterministic", multilabel: bool = False):
@@ -196,7 +203,8 @@ class MowstTask(NodeClassificationTask):
         config = ScheduleConfig(pretrain_weak_epochs, pretrain_strong_epochs, max_turn_epochs,
                                 turn_patience, max_rounds, round_patience, min_delta,
                                 joint=net.variant == "mowst_star",
-                                gate_turn=crossfit_folds > 0)
+                                gate_turn=crossfit_folds > 0,
+                                pretrain_patience=pretrain_patience)
         c = net.out_channels
         if isinstance(c, int) and c != num_classes:
             raise ValueError(f"the network predicts {c} classes, the data has {num_classes}")
@@ -208,6 +216,7 @@ class MowstTask(NodeClassificationTask):
         self.pretrain_strong_epochs = pretrain_strong_epochs
         self.max_turn_epochs = max_turn_epochs
         self.turn_patience = turn_patience
+        self.pretrain_patience = pretrain_patience
         self.max_rounds = max_rounds
         self.round_patience = round_patience
         self.min_delta = min_delta
@@ -350,7 +359,7 @@ class MowstTask(NodeClassificationTask):
                 self.optimizer_factory,
                 (c.pretrain_weak_epochs or c.max_turn_epochs,
                  c.pretrain_strong_epochs or c.max_turn_epochs),
-                c.turn_patience, self.metric)
+                c.pretrain_patience, self.metric)
         log.info("mowst: cross-fitting (%d folds): %s", self.crossfit_folds,
                  ", ".join(f"{n} fold {k}: {e} epochs, val {b:.4f}"
                            for n, k, e, b in self.crossfit.epochs))
@@ -581,7 +590,8 @@ class MowstTask(NodeClassificationTask):
             max_turn_epochs=c.max_turn_epochs,
             turn_patience=max(int(c.turn_patience * factor), 1),
             max_rounds=c.max_rounds, round_patience=c.round_patience,
-            min_delta=c.min_delta, joint=c.joint, gate_turn=c.gate_turn)
+            min_delta=c.min_delta, joint=c.joint, gate_turn=c.gate_turn,
+            pretrain_patience=max(int(c.pretrain_patience * factor), 1))
         rank_zero_warn(
             f"MowstTask: trainer.max_epochs={max_epochs} is shorter than the schedule "
             f"({c.min_epochs()} epochs: pre-training {c.pretrain_weak_epochs} + "

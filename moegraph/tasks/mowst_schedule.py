@@ -57,8 +57,8 @@ class ScheduleConfig:
     precedes the joint turn (Mowst*). With it, ``max_rounds=0`` ends
     training after the gate turn."""
 
-    pretrain_weak_epochs: int = 100
-    pretrain_strong_epochs: int = 100
+    pretrain_weak_epochs: int = 300
+    pretrain_strong_epochs: int = 300
     max_turn_epochs: int = 100
     turn_patience: int = 20
     max_rounds: int = 0
@@ -66,13 +66,15 @@ class ScheduleConfig:
     min_delta: float = 1e-3
     joint: bool = False
     gate_turn: bool = True
+    pretrain_patience: int = 50
 
     def __post_init__(self) -> None:
         for name in ("pretrain_weak_epochs", "pretrain_strong_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"'{name}' must be a non-negative integer (got {value!r})")
-        for name in ("max_turn_epochs", "turn_patience", "max_rounds", "round_patience"):
+        for name in ("max_turn_epochs", "turn_patience", "max_rounds", "round_patience",
+                     "pretrain_patience"):
             value = getattr(self, name)
             if name == "max_rounds" and self.gate_turn and value == 0:
                 continue  # the gate turn alone
@@ -208,7 +210,8 @@ class MowstSchedule:
         else:
             self.stale_epochs += 1
         epochs, turn_best = self.epoch_in_turn, self.turn_best
-        if self.stale_epochs < c.turn_patience and self.epoch_in_turn < self.turn_limit():
+        patience = c.pretrain_patience if self.pretraining else c.turn_patience
+        if self.stale_epochs < patience and self.epoch_in_turn < self.turn_limit():
             return Step(improved, False, None, False, epochs, turn_best)
         if self.pretraining:  # pre-training keeps its expert's best epoch
             self._next_phase()

@@ -33,7 +33,7 @@ def make_net(variant="mowst"):
 # alternating turns of 10 epochs of patience (MowstTask's defaults pre-train,
 # cross-fit and end after the gate's turn).
 SHORT = {"pretrain_weak_epochs": 0, "pretrain_strong_epochs": 0, "turn_patience": 10,
-         "crossfit_folds": 0, "max_rounds": 10}
+         "pretrain_patience": 10, "crossfit_folds": 0, "max_rounds": 10}
 
 
 def make_task(variant="mowst", **kwargs):
@@ -350,6 +350,7 @@ def fit_mowst(seed, **kwargs):
     opt = functools.partial(torch.optim.Adam, lr=0.01, weight_decay=5e-4)
     task = MowstTask(net, MEMO_C, opt, pretrain_weak_epochs=60, pretrain_strong_epochs=60,
                      max_turn_epochs=40, turn_patience=10, max_rounds=2, round_patience=1,
+                     pretrain_patience=10,
                      **{"crossfit_folds": 0, **kwargs})
     t = trainer(max_epochs=400)
     t.fit(task, datamodule=dm)
@@ -564,6 +565,7 @@ def fit_crossfit(seed, **kwargs):
     opt = functools.partial(torch.optim.Adam, lr=0.01, weight_decay=5e-4)
     task = MowstTask(net, MEMO_C, opt, pretrain_weak_epochs=60, pretrain_strong_epochs=60,
                      max_turn_epochs=40, turn_patience=10, crossfit_folds=2, max_rounds=0,
+                     pretrain_patience=10,
                      **kwargs)
     t = trainer(max_epochs=400)
     t.fit(task, datamodule=dm)
