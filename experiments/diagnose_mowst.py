@@ -224,7 +224,8 @@ Two things limit it, both visible above: the GNN also fits the held-out nodes, s
 them the gate compares an honest weak expert with a memorising GNN; and the weak
 expert degrades (its loss is weighted by C, which goes to 0 while decoupled weight
 decay keeps shrinking it). A gain would need both sides compared honestly (for example
-cross-fitting the experts on folds), not done here.
+cross-fitting the experts on folds): done since, and the default of `model=mowst`,
+see `experiments/results/mowst_crossfit.md`.
 """
 
 

@@ -535,11 +535,18 @@ class MowstTask(NodeClassificationTask):
         # now in the network: none while an expert pre-trains alone; at the end
         # of a turn, the turn's best if it was kept and selected on the
         # headline, else unknown (rolled back).
-        if self._validated_phase not in MIXTURE_PHASES:
+        # The gate's turn: only the state it ends with (its best epoch, or
+        # rolled back to Mowst = its GNN, whose score is the GNN's, the score
+        # it had to beat) may be the checkpoint; its other epochs lost to it.
+        phase = self._validated_phase
+        if phase not in MIXTURE_PHASES:
             headline = math.nan
         elif step is not None and step.turn_over:
             same = self.net.variant == "mowst_star" or self.select_on == "deterministic"
-            headline = self.schedule.best if step.kept and same else math.nan
+            known = step.kept or (phase == "gate" and math.isfinite(self.schedule.best))
+            headline = self.schedule.best if known and same else math.nan
+        elif phase == "gate":
+            headline = math.nan
         self._log_split("val", values, headline)
 
     # -- the schedule ------------------------------------------------------------

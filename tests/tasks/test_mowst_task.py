@@ -590,3 +590,29 @@ def test_crossfit_ends_within_noise_of_the_gnn_when_the_weak_expert_memorises(se
     noise = (gnn * (1 - gnn) / int(data.test_mask.sum())) ** 0.5
     assert res["test/acc"] >= gnn - 2 * noise - 0.02
     assert res["test/confident"] < 0.2 and res["test/checkpoint_mixture"] == 1.0
+
+
+def test_a_rolled_back_gate_turn_tests_mowst_as_its_gnn(tmp_path):
+    r"""A gate turn that cannot beat the GNN (the baseline is set above any
+    score) is rolled back; the tested checkpoint is the rolled-back state
+    (every node to the GNN), not an epoch of the turn."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    task = make_task(pretrain_weak_epochs=2, pretrain_strong_epochs=2, max_turn_epochs=3,
+                     turn_patience=2, crossfit_folds=2, max_rounds=0)
+    advance = task._advance
+
+    def spy(score, tiebreak=float("-inf")):  # the GNN alone "scored" 0.99
+        if task.phase == "gate" and task.schedule.best < 0.99:
+            task.schedule.set_baseline(0.99)
+        return advance(score, tiebreak)
+
+    task._advance = spy
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    t = trainer(enable_checkpointing=True, callbacks=[ckpt])
+    t.fit(task, datamodule=make_dm())
+    assert task.turn_log[-1]["phase"] == "gate" and not task.turn_log[-1]["kept"]
+    assert float(ckpt.best_model_score) == pytest.approx(0.99)
+    result = t.test(task, datamodule=make_dm(), ckpt_path="best", verbose=False)[0]
+    assert result["test/confident"] == 0.0
+    assert result["test/acc"] == result["test/acc_strong"]
