@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 __all__ = ["PHASES", "SELECT_ON", "MowstTask", "holdout_mask"]
 SELECT_ON = ("deterministic", "expected")
 MIXTURE_PHASES = ("weak", "strong", "joint", "gate")
+# Full-batch steps of the gate on the out-of-fold logits before its turn's epochs
+# (one step each): a fresh gate moves too little within the turn's patience.
+GATE_FIT_STEPS = 300
 # The gate's logit (C = 0.018 on every node) that a gate turn which does not beat
 # the GNN is rolled back to: Mowst is then its GNN.
 GATE_START_LOGIT = -4.0
@@ -101,7 +104,8 @@ class MowstTask(NodeClassificationTask):
     the pre-training of the final experts on all training nodes, the gate
     alone learns (phase ``"gate"``) from those out-of-fold logits on every
     training node (its input: the dispersion of the weak expert's
-    out-of-fold prediction), early-stopped on validation with the final
+    out-of-fold prediction): :data:`GATE_FIT_STEPS` full-batch steps first,
+    then the turn's epochs, early-stopped on validation with the final
     experts. It must beat the GNN's own validation score to be kept, else it
     is rolled back to :math:`C \approx 0` on every node (Mowst = its GNN).
     By default (``max_rounds=0``) training ends there; with ``max_rounds > 0``
@@ -360,10 +364,26 @@ class MowstTask(NodeClassificationTask):
                 (c.pretrain_weak_epochs or c.max_turn_epochs,
                  c.pretrain_strong_epochs or c.max_turn_epochs),
                 c.pretrain_patience, self.metric)
+            self._fit_gate(self.crossfit, graph)
         log.info("mowst: cross-fitting (%d folds): %s", self.crossfit_folds,
                  ", ".join(f"{n} fold {k}: {e} epochs, val {b:.4f}"
                            for n, k, e, b in self.crossfit.epochs))
         return self.crossfit
+
+    def _fit_gate(self, crossfit: CrossFit, graph: Data) -> None:
+        r"""Fit the gate to the out-of-fold logits of the training nodes
+        (:data:`GATE_FIT_STEPS` full-batch steps of its own optimizer); the
+        turn's epochs go on from there, early-stopped on validation."""
+        net, mask = self.net, graph.train_mask
+        weak, strong = crossfit.weak_logits[mask], crossfit.strong_logits[mask]
+        x, y = graph.x[mask], graph.y[mask]
+        optimizer = self.optimizer_factory(params=list(net.gate.parameters()))
+        net.gate.train()
+        for _ in range(GATE_FIT_STEPS):
+            optimizer.zero_grad()
+            logit = net.gate_forward(weak, x)
+            net.loss(MowstOutput(weak, strong, logit, torch.sigmoid(logit)), y).backward()
+            optimizer.step()
 
     def _weak_and_gate(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         weak = self.net.weak_forward(x, edge_index)
