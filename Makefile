@@ -35,14 +35,19 @@ train: setup
 test: lint test-fast
 	PYTHON=$(BIN)/python .ci/check_wheel
 
+# pytest-xdist: one worker per core (tests pin torch to one thread each);
+# modules with an expensive module-scoped fixture stay on one worker
+# (xdist_group). `make test-fast XDIST=` runs in one process.
+XDIST ?= -n auto --dist loadgroup
+
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python experiments/bench_moe.py

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf, open_dict
 from moegraph.train import CONFIG_DIR
 
 NODE_MODELS = ["mlp", "gnn", "mowst", "gmoe", "moe_gnn", "dense_gnn"]
-MULTITASK_MODELS = ["home", "mmoe", "ple", "shared_bottom"]
+MULTITASK_MODELS = ["home", "home_paper", "mmoe", "ple", "shared_bottom"]
 
 
 def options(group: str) -> list[str]:

@@ -214,3 +214,24 @@ def run_pending(jobs: Sequence[tuple[Path, Callable[[], dict], str]], tag: str =
         print(f"[{tag}] {i}/{len(todo)} {label}: {describe(record)} ({t.seconds:.0f}s)",
               flush=True)
     return [label for _, _, label in todo]
+
+
+# The line of a results file below which the text is written by hand (findings,
+# diagnoses): :func:`write_results` keeps it when the tables are rebuilt.
+FINDINGS_MARK = "<!-- Written by hand below this line: kept when the tables are rebuilt. -->"
+
+
+def write_results(path: Path, generated: str) -> str:
+    r"""Write ``generated`` (the tables a runner rebuilds) to ``path``, then
+    the existing file's text from the :data:`FINDINGS_MARK` line on, so that
+    hand-written findings survive a rebuild (``--table-only`` included); a
+    new file gets the mark for them. Returns the text written."""
+    path = Path(path)
+    kept = FINDINGS_MARK + "\n"
+    if path.exists():
+        old = path.read_text()
+        if FINDINGS_MARK in old:
+            kept = old[old.index(FINDINGS_MARK):]
+    text = generated.rstrip("\n") + "\n\n" + kept
+    path.write_text(text)
+    return text

@@ -77,6 +77,11 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "model.net.hop2=square", "model.net.router_kwargs={noisy:false}"],
         "gmoe, hop2=square, no router noise, full-softmax gate": OLD_GMOE[:-2] + [
             "model.net.hop2=square", "model.net.router_kwargs={noisy:false,normalize:false}"],
+        # the current default (hop2=square) with fewer or no hop-2 experts:
+        # is the loss from the hop-2 aggregation or from splitting the nodes?
+        "gmoe, default, hop-1 experts only": ["model=gmoe", "model.net.num_hop2_experts=0"],
+        "gmoe, default, 2 experts (1 hop-1, 1 hop-2)": ["model=gmoe",
+                                                        "model.net.num_experts=2"],
     },
 }
 

@@ -160,6 +160,34 @@ def naive_loop_step(moe: SparseMoE) -> Step:
     return step
 
 
+class _AutogradGELU(GELU):
+    r"""GELU outside :class:`~moegraph.nn.MLPExperts`' table of kernels."""
+
+
+def top1_before(moe: SparseMoE, device: torch.device) -> SparseMoE:
+    r"""(a1): a copy of ``moe`` (same weights) that runs top-1 as before its
+    own path: a combine weight that carries a gradient (exactly zero, as the
+    softmax over one choice had), outputs and input gradients added into
+    zeroed buffers, the activation through autograd in every expert block."""
+    import copy
+
+    old = copy.deepcopy(moe).to(device)
+    router, experts = old.router, old.experts
+    route = router.forward
+
+    def forward(x: Tensor):
+        routing = route(x)
+        chosen = routing.probs.gather(1, routing.expert.view(-1, 1)).view(-1)
+        return routing._replace(weight=routing.weight + 0.0 * chosen)
+
+    router.forward = forward
+    fused = experts.gather_and_combine
+    experts.gather_and_combine = (lambda x, rows, counts, weight=None, unique=False:
+                                  fused(x, rows, counts, weight, unique=False))
+    experts.act = _AutogradGELU(approximate=experts.act.approximate)
+    return old
+
+
 def all_experts_step(moe: SparseMoE, chunk: int) -> Step:
     r"""(c): every expert on every row, times the dense gate matrix, summed.
 
@@ -195,7 +223,8 @@ def all_experts_step(moe: SparseMoE, chunk: int) -> Step:
             out_chunk = _backward(chunk_forward(x, gates_leaf[:, start:end], start, end),
                                   grad_out)
             out = out_chunk if out is None else out + out_chunk
-        gates.backward(gates_leaf.grad)
+        if gates.requires_grad:  # not for top-1, whose weights are the constant one
+            gates.backward(gates_leaf.grad)
         return out
 
     return step
@@ -262,7 +291,10 @@ def check_correctness(methods: list[Method], x: Tensor, grad_out: Tensor,
             method.error = f"{type(error).__name__}: {error}".splitlines()[0]
             continue
         result = {"out": out, "x.grad": x.grad.clone()}
-        result.update({name: p.grad.clone() for name, p in method.module.named_parameters()})
+        # a parameter that no gradient reaches (the router of top-1: its weight is
+        # the constant one, only aux losses train it) compares as zero
+        result.update({name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                       for name, p in method.module.named_parameters()})
         if reference is None:
             reference = result
             continue
@@ -342,10 +374,34 @@ def _fmt_ratio(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}"
 
 
+def speed_ratio(res: dict, num: str, den: str) -> float | None:
+    r"""Speed of method ``num`` over method ``den``: the median over rounds of
+    ``time[den] / time[num]`` within the same round (both ran side by side, so
+    a burst of load that slows one round slows both), or the ratio of the
+    median rates where the rounds do not pair up."""
+    times = res.get("times", {})
+    t_num, t_den = times.get(num), times.get(den)
+    if t_num and t_den and len(t_num) == len(t_den):
+        return statistics.median(d / n for n, d in zip(t_num, t_den, strict=True))
+    rate = res["rows_per_s"]
+    if rate.get(num) is None or rate.get(den) is None:
+        return None
+    return rate[num] / rate[den]
+
+
+def _fmt_speed_ratio(res: dict, num: str, den: str) -> str:
+    ratio = speed_ratio(res, num, den)
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def format_table(results: list[dict]) -> str:
     copies = any("a0" in res["rows_per_s"] for res in results)
+    top1 = any("a1" in res["rows_per_s"] for res in results)
     header = ["E", "k", "(a) SparseMoE auto", "(a') grouped_mm", "(b) naive loop",
               "(c) all experts", "(d) dense FFN", "a/d", "a/b", "peak mem (GiB)"]
+    if top1:
+        header[2:2] = ["(a1) top-1 of before"]
+        header[-1:-1] = ["a1/d"]
     if copies:
         header[2:2] = ["(a0) with copies"]
         header[-1:-1] = ["a0/d"]
@@ -353,12 +409,13 @@ def format_table(results: list[dict]) -> str:
     for res in results:
         rate = res["rows_per_s"]
         peak = res["peak_gib"]
-        keys = ("a0", "a", "a'", "b", "c", "d") if copies else ("a", "a'", "b", "c", "d")
+        keys = (("a0",) if copies else ()) + (("a1",) if top1 else ()) + ("a", "a'", "b", "c",
+                                                                          "d")
         rows.append([str(res["E"]), str(res["k"])]
                     + [_fmt_rate(rate.get(key)) for key in keys]
-                    + [_fmt_ratio(rate.get("a"), rate.get("d")),
-                       _fmt_ratio(rate.get("a"), rate.get("b"))]
-                    + ([_fmt_ratio(rate.get("a0"), rate.get("d"))] if copies else [])
+                    + [_fmt_speed_ratio(res, "a", "d"), _fmt_speed_ratio(res, "a", "b")]
+                    + ([_fmt_speed_ratio(res, "a1", "d")] if top1 else [])
+                    + ([_fmt_speed_ratio(res, "a0", "d")] if copies else [])
                     + ["-" if peak is None else f"{peak:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
@@ -370,20 +427,28 @@ def format_table(results: list[dict]) -> str:
 
 
 def target_report(results: list[dict], device: torch.device) -> list[str]:
+    lines = []
+    E = TARGET_CONFIG[0]
+    top1 = next((r for r in results if (r["E"], r["k"]) == (E, 1)), None)
+    ratio = None if top1 is None else speed_ratio(top1, "a", "d")
+    if ratio is not None:
+        verdict = "met" if ratio >= TARGET_A_OVER_D else "NOT met"
+        lines += [f"Target at E={E}, k=1: a/d = {ratio:.2f} (target >= {TARGET_A_OVER_D:g}): "
+                  f"{verdict}", ""]
     res = next((r for r in results if (r["E"], r["k"]) == TARGET_CONFIG), None)
     E, k = TARGET_CONFIG
     if res is None:
-        return [f"Targets (E={E}, k={k}): not measured in this run."]
+        return lines + [f"Targets (E={E}, k={k}): not measured in this run."]
     rate = res["rows_per_s"]
-    lines = [f"Targets at E={E}, k={k}"
-             + ("" if device.type == "cpu" else " (stated for CPU; this run is on "
-                f"{device.type})") + ":"]
+    lines += [f"Targets at E={E}, k={k}"
+              + ("" if device.type == "cpu" else " (stated for CPU; this run is on "
+                 f"{device.type})") + ":"]
     for name, num, den, target in (("a/d", "a", "d", TARGET_A_OVER_D),
                                    ("a/b", "a", "b", TARGET_A_OVER_B)):
-        if rate.get(num) is None or rate.get(den) is None:
+        ratio = speed_ratio(res, num, den)
+        if ratio is None:
             lines.append(f"- {name}: not measured")
             continue
-        ratio = rate[num] / rate[den]
         verdict = "met" if ratio >= target else "NOT met"
         lines.append(f"- {name} = {ratio:.2f} (target >= {target:g}): {verdict}")
     if rate.get("b") and rate.get("d"):
@@ -422,6 +487,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-copies", action="store_true",
                         help="add method (a0): SparseMoE as before the fused dispatch, with "
                              "sorted copies of the rows, outputs and gradients")
+    parser.add_argument("--compare-top1-before", action="store_true",
+                        help="add method (a1) at k = 1: SparseMoE as before its top-1 path "
+                             "(weight with a gradient, outputs added into zeroed buffers, "
+                             "the activation through autograd per block)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="time only these methods (keys: a a' a0 b c d)")
     parser.add_argument("--device", default="auto",
@@ -471,9 +540,13 @@ def build_methods(args: argparse.Namespace, E: int, k: int,
         moe_copies.train()
         # Without the fused path, permute_and_compute gathers x[rows] into a
         # sorted copy, runs the experts on it and index_adds the outputs back.
-        moe_copies.experts.gather_and_combine = lambda *args: None
+        moe_copies.experts.gather_and_combine = lambda *args, **kwargs: None
         methods.append(Method("a0", "SparseMoE with sorted copies (before)",
                               sparse_moe_step(moe_copies), moe_copies, R, W, N))
+    if args.compare_top1_before and k == 1:
+        old = top1_before(moe, device)
+        methods.append(Method("a1", "SparseMoE, the top-1 path of before",
+                              sparse_moe_step(old), old, R, W, N))
     if not args.skip_all_experts:
         # On CPU the float32 correctness check already ran (c) once at full size.
         methods.append(Method("c", f"all experts (chunks of {chunk})",
@@ -562,7 +635,12 @@ def main(argv: list[str] | None = None):
                 "(c) every expert on every row, masked by the dense gate matrix (GMoE), "
                 f"forward and backward in chunks of at most {chunk} experts; "
                 f"(d) dense FFN Linear(in, k*hidden) -> GELU -> Linear(k*hidden, in). "
-                f"Peak mem: {peak} for that row."
+                f"Peak mem: {peak} for that row. a/d, a/b: medians over rounds of the ratio of "
+                "the two methods' times in the same round."
+                + (" (a1) SparseMoE at k = 1 as before its top-1 path: a combine weight "
+                   "with a (zero) gradient, outputs and input gradients added into zeroed "
+                   "buffers, GELU through autograd per block; same weights, same rounds."
+                   if args.compare_top1_before else "")
                 + (" (a0) SparseMoE with the dispatch of before (sorted copies [A, F] of the "
                    "rows and [A, O] of the outputs, index_add_ combine), same weights, same "
                    "run." if args.compare_copies else ""),
@@ -599,6 +677,7 @@ def main(argv: list[str] | None = None):
             results.append({
                 "E": E, "k": k,
                 "rows_per_s": {m.key: m.rows_per_s for m in methods if m.rows_per_s},
+                "times": {m.key: list(m.times) for m in methods if m.times},
                 "peak_gib": peak_memory_gib(device),
                 "load": (config_load, machine_load()["load1"]),
             })

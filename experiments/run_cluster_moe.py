@@ -30,6 +30,7 @@ from _study import (
     run_diagnostics,
     run_pending,
     train_cached,
+    write_results,
 )
 
 # name: (experiment, expert activation, label, the paper's test accuracy (%), Table 1)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                       else "python experiments/run_cluster_moe.py --robustness --seeds 2")
     table = build_table(args.runs, main_command)
     table += build_robust_table(robust_runs, robust_command)
-    (RESULTS / "cluster_moe.md").write_text(table)
+    table = write_results(RESULTS / "cluster_moe.md", table)
     print(table)
 
 

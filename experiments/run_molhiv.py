@@ -28,11 +28,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
-from run_node_classification import RESULTS, mean_std, run_pending, train_cached
+from _study import (
+    QUIET,
+    RESULTS,
+    mean_std,
+    relative,
+    run_diagnostics,
+    run_pending,
+    train_cached,
+    write_results,
+)
 
 ARMS = {
     "gcn_node": ["experiment=molhiv_gcn", "model.net.edge_mode=node"],
@@ -43,14 +51,16 @@ ARMS = {
     "gin": ["experiment=molhiv_gin"],
 }
 PAIRS = (("gmoe", "gcn_node"), ("gin_gmoe", "gin_node"))
+DEFAULT_RUNS = RESULTS / "molhiv_runs"
 # The CPU protocol (OGB's: hidden 300, 5 layers, 100 epochs, all training graphs).
 PROTOCOL = {"hidden": 64, "layers": 3, "epochs": 5, "subset": 0.1, "batch_size": 64,
             "lr": 0.005}
 
 
 def overrides_for(arm: str, seed: int, protocol: dict) -> list[str]:
-    return [*ARMS[arm], f"seed={seed}", "logger=none", "callbacks.rich_progress_bar=null",
-            "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    # A CSV logger for the per-epoch curves (:func:`curves`), otherwise quiet.
+    quiet = ["logger=csv" if o == "logger=none" else o for o in QUIET]
+    return [*ARMS[arm], f"seed={seed}", *quiet,
             f"backbone.hidden_channels={protocol['hidden']}",
             f"backbone.num_layers={protocol['layers']}",
             f"trainer.max_epochs={protocol['epochs']}", f"data.subset={protocol['subset']}",
@@ -58,11 +68,30 @@ def overrides_for(arm: str, seed: int, protocol: dict) -> list[str]:
             f"model.optimizer.lr={protocol['lr']}"]
 
 
-def graph_protocol(cfg) -> dict:
-    return {"hidden_channels": cfg.backbone.hidden_channels,
-            "num_layers": cfg.backbone.num_layers, "max_epochs": cfg.trainer.max_epochs,
-            "subset": cfg.data.subset, "batch_size": cfg.data.batch_size,
-            "lr": cfg.model.optimizer.lr, "edge_mode": cfg.model.net.edge_mode}
+def graph_protocol(cfg, output_dir: Path | None = None) -> dict:
+    r"""A ``collect`` of :func:`train_cached`: the protocol of a run."""
+    return {"protocol": {
+        "hidden_channels": cfg.backbone.hidden_channels, "num_layers": cfg.backbone.num_layers,
+        "max_epochs": cfg.trainer.max_epochs, "subset": cfg.data.subset,
+        "batch_size": cfg.data.batch_size, "lr": cfg.model.optimizer.lr,
+        "edge_mode": cfg.model.net.edge_mode}}
+
+
+def curves(cfg, output_dir: Path) -> dict:
+    r"""A ``collect``: the per-epoch validation ROC-AUC and training loss that
+    the CSV logger wrote (``curves: {"val/rocauc": [...], ...}``)."""
+    import csv
+
+    files = sorted(output_dir.glob("csv/version_*/metrics.csv"))
+    if not files:
+        return {}
+    out: dict[str, dict[int, float]] = {"val/rocauc": {}, "train/loss_epoch": {}}
+    with files[-1].open() as f:
+        for row in csv.DictReader(f):
+            for key, values in out.items():
+                if row.get(key):
+                    values[int(row["epoch"])] = float(row[key])
+    return {"curves": {k: [v[e] for e in sorted(v)] for k, v in out.items()}}
 
 
 def build_table(runs: Path, command: str) -> str:
@@ -70,7 +99,7 @@ def build_table(runs: Path, command: str) -> str:
     by_arm: dict[str, list[dict]] = {}
     for r in records:
         by_arm.setdefault(r["arm"], []).append(r)
-    lines = ["| arm | n | val ROC-AUC (last epoch) | test ROC-AUC (best val epoch) | "
+    lines = ["| arm | n | val ROC-AUC (tested epoch*) | test ROC-AUC (best val epoch) | "
              "hop-2 share | max/mean load | s / run |", "|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         rs = by_arm.get(arm, [])
@@ -88,17 +117,62 @@ def build_table(runs: Path, command: str) -> str:
     loads = [f"- `{r['arm']}` seed {r['seed']}: " + "; ".join(
         f"layer {i}: " + " / ".join(f"{100 * s:.0f}" for s in row)
         for i, row in enumerate(r["expert_load"])) for r in records if r.get("expert_load")]
-    where = os.path.relpath(runs, RESULTS.parent.parent)
+    where = relative(runs)
+    note = ("*The best validation epoch's, or the last epoch's in the runs made before "
+            "`train()` re-validated the best checkpoint (those without `best/epoch` in their "
+            "JSON).")
     return "\n".join([f"Made by `{command}` (cached runs in `{where}`).",
-                      "", *lines, "", "Per-layer expert load on the test molecules "
-                      "(% of atoms, experts 0-1 hop-1, 2-3 hop-2):", "", *loads, ""])
+                      "", *lines, "", note, "", *paired_table(by_arm),
+                      "Per-layer expert load on the test "
+                      "molecules (% of atoms, experts 0-1 hop-1, 2-3 hop-2):", "", *loads, ""])
+
+
+def paired_table(by_arm: dict[str, list[dict]]) -> list[str]:
+    r"""Per seed, each MoE arm against its dense twin: both arms of a seed
+    train on the same subset of molecules, so the paired difference removes
+    the subset's share of the spread. Validation ROC-AUC per epoch where the
+    run recorded its curve."""
+    out: list[str] = []
+    for moe, dense in PAIRS:
+        seeds = {r["seed"]: r for r in by_arm.get(moe, [])}
+        pairs = [(r, seeds[r["seed"]]) for r in sorted(by_arm.get(dense, []),
+                                                         key=lambda r: r["seed"])
+                 if r["seed"] in seeds]
+        if not pairs:
+            continue
+        out += [f"Per seed, `{moe}` against `{dense}` (test ROC-AUC at the best validation "
+                "epoch, that epoch in brackets, counted from 0; validation ROC-AUC per epoch "
+                "where recorded):", "",
+                f"| seed | {dense} test | {moe} test | Δ | {dense} val per epoch | "
+                f"{moe} val per epoch |", "|---|---|---|---|---|---|"]
+
+        def cell(r: dict) -> str:
+            epoch = r["metrics"].get("best/epoch")
+            where = "" if epoch is None else f" ({epoch:.0f})"
+            return f"{100 * r['metrics']['test/rocauc']:.2f}{where}"
+
+        def curve(r: dict) -> str:
+            # the epochs that trained (the CSV logger also logs the final
+            # re-validation of the best checkpoint, one epoch further)
+            c = r.get("curves", {})
+            values = c.get("val/rocauc", [])[:len(c.get("train/loss_epoch", []))]
+            return " ".join(f"{100 * v:.1f}" for v in values) if values else "–"
+
+        deltas = []
+        for d, m in pairs:
+            deltas.append(m["metrics"]["test/rocauc"] - d["metrics"]["test/rocauc"])
+            out.append(f"| {d['seed']} | {cell(d)} | {cell(m)} | {100 * deltas[-1]:+.2f} | "
+                       f"{curve(d)} | {curve(m)} |")
+        out += ["", f"Paired Δ (`{moe}` − `{dense}`) over {len(deltas)} seeds: "
+                f"{mean_std(deltas)}.", ""]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="+", default=["gcn_node", "gmoe"], choices=list(ARMS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--runs", type=Path, default=RESULTS / "molhiv_runs")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-only", action="store_true")
     for key, value in PROTOCOL.items():
@@ -118,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = args.runs / f"{arm}__{tag}__seed{seed}.json"
                 run = functools.partial(train_cached, overrides_for(arm, seed, protocol),
                                         {"arm": arm, "seed": seed, "protocol_tag": tag},
-                                        path, graph_protocol)
+                                        path, (run_diagnostics, graph_protocol, curves))
                 jobs.append((path, run, f"{arm} seed {seed}"))
         run_pending(jobs, tag="molhiv")
     table = build_table(args.runs, command)
@@ -142,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         "same way; `gcn` is OGB's GCN with bonds inside the messages.", "",
     ]
     print(table)
-    (RESULTS / "molhiv.md").write_text("\n".join(header) + "\n" + table)
+    if args.runs.resolve() == DEFAULT_RUNS.resolve():  # another cache: a side study, printed
+        write_results(RESULTS / "molhiv.md", "\n".join(header) + "\n" + table)
 
 
 if __name__ == "__main__":

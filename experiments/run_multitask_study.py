@@ -43,7 +43,9 @@ from pathlib import Path
 import torch
 from _study import QUIET, RESULTS, command_line, load_runs, mean_std, run_pending, train_cached
 
-RUNS = RESULTS / "movielens_multitask_runs"
+RUNS = RESULTS / "movielens_multitask_runs_v2"  # v1: the runs before HoME's gain-0.1 default
+# HoME in the paper's exact form: expert batch norm starting at gain 1 (model=home_paper).
+PAPER = ["model.net.head.expert_norm_gain=1.0"]
 HOME_ABLATIONS = {
     "HoME w/o expert norm": ["model.net.head.expert_norm=null"],
     "HoME w/o hierarchy mask": ["model.net.head.hierarchy_mask=false"],
@@ -58,20 +60,27 @@ ROWS: dict[str, list[str]] = {
     "MMoE": ["experiment=movielens_mmoe"],
     "PLE": ["experiment=movielens_ple"],
     "HoME": ["experiment=movielens_home"],
+    "HoME (paper form)": ["experiment=movielens_home", *PAPER],
     **{k: ["experiment=movielens_home", *v] for k, v in HOME_ABLATIONS.items()},
 }
-SYN_RUNS = RESULTS / "multitask_synthetic_runs"
+SYN_RUNS = RESULTS / "multitask_synthetic_runs_v2"  # v1: before the gain-0.1 default
+ONEHOT_RUNS = RESULTS / "multitask_onehot_runs"
+# The synthetic benchmark written as a Census-like table: each feature a categorical
+# column of 5 bins (one-hot: 500 sparse columns), both labels binary at their median.
+ONEHOT_OVERRIDES = ["data.frames.num_bins=5", "data.frames.binary=true",
+                    "data.tasks={y1: binary, y2: binary}", "data.metric=mean_auc"]
 SYN_ROWS: dict[str, list[str]] = {
     "shared-bottom": ["experiment=mtl_synthetic_shared_bottom"],
     "MMoE": ["experiment=mtl_synthetic_mmoe"],
     "PLE": ["experiment=mtl_synthetic_ple"],
     "HoME": ["experiment=mtl_synthetic_home"],
+    "HoME (paper form)": ["experiment=mtl_synthetic_home", *PAPER],
     **{k: ["experiment=mtl_synthetic_home", *v] for k, v in HOME_ABLATIONS.items()},
 }
 COLUMNS = [("watch AUC", "test/watch/auc"), ("watch GAUC", "test/watch/gauc"),
            ("like AUC", "test/like/auc"), ("like GAUC", "test/like/gauc"),
            ("rating RMSE", "test/rating/rmse")]
-DIAG_MODELS = ["MMoE", "PLE", "HoME", "HoME w/o expert norm"]
+DIAG_MODELS = ["MMoE", "PLE", "HoME", "HoME (paper form)", "HoME w/o expert norm"]
 
 
 def slug(name: str) -> str:
@@ -113,15 +122,15 @@ def cell(values: list[float], digits: int = 4) -> str:
 
 def table(records: dict[str, list[dict]]) -> str:
     head = ("| model | " + " | ".join(c for c, _ in COLUMNS)
-            + " | params | fit time (s) | epochs |")
-    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 3) + "|"]
+            + " | params | fit time (s) | epochs | seeds |")
+    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 4) + "|"]
     for name, recs in records.items():
         cells = [cell([r["metrics"][k] for r in recs if k in r["metrics"]])
                  for _, k in COLUMNS]
         fit = cell([r["metrics"]["time/fit_seconds"] for r in recs], 1)
         epochs = cell([r["metrics"]["time/epochs"] for r in recs], 1)
         lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {recs[0]['params']:,} | {fit} | {epochs} |")
+                     + f" | {recs[0]['params']:,} | {fit} | {epochs} | {len(recs)} |")
     return "\n".join(lines)
 
 
@@ -150,18 +159,26 @@ def synthetic_mse(rec: dict) -> float:
     return (m["test/y1/rmse"] ** 2 + m["test/y2/rmse"] ** 2) / 2
 
 
+def onehot_auc(rec: dict) -> float:
+    r"""Test AUC averaged over the two binary tasks."""
+    m = rec["metrics"]
+    return (m["test/y1/auc"] + m["test/y2/auc"]) / 2
+
+
 def synthetic_study(args, argv: list[str] | None) -> None:
     torch.set_num_threads(1)
+    onehot = args.benchmark == "onehot"
+    runs = ONEHOT_RUNS if onehot else SYN_RUNS
     rows = args.rows or list(SYN_ROWS)
     unknown = [r for r in rows if r not in SYN_ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {list(SYN_ROWS)}")
     def overrides(name: str, p: float) -> list[str]:
         return [*SYN_ROWS[name], f"data.frames.correlation={p}",
-                f"data.frames.num_rows={args.num_rows}"]
+                f"data.frames.num_rows={args.num_rows}", *(ONEHOT_OVERRIDES if onehot else [])]
 
     def path(name: str, p: float, seed: int) -> Path:
-        return SYN_RUNS / f"{slug(name)}_p{p}_seed{seed}.json"
+        return runs / f"{slug(name)}_p{p}_seed{seed}.json"
 
     # seed-major: every model gets seed 0 first
     grid = [(seed, p, name) for seed in range(args.seeds) for p in args.correlations
@@ -170,9 +187,10 @@ def synthetic_study(args, argv: list[str] | None) -> None:
                   functools.partial(run_one, name, overrides(name, p), seed, args.cache_dir,
                                     path=path(name, p, seed)),
                   f"{name} p={p} seed {seed}") for seed, p, name in grid],
-                tag="synthetic", dry_run=args.dry_run,
-                describe=lambda r: f"test MSE {synthetic_mse(r):.4f}, "
-                                   f"{r['metrics']['time/epochs']:.0f} epochs")
+                tag=args.benchmark, dry_run=args.dry_run,
+                describe=lambda r: (f"test mean AUC {onehot_auc(r):.4f}" if onehot else
+                                    f"test MSE {synthetic_mse(r):.4f}")
+                + f", {r['metrics']['time/epochs']:.0f} epochs")
     if args.dry_run:
         return
     records: dict[str, dict[float, list[dict]]] = {}
@@ -180,7 +198,48 @@ def synthetic_study(args, argv: list[str] | None) -> None:
         if path(name, p, seed).is_file():  # all of them, unless --table-only
             rec = json.loads(path(name, p, seed).read_text())
             records.setdefault(name, {}).setdefault(p, []).append(rec)
-    write_synthetic(args, records, argv)
+    (write_onehot if onehot else write_synthetic)(args, records, argv)
+
+
+def write_onehot(args, records: dict[str, dict[float, list[dict]]],
+                 argv: list[str] | None) -> None:
+    ps = list(args.correlations)
+    lines = ["| model | params | " + " | ".join(
+        f"test mean AUC, p = {p} | y1 AUC | y2 AUC | epochs run" for p in ps) + " |",
+        "|---|---:" + "|---:|---:|---:|---:" * len(ps) + "|"]
+    for name, by_p in records.items():
+        cells = []
+        for p in ps:
+            rs = by_p.get(p, [])
+            cells += [cell([onehot_auc(r) for r in rs]),
+                      cell([r["metrics"]["test/y1/auc"] for r in rs]),
+                      cell([r["metrics"]["test/y2/auc"] for r in rs]),
+                      cell([r["metrics"]["time/epochs"] for r in rs], 1)]
+        params = next(iter(by_p.values()))[0]["params"]
+        lines.append(f"| {name} | {params:,} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for by_p in records.values() for rs in by_p.values() for r in rs})
+    cmd = command_line(__file__, argv)
+    out = Path(args.out or RESULTS / "multitask_onehot.md")
+    text = f"""# A Census-like one-hot table: the synthetic benchmark with binned features
+
+Command: `PYTHONPATH=. OMP_NUM_THREADS=1 {cmd}`
+Date: {datetime.date.today()}; torch {torch.__version__}; CPU, 1 thread, on a 2-core machine
+shared with other jobs.
+
+**Protocol.** Data: the MMoE paper's synthetic rows (`moegraph.data.mmoe_synthetic_frame`,
+d = 100, m = 10, noise variance 0.01) written as a table as a user's tabular data would be:
+each feature a categorical column of its bin among 5 equiprobable bins of N(0, 1),
+one-hot encoded by `TabularMultiTaskDataModule` (500 sparse columns, categories fitted on
+the training rows), both labels made binary at their median (two balanced binary tasks);
+{args.num_rows:,} rows per seed, split at random 80 / 10 / 10. Models and training as in
+`multitask_synthetic.md` (`conf/experiment/mtl_synthetic_*.yaml`; Adam lr 0.01, batches of
+256, at most 20 epochs, early stopping with patience 5 and checkpoint on the validation mean
+AUC; the best checkpoint is tested). Test AUC, mean ± std over seeds {seeds}.
+
+{chr(10).join(lines)}
+"""
+    out.write_text(text)
+    print(text)
 
 
 def write_synthetic(args, records: dict[str, dict[float, list[dict]]],
@@ -212,8 +271,9 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]],
         order = sorted(means)  # ascending p: the gain should fall along it
         steps = zip(order[:-1], order[1:], strict=True)
         grows = len(order) > 1 and all(means[a] > means[b] for a, b in steps)
-        verdicts.append(f"- {name}: mean gain over shared-bottom "
-                        f"{'grows' if grows else 'does NOT grow monotonically'} as p falls "
+        trend = ("measured at one p only" if len(order) < 2 else
+                 "grows as p falls" if grows else "does NOT grow monotonically as p falls")
+        verdicts.append(f"- {name}: mean gain over shared-bottom {trend} "
                         f"({', '.join(f'p = {p}: {means[p]:+.4f}' for p in order)}).")
     gap_head = ("| model | " + " | ".join(f"shared-bottom MSE - model MSE, p = {p}" for p in ps)
                 + " |")
@@ -251,10 +311,14 @@ c = 1, m = 10 sinusoids (alpha, beta ~ N(0, 1), drawn per seed), noise variance 
 training statistics; two regression tasks whose weight vectors have cosine p. Models
 (`conf/experiment/mtl_synthetic_*.yaml`): towers of width 8; shared-bottom one layer of 128;
 MMoE 8 experts of width 16; PLE 2 levels of 4 shared + 2 per task; HoME each task its own
-group, 4 shared + 2 per group (+ 1 per task at level 2), batch norm + Swish, feature-gate rank
-4, self-gate. Adam lr 0.01, batches of 256, at most 20 epochs, early stopping (patience 5)
-and checkpoint on the validation mean R^2 of the two tasks; the best checkpoint is tested.
-Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
+group, 4 shared + 2 per group (+ 1 per task at level 2), batch norm starting at gain 0.1 +
+Swish (HoME (paper form): gain 1; see `home_diagnosis.md`), feature-gate rank 4, self-gate;
+"w/o expert norm": ReLU experts. Adam lr 0.01, batches of 256, at most 20 epochs, early
+stopping (patience 5) and checkpoint on the validation mean R^2 of the two tasks; the best
+checkpoint is tested. Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
+The runs of shared-bottom, MMoE, PLE, HoME (paper form) and HoME w/o expert norm are those of
+the study before HoME's gain-0.1 default (`multitask_synthetic_runs/`, same configurations),
+copied into `multitask_synthetic_runs_v2/`; HoME's other ablations ran at p = 0.5 only.
 
 {chr(10).join(lines)}
 
@@ -273,12 +337,15 @@ the gain per model, paired by seed (positive: better than shared-bottom):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--benchmark", choices=["movielens", "synthetic"], default="movielens")
-    parser.add_argument("--correlations", type=float, nargs="+", default=[0.5, 0.9, 1.0])
-    parser.add_argument("--num-rows", type=int, default=8000)
+    parser.add_argument("--benchmark", choices=["movielens", "synthetic", "onehot"],
+                        default="movielens")
+    parser.add_argument("--correlations", type=float, nargs="+", default=None,
+                        help="synthetic: 0.5 0.9 1.0 by default; onehot: 0.5")
+    parser.add_argument("--num-rows", type=int, default=None,
+                        help="synthetic: 8000 by default; onehot: 20000")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--table-only", action="store_true",
-                        help="synthetic: write the table from the cached runs, run nothing")
+                        help="write the table from the cached runs, run nothing")
     parser.add_argument("--rows", nargs="*", default=None)
     parser.add_argument("--cache-dir", default=".cache",
                         help="where the raw files are copied before PyG processes them")
@@ -287,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs to do (not cached yet), train nothing")
     args = parser.parse_args(argv)
-    if args.benchmark == "synthetic":
+    if args.benchmark in ("synthetic", "onehot"):
+        onehot = args.benchmark == "onehot"
+        args.correlations = args.correlations or ([0.5] if onehot else [0.5, 0.9, 1.0])
+        args.num_rows = args.num_rows or (20000 if onehot else 8000)
         synthetic_study(args, argv)
         return
     args.rows = args.rows or list(ROWS)
@@ -302,13 +372,16 @@ def main(argv: list[str] | None = None) -> None:
     run_pending([(run_path(name, seed, args.runs),
                   functools.partial(run_one, name, ROWS[name], seed, args.cache_dir, args.runs),
                   f"{name} seed {seed}")
-                 for name in args.rows for seed in range(args.seeds)],
+                 for name in args.rows for seed in range(args.seeds)
+                 if not args.table_only],
                 describe=describe, dry_run=args.dry_run)
     if args.dry_run:
         return
     cached = {(r["name"], r["seed"]): r for r in load_runs(args.runs)}
-    records = {name: [cached[name, seed] for seed in range(args.seeds)]
+    # every cached seed below --seeds (with --table-only a row may have fewer)
+    records = {name: [cached[name, seed] for seed in range(args.seeds) if (name, seed) in cached]
                for name in args.rows}
+    records = {name: recs for name, recs in records.items() if recs}
 
     from moegraph.diagnostics import plot_multitask_diagnostics
 
@@ -337,12 +410,14 @@ out where unlabelled. Encoder: LightGCN (2 layers, 16-dim id embeddings plus a l
 the side features), pair representation `[e_u, e_i, e_u * e_i]` (48). Heads: experts of width
 16, towers of width 8; MMoE 6 experts; PLE 2 levels of 3 shared + 1 per task; HoME groups
 {{watch}}, {{like, rating}}, level 1: 2 shared + 1 per group, level 2: 2 shared + 1 per
-group + 1 per task, batch norm + Swish, feature-gate rank 4, self-gate; shared-bottom one
-16-wide layer; single-task = shared-bottom trained on one task. Adam lr 0.01, batches of
-16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
+group + 1 per task, batch norm starting at gain 0.1 + Swish (HoME (paper form): gain 1, the
+paper's BatchNorm; see `home_diagnosis.md`), feature-gate rank 4, self-gate ("w/o expert
+norm": ReLU experts); shared-bottom one 16-wide layer; single-task = shared-bottom trained
+on one task (rows of the v1 study, `movielens_multitask_runs/`, not re-run). Adam lr 0.01,
+batches of 16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
 validation loss (sum of the task losses, weight 1 each); the best checkpoint is tested.
 GAUC = AUC per user averaged over users with both classes. Test metrics, mean ± std over
-{args.seeds} seeds (0..{args.seeds - 1}; the seed also draws the negatives).
+the seeds 0, 1, ... (their number in the last column; the seed also draws the negatives).
 
 {table(records)}
 

@@ -23,6 +23,10 @@ from moegraph.nn.models import MoEGNN
 from moegraph.tasks import MowstTask, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, train
 
+# pytest-xdist (make test): one worker runs this module, its module-scoped
+# fixture is built once.
+pytestmark = pytest.mark.xdist_group("trained_runs")
+
 TINY = "data.dataset_kwargs.num_nodes=200"
 QUIET = ["~callbacks.rich_progress_bar", "+trainer.enable_progress_bar=false",
          "+trainer.enable_model_summary=false", "logger=none"]
@@ -236,6 +240,7 @@ def test_cli_train_eval_predict(tmp_path):
 KILLER = """
 import os, signal
 import lightning as L
+
 
 class KillAtEpoch(L.Callback):
     def __init__(self, epoch):

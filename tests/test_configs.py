@@ -27,15 +27,16 @@ from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
 NODE_MODELS = ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst", "mowst_paper"]
-MULTITASK_MODELS = {"home": HoME, "mmoe": MMoE, "ple": PLE, "shared_bottom": SharedBottom}
+MULTITASK_MODELS = {"home": HoME, "home_paper": HoME, "mmoe": MMoE, "ple": PLE,
+                    "shared_bottom": SharedBottom}
 # The multi-task configs on the small synthetic rating table (no files needed).
 SYNTHETIC_RATINGS = "data.name=synthetic"
 OPTIONS = {
     "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "molhiv", "movielens",
              "mtl_synthetic", "ogbg_molhiv", "reed98", "synthetic", "tabular", "tolokers",
              "ogbn_arxiv", "ogbn_products", "ogbn_proteins", "pyg_file"],
-    "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "mlp", "mmoe",
-              "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
+    "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "home_paper", "mlp",
+              "mmoe", "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
     "callbacks": ["default", "none"],
@@ -52,7 +53,7 @@ OPTIONS = {
     "hparams_search": ["gnn", "mlp", "mowst", "mowst_star"],
 }
 # Files that other options of their group build on (their name starts with "_").
-BASES = {"data": ["_real"], "model": ["_multitask", "_node"],
+BASES = {"data": ["_real"], "model": ["_multitask", "_node"], "model/strong": ["_base"],
          "experiment": ["_movielens", "_mtl_synthetic", "_nc", "_nc_heterophilous"],
          "hparams_search": ["_optuna"]}
 # What an option of a group needs beside it to compose.
@@ -141,7 +142,7 @@ def test_gnn_baseline(compose_cfg):
     run = instantiate_run(compose_cfg(TINY, "model=dense_gnn"), trainer=False)
     net, task = run["net"], run["task"]
     dense = net.ffns[0]
-    assert dense[0].out_features == 128  # k * expert hidden = 2 * 64
+    assert dense[0].out_features == 128  # moe_gnn's k * expert hidden = 2 * 64
     # The dense baseline weights no auxiliary loss (moe_gnn's weights are not inherited).
     assert task.aux_loss_weights == {}
 
@@ -313,6 +314,9 @@ def test_multitask_models(compose_cfg, model):
     net, task = run["net"], run["task"]
     assert isinstance(net, MultiTaskRecommender) and type(net.head) is MULTITASK_MODELS[model]
     assert net.head.tasks == ["watch", "like", "rating"] and net.head.in_channels == 48
+    if model.startswith("home"):  # the paper's form: expert batch norm starting at gain 1
+        gain = 1.0 if model == "home_paper" else 0.1
+        assert all((lv.norm.weight == gain).all() for lv in net.head.levels)
     assert isinstance(task, MultiTaskLearning) and task.net is net
     assert task.task_weights == {"watch": 1.0, "like": 1.0, "rating": 1.0}
     assert task.tasks["rating"]["type"] == "regression"

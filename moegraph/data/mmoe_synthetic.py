@@ -25,6 +25,7 @@ correlation falls with :math:`p` but is not equal to it.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -83,13 +84,38 @@ def mmoe_synthetic(num_rows: int, correlation: float, in_channels: int = 100,
 
 def mmoe_synthetic_frame(num_rows: int, correlation: float, in_channels: int = 100,
                          scale: float = 1.0, num_sinusoids: int = 10, noise_std: float = 0.1,
-                         seed: int = 0):
+                         seed: int = 0, num_bins: Optional[int] = None, binary: bool = False):
     r""":func:`mmoe_synthetic` as a pandas frame (columns ``x0 .. x{d-1}``,
-    ``y1``, ``y2``) for :class:`~moegraph.data.TabularMultiTaskDataModule`."""
+    ``y1``, ``y2``) for :class:`~moegraph.data.TabularMultiTaskDataModule`.
+
+    Args:
+        num_bins (int, optional): write each feature as a categorical column
+            instead: the index (``"b0"`` .. ``"b{k-1}"``) of its bin among
+            ``num_bins`` equiprobable bins of :math:`\mathcal{N}(0, 1)` (the
+            features' known law, so nothing is fitted to the rows). One-hot
+            encoded, this gives a Census-like table of ``d * num_bins``
+            sparse columns. :obj:`None` keeps the numbers. (default: :obj:`None`)
+        binary (bool, optional): replace each label by ``y_t > median(y_t)``
+            (1 or 0; the median over the drawn rows defines the task), making
+            two balanced binary tasks. (default: :obj:`False`)
+    """
     import pandas as pd
 
     data = mmoe_synthetic(num_rows, correlation, in_channels, scale, num_sinusoids,
                           noise_std, seed)
-    frame = pd.DataFrame(data["x"].numpy(), columns=[f"x{i}" for i in range(in_channels)])
-    frame["y1"], frame["y2"] = data["y1"].numpy(), data["y2"].numpy()
+    x = data["x"].double()
+    names = [f"x{i}" for i in range(in_channels)]
+    if num_bins is None:
+        frame = pd.DataFrame(data["x"].numpy(), columns=names)
+    else:
+        if int(num_bins) < 2:
+            raise ValueError(f"'num_bins' must be at least 2 (got {num_bins})")
+        k = int(num_bins)
+        edges = torch.distributions.Normal(0.0, 1.0).icdf(
+            torch.arange(1, k, dtype=torch.float64) / k)  # [k-1] inner edges
+        codes = torch.bucketize(x, edges).numpy()  # [N, d], bin of each value in 0..k-1
+        frame = pd.DataFrame({n: [f"b{c}" for c in codes[:, i]] for i, n in enumerate(names)})
+    for t in ("y1", "y2"):
+        y = data[t]
+        frame[t] = (y > y.median()).long().numpy() if binary else y.numpy()
     return frame

@@ -117,8 +117,10 @@ def permute_and_compute(x: Tensor, bins: Bins, experts: Experts, fixed_k: Option
     if not deterministic:
         # A bank that gathers its rows and adds its outputs itself (the same
         # additions in the same order) spares the [A, F] and [A, O] copies.
+        # With one assignment per row (top-1), the rows are a permutation.
         fused = getattr(experts, "gather_and_combine", None)
-        out = None if fused is None else fused(x, bins.rows, bins.counts, bins.weight)
+        out = None if fused is None else fused(x, bins.rows, bins.counts, bins.weight,
+                                               unique=fixed_k == 1)
         if out is not None:
             return out
     y_sorted = experts(x.index_select(0, bins.rows), bins.counts, bins.weight)  # [A, O]

@@ -8,7 +8,7 @@ weights.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,6 +57,26 @@ class Experts(Module):
         raise NotImplementedError
 
 
+def _gelu_kernels(act: torch.nn.GELU) -> tuple[Callable, Callable]:
+    approximate = act.approximate
+    return (lambda hp: torch.nn.functional.gelu(hp, approximate=approximate),
+            lambda grad, hp, h: torch.ops.aten.gelu_backward(grad, hp, approximate=approximate))
+
+
+def _relu_kernels(act: torch.nn.ReLU) -> tuple[Callable, Callable]:
+    return torch.relu, lambda grad, hp, h: torch.ops.aten.threshold_backward(grad, h, 0)
+
+
+# Activations whose forward and backward kernels :class:`_SegmentMLP` calls
+# itself (the very kernels autograd would call), sparing an autograd graph and
+# an ``autograd.grad`` call per expert block; any other activation goes through
+# autograd.
+_ACT_KERNELS: dict[type, Callable[[Any], tuple[Callable, Callable]]] = {
+    torch.nn.GELU: _gelu_kernels,
+    torch.nn.ReLU: _relu_kernels,
+}
+
+
 class _SegmentMLP(torch.autograd.Function):
     r"""Two-layer MLP experts over contiguous row blocks, one matmul per block.
 
@@ -66,7 +86,9 @@ class _SegmentMLP(torch.autograd.Function):
     input, and per block the activation's own autograd graph (its input and
     output), so any activation module works and nothing is recomputed; the
     activation's own trainable parameters are passed as trailing inputs so that
-    they get their gradient too (e.g. PReLU).
+    they get their gradient too (e.g. PReLU). GELU and ReLU skip the graph:
+    their forward and backward kernels are called directly (the ones autograd
+    would call, so the numbers are the same).
 
     With ``rows`` (the row of each sorted assignment), ``x`` holds the
     unsorted rows ``[N, F]``: each block gathers its rows itself and adds its
@@ -74,16 +96,30 @@ class _SegmentMLP(torch.autograd.Function):
     into ``grad_x [N, F]``), so the sorted copies of the input, the output and
     their gradients, ``[A, F]`` and ``[A, O]`` each, are never allocated. The
     additions happen in the order of the sorted assignments, exactly as an
-    ``index_add_`` of the sorted outputs would do them.
+    ``index_add_`` of the sorted outputs would do them. With ``unique`` (each
+    row has exactly one assignment: top-1 routing) the rows are a permutation,
+    so outputs and input gradients are copied into place (``index_copy_``)
+    instead of added into zeroed buffers.
+
+    The unweighted outputs ``[A, O]`` are kept for the backward pass only when
+    the combine weight needs a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, rows, num_rows, sizes, act, w1, b1, w2, b2, *act_params):
+    def forward(ctx, x, weight, rows, num_rows, sizes, unique, act, w1, b1, w2, b2,
+                *act_params):
         gather = rows is not None
+        unique = unique and gather
         A, O = sum(sizes), w2.size(-1)
-        y = x.new_empty(A, O)  # unweighted outputs, sorted by expert
-        out = x.new_zeros(num_rows, O) if gather else None
+        # the unweighted outputs, sorted by expert: a buffer when the backward
+        # pass needs them (for the weight's gradient) or they are returned
+        keep_y = weight is not None and ctx.needs_input_grad[1]
+        y = x.new_empty(A, O) if keep_y or not gather else None
+        out = None
+        if gather:  # every row written exactly once when unique
+            out = x.new_empty(num_rows, O) if unique else x.new_zeros(num_rows, O)
         graphs = []  # per block: (activation input, activation output)
+        fused = _ACT_KERNELS.get(type(act), lambda a: None)(act)
         start = 0
         for e, size in enumerate(sizes):
             if size == 0:
@@ -91,21 +127,29 @@ class _SegmentMLP(torch.autograd.Function):
             end = start + size
             xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
             hp = xe @ w1[e] if b1 is None else torch.addmm(b1[e], xe, w1[e])
-            with torch.enable_grad():
-                hp.requires_grad_()
-                h = act(hp)
-            graphs.append((hp, h))
-            if b2 is None:
-                torch.mm(h.detach(), w2[e], out=y[start:end])
+            if fused is not None:  # no autograd graph per block
+                h = fused[0](hp)
             else:
-                torch.addmm(b2[e], h.detach(), w2[e], out=y[start:end])
+                with torch.enable_grad():
+                    hp.requires_grad_()
+                    h = act(hp)
+            graphs.append((hp, h))
+            ye = None if y is None else y[start:end]
+            if b2 is None:
+                ye = torch.mm(h.detach(), w2[e], out=ye)
+            else:
+                ye = torch.addmm(b2[e], h.detach(), w2[e], out=ye)
             if gather:
-                ye = y[start:end] if weight is None else y[start:end] * weight[start:end, None]
-                out.index_add_(0, rows[start:end], ye)
+                if weight is not None:
+                    ye = ye * weight[start:end, None]
+                if unique:
+                    out.index_copy_(0, rows[start:end], ye)
+                else:
+                    out.index_add_(0, rows[start:end], ye)
             start = end
-        ctx.sizes, ctx.graphs, ctx.act_params = sizes, graphs, act_params
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.save_for_backward(x, rows, weight, None if weight is None else y, w1, w2)
+        ctx.sizes, ctx.graphs, ctx.act_params, ctx.fused = sizes, graphs, act_params, fused
+        ctx.has_b1, ctx.has_b2, ctx.unique = b1 is not None, b2 is not None, unique
+        ctx.save_for_backward(x, rows, weight, y if keep_y else None, w1, w2)
         if gather:
             return out
         return y if weight is None else y * weight.unsqueeze(-1)
@@ -120,7 +164,7 @@ class _SegmentMLP(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = None
         if need_x:
-            grad_x = torch.zeros_like(x) if gather else torch.empty_like(x)
+            grad_x = torch.zeros_like(x) if gather and not ctx.unique else torch.empty_like(x)
         grad_weight = torch.empty_like(weight) if (need_w and weight is not None) else None
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1 = w1.new_empty(w1.size(0), w1.size(2)) if ctx.has_b1 else None
@@ -146,22 +190,28 @@ class _SegmentMLP(torch.autograd.Function):
             torch.mm(h.detach().t(), g, out=gw2[e])
             if gb2 is not None:
                 torch.sum(g, dim=0, out=gb2[e])
-            grad_h, *grad_p = torch.autograd.grad(h, (hp, *ctx.act_params), g @ w2[e].t(),
-                                                  retain_graph=True, allow_unused=True)
-            for acc, grad in zip(grad_act, grad_p, strict=True):
-                if grad is not None:
-                    acc += grad
+            if ctx.fused is not None:  # the kernel autograd would call
+                grad_h = ctx.fused[1](g @ w2[e].t(), hp, h)
+            else:
+                grad_h, *grad_p = torch.autograd.grad(h, (hp, *ctx.act_params), g @ w2[e].t(),
+                                                      retain_graph=True, allow_unused=True)
+                for acc, grad in zip(grad_act, grad_p, strict=True):
+                    if grad is not None:
+                        acc += grad
             xe = x.index_select(0, rows[start:end]) if gather else x[start:end]
             torch.mm(xe.t(), grad_h, out=gw1[e])
             if gb1 is not None:
                 torch.sum(grad_h, dim=0, out=gb1[e])
             if grad_x is not None:
-                if gather:
+                if ctx.unique:
+                    grad_x.index_copy_(0, rows[start:end], grad_h @ w1[e].t())
+                elif gather:
                     grad_x.index_add_(0, rows[start:end], grad_h @ w1[e].t())
                 else:
                     torch.mm(grad_h, w1[e].t(), out=grad_x[start:end])
             start = end
-        return (grad_x, grad_weight, None, None, None, None, gw1, gb1, gw2, gb2, *grad_act)
+        return (grad_x, grad_weight, None, None, None, None, None, gw1, gb1, gw2, gb2,
+                *grad_act)
 
 
 class MLPExperts(Experts):
@@ -232,19 +282,22 @@ class MLPExperts(Experts):
         return self._run(x_sorted, counts, weight)
 
     def gather_and_combine(self, x: Tensor, rows: Tensor, counts: Tensor,
-                           weight: Optional[Tensor] = None) -> Optional[Tensor]:
+                           weight: Optional[Tensor] = None,
+                           unique: bool = False) -> Optional[Tensor]:
         r"""The experts on the rows ``x [N, F]`` routed to them and the
         weighted outputs added back into their rows, ``[N, O]``: what
         ``combine(self(x[rows], counts, weight), rows, N)`` computes, with the
-        same additions in the same order, without the sorted copies. Used by
+        same additions in the same order, without the sorted copies. With
+        ``unique`` (``rows`` is a permutation of ``0..N-1``: one assignment
+        per row), the outputs are copied into place, nothing is added. Used by
         :func:`~moegraph.nn.dispatch.permute_and_compute`; :obj:`None` where
         this bank has no such path (``backend="grouped_mm"``)."""
         if resolve_backend(self.backend) != "loop":
             return None
-        return self._run(x, counts, weight, rows)
+        return self._run(x, counts, weight, rows, unique)
 
     def _run(self, x: Tensor, counts: Tensor, weight: Optional[Tensor],
-             rows: Optional[Tensor] = None) -> Tensor:
+             rows: Optional[Tensor] = None, unique: bool = False) -> Tensor:
         backend = resolve_backend(self.backend)
         # Under autocast the experts run in the autocast dtype, as nn.Linear would.
         device_type = x.device.type
@@ -260,8 +313,8 @@ class MLPExperts(Experts):
                 return y if weight is None else y * weight.unsqueeze(-1)
             sizes = counts.tolist()  # host sync: block sizes are needed on the host
             act_params = [p for p in self.act.parameters() if p.requires_grad]
-            return _SegmentMLP.apply(x, weight, rows, x.size(0), sizes, self.act, *params,
-                                     *act_params)
+            return _SegmentMLP.apply(x, weight, rows, x.size(0), sizes, unique, self.act,
+                                     *params, *act_params)
 
     def _grouped_mm(self, x: Tensor, counts: Tensor, w1: Tensor, b1: Optional[Tensor],
                     w2: Tensor, b2: Optional[Tensor]) -> Tensor:

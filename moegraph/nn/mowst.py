@@ -22,6 +22,7 @@ from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.utils.graph import (  # noqa: F401 (public here before)
     HopSubgraph,
     check_edge_index,
+    gcn_degree_inv_sqrt,
     gcn_normalized_edges,
     hop_ordered_subgraph,
     trimmable_convs,
@@ -31,6 +32,10 @@ VARIANTS = ("mowst", "mowst_star")
 DISPERSIONS = ("variance", "entropy")
 GATE_TYPES = ("mlp", "variance", "entropy")
 IGNORE_INDEX = -100
+# Sparse inference runs the strong expert on the whole graph instead when its
+# trimmed layers would visit this share of the whole-graph pass's edge visits
+# (layers times edges) or more.
+DENSE_EDGE_SHARE = 0.9
 
 
 def variance_dispersion(probs: Tensor) -> Tensor:
@@ -370,9 +375,9 @@ class Mowst(Module):
         self.num_hops: Optional[int] = (receptive_hops(self.strong) if num_hops is None
                                         else num_hops)
         self._weak_takes_graph = _takes_graph(self.weak)
-        # GCN's normalised edges of the last graph seen, when the strong
-        # expert's GCN layers are ``cached`` (the graph is then static).
-        self._gcn_cache: Optional[tuple[tuple, tuple[Tensor, Tensor]]] = None
+        # GCN's inverse square-root degrees of the last graph seen, when the
+        # strong expert's GCN layers are ``cached`` (the graph is then static).
+        self._gcn_cache: Optional[tuple[tuple, Tensor]] = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -486,11 +491,22 @@ class Mowst(Module):
         :attr:`num_hops`-hop subgraph of ``index`` (:func:`hop_ordered_subgraph`),
         trimmed layer by layer: layer :math:`\ell` of :math:`k` computes only
         the nodes within :math:`k - \ell` hops, from the edges into them. GCN
-        layers get their normalised edge weights (with self-loops, ``improved``
-        and ``cached`` honoured) from the whole graph and run with
-        ``normalize=False`` for the call, so the outermost nodes' degrees are
-        those of the whole graph. Any other expert runs untrimmed on
-        :func:`~torch_geometric.utils.k_hop_subgraph`.
+        layers run with ``normalize=False`` for the call and get the
+        normalised weights of the subgraph's edges from the degrees of the
+        whole graph (:func:`~moegraph.utils.graph.gcn_degree_inv_sqrt`, one
+        count over the edges, kept when the layers are ``cached``), so the
+        outermost nodes' degrees are those of the whole graph. Every node
+        sums its messages in the order of the full-graph pass, so the logits
+        are those of :meth:`strong_forward` bit for bit wherever the dense
+        layers round a row alike for the subgraph's rows and the whole
+        graph's (a BLAS may differ there by one unit in the last place).
+        Any other
+        expert runs untrimmed on :func:`~torch_geometric.utils.k_hop_subgraph`.
+        When the trimmed layers would still visit :data:`DENSE_EDGE_SHARE`
+        (90%) of the edges that the whole-graph pass visits, summed over the
+        layers (almost every node unconfident, or dense graphs where one hop
+        reaches almost every node), the strong expert runs on the whole graph
+        instead: the gathers would cost more than the visits they save.
 
         Args:
             x (Tensor): node features of the whole graph.
@@ -517,34 +533,43 @@ class Mowst(Module):
             return self.strong_forward(x[subset], sub_edge_index)[mapping], subset.numel()
 
         gcn = [c for c in convs if isinstance(c, GCNConv) and c.normalize]
-        edge_weight = None
-        if gcn:
-            edge_index, edge_weight = self._gcn_normalized_edges(gcn, edge_index, num_nodes,
-                                                                 x.dtype)
-        sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes)
+        self_loops = bool(gcn) and gcn[0].add_self_loops
+        sub = hop_ordered_subgraph(index, self.num_hops, edge_index, num_nodes,
+                                   add_self_loops=self_loops)
+        # Edge visits: layer l of k runs on the edges into hops < k - l.
+        k, whole = self.num_hops, edge_index.size(1) + (num_nodes if self_loops else 0)
+        visits = sum(count * (k - h) for h, count in enumerate(sub.num_edges_per_hop))
+        if visits >= DENSE_EDGE_SHARE * k * whole:
+            # nearly every edge in every layer: the gathers would cost more than they save
+            return self.strong_forward(x, edge_index)[index], num_nodes
         kwargs: dict[str, Any] = dict(num_sampled_nodes_per_hop=sub.num_nodes_per_hop,
                                       num_sampled_edges_per_hop=sub.num_edges_per_hop)
-        if edge_weight is not None:
-            kwargs["edge_weight"] = edge_weight[sub.edge_id]
+        if gcn:
+            # The weights of GCN's normalisation on the whole graph, at the
+            # subgraph's edges only: dinv[u] * dinv[v], bit for bit gcn_norm's.
+            dinv = self._gcn_degree_inv_sqrt(gcn, edge_index, num_nodes, x.dtype)
+            dinv = dinv[sub.subset]
+            src, dst = sub.edge_index
+            kwargs["edge_weight"] = dinv[src] * dinv[dst]  # [e]
         try:
             for conv in gcn:
                 conv.normalize = False  # the weights are normalised already
-            out = self.strong(x[sub.subset], sub.edge_index, **kwargs)
+            out = self.strong(x.index_select(0, sub.subset), sub.edge_index, **kwargs)
         finally:
             for conv in gcn:
                 conv.normalize = True
         return as_model_output(out).logits[sub.mapping], sub.subset.numel()
 
-    def _gcn_normalized_edges(self, convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
-                              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        r""":func:`~moegraph.utils.graph.gcn_normalized_edges` of the whole
+    def _gcn_degree_inv_sqrt(self, convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
+                             dtype: torch.dtype) -> Tensor:
+        r""":func:`~moegraph.utils.graph.gcn_degree_inv_sqrt` of the whole
         graph, kept for the next call when the GCN layers are ``cached``."""
         cached = all(c.cached for c in convs)
         key = (edge_index.data_ptr(), tuple(edge_index.shape), edge_index.device, num_nodes,
                dtype)
         if cached and self._gcn_cache is not None and self._gcn_cache[0] == key:
             return self._gcn_cache[1]
-        out = gcn_normalized_edges(convs, edge_index, num_nodes, dtype)
+        out = gcn_degree_inv_sqrt(convs, edge_index, num_nodes, dtype)
         self._gcn_cache = (key, out) if cached else None
         return out
 

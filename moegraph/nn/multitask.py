@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.nn import Linear, Module, ModuleDict, ModuleList, Parameter
 
 EXPERT_NORMS = (None, "none", "batch_norm", "layer_norm")
+ACTIVATIONS = (None, "relu", "silu")
+GAIN = 0.1  # HoME's default initial gain of the expert normalisation (the paper's: 1)
 INPUT = "input"
 
 Tasks = Union[Sequence[str], Mapping[str, int]]
@@ -177,7 +179,7 @@ class MultiGateLevel(Module):
             \qquad \text{(self-gate, optional)}
 
     with :math:`\phi` = ReLU without expert normalisation and Swish (SiLU)
-    with it (HoME).
+    with it (HoME), unless ``activation`` names one.
 
     Args:
         in_channels (int): size of every input stream.
@@ -192,6 +194,12 @@ class MultiGateLevel(Module):
         self_gate (bool, optional): add the gated residual of each gate's input
             stream (needs ``in_channels == hidden_channels``).
             (default: :obj:`False`)
+        activation (str, optional): ``"relu"`` or ``"silu"``; :obj:`None`
+            picks ReLU without ``expert_norm`` and SiLU with it.
+            (default: :obj:`None`)
+        norm_gain (float, optional): initial gain :math:`\gamma_0` of the
+            expert normalisation (its learnable per-unit scale).
+            (default: :obj:`1.0`, as :class:`torch.nn.BatchNorm1d`)
 
     Shapes:
         - **input:** dict of streams, each ``[N, F]``
@@ -203,10 +211,15 @@ class MultiGateLevel(Module):
 
     def __init__(self, in_channels: int, hidden_channels: int, expert_inputs: Sequence[str],
                  gates: Sequence[GateSpec], expert_norm: Optional[str] = None,
-                 feature_gate_rank: Optional[int] = None, self_gate: bool = False):
+                 feature_gate_rank: Optional[int] = None, self_gate: bool = False,
+                 activation: Optional[str] = None, norm_gain: float = 1.0):
         super().__init__()
+        if not norm_gain > 0 or not math.isfinite(norm_gain):
+            raise ValueError(f"'norm_gain' must be a positive number (got {norm_gain})")
         if expert_norm not in EXPERT_NORMS:
             raise ValueError(f"'expert_norm' must be one of {EXPERT_NORMS} (got {expert_norm!r})")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"'activation' must be one of {ACTIVATIONS} (got {activation!r})")
         if len(expert_inputs) == 0:
             raise ValueError("a level needs at least one expert")
         if self_gate and in_channels != hidden_channels:
@@ -232,6 +245,8 @@ class MultiGateLevel(Module):
         self._stream_groups = runs
         self.gate_specs = list(gates)
         self.expert_norm = None if expert_norm == "none" else expert_norm
+        self.activation = activation or ("silu" if self.expert_norm is not None else "relu")
+        self.norm_gain = float(norm_gain)
         self.feature_gate_rank = int(feature_gate_rank or 0)
         self.self_gate = self_gate
 
@@ -275,8 +290,9 @@ class MultiGateLevel(Module):
             torch.nn.init.uniform_(self.bias[e], -bound, bound)
         if self.norm is not None:
             self.norm.reset_parameters()
+            torch.nn.init.constant_(self.norm.weight, self.norm_gain)
         if self.norm_weight is not None:
-            torch.nn.init.ones_(self.norm_weight)
+            torch.nn.init.constant_(self.norm_weight, self.norm_gain)
             torch.nn.init.zeros_(self.norm_bias)
         if self.fg_a is not None:
             # B = 0: every feature-gate starts as the identity (2 * sigmoid(0) = 1).
@@ -324,7 +340,7 @@ class MultiGateLevel(Module):
         h = h.view(N, E, H)
         if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
             h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
-        h = F.silu(h) if self.expert_norm is not None else F.relu(h)  # [N, E, H]
+        h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
 
         logits = torch.cat([lin(streams[g.input]) for g, lin in
                             zip(self.gate_specs, self.gate_lins, strict=True)], dim=1)
@@ -704,6 +720,17 @@ class HoME(MultiTaskHead):
             \mathbf{B}_e`. (default: :obj:`4`)
         self_gate (bool, optional): the level-2 gated residual.
             (default: :obj:`True`)
+        activation (str, optional): the experts' activation, ``"relu"`` or
+            ``"silu"``; :obj:`None`: Swish with ``expert_norm``, ReLU
+            without. (default: :obj:`None`)
+        expert_norm_gain (float, optional): initial gain :math:`\gamma_0` of
+            the expert normalisation, :math:`\mathrm{BN}_e(\mathbf{u}) =
+            \gamma \hat{\mathbf{u}} + \beta` with :math:`\gamma` learned from
+            :math:`\gamma_0`. The paper's BatchNorm starts at 1; moegraph starts
+            at 0.1, since at 1 the normalised experts start at unit scale and
+            memorise sparse (one-hot) tabular input within a few epochs (see
+            ``experiments/results/home_diagnosis.md``). Pass ``1.0`` for the
+            paper's exact form. (default: :obj:`0.1`)
 
     Shapes:
         - **input:** ``[N, F]``
@@ -717,7 +744,8 @@ class HoME(MultiTaskHead):
                  num_task_experts: Union[int, Mapping[str, int]] = 1,
                  tower_channels: int = 16, expert_norm: Optional[str] = "batch_norm",
                  hierarchy_mask: bool = True, feature_gate: bool = True,
-                 feature_gate_rank: int = 4, self_gate: bool = True):
+                 feature_gate_rank: int = 4, self_gate: bool = True,
+                 activation: Optional[str] = None, expert_norm_gain: float = GAIN):
         super().__init__(in_channels, hidden_channels, tasks, tower_channels)
         group_lists: dict[str, list[str]] = {t: [t] for t in self.tasks} if groups is None else {
             str(g): list(ts) for g, ts in dict(groups).items()}
@@ -732,6 +760,9 @@ class HoME(MultiTaskHead):
         if num_group_experts < 1:
             raise ValueError("'num_group_experts': every meta-task group's expert group is "
                              f"empty ({num_group_experts} experts)")
+        if not expert_norm_gain > 0 or not math.isfinite(expert_norm_gain):
+            raise ValueError(f"'expert_norm_gain' must be a positive number (got "
+                             f"{expert_norm_gain})")
         if feature_gate and feature_gate_rank < 1:
             raise ValueError(f"'feature_gate_rank' must be positive (got {feature_gate_rank})")
         self.num_shared_experts = shared
@@ -743,6 +774,8 @@ class HoME(MultiTaskHead):
         self.feature_gate = feature_gate
         self.feature_gate_rank = feature_gate_rank
         self.self_gate = self_gate
+        self.activation = activation
+        self.expert_norm_gain = expert_norm_gain
         rank = feature_gate_rank if feature_gate else None
         S, Gn = shared[0], num_group_experts
 
@@ -758,7 +791,8 @@ class HoME(MultiTaskHead):
                           else every1) for g in group_lists]
         gates.append(GateSpec("shared", INPUT, every1))
         self._add_level(labels, inputs, gates, expert_norm=expert_norm,
-                        feature_gate_rank=rank)
+                        feature_gate_rank=rank, activation=activation,
+                        norm_gain=expert_norm_gain)
 
         # Level 2: shared + group + task experts; one gate per task.
         S = shared[1]
@@ -777,7 +811,8 @@ class HoME(MultiTaskHead):
                           tuple(range(S)) + tuple(own2[self.group_of[t]]) + tuple(own2[t])
                           if hierarchy_mask else every2) for t in self.tasks]
         self._add_level(labels, inputs, gates, expert_norm=expert_norm,
-                        feature_gate_rank=rank, self_gate=self_gate)
+                        feature_gate_rank=rank, self_gate=self_gate, activation=activation,
+                        norm_gain=expert_norm_gain)
         self.reset_parameters()
 
     def _check_groups(self, groups: dict[str, list[str]]) -> dict[str, str]:

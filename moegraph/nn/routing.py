@@ -367,7 +367,10 @@ class TopKRouter(Router):
             logits = clean
         probs = logits.softmax(dim=-1)  # [N, Et]
         top_logits, top_idx = logits.topk(k, dim=-1)  # [N, K]
-        if self.normalize:
+        if self.normalize and k == 1:
+            # the softmax over one choice is 1, a constant: its gradient is zero
+            top_weight = torch.ones_like(top_logits)
+        elif self.normalize:
             top_weight = top_logits.softmax(dim=-1)
         else:
             top_weight = probs.gather(1, top_idx)

@@ -14,7 +14,8 @@ from torch.nn import Module
 from torch_geometric.nn import GCNConv, MessagePassing
 
 __all__ = ["HopGraph", "check_edge_index", "two_hop_edge_index",
-           "trimmable_convs", "HopSubgraph", "hop_ordered_subgraph", "gcn_normalized_edges"]
+           "trimmable_convs", "HopSubgraph", "hop_ordered_subgraph", "gcn_normalized_edges",
+           "gcn_degree_inv_sqrt"]
 
 
 def check_edge_index(edge_index: Tensor, num_nodes: int) -> None:
@@ -190,7 +191,8 @@ class HopSubgraph(NamedTuple):
         edge_index (Tensor): ``[2, e]`` its edges, relabelled, grouped by the
             hop of their target node.
         edge_id (Tensor): ``[e]`` positions of its edges in the original
-            ``edge_index`` (to carry edge weights over).
+            ``edge_index`` (to carry edge weights over); ``-1`` for a
+            self-loop added by ``add_self_loops=True``.
         mapping (Tensor): ``[len(index)]`` the position of each node of
             ``index`` in :attr:`subset`.
         num_nodes_per_hop (list[int]): ``num_hops + 1`` node counts, hop 0 first.
@@ -207,7 +209,7 @@ class HopSubgraph(NamedTuple):
 
 
 def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
-                         num_nodes: int) -> HopSubgraph:
+                         num_nodes: int, add_self_loops: bool = False) -> HopSubgraph:
     r"""The ``num_hops``-hop computation subgraph of the nodes ``index``
     (messages flow from ``edge_index[0]`` to ``edge_index[1]``), laid out as
     :class:`~torch_geometric.loader.NeighborLoader` lays out its samples so
@@ -220,11 +222,23 @@ def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
     within :math:`k - \ell` hops from the edges into them only, which is
     exact: such a node keeps all its in-edges.
 
+    Within a hop, edges keep their order in ``edge_index``, so every node
+    receives its messages in the same order as on the whole graph (and a sum
+    over them gives the same bits). With ``add_self_loops=True`` the edges are
+    those of PyG's :func:`~torch_geometric.utils.add_remaining_self_loops`:
+    existing self-loops are dropped and each node within ``num_hops - 1`` hops
+    gets one self-loop, after its other in-edges (as GCN's normalisation lays
+    them out on the whole graph).
+
+    The search costs one gather and one comparison over the edges per hop, on
+    one byte per edge.
+
     Args:
         index (Tensor): the target nodes (ids, duplicates allowed).
         num_hops (int): hops :math:`k \ge 0`.
         edge_index (Tensor): edges of the whole graph.
         num_nodes (int): nodes of the whole graph.
+        add_self_loops (bool, optional): see above. (default: :obj:`False`)
 
     Shapes:
         - **input:** ``index [B]``, ``edge_index [2, M]``
@@ -235,9 +249,11 @@ def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
     index = index.to(device=device, dtype=torch.long).view(-1)
     row, col = edge_index[0], edge_index[1]
     unreached = num_hops + 1
-    hop = torch.full((num_nodes,), unreached, dtype=torch.long, device=device)
+    # one byte per node and per edge: the gathers over all edges dominate
+    hop_dtype = torch.uint8 if unreached <= 255 else torch.long
+    hop = torch.full((num_nodes,), unreached, dtype=hop_dtype, device=device)
     hop[index] = 0
-    target_hop = hop[col]
+    target_hop = hop[col] if num_hops > 0 else hop[:0]  # [M]
     for h in range(1, num_hops + 1):  # one pass over the edges per hop
         src = row[target_hop == h - 1]
         hop[src[hop[src] > h]] = h
@@ -245,21 +261,77 @@ def hop_ordered_subgraph(index: Tensor, num_hops: int, edge_index: Tensor,
             target_hop = hop[col]
     nodes_by_hop = [(hop == h).nonzero().view(-1) for h in range(num_hops + 1)]
     subset = torch.cat(nodes_by_hop)
+    num_nodes_per_hop = [t.numel() for t in nodes_by_hop]
     new_id = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
     new_id[subset] = torch.arange(subset.numel(), device=device)
-    if num_hops > 0:  # targets within num_hops - 1 hops (their hops are final)
-        edges_by_hop = [(target_hop == h).nonzero().view(-1) for h in range(num_hops)]
-        edge_id = torch.cat(edges_by_hop)
+
+    keep = (row != col) if add_self_loops else None  # [M] the edges that are not loops
+    ids, pieces, num_edges_per_hop = [], [], []
+    start = 0
+    for h in range(num_hops):  # targets within num_hops - 1 hops (their hops are final)
+        mask = target_hop == h
+        if keep is not None:
+            mask &= keep
+        edge_id = mask.nonzero().view(-1)
+        ids.append(edge_id)
+        pieces.append(new_id[edge_index.index_select(1, edge_id)])
+        count = edge_id.numel()
+        if add_self_loops:  # one loop per node of hop h, after its other in-edges
+            loops = torch.arange(start, start + num_nodes_per_hop[h], device=device)
+            ids.append(torch.full_like(loops, -1))
+            pieces.append(loops.expand(2, -1))
+            count += loops.numel()
+        start += num_nodes_per_hop[h]
+        num_edges_per_hop.append(count)
+    if num_hops > 0:
+        edge_id, sub_edge_index = torch.cat(ids), torch.cat(pieces, dim=1)
     else:
-        edges_by_hop, edge_id = [], torch.empty(0, dtype=torch.long, device=device)
+        edge_id = torch.empty(0, dtype=torch.long, device=device)
+        sub_edge_index = torch.empty(2, 0, dtype=torch.long, device=device)
     return HopSubgraph(
         subset=subset,
-        edge_index=new_id[edge_index[:, edge_id]],
+        edge_index=sub_edge_index,
         edge_id=edge_id,
         mapping=new_id[index],
-        num_nodes_per_hop=[t.numel() for t in nodes_by_hop],
-        num_edges_per_hop=[t.numel() for t in edges_by_hop],
+        num_nodes_per_hop=num_nodes_per_hop,
+        num_edges_per_hop=num_edges_per_hop,
     )
+
+
+def gcn_degree_inv_sqrt(convs: list[GCNConv], edge_index: Tensor, num_nodes: int,
+                        dtype: torch.dtype) -> Tensor:
+    r""":math:`\hat{d}_v^{-1/2}` of every node, the degree (in-edges, self-loops
+    as GCN adds them) that the GCN layers ``convs`` (which share
+    ``add_self_loops`` and ``flow``) compute in their forward pass on a graph
+    without edge weights: bit for bit what
+    :func:`~torch_geometric.nn.conv.gcn_conv.gcn_norm` finds, from one count
+    over the edges instead of a normalisation of the whole graph. The
+    normalised weight of an edge ``u -> v`` (or of the loop of ``v``) is then
+    ``dinv[u] * dinv[v]``, computed for the edges one needs only.
+
+    PyG (2.8) adds every self-loop with weight one when no edge weight is
+    given, whatever ``improved`` says; ``tests/nn/test_mowst_sparse.py``
+    compares with :func:`gcn_normalized_edges` to catch a change.
+
+    Shapes:
+        - **input:** ``edge_index [2, M]``
+        - **output:** ``[N]``
+    """
+    flags = {(c.add_self_loops, c.flow) for c in convs}
+    if len(flags) != 1:
+        raise ValueError(f"the GCN layers must share add_self_loops and flow (got "
+                         f"{sorted(flags)})")
+    add_self_loops, flow = flags.pop()
+    row, col = edge_index[0], edge_index[1]
+    idx = (col if flow == "source_to_target" else row).long()
+    if add_self_loops:  # the existing loops are replaced by one per node
+        idx = idx[row != col]
+    # a float sum of ones, in any order, is this integer (below 2**24 per node)
+    deg = torch.bincount(idx, minlength=num_nodes).to(dtype)
+    if add_self_loops:
+        deg += 1
+    dinv = deg.pow_(-0.5)
+    return dinv.masked_fill_(dinv == float("inf"), 0.0)
 
 
 def gcn_normalized_edges(convs: list[GCNConv], edge_index: Tensor, num_nodes: int,

@@ -64,3 +64,21 @@ def test_bad_arguments(kwargs, match):
     args = dict(num_rows=10, correlation=0.5) | kwargs
     with pytest.raises(ValueError, match=match):
         mmoe_synthetic(**args)
+
+
+def test_binned_binary_frame():
+    frame = mmoe_synthetic_frame(400, 0.9, in_channels=6, seed=2, num_bins=4, binary=True)
+    d = mmoe_synthetic(400, 0.9, in_channels=6, seed=2)
+    # Bins of N(0, 1) quartiles: edges -0.6745, 0, 0.6745 (standard normal table).
+    edges = [-0.6744897501960817, 0.0, 0.6744897501960817]
+    for n in range(0, 400, 53):
+        for i in range(6):
+            v = d["x"][n, i].item()
+            assert frame[f"x{i}"].iloc[n] == f"b{sum(v > e for e in edges)}"
+    for t in ("y1", "y2"):
+        y = d[t]
+        assert set(frame[t].unique()) == {0, 1}
+        # torch.median of 400 values is the lower middle one: 200 rows lie above it
+        assert int(frame[t].sum()) == int((y > y.median()).sum()) == 200
+    with pytest.raises(ValueError, match="'num_bins' must be at least 2"):
+        mmoe_synthetic_frame(10, 0.5, num_bins=1)

@@ -82,3 +82,20 @@ def test_train_cached_runs_and_caches(script, tmp_path):
     assert record["overrides"] == overrides and record["seed"] == 0 and record["x"] == 1
     assert record["metric"] == "acc" and "test/acc" in record["metrics"]
     assert record["wall_seconds"] > 0
+
+
+def test_write_results_keeps_the_hand_written_findings(script, tmp_path):
+    study = script("_study")
+    path = tmp_path / "study.md"
+    # a new file: the generated tables, then the mark for findings
+    text = study.write_results(path, "# t\n\n| a |\n|---|\n| 1 |\n")
+    assert text == f"# t\n\n| a |\n|---|\n| 1 |\n\n{study.FINDINGS_MARK}\n"
+    assert path.read_text() == text
+    # findings written by hand below the mark survive a rebuild of the tables
+    path.write_text(text + "- GMoE loses on reed98 (by hand).\n")
+    study.write_results(path, "# t\n\n| a |\n|---|\n| 2 |")
+    assert path.read_text() == (f"# t\n\n| a |\n|---|\n| 2 |\n\n{study.FINDINGS_MARK}\n"
+                                "- GMoE loses on reed98 (by hand).\n")
+    # a file without the mark (made before it existed) is replaced, the mark added
+    path.write_text("old table, no mark\n")
+    assert study.write_results(path, "new") == f"new\n\n{study.FINDINGS_MARK}\n"

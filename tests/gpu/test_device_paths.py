@@ -70,6 +70,9 @@ def test_sparse_moe_matches_float64_reference(device, backend, precision, k):
     rtol = 2e-2 if dtype is not None else 1e-4
     for name, ref in [("out", ref_out), *ref_grads.items()]:
         got = (out if name == "out" else grads[name])
+        if ref is None:  # top-1: the router's weight is the constant one, no gradient
+            assert k == 1 and name == "router.weight" and got is None, name
+            continue
         assert got is not None, name
         got = got.detach().double().cpu()
         scale = ref.abs().max().item()
@@ -104,6 +107,9 @@ def test_deterministic_combine_is_bit_identical_on_repeat(device, k):
     for out, _, grads in runs[1:]:
         assert torch.equal(out, out0)
         for name, g in grads0.items():
+            if g is None:  # top-1: no gradient reaches the router's weight
+                assert k == 1 and name == "router.weight" and grads[name] is None, name
+                continue
             assert torch.equal(grads[name], g), name
 
 

@@ -288,3 +288,41 @@ def test_module_experts_reset_parameters():
 
 def test_mlp_experts_repr():
     assert repr(MLPExperts(8, 16, 4, num_experts=3)) == "MLPExperts(8, 16, 4, num_experts=3)"
+
+
+class _AutogradGELU(torch.nn.GELU):
+    r"""GELU that is not in the table of kernels: the autograd path."""
+
+
+class _AutogradReLU(torch.nn.ReLU):
+    r"""ReLU that is not in the table of kernels: the autograd path."""
+
+
+@pytest.mark.parametrize("act,reference", [
+    (torch.nn.GELU(), _AutogradGELU()),
+    (torch.nn.GELU(approximate="tanh"), _AutogradGELU(approximate="tanh")),
+    (torch.nn.ReLU(), _AutogradReLU()),
+])
+@pytest.mark.parametrize("gather", [False, True])
+def test_activation_kernels_equal_the_autograd_path(act, reference, gather):
+    r"""GELU and ReLU run their forward and backward kernels directly, without
+    an autograd graph per block: outputs and every gradient equal, bit for bit,
+    those of the same activation through autograd."""
+    results = []
+    for activation in (act, reference):
+        torch.manual_seed(0)
+        experts = MLPExperts(8, 16, 6, num_experts=4, backend="loop")
+        experts.act = activation
+        x = torch.randn(30, 8, requires_grad=True)
+        weight = torch.rand(30, requires_grad=True)
+        counts = torch.tensor([7, 0, 13, 10])
+        if gather:
+            rows = torch.randperm(30)
+            out = experts.gather_and_combine(x, rows, counts, weight)
+        else:
+            out = experts(x, counts, weight)
+        out.backward(torch.randn(30, 6, generator=torch.Generator().manual_seed(1)))
+        results.append([out.detach(), x.grad, weight.grad]
+                       + [p.grad for p in experts.parameters()])
+    for got, expected in zip(*results, strict=True):
+        assert torch.equal(got, expected)

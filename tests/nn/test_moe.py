@@ -329,6 +329,37 @@ def test_gradients_match_naive(name, backend):
     assert float(got["router.weight"].abs().sum()) > 0
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_top1_fast_path_matches_naive(backend):
+    r"""Top-1 with normalised weights: the weight is the constant one (the
+    softmax over a single choice), the rows are a permutation and each output
+    and input gradient is copied into place. Outputs and gradients equal the
+    float64 reference, whose router gradient through the weights is zero."""
+    torch.manual_seed(13)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=1, backend=backend)
+    x = make_x(seed=14).requires_grad_()
+    g = torch.randn(N, OUT, generator=torch.Generator().manual_seed(15))
+    out, routing = m(x)
+    assert routing.fixed_k == 1 and not routing.weight.requires_grad
+    assert torch.equal(routing.weight, torch.ones(N))
+    assert torch.equal(routing.row.sort().values, torch.arange(N))
+    (out * g).sum().backward()
+    got = {n: p.grad for n, p in m.named_parameters()}
+    got_x = x.grad.clone()
+    assert got["router.weight"] is None  # only the aux losses reach it
+
+    m.zero_grad()
+    x.grad = None
+    ref = naive_differentiable_moe(m, x, naive_route(m, x))
+    torch.testing.assert_close(out, ref.float().detach(), atol=1e-5, rtol=1e-4)
+    (ref * g.double()).sum().backward()
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-4)
+    for n, p in m.named_parameters():
+        if n != "router.weight":
+            torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    torch.testing.assert_close(m.router.weight.grad, torch.zeros_like(m.router.weight))
+
+
 @pytest.mark.parametrize("name", sorted(GRAD_CONFIGS))
 @pytest.mark.parametrize("experts", ["mlp", "modules"])
 def test_every_parameter_learns(name, experts):

@@ -8,11 +8,24 @@ from torch_geometric.nn import GCNConv
 from torch_geometric.nn.models import GAT, GCN, GIN, MLP, GraphSAGE
 from torch_geometric.utils import erdos_renyi_graph
 
+from moegraph.nn import mowst as mowst_module
 from moegraph.nn.models import MoEGNN
 from moegraph.nn.mowst import Mowst, receptive_hops
-from moegraph.utils.graph import gcn_normalized_edges, hop_ordered_subgraph, trimmable_convs
+from moegraph.utils.graph import (
+    gcn_degree_inv_sqrt,
+    gcn_normalized_edges,
+    hop_ordered_subgraph,
+    trimmable_convs,
+)
 
 FEAT, CLASSES = 6, 3
+
+
+@pytest.fixture(autouse=True)
+def always_trim(monkeypatch):
+    r"""On these small graphs two hops reach most edges: test the trimmed path
+    whatever its share (the switch to the whole graph has its own test)."""
+    monkeypatch.setattr(mowst_module, "DENSE_EDGE_SHARE", float("inf"))
 
 
 def graph(num_nodes=40, num_edges=90, num_isolated=5, seed=0):
@@ -211,3 +224,110 @@ def test_cached_gcn_normalisation_is_kept_by_mowst_not_written_into_pyg():
     again, _ = model.strong_forward_at(x, edge_index, index)
     assert torch.equal(first, again)
     assert torch.allclose(first, model.strong_forward(x, edge_index)[index], atol=1e-5)
+
+
+def graph_with_loops_and_duplicates(seed=18):
+    x, edge_index = graph(seed=seed)
+    extra = torch.tensor([[3, 3, 7, 7, 12, 0], [3, 3, 9, 9, 12, 5]])  # loops (one twice), dups
+    return x, torch.cat([edge_index, extra], dim=1)
+
+
+@pytest.mark.parametrize("add_self_loops", [True, False])
+@pytest.mark.parametrize("improved", [True, False])
+def test_gcn_degree_inv_sqrt_gives_gcn_norm_weights_bit_for_bit(add_self_loops, improved):
+    x, edge_index = graph_with_loops_and_duplicates()
+    convs = [GCNConv(FEAT, 8, improved=improved, add_self_loops=add_self_loops)]
+    ref_index, ref_weight = gcn_normalized_edges(convs, edge_index, x.size(0), x.dtype)
+    dinv = gcn_degree_inv_sqrt(convs, edge_index, x.size(0), x.dtype)
+    assert dinv.shape == (x.size(0),)
+    assert torch.equal(dinv[ref_index[0]] * dinv[ref_index[1]], ref_weight)
+    assert dinv[-1] == (1.0 if add_self_loops else 0.0)  # isolated: its own loop, or nothing
+
+
+def test_gcn_degree_inv_sqrt_needs_shared_flags():
+    edge_index = torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match="must share add_self_loops and flow"):
+        gcn_degree_inv_sqrt([GCNConv(FEAT, 8), GCNConv(8, 3, add_self_loops=False)],
+                            edge_index, 2, torch.float)
+
+
+@pytest.mark.parametrize("num_hops", [1, 2, 3])
+def test_hop_ordered_subgraph_with_self_loops_lays_edges_out_as_gcn_norm(num_hops):
+    from torch_geometric.utils import add_remaining_self_loops
+
+    x, edge_index = graph_with_loops_and_duplicates(seed=19)
+    N = x.size(0)
+    index = torch.tensor([5, 3, 38])
+    sub = hop_ordered_subgraph(index, num_hops, edge_index, N, add_self_loops=True)
+    plain = hop_ordered_subgraph(index, num_hops, edge_index, N)
+    assert torch.equal(sub.subset, plain.subset) and torch.equal(sub.mapping, plain.mapping)
+    hop = naive_hops(index, num_hops, edge_index, N)
+    # reference: the edges of the whole looped graph into nodes within num_hops - 1
+    # hops, grouped by that hop, each group in the looped graph's order
+    looped, _ = add_remaining_self_loops(edge_index, num_nodes=N)
+    expected = []
+    for h in range(num_hops):
+        expected += [(s, t) for s, t in looped.t().tolist() if hop.get(t, num_hops) == h]
+    got = sub.subset[sub.edge_index].t().tolist()
+    assert got == [list(e) for e in expected]
+    assert sub.num_edges_per_hop == [sum(hop.get(t, num_hops) == h for _, t in expected)
+                                     for h in range(num_hops)]
+    loops = sub.edge_id == -1
+    assert torch.equal(sub.edge_index[0, loops], sub.edge_index[1, loops])
+    assert torch.equal(edge_index[:, sub.edge_id[~loops]], sub.subset[sub.edge_index[:, ~loops]])
+
+
+@pytest.mark.parametrize("strong", [
+    lambda: GCN(FEAT, FEAT, 2, FEAT),
+    lambda: GCN(FEAT, FEAT, 3, FEAT, improved=True),
+    lambda: GCN(FEAT, FEAT, 2, FEAT, add_self_loops=False),
+    lambda: GCN(FEAT, FEAT, 2, FEAT, cached=True),
+    lambda: GraphSAGE(FEAT, FEAT, 2, FEAT),
+    lambda: GIN(FEAT, FEAT, 2, FEAT),
+])
+def test_sparse_inference_sums_messages_as_the_full_graph(strong):
+    r"""Every routed node sums its messages in the order of the full graph, with
+    the same GCN weights, so the logits are equal bit for bit, not only close.
+
+    The dense layers get identity weights: a BLAS may round a row of ``x @ W``
+    differently for another number of rows (seen with MKL on 19 rows against
+    40, by one unit in the last place), which would hide what is tested here;
+    with identity weights every product is exact and only the sums' order
+    counts."""
+    x, edge_index = graph_with_loops_and_duplicates(seed=20)
+    torch.manual_seed(21)
+    model = Mowst(MLP([FEAT, 8, FEAT]), strong()).eval()  # resets the strong expert
+    with torch.no_grad():
+        for module in model.strong.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Module) and isinstance(weight, torch.Tensor) \
+                    and weight.dim() == 2:
+                weight.copy_(torch.eye(*weight.shape))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.uniform_(-1, 1)
+    full = model.strong_forward(x, edge_index)
+    for index in (torch.tensor([3, 12, 0, 38]), torch.arange(0, 40, 2)):
+        out, _ = model.strong_forward_at(x, edge_index, index)
+        assert torch.equal(out, full[index])
+    sparse = model.predict(x, edge_index, threshold=0.6, sparse=True)
+    dense = model.predict(x, edge_index, threshold=0.6, sparse=False)
+    assert torch.equal(sparse.probs, dense.probs)
+
+
+@pytest.mark.parametrize("share,whole", [(0.9, True), (float("inf"), False)])
+def test_a_subgraph_with_most_edges_runs_on_the_whole_graph(monkeypatch, share, whole):
+    monkeypatch.setattr(mowst_module, "DENSE_EDGE_SHARE", share)
+    x, edge_index = graph(seed=22)
+    torch.manual_seed(23)
+    model = Mowst(MLP([FEAT, 8, CLASSES]), GCN(FEAT, 8, 2, CLASSES)).eval()
+    calls = []
+    handle = model.strong.register_forward_pre_hook(lambda m, args: calls.append(args[0].size(0)))
+    index = torch.arange(0, 35)  # every node with edges: the subgraph holds every edge
+    out, num_sub = model.strong_forward_at(x, edge_index, index)
+    handle.remove()
+    assert torch.allclose(out, model.strong_forward(x, edge_index)[index], atol=1e-6)
+    assert calls == [x.size(0)] if whole else calls == [35]
+    assert num_sub == (x.size(0) if whole else 35)
+    out, num_sub = model.strong_forward_at(x, edge_index, torch.tensor([36]))  # isolated
+    assert num_sub == 1  # a small subgraph is trimmed at any share

@@ -188,7 +188,7 @@ def test_home_expert_norm_feature_gate_and_self_gate(x):
         xe = xd * 2 * torch.sigmoid(xd @ A @ lv.fg_b.detach()[e])
         z = xe @ lv.weight.detach()[e] + lv.bias.detach()[e]  # [N, H]
         z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)  # train-mode BN
-        hs.append(F.silu(z))
+        hs.append(F.silu(0.1 * z))  # HoME's default initial gain of the norm: 0.1
     torch.testing.assert_close(out.experts[0], torch.stack(hs, 1))
     # Self-gate at level 2: the output minus the mixture is sigma(y1 U) * y1.
     lv2 = model.levels[1]
@@ -207,7 +207,54 @@ def test_home_layer_norm_option(x):
     model = HoME(5, 6, TASKS, groups=GROUPS, expert_norm="layer_norm", feature_gate=False)
     h = model(x).experts[0]
     pre = torch.einsum("nf,efh->neh", x, model.levels[0].weight) + model.levels[0].bias
-    torch.testing.assert_close(h, F.silu(F.layer_norm(pre, (6,))))
+    torch.testing.assert_close(h, F.silu(0.1 * F.layer_norm(pre, (6,))))
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm"])
+def test_home_expert_norm_gain_and_paper_form(x, norm):
+    r"""The expert normalisation starts at its gain: HoME's default 0.1, the
+    paper's form (``expert_norm_gain=1``) plain BatchNorm, each followed by
+    Swish; ``activation`` overrides Swish. Against a by-hand normalisation."""
+    pre_of = {}
+    for gain, act in ((0.1, F.silu), (1.0, F.silu), (0.5, F.relu)):
+        torch.manual_seed(3)
+        kwargs = {} if gain == 0.1 else {"expert_norm_gain": gain}
+        if act is F.relu:
+            kwargs["activation"] = "relu"
+        model = HoME(5, 6, TASKS, groups=GROUPS, expert_norm=norm, feature_gate=False,
+                     **kwargs)
+        lv = model.levels[0]
+        pre = torch.einsum("nf,efh->neh", x, lv.weight) + lv.bias  # [N, E, H]
+        if norm == "batch_norm":
+            z = (pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + 1e-5)
+        else:
+            z = (pre - pre.mean(-1, keepdim=True)) / torch.sqrt(
+                pre.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(model(x).experts[0], act(gain * z))
+        pre_of[gain] = pre
+    # The gain changes the normalisation's scale only, not the experts' weights.
+    torch.testing.assert_close(pre_of[0.1], pre_of[1.0])
+    paper = HoME(5, 6, TASKS, expert_norm_gain=1.0)
+    assert all((lv.norm.weight == 1).all() for lv in paper.levels)
+    model = HoME(5, 6, TASKS)
+    torch.nn.init.normal_(model.levels[1].norm.weight)
+    model.reset_parameters()
+    assert all((lv.norm.weight == 0.1).all() for lv in model.levels)
+
+
+def test_batch_norm_statistics_come_from_training_rows_only(x):
+    r"""Running statistics move only on training batches (momentum 0.1 from
+    mean 0, variance 1); evaluating other rows leaves them as they were."""
+    model = HoME(5, 6, TASKS, groups=GROUPS, feature_gate=False)
+    lv = model.levels[0]
+    pre = (torch.einsum("nf,efh->neh", x, lv.weight) + lv.bias).detach().reshape(7, -1)
+    model(x)
+    torch.testing.assert_close(lv.norm.running_mean, 0.1 * pre.mean(0))
+    torch.testing.assert_close(lv.norm.running_var, 0.9 + 0.1 * pre.var(0, unbiased=True))
+    before = [b.clone() for b in lv.norm.buffers()]
+    model.eval()
+    model(torch.randn(50, 5) * 10 + 3)  # validation / test rows
+    assert all(torch.equal(a, b) for a, b in zip(before, lv.norm.buffers(), strict=True))
 
 
 @pytest.mark.parametrize("make", [
@@ -274,6 +321,9 @@ def test_reset_parameters_restores_identity_feature_gate():
     (dict(groups=GROUPS, num_task_experts={"watch": 1, "like": 1}),
      "'num_task_experts' names tasks"),
     (dict(groups=GROUPS, expert_norm="group_norm"), "'expert_norm' must be one of"),
+    (dict(groups=GROUPS, activation="gelu"), r"'activation' must be one of \(None, 'relu'"),
+    (dict(groups=GROUPS, expert_norm_gain=0.0), "'expert_norm_gain' must be a positive"),
+    (dict(groups=GROUPS, expert_norm_gain=float("nan")), "'expert_norm_gain' must be a pos"),
 ])
 def test_home_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

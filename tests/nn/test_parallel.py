@@ -20,6 +20,10 @@ from moegraph.nn import LinearExperts, MLPExperts, SparseMoE
 from moegraph.nn.experts import Experts
 from moegraph.nn.parallel import ShardedExperts, ignore_sharded_in_ddp, shard_experts, sharded_names
 
+# pytest-xdist (make test): one worker runs this module, its module-scoped
+# fixture is built once.
+pytestmark = pytest.mark.xdist_group("expert_parallel_session")
+
 WORLD = 2
 F_IN, HID, OUT = 6, 8, 5
 TIMEOUT = 120  # seconds for the whole multi-process session

@@ -1,6 +1,6 @@
 r"""Assembled networks built from moegraph layers."""
 from moegraph.nn.models.backbone import BACKBONES, make_backbone
-from moegraph.nn.models.gmoe import GMoE
+from moegraph.nn.models.gmoe import GMoE, make_gmoe
 from moegraph.nn.models.gnn import CONVS, MoEGNN, NodeLinear, make_conv, make_norm
 from moegraph.nn.models.graph_level import (
     BondGCNConv,
@@ -19,4 +19,5 @@ from moegraph.nn.models.rec import (
 __all__ = ["BACKBONES", "CONVS", "BipartiteLightGCN", "BondGCNConv", "BondGINConv",
            "FeatureEncoder", "GMoE", "GraphLevelGNN", "MoEGNN", "MultiTaskRecommender",
            "TabularMultiTaskNet", "multitask_net",
-           "NodeLinear", "PatchExperts", "PatchMoE", "make_backbone", "make_conv", "make_norm"]
+           "NodeLinear", "PatchExperts", "PatchMoE", "make_backbone", "make_conv", "make_gmoe",
+           "make_norm"]

@@ -1,4 +1,5 @@
-r"""GMoE: a GNN whose every layer is a hop-expert graph MoE convolution."""
+r"""GMoE: a GNN whose every layer is a hop-expert graph MoE convolution; and
+:func:`make_gmoe`, which builds it or its residual-block counterpart."""
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -27,12 +28,11 @@ class GMoE(Module):
         \mathrm{HopMoEConv}^{(l)}(\mathbf{H}^{(l)}, \mathcal{E})\big)\big)\big)
 
     with no normalisation, activation or dropout after the last layer,
-    whose output is the class scores. With ``residual=True`` it is instead
-    the residual architecture of :func:`~moegraph.nn.models.make_backbone`
-    (Platonov et al.): an input projection, ``num_layers`` blocks of a
-    hop-expert convolution then a dense two-layer FFN, each added back and
-    normalised, and a linear classifier
-    (:class:`~moegraph.nn.models.MoEGNN` with ``conv="hop_moe"``).
+    whose output is the class scores. This class is the paper's plain stack
+    only; the residual blocks of Platonov et al. with hop-expert
+    convolutions are :class:`~moegraph.nn.models.MoEGNN` with
+    ``conv="hop_moe"`` and ``ffn="dense"``, which :func:`make_gmoe` builds
+    with ``residual=True``.
 
     At ``k=1`` each node runs one expert per layer: the active FLOPs of the
     plain GNN of the same width, plus the router and, for hop-2 experts, a
@@ -61,9 +61,10 @@ class GMoE(Module):
             :obj:`None`. (default: :obj:`None`)
         dropout (float, optional): dropout between layers. (default: :obj:`0.5`)
         input_dropout (float, optional): dropout on the input features;
-            with ``residual``, :obj:`None` means ``dropout``. (default: :obj:`0.0`)
-        residual (bool, optional): residual blocks with a dense FFN instead
-            of the plain stack. (default: :obj:`False`)
+            :obj:`None` means none. (default: :obj:`0.0`)
+        residual (bool, optional): must be :obj:`False`; :obj:`True` raises
+            a :class:`ValueError` that points to :func:`make_gmoe` (the
+            residual variant is another architecture). (default: :obj:`False`)
         hop2 (str, optional): receptive field of the hop-2 experts,
             ``"pairs"`` or ``"square"`` (see
             :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"pairs"`)
@@ -98,6 +99,10 @@ class GMoE(Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"'num_layers' must be positive (got {num_layers})")
+        if residual:
+            raise ValueError("GMoE is the paper's plain stack and takes no 'residual=True': "
+                             "build the residual blocks with make_gmoe(..., residual=True) "
+                             "or MoEGNN(conv='hop_moe', ffn='dense', conv_kwargs=...)")
         if not isinstance(router, str) and num_layers > 1:
             raise ValueError("a Router module cannot be shared by several layers: give the "
                              "router by name")
@@ -109,22 +114,11 @@ class GMoE(Module):
         self.num_experts = num_experts
         self.dropout = dropout
         self.input_dropout = input_dropout
-        self.residual = residual
         self.hop2 = hop2
         self.act = activation_resolver(act)
         self.convs = ModuleList()
         self.norms = ModuleList()
-        self.body = None
-        if residual:
-            conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
-                               conv=conv, router=router, router_kwargs=router_kwargs,
-                               capacity_factor=capacity_factor, heads=heads, hop2=hop2)
-            self.body = MoEGNN(in_channels, hidden_channels, out_channels, num_layers,
-                               conv="hop_moe", conv_kwargs=conv_kwargs, ffn="dense", act=act,
-                               norm=norm, dropout=dropout,
-                               input_dropout=dropout if input_dropout is None else input_dropout)
-            self.convs = self.body.convs
-        for layer in range(0 if residual else num_layers):
+        for layer in range(num_layers):
             last = layer == num_layers - 1
             self.convs.append(HopMoEConv(
                 in_channels if layer == 0 else hidden_channels,
@@ -147,8 +141,6 @@ class GMoE(Module):
             x (Tensor): node features ``[N, F]``.
             edge_index (Tensor): edges ``[2, M]``.
         """
-        if self.body is not None:
-            return self.body(x, edge_index)
         x = F.dropout(x, self.input_dropout or 0.0, self.training)
         routings = []
         for layer, conv in enumerate(self.convs):
@@ -161,4 +153,46 @@ class GMoE(Module):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
                 f"{self.out_channels}, num_layers={self.num_layers}, conv={self.conv_name}, "
-                f"num_experts={self.num_experts}{', residual=True' if self.residual else ''})")
+                f"num_experts={self.num_experts})")
+
+
+def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_layers: int = 2,
+              conv: str = "gcn", num_experts: int = 8, num_hop2_experts: Optional[int] = None,
+              k: Optional[int] = None, router: Union[str, Router] = "topk",
+              router_kwargs: Optional[dict[str, Any]] = None,
+              capacity_factor: Optional[float] = None, heads: int = 1,
+              act: Union[str, Module] = "relu", norm: Optional[str] = None,
+              dropout: float = 0.5, input_dropout: Optional[float] = 0.0,
+              residual: bool = False, hop2: str = "pairs") -> Module:
+    r"""A hop-expert graph MoE by the layout of the experiment's backbone, as
+    :func:`~moegraph.nn.models.make_backbone` builds the dense ones: with
+    ``residual=False`` the paper's plain stack :class:`GMoE`; with
+    ``residual=True`` the residual blocks of Platonov et al. (an input
+    projection, ``num_layers`` blocks of a :class:`~moegraph.nn.HopMoEConv`
+    then a dense two-layer FFN, each added back and normalised, and a linear
+    classifier), i.e. :class:`~moegraph.nn.models.MoEGNN` with
+    ``conv="hop_moe"`` and ``ffn="dense"``.
+
+    Args:
+        residual (bool, optional): the residual blocks instead of the plain
+            stack. (default: :obj:`False`)
+        input_dropout (float, optional): dropout on the input features; with
+            ``residual=True``, :obj:`None` means ``dropout``.
+            (default: :obj:`0.0`)
+        **others: as :class:`GMoE`.
+    """
+    if not residual:
+        return GMoE(in_channels, hidden_channels, out_channels, num_layers=num_layers, conv=conv,
+                    num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
+                    router=router, router_kwargs=router_kwargs,
+                    capacity_factor=capacity_factor, heads=heads, act=act, norm=norm,
+                    dropout=dropout, input_dropout=input_dropout, hop2=hop2)
+    if not isinstance(router, str) and num_layers > 1:
+        raise ValueError("a Router module cannot be shared by several layers: give the "
+                         "router by name")
+    conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
+                       conv=conv, router=router, router_kwargs=router_kwargs,
+                       capacity_factor=capacity_factor, heads=heads, hop2=hop2)
+    return MoEGNN(in_channels, hidden_channels, out_channels, num_layers, conv="hop_moe",
+                  conv_kwargs=conv_kwargs, ffn="dense", act=act, norm=norm, dropout=dropout,
+                  input_dropout=dropout if input_dropout is None else input_dropout)

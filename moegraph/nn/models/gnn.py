@@ -14,6 +14,7 @@ from moegraph.nn.conv.hop_moe import HopMoEConv
 from moegraph.nn.moe import MoEOutput, SparseMoE
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import sum_aux_losses
+from moegraph.utils.checks import check_int
 
 CONVS = ("gcn", "sage", "gat", "gin", "hop_moe", "none")
 
@@ -105,8 +106,12 @@ class MoEGNN(Module):
             dense FFN in the others. (default: :obj:`1`)
         ffn_hidden_channels (int, optional): hidden size of each expert (and
             of the dense FFN); :obj:`hidden_channels` if :obj:`None`.
+            With :obj:`ffn="dense"` and :obj:`k` given, the dense FFN is
+            :obj:`k * ffn_hidden_channels` wide: the active width of the
+            top-:obj:`k` MoE block it stands in for (``model=dense_gnn``).
         num_experts (int, optional): experts per MoE block. (default: :obj:`8`)
-        k (int, optional): experts per node for the top-k router.
+        k (int, optional): experts per node for the top-k router (with
+            :obj:`ffn="dense"`: the width multiplier above).
         moe_kwargs (dict, optional): further arguments of
             :class:`~moegraph.nn.SparseMoE` (router, router_kwargs,
             num_shared_experts, capacity_factor, ...).
@@ -165,6 +170,10 @@ class MoEGNN(Module):
         self.residual = residual
         self.act = activation_resolver(act)
         ffn_hidden = ffn_hidden_channels or hidden_channels
+        # The dense twin of a top-k MoE block: equal active width.
+        dense_hidden = ffn_hidden
+        if ffn == "dense" and k is not None:
+            dense_hidden = ffn_hidden * check_int("k", k)
 
         self.lin_in = Linear(in_channels, hidden_channels)
         self.convs = ModuleList()
@@ -180,9 +189,10 @@ class MoEGNN(Module):
                                           num_experts=num_experts, k=k, act=act,
                                           **dict(moe_kwargs or {}))
             elif ffn in ("moe", "dense"):
-                block = torch.nn.Sequential(Linear(hidden_channels, ffn_hidden),
+                width = dense_hidden if ffn == "dense" else ffn_hidden
+                block = torch.nn.Sequential(Linear(hidden_channels, width),
                                             activation_resolver(act),
-                                            Linear(ffn_hidden, hidden_channels))
+                                            Linear(width, hidden_channels))
             else:
                 block = Identity()
             self.ffns.append(block)

@@ -1,5 +1,5 @@
 r"""GMoE as a model: a stack of hop-expert graph MoE convolutions (HopMoEConv),
-as one model and as residual blocks; mini-batches with full k-hop
+and make_gmoe's residual blocks (MoEGNN with hop-MoE convolutions); mini-batches with full k-hop
 neighbourhoods; its hop-2 options against a dense reference; its default
 config (and MoE-GNN's) against a feature-only MLP on a homophilous synthetic
 graph."""
@@ -18,10 +18,14 @@ from torch_geometric.utils import to_dense_adj, to_undirected
 from moegraph.data import csbm_graph
 from moegraph.data.loader import KHopLoader
 from moegraph.nn import HopMoEConv
-from moegraph.nn.models import GMoE, MoEGNN
+from moegraph.nn.models import GMoE, MoEGNN, make_gmoe
 from moegraph.nn.output import as_model_output
 from moegraph.tasks.node_classification import weighted_aux_loss
 from moegraph.train import CONFIG_DIR
+
+# pytest-xdist (make test): one worker runs this module, its module-scoped
+# fixture is built once.
+pytestmark = pytest.mark.xdist_group("gmoe_module_fixture")
 
 
 def random_graph(num_nodes, num_edges, seed):
@@ -51,23 +55,41 @@ def test_gmoe_model_and_minibatch():
         GMoE(6, 16, 3, num_layers=0)
 
 
-def test_gmoe_residual_blocks():
+def test_make_gmoe_residual_blocks_are_moegnn_with_hop_moe_convs():
     x, edge_index = random_graph(40, 120, 4)
-    model = GMoE(6, 16, 3, num_layers=3, num_experts=4, k=1, norm="layer_norm",
-                 residual=True).train()
-    assert repr(model) == "GMoE(6, 16, 3, num_layers=3, conv=gcn, num_experts=4, residual=True)"
+    model = make_gmoe(6, 16, 3, num_layers=3, num_experts=4, k=1, norm="layer_norm",
+                      residual=True, input_dropout=None).train()
+    assert isinstance(model, MoEGNN) and not isinstance(model, GMoE)
     assert all(isinstance(conv, HopMoEConv) for conv in model.convs) and len(model.convs) == 3
     out = model(x, edge_index)
     assert out.logits.shape == (40, 3) and len(out.routing) == 3
     (out.logits.sum() + sum(out.aux_loss.values())).backward()
     assert all(conv.router.weight.grad is not None for conv in model.convs)
-    # the residual body is MoEGNN's: a hop-MoE conv in place of a PyG conv
+    # the same network as MoEGNN's blocks with a hop-MoE conv in place of a PyG
+    # conv, input dropout = dropout when None
     body = MoEGNN(6, 16, 3, num_layers=3, conv="hop_moe", ffn="dense", norm="layer_norm",
                   dropout=0.5, input_dropout=0.5,
                   conv_kwargs=dict(num_experts=4, k=1))
-    body.load_state_dict(model.body.state_dict())
+    body.load_state_dict(model.state_dict())
+    assert model.input_dropout == 0.5
     model.eval(), body.eval()
     torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)
+
+
+def test_make_gmoe_plain_is_gmoe():
+    x, edge_index = random_graph(30, 90, 5)
+    kwargs = dict(num_layers=2, conv="sage", num_experts=4, k=1, dropout=0.3)
+    torch.manual_seed(0)
+    model = make_gmoe(6, 16, 3, **kwargs).eval()
+    torch.manual_seed(0)
+    reference = GMoE(6, 16, 3, **kwargs).eval()
+    assert type(model) is GMoE
+    torch.testing.assert_close(model(x, edge_index).logits, reference(x, edge_index).logits)
+
+
+def test_gmoe_rejects_residual():
+    with pytest.raises(ValueError, match=r"make_gmoe\(\.\.\., residual=True\)"):
+        GMoE(6, 16, 3, residual=True)
 
 
 def test_hop2_square_is_the_squared_gcn_adjacency():
@@ -112,7 +134,7 @@ def test_hop2_bad_arguments(kwargs, match):
 def test_gmoe_passes_hop2_to_every_layer():
     model = GMoE(6, 8, 3, num_layers=3, num_experts=4, k=1, hop2="square")
     assert [c.hop2 for c in model.convs] == ["square"] * 3
-    model = GMoE(6, 8, 3, num_layers=2, num_experts=4, k=1, hop2="square", residual=True)
+    model = make_gmoe(6, 8, 3, num_layers=2, num_experts=4, k=1, hop2="square", residual=True)
     assert [c.hop2 for c in model.convs] == ["square"] * 2
 
 
@@ -164,3 +186,12 @@ def test_default_configs_beat_an_mlp_on_a_homophilous_graph(homophilous_graph):
     scores = {m: _fit(m, homophilous_graph) for m in ("mlp", "moe_gnn", "gmoe")}
     for model in ("moe_gnn", "gmoe"):
         assert scores[model] > scores["mlp"] + 0.25, scores
+
+
+@pytest.mark.parametrize("experiment, cls", [("nc_cora", GMoE), ("nc_minesweeper", MoEGNN)])
+def test_gmoe_config_follows_the_backbone_layout(experiment, cls):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "model=gmoe"])
+    net = instantiate(cfg.model.net, in_channels=8, out_channels=3)
+    assert type(net) is cls
+    assert all(isinstance(conv, HopMoEConv) and conv.hop2 == "square" for conv in net.convs)

@@ -196,6 +196,18 @@ def test_ffn_hidden_channels_and_moe_kwargs():
     assert moe.hidden_channels == 24 and moe.num_shared_experts == 1
 
 
+def test_dense_twin_has_the_active_width_of_top_k():
+    # ffn="dense" with k: one FFN k * ffn_hidden_channels wide (k experts' active width);
+    # without k: ffn_hidden_channels wide.
+    twin = MoEGNN(FEAT, HID, OUT, num_layers=2, ffn="dense", ffn_hidden_channels=24, k=3)
+    assert all(f[0].out_features == 72 and f[2].in_features == 72 for f in twin.ffns)
+    plain = MoEGNN(FEAT, HID, OUT, num_layers=2, ffn="dense", ffn_hidden_channels=24)
+    assert all(f[0].out_features == 24 for f in plain.ffns)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="'k' must be a positive integer"):
+            MoEGNN(FEAT, HID, OUT, ffn="dense", k=bad)
+
+
 def test_conv_kwargs_not_mutated():
     conv_kwargs = {"heads": 4}
     net = MoEGNN(FEAT, HID, OUT, num_layers=2, conv="gat", conv_kwargs=conv_kwargs)
