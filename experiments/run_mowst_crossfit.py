@@ -80,7 +80,8 @@ def target_cell(gnn: list[float], model: list[float]) -> str:
 def report(datasets: list[str], seeds: list[int], command: str) -> str:
     lines = results_header("Mowst with a cross-fitted gate vs its GNN", command, RUNS)
     lines += [
-        f"GCN backbone, hidden 64, 2 layers, seeds {seeds[0]}..{seeds[-1]} (on amherst41 and "
+        f"GCN backbone, hidden 64, 2 layers, seeds {seeds[0]}..{seeds[-1]} asked, those cached "
+        "so far done (`n`; on amherst41 and "
         "reed98 seed *s* also picks split *s*), 1 CPU thread. Accuracy in %, mean ± std "
         "over the runs (`n`). Mowst columns give the deterministic score (`Mowst.predict`: "
         "weak expert where C >= 0.5), the headline; `exp.` = expected score of the paper's "
