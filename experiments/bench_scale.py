@@ -83,7 +83,8 @@ def run_one(args) -> dict:
         net = Mowst(MLP([F, H, C], dropout=0.2, norm=None),
                     GraphSAGE(F, H, 2, C, dropout=0.2))
         task = MowstTask(net, num_classes=C, optimizer=adam, turn_patience=1,
-                         max_turn_epochs=1)
+                         max_turn_epochs=1, pretrain_weak_epochs=0, pretrain_strong_epochs=0,
+                         crossfit_folds=0, max_rounds=10)
         epochs = 2  # the weak turn, then the strong turn
 
     class Timer(L.Callback):

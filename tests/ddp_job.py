@@ -120,7 +120,8 @@ def main() -> None:
         net = Mowst(MLP([FEAT, 16, C], dropout=0.0, norm=None),
                     GraphSAGE(FEAT, 16, 2, C, dropout=0.0), variant=args.model)
         task = MowstTask(net, num_classes=C, optimizer=adam, turn_patience=1,
-                         max_turn_epochs=1, max_rounds=10, round_patience=10, min_delta=0.0)
+                         max_turn_epochs=1, max_rounds=10, round_patience=10, min_delta=0.0,
+                         pretrain_weak_epochs=0, pretrain_strong_epochs=0, crossfit_folds=0)
     strategy = (DDPStrategy(find_unused_parameters=True, start_method="popen")
                 if args.devices > 1 else "auto")
     step_log = StepLog()

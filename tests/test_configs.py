@@ -244,8 +244,9 @@ def test_mowst_options(compose_cfg, strong, variant):
     assert isinstance(net, Mowst) and net.variant == variant
     assert isinstance(net.weak, MLP) and isinstance(net.strong, STRONG[strong])
     assert net.strong.hidden_channels == 16 and net.strong.out_channels == 4
-    assert isinstance(task, MowstTask) and task.pretrain_weak_epochs == 100
-    assert task.gate_holdout == 0.5 and task.select_on == "deterministic"
+    assert isinstance(task, MowstTask) and task.pretrain_weak_epochs == 300
+    assert task.crossfit_folds == 2 and task.gate_holdout == 0.0
+    assert task.select_on == "deterministic"
 
 
 @pytest.mark.parametrize("strong", ["gcn", "sage"])
@@ -254,7 +255,8 @@ def test_mowst_paper_is_mowst_with_the_papers_formulation(compose_cfg, strong):
     task = instantiate_run(cfg, trainer=False)["task"]
     assert isinstance(task, MowstTask) and isinstance(task.net.strong, STRONG[strong])
     assert task.gate_holdout == 0.0 and task.select_on == "expected"
-    assert task.pretrain_weak_epochs == 100 and task.net.gate_type == "mlp"
+    assert task.crossfit_folds == 0 and task.pretrain_weak_epochs == 300
+    assert task.net.gate_type == "mlp"
 
 
 @pytest.mark.parametrize("strong", OPTIONS["model/strong"])

@@ -19,15 +19,23 @@ from torch_geometric.data import Data
 
 from moegraph.checkpoint import from_config, net_from_config
 from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
+from moegraph.nn.output import as_model_output
 from moegraph.tasks.common import load_metric_states, metric_states, split_mask
 from moegraph.tasks.metrics import MowstMetrics
+from moegraph.tasks.mowst_crossfit import CrossFit, crossfit_logits
 from moegraph.tasks.mowst_schedule import PHASES, MowstSchedule, ScheduleConfig, Step
 from moegraph.tasks.node_classification import NodeClassificationTask
 
 log = logging.getLogger(__name__)
 __all__ = ["PHASES", "SELECT_ON", "MowstTask", "holdout_mask"]
 SELECT_ON = ("deterministic", "expected")
-MIXTURE_PHASES = ("weak", "strong", "joint")
+MIXTURE_PHASES = ("weak", "strong", "joint", "gate")
+# Full-batch steps of the gate on the out-of-fold logits before its turn's epochs
+# (one step each): a fresh gate moves too little within the turn's patience.
+GATE_FIT_STEPS = 300
+# The gate's logit (C = 0.018 on every node) that a gate turn which does not beat
+# the GNN is rolled back to: Mowst is then its GNN.
+GATE_START_LOGIT = -4.0
 
 
 def holdout_mask(node_id: Tensor, share: float, salt: int = 0) -> Tensor:
@@ -52,7 +60,8 @@ class MowstTask(NodeClassificationTask):
     and/or strong expert alone; then rounds of two turns, (a) the weak expert
     and the gate with the strong expert frozen, (b) the strong expert with
     the weak expert and gate frozen. A turn trains until its validation score
-    has not improved for ``turn_patience`` epochs (or ``max_turn_epochs``),
+    has not improved for ``turn_patience`` epochs (or ``max_turn_epochs``;
+    pre-training: ``pretrain_patience``),
     then rolls the trained part back to its best epoch, or to where it began
     when the turn did not beat the best score so far. Training stops after
     ``round_patience`` rounds without a gain, after ``max_rounds`` rounds or
@@ -79,17 +88,37 @@ class MowstTask(NodeClassificationTask):
     ``test/checkpoint_phase`` says in which phase the tested weights were
     validated, ``test/checkpoint_mixture`` whether the gate had trained.
 
-    Two settings depart from the paper's formulation (``gate_holdout=0``,
-    ``select_on="expected"``, see ``conf/model/mowst_paper.yaml``), for a
-    reason found in ``experiments/results/mowst_diagnosis.md``: both experts
-    fit the training nodes, so the gate, trained on them, learns no
-    confidence (the gradient of :math:`C_v` is
-    :math:`\mathrm{CE}^w_v - \mathrm{CE}^s_v \approx 0`) or learns one that
-    holds only on what the weak expert memorised. With ``gate_holdout=h`` a
-    fixed share :math:`h` of the training nodes is held out from the weak
-    expert (its pre-training and its part of each loss) and is where the gate
-    learns (the experts' outputs detached there). ``select_on`` is the score
-    each turn early-stops on and must beat to be kept.
+    The defaults depart from the paper's formulation (``crossfit_folds=0``,
+    ``gate_holdout=0``, ``select_on="expected"``, see
+    ``conf/model/mowst_paper.yaml``), for a reason found in
+    ``experiments/results/mowst_diagnosis.md``: both experts fit the training
+    nodes, so the gate, trained on them, learns no confidence (the gradient
+    of :math:`C_v` is :math:`\mathrm{CE}^w_v - \mathrm{CE}^s_v \approx 0`) or
+    learns one that holds only on what the weak expert memorised.
+
+    With ``crossfit_folds=K`` (cross-fitting, stacking; see
+    :mod:`~moegraph.tasks.mowst_crossfit`), the training nodes are split into
+    :math:`K` folds and, for each, fresh copies of both experts train on the
+    other folds (early-stopped on validation) and predict it: every training
+    node gets out-of-fold logits of both experts, as a test node does. After
+    the pre-training of the final experts on all training nodes, the gate
+    alone learns (phase ``"gate"``) from those out-of-fold logits on every
+    training node (its input: the dispersion of the weak expert's
+    out-of-fold prediction): :data:`GATE_FIT_STEPS` full-batch steps first,
+    then the turn's epochs, early-stopped on validation with the final
+    experts. It must beat the GNN's own validation score to be kept, else it
+    is rolled back to :math:`C \approx 0` on every node (Mowst = its GNN).
+    By default (``max_rounds=0``) training ends there; with ``max_rounds > 0``
+    rounds of alternating turns follow (the gate turn is round 1's weak
+    turn). The cross-fitting trains
+    :math:`2K` expert copies outside the trainer's epochs (full batch on the
+    whole graph, also when the data module samples mini-batches).
+
+    With ``gate_holdout=h`` a fixed share :math:`h` of the training nodes is
+    held out from the weak expert (its pre-training and its part of each
+    loss) and is where the gate learns in a weak turn (the experts' outputs
+    detached there). ``select_on`` is the score each turn early-stops on and
+    must beat to be kept.
 
     A budget ``trainer.max_epochs`` too short for the schedule (pre-training
     plus one turn of each part) scales the pre-training budgets and the
@@ -103,22 +132,36 @@ class MowstTask(NodeClassificationTask):
             expert and gate and once for the strong expert.
         metric (str, optional): ``"acc"`` or ``"auroc"``. (default: :obj:`"acc"`)
         pretrain_weak_epochs (int, optional): maximum epochs of weak-expert
-            pre-training (early-stopped); :obj:`0` skips it. (default: :obj:`0`)
+            pre-training (early-stopped); :obj:`0` skips it. The defaults
+            of pre-training are those of the study's baselines (300 epochs,
+            patience 50), so that Mowst's GNN is trained as the GNN alone.
+            (default: :obj:`300`)
         pretrain_strong_epochs (int, optional): the same for the strong expert.
-            (default: :obj:`0`)
+            (default: :obj:`300`)
+        pretrain_patience (int, optional): epochs without gain that end a
+            pre-training. (default: :obj:`50`)
         max_turn_epochs (int, optional): epochs per turn at most.
             (default: :obj:`100`)
         turn_patience (int, optional): epochs without gain that end a turn.
-            (default: :obj:`10`)
-        max_rounds (int, optional): rounds at most. (default: :obj:`10`)
+            (default: :obj:`20`)
+        max_rounds (int, optional): rounds at most; with cross-fitting,
+            :obj:`0` ends training after the gate turn (the alternating turns
+            after it did not change the result in
+            ``experiments/results/mowst_crossfit.md`` and doubled the time);
+            without, it must be positive. (default: :obj:`0`)
         round_patience (int, optional): rounds without gain that end
             training. (default: :obj:`2`)
         min_delta (float, optional): the least rise of the validation score
             that counts as a gain (the expected score of Mowst rises by
             tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+        crossfit_folds (int, optional): folds :math:`K \ge 2` of the
+            cross-fitting from which the gate learns in its own turn;
+            :obj:`0` is the paper's formulation (no gate turn). The fold
+            copies train for the pre-training budgets (``max_turn_epochs``
+            when one is :obj:`0`) with ``pretrain_patience``. (default: :obj:`2`)
         gate_holdout (float, optional): share of the training nodes held out
-            from the weak expert, on which alone the gate learns; :obj:`0`
-            is the paper's formulation. (default: :obj:`0.0`)
+            from the weak expert, on which alone the gate learns in the weak
+            turns; :obj:`0` is the paper's formulation. (default: :obj:`0.0`)
         select_on (str, optional): the validation score of the turns,
             ``"deterministic"`` (the headline) or ``"expected"`` (the paper's
             sampled inference); Mowst* always uses its mixture.
@@ -131,10 +174,11 @@ class MowstTask(NodeClassificationTask):
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
-                 metric: str = "acc", pretrain_weak_epochs: int = 0,
-                 pretrain_strong_epochs: int = 0, max_turn_epochs: int = 100,
-                 turn_patience: int = 10, max_rounds: int = 10, round_patience: int = 2,
-                 min_delta: float = 1e-3, gate_holdout: float = 0.0,
+                 metric: str = "acc", pretrain_weak_epochs: int = 300,
+                 pretrain_strong_epochs: int = 300, pretrain_patience: int = 50,
+                 max_turn_epochs: int = 100,
+                 turn_patience: int = 20, max_rounds: int = 0, round_patience: int = 2,
+                 min_delta: float = 1e-3, crossfit_folds: int = 2, gate_holdout: float = 0.0,
                  select_on: str = "deterministic", multilabel: bool = False):
         if multilabel:
             raise ValueError("MowstTask takes one class per node (its confidence and "
@@ -152,9 +196,19 @@ class MowstTask(NodeClassificationTask):
             raise ValueError(f"'gate_holdout' must lie in [0, 1) (got {gate_holdout!r})")
         if select_on not in SELECT_ON:
             raise ValueError(f"'select_on' must be one of {SELECT_ON} (got {select_on!r})")
+        if isinstance(crossfit_folds, bool) or not isinstance(crossfit_folds, int) \
+                or crossfit_folds == 1 or crossfit_folds < 0:
+            raise ValueError(f"'crossfit_folds' must be 0 (no cross-fitting) or an integer "
+                             f"of at least 2 (got {crossfit_folds!r})")
+        if crossfit_folds and net.gate.mlp is None:
+            raise ValueError(f"cross-fitting trains the gate: 'crossfit_folds' needs "
+                             f"gate_type='mlp' (got {net.gate.gate_type!r}); set "
+                             f"crossfit_folds=0 for a fixed gate")
         config = ScheduleConfig(pretrain_weak_epochs, pretrain_strong_epochs, max_turn_epochs,
                                 turn_patience, max_rounds, round_patience, min_delta,
-                                joint=net.variant == "mowst_star")
+                                joint=net.variant == "mowst_star",
+                                gate_turn=crossfit_folds > 0,
+                                pretrain_patience=pretrain_patience)
         c = net.out_channels
         if isinstance(c, int) and c != num_classes:
             raise ValueError(f"the network predicts {c} classes, the data has {num_classes}")
@@ -166,11 +220,14 @@ class MowstTask(NodeClassificationTask):
         self.pretrain_strong_epochs = pretrain_strong_epochs
         self.max_turn_epochs = max_turn_epochs
         self.turn_patience = turn_patience
+        self.pretrain_patience = pretrain_patience
         self.max_rounds = max_rounds
         self.round_patience = round_patience
         self.min_delta = min_delta
+        self.crossfit_folds = crossfit_folds
         self.gate_holdout = float(gate_holdout)
         self.select_on = select_on
+        self.crossfit: Optional[CrossFit] = None
         self.mowst_metrics = torch.nn.ModuleDict(
             {f"{split}_": MowstMetrics(metric, net.threshold)
              for split in ("train", "val", "test")})
@@ -199,7 +256,7 @@ class MowstTask(NodeClassificationTask):
         parts: dict[str, list[Module]] = {
             "pretrain_weak": [net.weak], "pretrain_strong": [net.strong],
             "weak": [net.weak, net.gate], "strong": [net.strong],
-            "joint": [net.weak, net.gate, net.strong]}
+            "joint": [net.weak, net.gate, net.strong], "gate": [net.gate]}
         return parts[phase]
 
     def _metrics(self, split: str) -> MowstMetrics:
@@ -236,9 +293,11 @@ class MowstTask(NodeClassificationTask):
                 module.load_state_dict(part)
 
     # -- forward -----------------------------------------------------------------
-    def _mowst_forward(self, data: Data) -> MowstOutput:
+    def _mowst_forward(self, data: Data, out_of_fold: bool = False) -> MowstOutput:
         r"""The experts and the gate on ``data``; the frozen part is computed
-        without gradients, and once per turn on a full graph."""
+        without gradients, and once per turn on a full graph. With
+        ``out_of_fold`` in the gate's turn, the experts' logits are those of
+        the cross-fitting (rows of the training nodes only are meaningful)."""
         net = self.net
         x, edge_index = data.x, data.edge_index
         net.check_inputs(x, edge_index)
@@ -255,10 +314,76 @@ class MowstTask(NodeClassificationTask):
         elif phase in ("strong", "pretrain_strong"):
             weak, gate = self._cached(key, full_graph, lambda: self._weak_and_gate(x, edge_index))
             strong = net.strong_forward(x, edge_index)
+        elif phase == "gate":
+            if out_of_fold:
+                crossfit = self._crossfit_for(data)
+                node_id = getattr(data, "n_id", None)
+                node_id = (torch.arange(x.size(0), device=x.device) if node_id is None
+                           else node_id)
+                weak = crossfit.weak_logits[node_id].to(x.dtype)
+                strong = crossfit.strong_logits[node_id].to(x.dtype)
+            else:
+                weak, strong = self._cached(key, full_graph, lambda: (
+                    net.weak_forward(x, edge_index), net.strong_forward(x, edge_index)))
+            gate = net.gate_forward(weak, x)
         else:
             return net.forward_experts(x, edge_index)
         check_experts_agree(weak, strong)
         return MowstOutput(weak, strong, gate, torch.sigmoid(gate))
+
+    def _crossfit_for(self, data: Data) -> CrossFit:
+        r"""The out-of-fold logits of the experts (see
+        :func:`~moegraph.tasks.mowst_crossfit.crossfit_logits`), computed the
+        first time they are needed, on ``data`` when it is the whole graph,
+        else on the data module's graph."""
+        if self.crossfit is not None:
+            return self.crossfit
+        graph = data
+        if isinstance(getattr(data, "batch_size", None), int):  # a mini-batch
+            module = getattr(self._trainer, "datamodule", None) if self._trainer else None
+            graph = getattr(module, "data", None)
+            if graph is None:
+                raise ValueError("cross-fitting (crossfit_folds > 0) with mini-batches needs "
+                                 "a data module with the whole graph as `.data`")
+            graph = graph.to(self.device)
+        net, c = self.net, self.schedule_config
+        x, edge_index = graph.x, graph.edge_index
+        weak_graph = net._weak_takes_graph
+
+        def weak_forward(model: Module) -> Tensor:
+            return as_model_output(model(x, edge_index) if weak_graph else model(x)).logits
+
+        def strong_forward(model: Module) -> Tensor:
+            return as_model_output(model(x, edge_index)).logits
+
+        with torch.enable_grad(), torch.inference_mode(False):
+            self.crossfit = crossfit_logits(
+                net.weak, net.strong, weak_forward, strong_forward, graph.y, graph.train_mask,
+                graph.val_mask, self.crossfit_folds, self._holdout_salt,
+                self.optimizer_factory,
+                (c.pretrain_weak_epochs or c.max_turn_epochs,
+                 c.pretrain_strong_epochs or c.max_turn_epochs),
+                c.pretrain_patience, self.metric)
+            self._fit_gate(self.crossfit, graph)
+        log.info("mowst: cross-fitting (%d folds): %s", self.crossfit_folds,
+                 ", ".join(f"{n} fold {k}: {e} epochs, val {b:.4f}"
+                           for n, k, e, b in self.crossfit.epochs))
+        return self.crossfit
+
+    def _fit_gate(self, crossfit: CrossFit, graph: Data) -> None:
+        r"""Fit the gate to the out-of-fold logits of the training nodes
+        (:data:`GATE_FIT_STEPS` full-batch steps of its own optimizer); the
+        turn's epochs go on from there, early-stopped on validation."""
+        net, mask = self.net, graph.train_mask
+        weak, strong = crossfit.weak_logits[mask], crossfit.strong_logits[mask]
+        x, y = graph.x[mask], graph.y[mask]
+        optimizer = self.optimizer_factory(params=list(net.gate.parameters()))
+        net.gate.train()
+        for _ in range(GATE_FIT_STEPS):
+            optimizer.zero_grad()
+            logit = net.gate_forward(weak, x)
+            net.loss(MowstOutput(weak, strong, logit, torch.sigmoid(logit)), y).backward()
+            optimizer.step()
 
     def _weak_and_gate(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         weak = self.net.weak_forward(x, edge_index)
@@ -279,6 +404,8 @@ class MowstTask(NodeClassificationTask):
         the gate on the held-out ones only."""
         if self.phase == "pretrain_strong":
             return F.cross_entropy(out.strong_logits, y)
+        if self.phase == "gate":  # out-of-fold logits, only the gate learns
+            return self.net.loss(out, y)
         if held is None or not bool(held.any()):
             if self.phase == "pretrain_weak":
                 return F.cross_entropy(out.weak_logits, y)
@@ -312,7 +439,7 @@ class MowstTask(NodeClassificationTask):
     def _split_outputs(self, data: Data, split: str) -> tuple[MowstOutput, Tensor, Tensor]:
         r"""The Mowst outputs and labels of the nodes a step is scored on, and
         a zero that keeps the graph when there are none."""
-        out = self._mowst_forward(data)
+        out = self._mowst_forward(data, out_of_fold=split == "train")
         mask = split_mask(data, split)
         if split in ("train", "val"):  # the schedule early-stops on validation nodes
             self.check_split_not_empty(data, mask, split)
@@ -428,11 +555,18 @@ class MowstTask(NodeClassificationTask):
         # now in the network: none while an expert pre-trains alone; at the end
         # of a turn, the turn's best if it was kept and selected on the
         # headline, else unknown (rolled back).
-        if self._validated_phase not in MIXTURE_PHASES:
+        # The gate's turn: only the state it ends with (its best epoch, or
+        # rolled back to Mowst = its GNN, whose score is the GNN's, the score
+        # it had to beat) may be the checkpoint; its other epochs lost to it.
+        phase = self._validated_phase
+        if phase not in MIXTURE_PHASES:
             headline = math.nan
         elif step is not None and step.turn_over:
             same = self.net.variant == "mowst_star" or self.select_on == "deterministic"
-            headline = self.schedule.best if step.kept and same else math.nan
+            known = step.kept or (phase == "gate" and math.isfinite(self.schedule.best))
+            headline = self.schedule.best if known and same else math.nan
+        elif phase == "gate":
+            headline = math.nan
         self._log_split("val", values, headline)
 
     # -- the schedule ------------------------------------------------------------
@@ -469,7 +603,7 @@ class MowstTask(NodeClassificationTask):
             return
         if max_epochs is None or max_epochs < 0 or max_epochs >= c.min_epochs():
             return
-        turns = 1 if c.joint else 2
+        turns = (1 + int(c.max_rounds > 0)) if c.gate_turn else 1 if c.joint else 2
         if max_epochs < turns + (c.pretrain_weak_epochs > 0) + (c.pretrain_strong_epochs > 0):
             raise ValueError(f"trainer.max_epochs={max_epochs} is too short for Mowst's "
                              f"schedule: it needs an epoch per pre-training and per turn "
@@ -483,7 +617,8 @@ class MowstTask(NodeClassificationTask):
             max_turn_epochs=c.max_turn_epochs,
             turn_patience=max(int(c.turn_patience * factor), 1),
             max_rounds=c.max_rounds, round_patience=c.round_patience,
-            min_delta=c.min_delta, joint=c.joint)
+            min_delta=c.min_delta, joint=c.joint, gate_turn=c.gate_turn,
+            pretrain_patience=max(int(c.pretrain_patience * factor), 1))
         rank_zero_warn(
             f"MowstTask: trainer.max_epochs={max_epochs} is shorter than the schedule "
             f"({c.min_epochs()} epochs: pre-training {c.pretrain_weak_epochs} + "
@@ -500,7 +635,20 @@ class MowstTask(NodeClassificationTask):
         self.schedule.begin_turn()
         self._cache = None
         self._turn_id += 1
+        gate = self.net.gate
+        if self.phase == "gate":  # rolled back, Mowst is its GNN
+            gate.reset_parameters()
+            assert gate.mlp is not None  # the constructor checks it
+            last: Any = gate.mlp.lins[-1]  # type: ignore[index]  # PyG's MLP: a Linear
+            with torch.no_grad():  # a constant C on every node
+                last.weight.zero_()
+                last.bias.fill_(GATE_START_LOGIT)
         self._turn_start_state = self._trained_state()
+        if self.phase == "gate":
+            # The gate learns from a fresh initialisation (C about 0.5): from the
+            # roll-back state, the deterministic score stays flat (C far below
+            # tau) for more epochs than the turn's patience.
+            gate.reset_parameters()
         self._turn_best_state = None
         self._apply_freeze()
 
@@ -518,6 +666,9 @@ class MowstTask(NodeClassificationTask):
             self._turn_best_state = self._trained_state()
         if not step.turn_over:
             return step
+        if phase == "pretrain_strong" and self.crossfit_folds:
+            # the gate's turn must beat the GNN alone to be kept
+            s.set_baseline(step.turn_best)
         self.turn_log.append({"phase": phase, "round": round_, "epochs": step.epochs,
                               "turn_best": step.turn_best, "best_before": best_before,
                               "kept": step.kept})
@@ -542,6 +693,8 @@ class MowstTask(NodeClassificationTask):
                                     "start_state": self._turn_start_state,
                                     "best_state": self._turn_best_state}
         checkpoint["train_metric_states"] = metric_states(self.mowst_metrics["train_"])
+        if self.crossfit is not None:
+            checkpoint["mowst_crossfit"] = self.crossfit._asdict()
         checkpoint["mowst_run"] = {"validated_phase": self._validated_phase,
                                    "turn_log": list(self.turn_log),
                                    "holdout_salt": self._holdout_salt,
@@ -579,6 +732,8 @@ class MowstTask(NodeClassificationTask):
             self._turn_id = turn["turn_id"]
             self._turn_start_state, self._turn_best_state = turn["start_state"], turn["best_state"]
             self._resumed_turn = True
+        if "mowst_crossfit" in checkpoint:
+            self.crossfit = CrossFit(**checkpoint["mowst_crossfit"])
         if "train_metric_states" in checkpoint:
             load_metric_states(self.mowst_metrics["train_"], checkpoint["train_metric_states"])
 
@@ -600,7 +755,7 @@ class MowstTask(NodeClassificationTask):
             out = self.net.forward_experts(data.x, data.edge_index)
         tau = self.net.threshold
 
-        def summary(mask: Tensor) -> dict[str, float]:
+        def summary(mask: Tensor, out: MowstOutput = out) -> dict[str, float]:
             y = data.y[mask]
             c = out.confidence[mask].float()
             weak_ok = (out.weak_logits[mask].argmax(-1) == y).float()
@@ -638,9 +793,18 @@ class MowstTask(NodeClassificationTask):
                                 self.gate_holdout, self._holdout_salt)
             splits["train_fitted"] = summary(train & ~held)
             splits["train_held_out"] = summary(train & held)
-        return {"splits": splits, "turns": list(self.turn_log),
+        crossfit = None
+        if self.crossfit is not None:  # what the gate learnt from
+            cw = self.crossfit.weak_logits.to(out.weak_logits)
+            cs = self.crossfit.strong_logits.to(out.strong_logits)
+            gate = self.net.gate_forward(cw, data.x)
+            splits["train_out_of_fold"] = summary(
+                data.train_mask, MowstOutput(cw, cs, gate, torch.sigmoid(gate)))
+            crossfit = [list(e) for e in self.crossfit.epochs]
+        return {"splits": splits, "turns": list(self.turn_log), "crossfit": crossfit,
                 "checkpoint_phase": self.checkpoint_phase or self._validated_phase,
                 "threshold": tau, "gate_holdout": self.gate_holdout,
+                "crossfit_folds": self.crossfit_folds,
                 "select_on": self.select_on, "variant": self.net.variant}
 
 

@@ -3,7 +3,9 @@ r"""The training schedule of Mowst (Algorithm 2 of `Zeng et al.
 Lightning: optional pre-training of each expert alone, then rounds of two
 alternating turns (weak expert + gate, then strong expert) or one joint turn
 (Mowst*), each turn early-stopped on a validation score and rolled back when
-it did not beat the best score so far.
+it did not beat the best score so far. With cross-fitting (``gate_turn``), a
+turn in which the gate alone learns (from out-of-fold predictions of both
+experts) comes first and takes the place of the first weak turn.
 
 :class:`~moegraph.tasks.MowstTask` feeds it one validation score per epoch
 (:meth:`MowstSchedule.step`) and does what the returned :class:`Step` says.
@@ -14,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Optional
 
-PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint")
+PHASES = ("pretrain_weak", "pretrain_strong", "weak", "strong", "joint", "gate")
 PRETRAIN_PHASES = ("pretrain_weak", "pretrain_strong")
 
 
@@ -45,32 +47,49 @@ class Step(NamedTuple):
 @dataclass
 class ScheduleConfig:
     r"""The fixed settings of a :class:`MowstSchedule` (see
-    :class:`~moegraph.tasks.MowstTask` for their meaning)."""
+    :class:`~moegraph.tasks.MowstTask` for their meaning; its defaults are
+    these, and ``conf/model/mowst.yaml`` lists the same values: the tests check
+    that the three agree).
 
-    pretrain_weak_epochs: int = 0
-    pretrain_strong_epochs: int = 0
+    ``gate_turn``: the gate alone trains in the first turn after the
+    pre-training (from the cross-fitted predictions of the experts); it is
+    round 1's weak turn (Mowst: round 1 goes on with the strong turn) or
+    precedes the joint turn (Mowst*). With it, ``max_rounds=0`` ends
+    training after the gate turn."""
+
+    pretrain_weak_epochs: int = 300
+    pretrain_strong_epochs: int = 300
     max_turn_epochs: int = 100
-    turn_patience: int = 10
-    max_rounds: int = 10
+    turn_patience: int = 20
+    max_rounds: int = 0
     round_patience: int = 2
     min_delta: float = 1e-3
     joint: bool = False
+    gate_turn: bool = True
+    pretrain_patience: int = 50
 
     def __post_init__(self) -> None:
         for name in ("pretrain_weak_epochs", "pretrain_strong_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"'{name}' must be a non-negative integer (got {value!r})")
-        for name in ("max_turn_epochs", "turn_patience", "max_rounds", "round_patience"):
+        for name in ("max_turn_epochs", "turn_patience", "max_rounds", "round_patience",
+                     "pretrain_patience"):
             value = getattr(self, name)
+            if name == "max_rounds" and self.gate_turn and value == 0:
+                continue  # the gate turn alone
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"'{name}' must be a positive integer (got {value!r})")
+                raise ValueError(f"'{name}' must be a positive integer (got {value!r})"
+                                 + (" (0 is allowed with a gate turn: cross-fitting)"
+                                    if name == "max_rounds" else ""))
         if not (isinstance(self.min_delta, (int, float)) and self.min_delta >= 0):
             raise ValueError(f"'min_delta' must be non-negative (got {self.min_delta!r})")
 
     @property
     def first_trained_phase(self) -> str:
         r"""The first phase in which the gate trains."""
+        if self.gate_turn:
+            return "gate"
         return "joint" if self.joint else "weak"
 
     @property
@@ -87,7 +106,10 @@ class ScheduleConfig:
         pre-training budgets, plus one epoch of each turn of the first round
         (the turns may end sooner only on patience, which needs
         ``turn_patience`` epochs)."""
-        first_round = 1 if self.joint else 2
+        if self.gate_turn:
+            first_round = 1 + int(self.max_rounds > 0)
+        else:
+            first_round = 1 if self.joint else 2
         return (self.pretrain_weak_epochs + self.pretrain_strong_epochs
                 + first_round * min(self.turn_patience, self.max_turn_epochs))
 
@@ -188,7 +210,8 @@ class MowstSchedule:
         else:
             self.stale_epochs += 1
         epochs, turn_best = self.epoch_in_turn, self.turn_best
-        if self.stale_epochs < c.turn_patience and self.epoch_in_turn < self.turn_limit():
+        patience = c.pretrain_patience if self.pretraining else c.turn_patience
+        if self.stale_epochs < patience and self.epoch_in_turn < self.turn_limit():
             return Step(improved, False, None, False, epochs, turn_best)
         if self.pretraining:  # pre-training keeps its expert's best epoch
             self._next_phase()
@@ -197,9 +220,9 @@ class MowstSchedule:
                             self.best_tiebreak)
         if kept:
             self.best, self.best_tiebreak = self.turn_best, self.turn_best_tiebreak
-            if self.phase in ("weak", "strong"):
+            if self.phase in ("weak", "strong", "gate"):
                 self.round_gain = True
-        self.mixture_trained = self.mixture_trained or self.phase in ("weak", "joint")
+        self.mixture_trained = self.mixture_trained or self.phase in ("weak", "joint", "gate")
         self._next_phase()
         return Step(improved, True, "best" if kept else "start", kept, epochs, turn_best)
 
@@ -207,6 +230,11 @@ class MowstSchedule:
         c = self.config
         if self.phase == "joint":
             self.done = True
+        elif self.phase == "gate":  # round 1's weak turn (Mowst) or before the joint one
+            if c.max_rounds == 0:
+                self.done = True
+            else:
+                self.phase = "joint" if c.joint else "strong"
         elif self.phase == "pretrain_weak":
             self.phase = "pretrain_strong" if c.pretrain_strong_epochs else c.first_trained_phase
         elif self.phase == "pretrain_strong":

@@ -1,5 +1,6 @@
 r"""Tests of moegraph.tasks.MowstTask: the schedule, freezing, roll-back,
 metrics, checkpoints and a real-data run on Cora."""
+import dataclasses
 import functools
 import types
 
@@ -12,6 +13,7 @@ from moegraph.data import NodeDataModule, csbm_graph
 from moegraph.nn import Mowst, MowstOutput
 from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
 from moegraph.tasks.metrics import expected_accuracy
+from moegraph.tasks.mowst_schedule import ScheduleConfig
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:You are trying to `self.log\(\)` but the `self.trainer` reference:UserWarning",
@@ -27,8 +29,15 @@ def make_net(variant="mowst"):
                  variant=variant)
 
 
+# The schedule of these tests: no pre-training, no cross-fitting, up to 10 rounds of
+# alternating turns of 10 epochs of patience (MowstTask's defaults pre-train,
+# cross-fit and end after the gate's turn).
+SHORT = {"pretrain_weak_epochs": 0, "pretrain_strong_epochs": 0, "turn_patience": 10,
+         "pretrain_patience": 10, "crossfit_folds": 0, "max_rounds": 10}
+
+
 def make_task(variant="mowst", **kwargs):
-    kwargs = {"num_classes": C, "optimizer": ADAM, **kwargs}
+    kwargs = {"num_classes": C, "optimizer": ADAM, **SHORT, **kwargs}
     return MowstTask(make_net(variant), **kwargs)
 
 
@@ -240,7 +249,8 @@ def test_auroc_metric():
         "num_nodes": N, "num_classes": 2, "num_features": FEAT})
     torch.manual_seed(0)
     net = Mowst(MLP([FEAT, 8, 2]), GCN(FEAT, 8, 2, 2))
-    task = MowstTask(net, **dm.task_kwargs(), optimizer=ADAM, turn_patience=1, max_rounds=1)
+    task = MowstTask(net, **dm.task_kwargs(), optimizer=ADAM,
+                     **{**SHORT, "turn_patience": 1, "max_rounds": 1})
     tr = trainer(max_epochs=4)
     tr.fit(task, datamodule=dm)
     for key in ("val/auroc", "val/auroc_tau", "val/auroc_weak"):
@@ -296,7 +306,8 @@ def test_real_cora_beats_the_mlp(real_data, tmp_path):
             net = Mowst(MLP([F_, 64, K], dropout=0.5), GCN(F_, 64, 2, K, dropout=0.5),
                         variant="mowst_star")
             task = MowstTask(net, K, functools.partial(torch.optim.AdamW, lr=0.01,
-                                                         weight_decay=5e-4), turn_patience=20)
+                                                         weight_decay=5e-4),
+                             **{**SHORT, "turn_patience": 20})
         tr = trainer(max_epochs=100)
         tr.fit(task, datamodule=dm)
         scores[name] = tr.test(task, datamodule=dm, verbose=False)[0]["test/acc"]
@@ -339,7 +350,8 @@ def fit_mowst(seed, **kwargs):
     opt = functools.partial(torch.optim.Adam, lr=0.01, weight_decay=5e-4)
     task = MowstTask(net, MEMO_C, opt, pretrain_weak_epochs=60, pretrain_strong_epochs=60,
                      max_turn_epochs=40, turn_patience=10, max_rounds=2, round_patience=1,
-                     **kwargs)
+                     pretrain_patience=10,
+                     **{"crossfit_folds": 0, **kwargs})
     t = trainer(max_epochs=400)
     t.fit(task, datamodule=dm)
     return task, t.test(task, datamodule=dm, verbose=False)[0], dm
@@ -425,3 +437,182 @@ def test_short_run_trains_both_experts_and_the_gate_and_tests_a_mixture_checkpoi
     assert result["test/checkpoint_mixture"] == 1.0
     assert result["test/checkpoint_phase"] in (2.0, 3.0)  # weak or strong turn
     assert result["test/acc"] == result["test/acc_tau"]  # the headline is deterministic
+
+
+# -- cross-fitting: the gate learns from out-of-fold predictions ---------------------
+def test_crossfit_schedule_pretrains_then_trains_the_gate_alone():
+    task = make_task(pretrain_weak_epochs=2, pretrain_strong_epochs=2, max_turn_epochs=3,
+                     turn_patience=2, crossfit_folds=2, max_rounds=0)
+    rec = Recorder()
+    trainer(callbacks=[rec]).fit(task, datamodule=make_dm())
+    phases = [p for p, _ in rec.epochs]
+    assert phases[:4] == ["pretrain_weak"] * 2 + ["pretrain_strong"] * 2
+    assert set(phases[4:]) == {"gate"} and 1 <= len(phases[4:]) <= 3  # then done
+    for _, unchanged in rec.epochs[4:]:  # the gate alone learns
+        assert unchanged["weak"] and unchanged["strong"] and not unchanged["gate"]
+    cf = task.crossfit
+    assert cf is not None and [e[:2] for e in cf.epochs] == [
+        ("weak", 0), ("weak", 1), ("strong", 0), ("strong", 1)]
+    assert all(1 <= e[2] <= 2 for e in cf.epochs)  # the pre-training budgets
+    # the gate's turn must beat the GNN alone: its score is the baseline
+    assert task.turn_log[-1]["best_before"] == task.turn_log[1]["turn_best"]
+    assert task.turn_log[-1]["phase"] == "gate"
+
+
+def test_gate_turn_learns_only_from_the_out_of_fold_logits():
+    r"""A spy: hand-made out-of-fold logits (the weak expert right and sure on
+    every training node, the GNN wrong) unlike the final experts' outputs; the
+    training loss of the gate's turn is the Mowst loss of those logits, and its
+    gradient raises the confidence."""
+    from moegraph.nn.mowst import mowst_loss
+    from moegraph.tasks.mowst_crossfit import CrossFit
+
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    task = make_task(pretrain_weak_epochs=0, pretrain_strong_epochs=0, crossfit_folds=2)
+    task.optimizers = lambda: [torch.optim.SGD(task.net.gate.parameters(), lr=0.0)] * 2
+    task.manual_backward = lambda loss: loss.backward()
+    task.log_loss = lambda *a, **k: None
+    assert task.phase == "gate"
+    task._begin_turn()
+    y = data.y
+    weak = torch.nn.functional.one_hot(y, C).float() * 8.0  # right and sure
+    strong = torch.nn.functional.one_hot((y + 1) % C, C).float() * 8.0  # wrong
+    task.crossfit = CrossFit(weak, strong, torch.zeros(N, dtype=torch.long), [])
+    loss = task.training_step(data, 0)
+    m = data.train_mask
+    gate = task.net.gate_forward(weak, data.x)
+    expected = mowst_loss(weak[m], strong[m], torch.sigmoid(gate)[m], y[m])
+    torch.testing.assert_close(loss, expected.detach())
+    # the final experts' outputs give another loss: they are not what the gate sees
+    out = task.net.forward_experts(data.x, data.edge_index)
+    other = mowst_loss(out.weak_logits[m], out.strong_logits[m],
+                       torch.sigmoid(task.net.gate_forward(out.weak_logits, data.x))[m], y[m])
+    assert not torch.allclose(other, expected)
+    # the weak expert is right where the GNN is wrong: descent raises C
+    bias = task.net.gate.mlp.lins[-1].bias
+    assert bias.grad is not None and float(bias.grad) < 0
+    assert all(p.grad is None for p in task.net.weak.parameters())
+    assert all(p.grad is None for p in task.net.strong.parameters())
+
+
+def test_gate_turn_trains_a_fresh_gate_and_rolls_back_to_the_gnn():
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    task = make_task(crossfit_folds=2)
+    assert task.phase == "gate"
+    task._begin_turn()
+    confidence = task.net.forward_experts(data.x, data.edge_index).confidence
+    assert float((confidence - 0.5).abs().max()) < 0.3  # a fresh gate: about 0.5
+    task._load_trained_state(task._turn_start_state)  # a turn rolled back
+    confidence = task.net.forward_experts(data.x, data.edge_index).confidence
+    torch.testing.assert_close(confidence, torch.full_like(confidence, 0.01799),
+                               atol=1e-4, rtol=0)  # sigmoid(-4): every node to the GNN
+
+
+def test_crossfit_is_refused_with_a_fixed_gate_and_one_fold():
+    net = Mowst(MLP([FEAT, 8, C]), GCN(FEAT, 8, 2, C), gate_type="entropy")
+    with pytest.raises(ValueError, match="'crossfit_folds' needs gate_type='mlp'"):
+        MowstTask(net, C, ADAM, crossfit_folds=2)
+    with pytest.raises(ValueError, match="'crossfit_folds' must be 0 .* or an integer of "
+                                         "at least 2"):
+        make_task(crossfit_folds=1)
+    with pytest.raises(ValueError, match="'max_rounds' must be a positive integer"):
+        make_task(crossfit_folds=0, max_rounds=0)
+
+
+def test_short_run_with_crossfit_trains_the_gate_and_tests_a_mixture(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    task = make_task(pretrain_weak_epochs=100, pretrain_strong_epochs=100, turn_patience=20,
+                     crossfit_folds=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    t = trainer(max_epochs=12, enable_checkpointing=True, callbacks=[ckpt])
+    with pytest.warns(UserWarning, match="shorter than the schedule"):
+        t.fit(task, datamodule=make_dm())
+    phases = [turn["phase"] for turn in task.turn_log]
+    assert phases[:3] == ["pretrain_weak", "pretrain_strong", "gate"]
+    assert task.crossfit is not None
+    result = t.test(task, datamodule=make_dm(), ckpt_path="best", verbose=False)[0]
+    assert result["test/checkpoint_mixture"] == 1.0
+    assert result["test/acc"] == result["test/acc_tau"]
+
+
+def test_config_restates_the_code_defaults():
+    r"""The schedule's settings in ``conf/model/mowst.yaml`` are MowstTask's
+    defaults (one place decides them; the config lists them for overrides)."""
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parents[2] / "conf" / "model" / "mowst.yaml")
+    defaults = {k: p.default for k, p in inspect.signature(MowstTask).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    listed = [k for k in conf if k in defaults]
+    assert {"pretrain_weak_epochs", "turn_patience", "crossfit_folds", "max_rounds"} <= set(
+        listed)
+    for key in listed:
+        assert conf[key] == defaults[key], key
+    schedule = ScheduleConfig()  # the schedule's own defaults: the same
+    for f in dataclasses.fields(schedule):
+        if f.name == "gate_turn":
+            assert schedule.gate_turn == (defaults["crossfit_folds"] > 0)
+        elif f.name != "joint":
+            assert getattr(schedule, f.name) == defaults[f.name], f.name
+
+
+def fit_crossfit(seed, **kwargs):
+    dm, net = memorising_setup(seed)
+    opt = functools.partial(torch.optim.Adam, lr=0.01, weight_decay=5e-4)
+    task = MowstTask(net, MEMO_C, opt, pretrain_weak_epochs=60, pretrain_strong_epochs=60,
+                     max_turn_epochs=40, turn_patience=10, crossfit_folds=2, max_rounds=0,
+                     pretrain_patience=10,
+                     **kwargs)
+    t = trainer(max_epochs=400)
+    t.fit(task, datamodule=dm)
+    return task, t.test(task, datamodule=dm, verbose=False)[0], dm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_crossfit_ends_within_noise_of_the_gnn_when_the_weak_expert_memorises(seed):
+    r"""The amherst41-style failure on a small graph: the weak expert fits its
+    training nodes and is near chance elsewhere. With the gate fitted on
+    out-of-fold predictions, Mowst ends within noise of its GNN, and the weak
+    expert keeps few test nodes."""
+    gnn = fit_gnn(seed)
+    task, res, dm = fit_crossfit(seed)
+    data = dm.data
+    diag = task.diagnose(data)["splits"]
+    assert diag["train"]["weak_acc"] > diag["test"]["weak_acc"] + 0.3
+    assert diag["test"]["weak_acc"] < 0.6 < gnn
+    # the out-of-fold weak expert is as poor as on test nodes: the gate sees it
+    assert diag["train_out_of_fold"]["weak_acc"] < 0.6
+    noise = (gnn * (1 - gnn) / int(data.test_mask.sum())) ** 0.5
+    assert res["test/acc"] >= gnn - 2 * noise - 0.02
+    assert res["test/confident"] < 0.2 and res["test/checkpoint_mixture"] == 1.0
+
+
+def test_a_rolled_back_gate_turn_tests_mowst_as_its_gnn(tmp_path):
+    r"""A gate turn that cannot beat the GNN (the baseline is set above any
+    score) is rolled back; the tested checkpoint is the rolled-back state
+    (every node to the GNN), not an epoch of the turn."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    task = make_task(pretrain_weak_epochs=2, pretrain_strong_epochs=2, max_turn_epochs=3,
+                     turn_patience=2, crossfit_folds=2, max_rounds=0)
+    advance = task._advance
+
+    def spy(score, tiebreak=float("-inf")):  # the GNN alone "scored" 0.99
+        if task.phase == "gate" and task.schedule.best < 0.99:
+            task.schedule.set_baseline(0.99)
+        return advance(score, tiebreak)
+
+    task._advance = spy
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/acc", mode="max")
+    t = trainer(enable_checkpointing=True, callbacks=[ckpt])
+    t.fit(task, datamodule=make_dm())
+    assert task.turn_log[-1]["phase"] == "gate" and not task.turn_log[-1]["kept"]
+    assert float(ckpt.best_model_score) == pytest.approx(0.99)
+    result = t.test(task, datamodule=make_dm(), ckpt_path="best", verbose=False)[0]
+    assert result["test/confident"] == 0.0
+    assert result["test/acc"] == result["test/acc_strong"]

@@ -51,7 +51,8 @@ def make_task(model):
     net = Mowst(MLP([FEAT, 16, C], dropout=0.0, norm=None), GraphSAGE(FEAT, 16, 2, C, dropout=0.0))
     # turns of 2 epochs: a checkpoint in the middle of the second epoch of a turn
     return MowstTask(net, num_classes=C, optimizer=ADAM, turn_patience=2, max_turn_epochs=2,
-                     min_delta=0.0)
+                     min_delta=0.0, pretrain_weak_epochs=0, pretrain_strong_epochs=0,
+                     crossfit_folds=0, max_rounds=10)
 
 
 def fit(tmp_path, model, ckpt_path=None, epochs=3):
