@@ -345,6 +345,12 @@ class MowstTask(NodeClassificationTask):
             if graph is None:
                 raise ValueError("cross-fitting (crossfit_folds > 0) with mini-batches needs "
                                  "a data module with the whole graph as `.data`")
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"Mowst cross-fitting trains its expert copies full-batch on the "
+                           f"whole graph ({graph.num_nodes:,} nodes, {graph.num_edges:,} "
+                           f"edges) although training uses mini-batches; set "
+                           f"model.crossfit_folds=0 if that does not fit in memory")
             graph = graph.to(self.device)
         net, c = self.net, self.schedule_config
         x, edge_index = graph.x, graph.edge_index
