@@ -2,6 +2,7 @@ r"""Node-classification data behind one LightningDataModule interface: real
 datasets through PyG's own classes, and the synthetic generator."""
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -11,6 +12,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import lightning as L
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
@@ -202,6 +204,19 @@ def load_real_dataset(name: str, root: Optional[str], cache_dir: Optional[str] =
         raise ValueError(f"{name}: give 'root' (the data folder) or 'cache_dir'")
     raw_source = source / spec.subfolder / "raw" if source is not None else None
     raw_target = target / spec.subfolder / "raw"
+    # Runs in parallel (a sweep, two study processes) share the cache: one
+    # process at a time refreshes it and lets PyG write processed/, the others
+    # wait and then read the finished files.
+    lock: Any = contextlib.nullcontext()
+    if cache_dir:
+        (target / spec.subfolder).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(target / spec.subfolder / ".moegraph.lock"))
+    with lock:
+        return _load_locked(name, spec, source, target, raw_source, raw_target)
+
+
+def _load_locked(name: str, spec: DatasetSpec, source: Optional[Path], target: Path,
+                 raw_source: Optional[Path], raw_target: Path) -> Data:
     if raw_source is not None and raw_source != raw_target and raw_source.is_dir():
         sync_cache(raw_source.parent, raw_target.parent, spec.files)
     try:

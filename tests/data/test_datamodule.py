@@ -237,3 +237,36 @@ def test_datamodule_mini_batch_loaders():
     batches = list(dm.val_dataloader())
     seeds = torch.cat([b.n_id[:b.batch_size] for b in batches])
     assert torch.equal(seeds.sort().values, dm.data.val_mask.nonzero().view(-1))
+
+
+def test_parallel_loads_share_the_cache_one_at_a_time(tmp_path, monkeypatch):
+    # Two runs loading one dataset into one cache (a sweep, two study processes):
+    # one at a time refreshes the cache and lets PyG process it; a second reader
+    # used to meet a half-written processed/ file (EOFError).
+    import threading
+    import time
+
+    from moegraph.data import datamodule
+
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def slow_factory(root):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with guard:
+            inside[0] -= 1
+        return [Data(x=torch.zeros(1, 1))]
+
+    spec = datamodule.REAL_DATASETS["cora"]._replace(factory=slow_factory)
+    monkeypatch.setitem(datamodule.REAL_DATASETS, "cora", spec)
+    threads = [threading.Thread(target=datamodule.load_real_dataset,
+                                args=("cora", None, str(tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1
+    assert (tmp_path / spec.folder / spec.subfolder / ".moegraph.lock").exists()
