@@ -35,6 +35,7 @@ from _study import (
     run_diagnostics,
     run_pending,
     train_cached,
+    write_results,
 )
 
 DATASETS = ("cora", "citeseer", "minesweeper", "tolokers", "amherst41", "reed98")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             return
     table = build_table(args.runs, command)
     out = RESULTS / "node_classification.md"
-    out.write_text(table)
+    write_results(out, table)
     print(table)
     print(f"[study] wrote {out}")
 
