@@ -32,7 +32,14 @@ import math
 import statistics
 from pathlib import Path
 
-from _study import RESULTS, command_line, results_header, run_pending, train_cached
+from _study import (
+    RESULTS,
+    command_line,
+    results_header,
+    run_pending,
+    train_cached,
+    write_results,
+)
 from diagnose_mowst import (
     RUNS,
     STUDY_RUNS,
@@ -199,7 +206,7 @@ def main() -> None:
         run_pending(jobs, tag="mowst_crossfit")
     all_seeds = list(range(args.seeds))
     text = report(args.datasets, all_seeds, command_line(__file__))
-    (RESULTS / "mowst_crossfit.md").write_text(text)
+    write_results(RESULTS / "mowst_crossfit.md", text)
     print(text)
 
 
