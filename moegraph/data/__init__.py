@@ -15,6 +15,7 @@ from moegraph.data.datamodule import (
     dataset_metric,
     load_node_dataset,
     load_real_dataset,
+    row_normalize_features,
     select_split,
 )
 from moegraph.data.loader import EpochRandomSampler, NeighborSampler, TorchNeighborLoader
@@ -48,5 +49,6 @@ __all__ = ["DATASETS", "GRAPH_DATASETS", "MOLECULE_DATASETS", "REAL_DATASETS",
            "cluster_dataset", "cluster_patches", "cluster_vectors", "csbm_graph",
            "dataset_metric", "load_movielens100k", "load_node_dataset", "load_real_dataset",
            "mmoe_synthetic", "mmoe_synthetic_frame", "read_table",
-           "random_split_masks", "sample_negatives", "select_split", "synthetic_ratings",
+           "random_split_masks", "row_normalize_features", "sample_negatives", "select_split",
+           "synthetic_ratings",
            "temporal_split"]

@@ -327,6 +327,25 @@ def load_node_dataset(name: str, root: Optional[str] = None, cache_dir: Optional
     return select_split(load_real_dataset(name, root, cache_dir), name, split, **kwargs)
 
 
+def row_normalize_features(data: Data, name: str) -> Data:
+    r"""A copy of ``data`` whose feature rows are divided by their sums (rows
+    summing to 0 stay 0): PyG's
+    :class:`~torch_geometric.transforms.NormalizeFeatures`, the convention for
+    the non-negative bag-of-words features of Planetoid. Negative features
+    raise a :class:`ValueError` naming the graph (a sum is no norm for them)."""
+    from torch_geometric.transforms import NormalizeFeatures
+
+    if data.x is None:
+        raise ValueError(f"{name}: normalize_features needs node features 'x'")
+    if bool((data.x < 0).any()):
+        raise ValueError(f"{name}: normalize_features divides each row by its sum and "
+                         f"needs non-negative features (min {float(data.x.min()):g}); "
+                         f"set data.normalize_features=false for this graph")
+    out = data.clone()
+    out.x = out.x.float()
+    return NormalizeFeatures()(out)
+
+
 def load_pyg_file(path: str) -> Data:
     r"""A graph saved with ``torch.save``: a :class:`~torch_geometric.data.Data`
     (or a dict of its attributes) with ``x``, ``edge_index``, ``y`` and, if
@@ -432,6 +451,10 @@ class NodeDataModule(L.LightningDataModule):
             (``train_ratio``, ``val_ratio`` of a random split).
         path (str, optional): the graph file of ``name="pyg_file"`` (see
             :func:`load_pyg_file`).
+        normalize_features (bool, optional): divide each node's features by
+            their sum (:func:`row_normalize_features`: the bag-of-words
+            convention of Planetoid, as in Kipf & Welling). Needs non-negative
+            features. (default: :obj:`False`)
 
     A graph in memory: :meth:`from_data`.
     """
@@ -440,7 +463,8 @@ class NodeDataModule(L.LightningDataModule):
                  cache_dir: Optional[str] = None, split: int = 0,
                  metric: Optional[str] = None, batch_size: Optional[int] = None,
                  num_neighbors: Optional[Sequence[int]] = None, num_workers: int = 0,
-                 dataset_kwargs: Optional[dict[str, Any]] = None, path: Optional[str] = None):
+                 dataset_kwargs: Optional[dict[str, Any]] = None, path: Optional[str] = None,
+                 normalize_features: bool = False):
         super().__init__()
         _check_name(name)
         if (name == "pyg_file") != (path is not None):
@@ -467,6 +491,7 @@ class NodeDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.dataset_kwargs = dict(dataset_kwargs or {})
         self.path = path
+        self.normalize_features = bool(normalize_features)
         self.data: Optional[Data] = None
         self._sampler: Optional[NeighborSampler] = None
 
@@ -482,6 +507,8 @@ class NodeDataModule(L.LightningDataModule):
         module.name = "custom"
         module.data = prepare_graph(data, "custom", split, train_ratio, val_ratio)
         check_graph(module.data, "custom")
+        if module.normalize_features:
+            module.data = row_normalize_features(module.data, "custom")
         return module
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -494,6 +521,8 @@ class NodeDataModule(L.LightningDataModule):
                 data = load_node_dataset(self.name, self.root, self.cache_dir, self.split,
                                          **self.dataset_kwargs)
             check_graph(data, self.name)
+            if self.normalize_features:
+                data = row_normalize_features(data, self.name)
             self.data = data
 
     def _graph(self) -> Data:

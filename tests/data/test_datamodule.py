@@ -14,6 +14,7 @@ from moegraph.data import (
     csbm_graph,
     load_node_dataset,
     load_real_dataset,
+    row_normalize_features,
     select_split,
 )
 
@@ -270,3 +271,40 @@ def test_parallel_loads_share_the_cache_one_at_a_time(tmp_path, monkeypatch):
         t.join()
     assert most[0] == 1
     assert (tmp_path / spec.folder / spec.subfolder / ".moegraph.lock").exists()
+
+
+def test_normalize_features_divides_rows_by_their_sum():
+    graph = csbm_graph(**SMALL)
+    graph.x = torch.tensor([[1.0, 3.0, 0.0, 0.0, 0.0]]).repeat(120, 1)
+    graph.x[1] = 0.0  # a featureless node stays at zero (no division by zero)
+    graph.x[2] = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0])
+    plain = NodeDataModule.from_data(graph.clone())
+    dm = NodeDataModule.from_data(graph.clone(), normalize_features=True)
+    x = dm.data.x
+    assert torch.allclose(x[0], torch.tensor([0.25, 0.75, 0.0, 0.0, 0.0]))
+    assert torch.equal(x[1], torch.zeros(5))
+    assert torch.allclose(x[2], torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0]))
+    assert torch.equal(plain.data.x[0], graph.x[0])  # off by default
+    assert torch.equal(dm.data.edge_index, plain.data.edge_index)
+
+
+def test_normalize_features_leaves_the_input_graph_alone_and_rejects_negatives():
+    graph = csbm_graph(**SMALL)  # Gaussian features: some negative
+    with pytest.raises(ValueError, match="non-negative features.*normalize_features=false"):
+        NodeDataModule(dataset_kwargs=SMALL, normalize_features=True).setup()
+    x = graph.x.abs()
+    graph.x = x.clone()
+    row_normalize_features(graph, "g")
+    assert torch.equal(graph.x, x)
+
+
+def test_planetoid_features_normalised_through_the_config(real_data, tmp_path):
+    root = real_data("Planetoid/Cora").parent
+    dm = NodeDataModule(name="cora", root=str(root), cache_dir=str(tmp_path / "c"),
+                        normalize_features=True)
+    raw = load_real_dataset("cora", str(root), str(tmp_path / "c"))
+    sums = dm._graph().x.sum(1)
+    has = raw.x.sum(1) > 0
+    assert torch.allclose(sums[has], torch.ones(int(has.sum())))
+    expected = raw.x[has] / raw.x[has].sum(1, keepdim=True)
+    assert torch.allclose(dm._graph().x[has], expected)
