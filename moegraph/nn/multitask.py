@@ -86,15 +86,24 @@ def _per_task_count(value: Union[int, Mapping[str, int]], tasks: Sequence[str],
     return counts
 
 
-class _FeatureGatedExperts(torch.autograd.Function):
-    r"""``k`` feature-gated experts over one input, without a ``[k, N, F]``
-    tensor: forward and backward run over blocks of rows (about
-    ``BLOCK_ELEMENTS`` gated inputs each, all experts batched), and backward
-    recomputes the gates from ``x`` and the low-rank logits ``z`` (the only
-    activations saved besides ``x``). Memory: ``x``, ``z``, the output and
-    a few blocks, whatever ``N``.
+def _select(idx: tuple[int, ...]) -> Union[slice, Tensor]:
+    r"""A slice for consecutive expert indices, else an index tensor."""
+    if idx == tuple(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx, dtype=torch.long)
 
-    ``y_j = (x * 2 sigmoid(z_j B_j)) W_j + b_j`` with ``z = x A``.
+
+class _FeatureGatedExperts(torch.autograd.Function):
+    r"""All ``E`` feature-gated experts of a level, over one or more input
+    streams, into one ``[N, E * H]`` output in expert order, without a
+    ``[k, N, F]`` tensor: forward and backward run over blocks of rows (about
+    ``BLOCK_ELEMENTS`` gated inputs each, the experts of one stream batched),
+    and backward recomputes the gates from the streams and the low-rank
+    logits ``z`` (the only activations saved besides the streams). Memory:
+    the streams, ``z``, the output and a few blocks, whatever ``N``.
+
+    ``y_j = (x_{s(j)} * 2 sigmoid(z_j B_j)) W_j + b_j`` with
+    ``z_j = x_{s(j)} A_j``; ``groups[i]`` lists the experts reading ``xs[i]``.
     """
 
     BLOCK_ELEMENTS = 1 << 20  # k * rows * F per block: about 4 MiB of float32
@@ -104,62 +113,171 @@ class _FeatureGatedExperts(torch.autograd.Function):
         return max(1, _FeatureGatedExperts.BLOCK_ELEMENTS // max(k * F_in, 1))
 
     @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        N, F_in = x.shape
-        k, r, H = b.size(0), b.size(1), weight.size(2)
-        z = x @ a  # [N, k*r]
-        out = x.new_empty(k, N, H)
-        step = _FeatureGatedExperts._rows(k, F_in)
-        for lo in range(0, N, step):
-            xc, zc = x[lo:lo + step], z[lo:lo + step]
-            zk = zc.view(-1, k, r).transpose(0, 1)  # [k, rows, r]
-            gated = torch.bmm(zk, b).sigmoid_().mul_(xc).mul_(2.0)  # [k, rows, F]
-            out[:, lo:lo + step] = torch.baddbmm(bias.unsqueeze(1), gated, weight)
-        ctx.save_for_backward(x, a, b, weight, z)
-        return out.transpose(0, 1).reshape(N, k * H)
+    def forward(ctx, groups: tuple[tuple[int, ...], ...], a: Tensor, b: Tensor,
+                weight: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        N, F_in = xs[0].shape
+        E, r, H = b.size(0), b.size(1), weight.size(2)
+        out = xs[0].new_empty(N, E, H)
+        a3 = a.view(F_in, E, r)
+        zs = []
+        for x, idx in zip(xs, groups, strict=True):
+            k, sel = len(idx), _select(idx)
+            bg, wg, bias_g = b[sel], weight[sel], bias[sel].unsqueeze(1)
+            z = x @ a3[:, sel].reshape(F_in, k * r)  # [N, k*r]
+            zs.append(z)
+            step = _FeatureGatedExperts._rows(k, F_in)
+            for lo in range(0, N, step):
+                xc = x[lo:lo + step]
+                zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+                gated = torch.bmm(zk, bg).sigmoid_().mul_(xc)  # [k, rows, F]: half the gated input
+                res = torch.baddbmm(bias_g, gated, wg, alpha=2.0)  # [k, rows, H]
+                if isinstance(sel, slice):
+                    out[lo:lo + step, sel] = res.transpose(0, 1)
+                else:  # one copy per expert: cheaper than an index_put on CPU
+                    for j, e in enumerate(idx):
+                        out[lo:lo + step, e] = res[j]
+        ctx.groups = groups
+        ctx.num_streams = len(xs)
+        ctx.save_for_backward(a, b, weight, *xs, *zs)
+        return out.view(N, E * H)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, a, b, weight, z = ctx.saved_tensors
-        N, F_in = x.shape
-        k, r, H = b.size(0), b.size(1), weight.size(2)
-        g = grad_out.reshape(N, k, H).transpose(0, 1)  # [k, N, H]
-        grad_x = torch.empty_like(x)
-        grad_z = torch.empty_like(z)
-        grad_b = torch.zeros_like(b)
-        grad_w = torch.zeros_like(weight)
-        grad_bias = g.sum(1)  # [k, H]
-        step = _FeatureGatedExperts._rows(k, F_in)
+        a, b, weight, *rest = ctx.saved_tensors
+        xs, zs = rest[:ctx.num_streams], rest[ctx.num_streams:]
+        N, F_in = xs[0].shape
+        E, r, H = b.size(0), b.size(1), weight.size(2)
+        g3 = grad_out.reshape(N, E, H)
+        a3 = a.view(F_in, E, r)
+        grad_a = torch.empty_like(a)
+        grad_b, grad_w = torch.empty_like(b), torch.empty_like(weight)
+        grad_bias = g3.sum(0)  # [E, H]
+        grad_xs = []
+        for x, z, idx in zip(xs, zs, ctx.groups, strict=True):
+            k, sel = len(idx), _select(idx)
+            bg, wg = b[sel], weight[sel]
+            ag = a3[:, sel].reshape(F_in, k * r)
+            grad_x, grad_z = torch.empty_like(x), torch.empty_like(z)
+            gb, gw = torch.zeros_like(bg), torch.zeros_like(wg)
+            step = _FeatureGatedExperts._rows(k, F_in)
+            for lo in range(0, N, step):
+                xc = x[lo:lo + step]
+                gc = (g3[lo:lo + step, sel].transpose(0, 1) if isinstance(sel, slice) else
+                      torch.stack([g3[lo:lo + step, e] for e in idx]))  # [k, rows, H]
+                zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+                s = torch.bmm(zk, bg).sigmoid_()  # [k, rows, F]
+                xs_ = s * xc  # half the gated input
+                gw.baddbmm_(xs_.transpose(1, 2), gc, alpha=2.0)
+                gxt = torch.bmm(gc, wg.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
+                grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
+                # d(2 sigmoid(u)) x = 2 x s (1 - s) du: sigmoid_backward(gxt * x s, s) / s
+                gu = torch.ops.aten.sigmoid_backward(gxt.mul_(xc), s)
+                gb.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
+                gz = torch.bmm(gu, bg.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
+                grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
+            grad_x.addmm_(grad_z, ag.T)
+            grad_a.view(F_in, E, r)[:, sel] = (x.T @ grad_z).view(F_in, k, r)
+            grad_b[sel], grad_w[sel] = gb, gw
+            grad_xs.append(grad_x)
+        return (None, grad_a, grad_b, grad_w, grad_bias, *grad_xs)
+
+
+def _column_mean_var(u: Tensor, block_elements: int = 1 << 19) -> tuple[Tensor, Tensor]:
+    r"""Mean and biased variance of each column of ``u [N, C]``, in at least
+    float32, by two passes over blocks of rows (``torch.var_mean`` over dim 0
+    is several times slower on CPU, and this makes no ``[N, C]`` temporary)."""
+    N, C = u.shape
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    step = max(1, block_elements // max(C, 1))
+    total = torch.zeros(C, dtype=dtype, device=u.device)
+    for lo in range(0, N, step):
+        total += u[lo:lo + step].sum(0, dtype=dtype)
+    mean = total / N
+    sq = torch.zeros_like(total)
+    for lo in range(0, N, step):
+        d = u[lo:lo + step] - mean
+        sq += d.mul_(d).sum(0)
+    return mean, sq / N
+
+
+class _BatchNormAct(torch.autograd.Function):
+    r"""``act(u * scale + shift)`` with ``scale = weight * invstd`` and
+    ``shift = bias - mean * scale`` (batch norm with given statistics, then
+    Swish or ReLU), over blocks of rows: the output is the only ``[N, C]``
+    tensor forward makes, the input gradient the only one backward makes
+    (the normalised and activated blocks are recomputed from ``u``).
+
+    With ``batch_stats`` the statistics are ``u``'s own (training-mode batch
+    norm) and backward carries the gradient through them, as
+    :func:`torch.nn.functional.batch_norm` does; otherwise they are
+    constants (running statistics). Each block is computed in at least
+    float32 and rounded once to ``u``'s dtype (bf16 under autocast).
+    """
+
+    BLOCK_ELEMENTS = 1 << 18  # rows * C per block: 1 MiB of float32
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
+                batch_stats: bool, silu: bool) -> Tensor:
+        N, C = u.shape
+        scale = weight * invstd
+        shift = bias - mean * scale
+        h = torch.empty_like(u)
+        step = max(1, _BatchNormAct.BLOCK_ELEMENTS // C)
         for lo in range(0, N, step):
-            xc, gc = x[lo:lo + step], g[:, lo:lo + step]
-            zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
-            s = torch.bmm(zk, b).sigmoid_()  # [k, rows, F]
-            grad_w.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)
-            gxt = torch.bmm(gc, weight.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
-            grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
-            gu = gxt.mul_(xc).mul_(s).mul_(1.0 - s)  # d(2 sigmoid(u)) = 2 s (1 - s) du
-            grad_b.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
-            gz = torch.bmm(gu, b.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
-            grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
-        grad_x.addmm_(grad_z, a.T)
-        grad_a = x.T @ grad_z
-        return grad_x, grad_a, grad_b, grad_w, grad_bias
+            y = torch.addcmul(shift, u[lo:lo + step], scale)
+            h[lo:lo + step] = F.silu(y, inplace=True) if silu else y.clamp_min_(0.0)
+        ctx.save_for_backward(u, scale, shift, mean, invstd)
+        ctx.batch_stats, ctx.silu = batch_stats, silu
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: Tensor):
+        u, scale, shift, mean, invstd = ctx.saved_tensors
+        N, C = u.shape
+        step = max(1, _BatchNormAct.BLOCK_ELEMENTS // C)
+        # d loss / d normalised input, in at least float32 (in grad_u itself unless u is
+        # bf16 / fp16); then, with batch statistics, the pass through mean and variance.
+        grad_y = torch.empty(N, C, dtype=scale.dtype, device=u.device)
+        grad_beta = torch.zeros_like(scale)
+        grad_gamma = torch.zeros_like(scale)
+        for lo in range(0, N, step):
+            uc = u[lo:lo + step]
+            y = torch.addcmul(shift, uc, scale)
+            g = grad_h[lo:lo + step].to(y.dtype)
+            dy = grad_y[lo:lo + step]
+            if ctx.silu:
+                torch.ops.aten.silu_backward.grad_input(g, y, grad_input=dy)
+            else:
+                torch.ops.aten.threshold_backward.grad_input(g, y, 0.0, grad_input=dy)
+            grad_beta += dy.sum(0)
+            grad_gamma += ((uc - mean).mul_(invstd).mul_(dy)).sum(0)
+        if ctx.batch_stats:  # d/du of (u - mean(u)) * invstd(u)
+            m_beta, m_gamma = grad_beta / N, grad_gamma * (invstd / N)
+            for lo in range(0, N, step):
+                dy = grad_y[lo:lo + step]
+                dy.sub_(m_beta).sub_((u[lo:lo + step] - mean).mul_(m_gamma)).mul_(scale)
+        else:
+            grad_y.mul_(scale)
+        grad_u = grad_y if grad_y.dtype == u.dtype else grad_y.to(u.dtype)
+        return grad_u, grad_gamma, grad_beta, None, None, None, None
 
 
-def _feature_gated_experts(x: Tensor, a: Tensor, b: Tensor, weight: Tensor,
-                           bias: Tensor) -> Tensor:
+def _feature_gated_experts(groups: tuple[tuple[int, ...], ...], xs: Sequence[Tensor],
+                           a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     r"""``_FeatureGatedExperts`` in one dtype. Under autocast every operand is
     cast to the autocast dtype (as ``nn.Linear`` would run) and autocast is off
     inside, so that backward, which runs outside autocast, meets the dtypes
     forward saved; the casts carry the gradients back to float32 parameters."""
-    device_type = x.device.type
+    device_type = xs[0].device.type
     if not torch.is_autocast_enabled(device_type):
-        return _FeatureGatedExperts.apply(x, a, b, weight, bias)
+        return _FeatureGatedExperts.apply(groups, a, b, weight, bias, *xs)
     dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _FeatureGatedExperts.apply(x.to(dtype), a.to(dtype), b.to(dtype),
-                                          weight.to(dtype), bias.to(dtype))
+        return _FeatureGatedExperts.apply(groups, a.to(dtype), b.to(dtype), weight.to(dtype),
+                                          bias.to(dtype), *(x.to(dtype) for x in xs))
 
 
 class GateSpec(NamedTuple):
@@ -258,6 +376,11 @@ class MultiGateLevel(Module):
             else:
                 runs.append((name, (e, e + 1)))
         self._stream_groups = runs
+        # The experts reading each stream, streams in order of first use (feature-gates).
+        sets: dict[str, list[int]] = {}
+        for e, name in enumerate(self.expert_inputs):
+            sets.setdefault(name, []).append(e)
+        self._stream_sets = tuple((name, tuple(idx)) for name, idx in sets.items())
         self.gate_specs = list(gates)
         self.expert_norm = None if expert_norm == "none" else expert_norm
         self.activation = activation or ("silu" if self.expert_norm is not None else "relu")
@@ -335,27 +458,24 @@ class MultiGateLevel(Module):
                              f"batch (got {N}): batch statistics of one row are undefined; "
                              "use larger batches (drop a last batch of one row) or "
                              "expert_norm='layer_norm'")
-        # Experts grouped by the stream they read: one matmul per stream (and,
-        # with feature-gates, one pass over the stream per expert).
-        parts = []
-        for stream, idx in self._stream_groups:
-            x = streams[stream]
-            s, e = idx
-            if self.fg_a is None:
+        if self.fg_a is None:  # experts grouped by the stream they read: one matmul per run
+            parts = []
+            for stream, (s, e) in self._stream_groups:
                 w = self.weight[s:e].permute(1, 0, 2).reshape(self.in_channels, (e - s) * H)
-                parts.append(torch.addmm(self.bias[s:e].reshape(-1), x, w))  # [N, k*H]
-            else:
-                r = self.feature_gate_rank
-                parts.append(_feature_gated_experts(
-                    x, self.fg_a[:, s * r:e * r], self.fg_b[s:e], self.weight[s:e],
-                    self.bias[s:e]))  # [N, k*H]
-        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
-        if self.norm is not None:
-            h = self.norm(h)
-        h = h.view(N, E, H)
-        if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
-            h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
-        h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
+                parts.append(torch.addmm(self.bias[s:e].reshape(-1), streams[stream], w))
+            h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
+        else:  # all feature-gated experts in one pass over row blocks, written in place
+            assert self.fg_b is not None
+            h = _feature_gated_experts(tuple(idx for _, idx in self._stream_sets),
+                                       [streams[name] for name, _ in self._stream_sets],
+                                       self.fg_a, self.fg_b, self.weight, self.bias)
+        if self.norm is not None:  # batch norm and the activation, fused
+            h = self._batch_norm_act(h).view(N, E, H)
+        else:
+            h = h.view(N, E, H)
+            if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
+                h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
+            h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
 
         logits = torch.cat([lin(streams[g.input]) for g, lin in
                             zip(self.gate_specs, self.gate_lins, strict=True)], dim=1)
@@ -368,9 +488,37 @@ class MultiGateLevel(Module):
         for gi, (g, y) in enumerate(zip(self.gate_specs, mixed.unbind(1), strict=True)):
             if self.self_gates is not None:
                 res = streams[g.input]
-                y = y + torch.sigmoid(self.self_gates[gi](res)) * res
+                y = torch.addcmul(y, torch.sigmoid(self.self_gates[gi](res)), res)
             out[g.name] = y
         return out, weights, h
+
+    def _batch_norm_act(self, u: Tensor) -> Tensor:
+        r"""``act(BatchNorm1d(u))`` for ``u [N, E*H]``, as ``self.norm`` (a
+        :class:`torch.nn.BatchNorm1d`) would compute it, running statistics
+        included, then the activation, in one :class:`_BatchNormAct`."""
+        bn = cast(torch.nn.BatchNorm1d, self.norm)
+        N = u.size(0)
+        batch_stats = self.training or bn.running_mean is None
+        if batch_stats:
+            mean, var = _column_mean_var(u.detach())
+            invstd = (var + bn.eps).rsqrt()
+            if self.training and bn.track_running_stats and bn.running_mean is not None:
+                assert bn.running_var is not None and bn.num_batches_tracked is not None
+                with torch.no_grad():
+                    bn.num_batches_tracked.add_(1)
+                    f = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                         else bn.momentum)
+                    bn.running_mean.mul_(1.0 - f).add_(mean.to(bn.running_mean.dtype),
+                                                       alpha=f)
+                    bn.running_var.mul_(1.0 - f).add_(
+                        (var * (N / (N - 1))).to(bn.running_var.dtype), alpha=f)
+        else:
+            assert bn.running_var is not None
+            mean, invstd = bn.running_mean, (bn.running_var + bn.eps).rsqrt()
+        weight = bn.weight if bn.affine else torch.ones_like(mean)
+        bias = bn.bias if bn.affine else torch.zeros_like(mean)
+        return _BatchNormAct.apply(u, weight, bias, mean, invstd, batch_stats,
+                                   self.activation == "silu")
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
