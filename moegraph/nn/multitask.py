@@ -206,13 +206,17 @@ class _BatchNormAct(torch.autograd.Function):
     ``shift = bias - mean * scale`` (batch norm with given statistics, then
     Swish or ReLU), over blocks of rows: the output is the only ``[N, C]``
     tensor forward makes, the input gradient the only one backward makes
-    (the normalised and activated blocks are recomputed from ``u``).
+    (the normalised and activated blocks are recomputed from ``u``; a
+    float32 gradient buffer is added when ``u`` is bf16).
 
     With ``batch_stats`` the statistics are ``u``'s own (training-mode batch
     norm) and backward carries the gradient through them, as
     :func:`torch.nn.functional.batch_norm` does; otherwise they are
     constants (running statistics). Each block is computed in at least
-    float32 and rounded once to ``u``'s dtype (bf16 under autocast).
+    float32 and rounded to ``u``'s dtype (bf16 under autocast) where batch
+    norm then the activation on a bf16 tensor would round it (the batch-norm
+    output, the activation and its gradient), so that bf16 runs compute what
+    the unfused modules compute.
     """
 
     BLOCK_ELEMENTS = 1 << 18  # rows * C per block: 1 MiB of float32
@@ -226,7 +230,7 @@ class _BatchNormAct(torch.autograd.Function):
         h = torch.empty_like(u)
         step = max(1, _BatchNormAct.BLOCK_ELEMENTS // C)
         for lo in range(0, N, step):
-            y = torch.addcmul(shift, u[lo:lo + step], scale)
+            y = torch.addcmul(shift, u[lo:lo + step], scale).to(u.dtype)
             h[lo:lo + step] = F.silu(y, inplace=True) if silu else y.clamp_min_(0.0)
         ctx.save_for_backward(u, scale, shift, mean, invstd)
         ctx.batch_stats, ctx.silu = batch_stats, silu
@@ -245,13 +249,17 @@ class _BatchNormAct(torch.autograd.Function):
         grad_gamma = torch.zeros_like(scale)
         for lo in range(0, N, step):
             uc = u[lo:lo + step]
-            y = torch.addcmul(shift, uc, scale)
-            g = grad_h[lo:lo + step].to(y.dtype)
+            y = torch.addcmul(shift, uc, scale).to(u.dtype)
+            g = grad_h[lo:lo + step].to(u.dtype)
             dy = grad_y[lo:lo + step]
-            if ctx.silu:
-                torch.ops.aten.silu_backward.grad_input(g, y, grad_input=dy)
-            else:
-                torch.ops.aten.threshold_backward.grad_input(g, y, 0.0, grad_input=dy)
+            if dy.dtype == u.dtype:
+                if ctx.silu:
+                    torch.ops.aten.silu_backward.grad_input(g, y, grad_input=dy)
+                else:
+                    torch.ops.aten.threshold_backward.grad_input(g, y, 0.0, grad_input=dy)
+            else:  # bf16: rounded as batch norm then SiLU in bf16 would round it
+                dy.copy_(torch.ops.aten.silu_backward(g, y) if ctx.silu
+                         else torch.ops.aten.threshold_backward(g, y, 0.0))
             grad_beta += dy.sum(0)
             grad_gamma += ((uc - mean).mul_(invstd).mul_(dy)).sum(0)
         if ctx.batch_stats:  # d/du of (u - mean(u)) * invstd(u)
