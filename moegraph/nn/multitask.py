@@ -389,6 +389,10 @@ class MultiGateLevel(Module):
         for e, name in enumerate(self.expert_inputs):
             sets.setdefault(name, []).append(e)
         self._stream_sets = tuple((name, tuple(idx)) for name, idx in sets.items())
+        gate_sets: dict[str, list[int]] = {}  # the gates reading each stream
+        for gi, g in enumerate(gates):
+            gate_sets.setdefault(g.input, []).append(gi)
+        self._gate_streams = tuple((name, tuple(gis)) for name, gis in gate_sets.items())
         self.gate_specs = list(gates)
         self.expert_norm = None if expert_norm == "none" else expert_norm
         self.activation = activation or ("silu" if self.expert_norm is not None else "relu")
@@ -485,8 +489,7 @@ class MultiGateLevel(Module):
                 h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
             h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
 
-        logits = torch.cat([lin(streams[g.input]) for g, lin in
-                            zip(self.gate_specs, self.gate_lins, strict=True)], dim=1)
+        logits, res_gates = self._gate_logits(streams)
         G = len(self.gate_specs)
         dense = logits.new_full((N, G * E), float("-inf"))
         dense = dense.index_copy(1, self.gate_index, logits)
@@ -494,11 +497,33 @@ class MultiGateLevel(Module):
         mixed = torch.bmm(weights, h)  # [N, G, H]
         out = {}
         for gi, (g, y) in enumerate(zip(self.gate_specs, mixed.unbind(1), strict=True)):
-            if self.self_gates is not None:
+            if res_gates is not None:
                 res = streams[g.input]
-                y = torch.addcmul(y, torch.sigmoid(self.self_gates[gi](res)), res)
+                y = y + torch.sigmoid(res_gates[gi]) * res
             out[g.name] = y
         return out, weights, h
+
+    def _gate_logits(self, streams: dict[str, Tensor]
+                     ) -> tuple[Tensor, Optional[list[Tensor]]]:
+        r"""The gates' logits ``[N, sum_g |A_g|]`` (gate order) and, with
+        self-gates, each gate's self-gate pre-activation ``x_{s(g)} U_g``
+        ``[N, H]``. With self-gates, the gate and self-gate layers reading one
+        stream run as one matmul (their weights concatenated)."""
+        if self.self_gates is None:
+            return torch.cat([lin(streams[g.input]) for g, lin in
+                              zip(self.gate_specs, self.gate_lins, strict=True)], dim=1), None
+        self_gates = cast(ModuleList, self.self_gates)
+        logit_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
+        res_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
+        for stream, gis in self._gate_streams:
+            lins = [self.gate_lins[gi] for gi in gis] + [self_gates[gi] for gi in gis]
+            out = F.linear(streams[stream], torch.cat([lin.weight for lin in lins]),
+                           torch.cat([lin.bias for lin in lins]))
+            parts = out.split([lin.out_features for lin in lins], dim=1)
+            for j, gi in enumerate(gis):
+                logit_parts[gi], res_parts[gi] = parts[j], parts[len(gis) + j]
+        return (torch.cat(cast(list[Tensor], logit_parts), dim=1),
+                cast(list[Tensor], res_parts))
 
     def _batch_norm_act(self, u: Tensor) -> Tensor:
         r"""``act(BatchNorm1d(u))`` for ``u [N, E*H]``, as ``self.norm`` (a
