@@ -167,12 +167,15 @@ class _FeatureGatedExperts(torch.autograd.Function):
                       torch.stack([g3[lo:lo + step, e] for e in idx]))  # [k, rows, H]
                 zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
                 s = torch.bmm(zk, bg).sigmoid_()  # [k, rows, F]
-                xs_ = s * xc  # half the gated input
-                gw.baddbmm_(xs_.transpose(1, 2), gc, alpha=2.0)
+                gw.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)  # s * x: half gated input
                 gxt = torch.bmm(gc, wg.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
-                grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
-                # d(2 sigmoid(u)) x = 2 x s (1 - s) du: sigmoid_backward(gxt * x s, s) / s
-                gu = torch.ops.aten.sigmoid_backward(gxt.mul_(xc), s)
+                if k == 1:
+                    torch.mul(gxt[0], s[0], out=grad_x[lo:lo + step]).mul_(2.0)
+                else:
+                    torch.sum(gxt * s, 0, out=grad_x[lo:lo + step]).mul_(2.0)
+                # d(x 2 sigmoid(u)) / du = 2 x s (1 - s): 2 sigmoid_backward(gxt * x, s)
+                gu = torch.ops.aten.sigmoid_backward.grad_input(gxt.mul_(xc), s,
+                                                                 grad_input=gxt)
                 gb.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
                 gz = torch.bmm(gu, bg.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
                 grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
