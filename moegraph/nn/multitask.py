@@ -186,96 +186,6 @@ class _FeatureGatedExperts(torch.autograd.Function):
         return (None, grad_a, grad_b, grad_w, grad_bias, *grad_xs)
 
 
-def _column_mean_var(u: Tensor, block_elements: int = 1 << 19) -> tuple[Tensor, Tensor]:
-    r"""Mean and biased variance of each column of ``u [N, C]``, in at least
-    float32, by two passes over blocks of rows (``torch.var_mean`` over dim 0
-    is several times slower on CPU, and this makes no ``[N, C]`` temporary)."""
-    N, C = u.shape
-    dtype = torch.promote_types(u.dtype, torch.float32)
-    step = max(1, block_elements // max(C, 1))
-    total = torch.zeros(C, dtype=dtype, device=u.device)
-    for lo in range(0, N, step):
-        total += u[lo:lo + step].sum(0, dtype=dtype)
-    mean = total / N
-    sq = torch.zeros_like(total)
-    for lo in range(0, N, step):
-        d = u[lo:lo + step] - mean
-        sq += d.mul_(d).sum(0)
-    return mean, sq / N
-
-
-class _BatchNormAct(torch.autograd.Function):
-    r"""``act(u * scale + shift)`` with ``scale = weight * invstd`` and
-    ``shift = bias - mean * scale`` (batch norm with given statistics, then
-    Swish or ReLU), over blocks of rows: the output is the only ``[N, C]``
-    tensor forward makes, the input gradient the only one backward makes
-    (the normalised and activated blocks are recomputed from ``u``; a
-    float32 gradient buffer is added when ``u`` is bf16).
-
-    With ``batch_stats`` the statistics are ``u``'s own (training-mode batch
-    norm) and backward carries the gradient through them, as
-    :func:`torch.nn.functional.batch_norm` does; otherwise they are
-    constants (running statistics). Each block is computed in at least
-    float32 and rounded to ``u``'s dtype (bf16 under autocast) where batch
-    norm then the activation on a bf16 tensor would round it (the batch-norm
-    output, the activation and its gradient), so that bf16 runs compute what
-    the unfused modules compute.
-    """
-
-    BLOCK_ELEMENTS = 1 << 18  # rows * C per block: 1 MiB of float32
-
-    @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor,
-                batch_stats: bool, silu: bool) -> Tensor:
-        N, C = u.shape
-        scale = weight * invstd
-        shift = bias - mean * scale
-        h = torch.empty_like(u)
-        step = max(1, _BatchNormAct.BLOCK_ELEMENTS // C)
-        for lo in range(0, N, step):
-            y = torch.addcmul(shift, u[lo:lo + step], scale).to(u.dtype)
-            h[lo:lo + step] = F.silu(y, inplace=True) if silu else y.clamp_min_(0.0)
-        ctx.save_for_backward(u, scale, shift, mean, invstd)
-        ctx.batch_stats, ctx.silu = batch_stats, silu
-        return h
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        u, scale, shift, mean, invstd = ctx.saved_tensors
-        N, C = u.shape
-        step = max(1, _BatchNormAct.BLOCK_ELEMENTS // C)
-        # d loss / d normalised input, in at least float32 (in grad_u itself unless u is
-        # bf16 / fp16); then, with batch statistics, the pass through mean and variance.
-        grad_y = torch.empty(N, C, dtype=scale.dtype, device=u.device)
-        grad_beta = torch.zeros_like(scale)
-        grad_gamma = torch.zeros_like(scale)
-        for lo in range(0, N, step):
-            uc = u[lo:lo + step]
-            y = torch.addcmul(shift, uc, scale).to(u.dtype)
-            g = grad_h[lo:lo + step].to(u.dtype)
-            dy = grad_y[lo:lo + step]
-            if dy.dtype == u.dtype:
-                if ctx.silu:
-                    torch.ops.aten.silu_backward.grad_input(g, y, grad_input=dy)
-                else:
-                    torch.ops.aten.threshold_backward.grad_input(g, y, 0.0, grad_input=dy)
-            else:  # bf16: rounded as batch norm then SiLU in bf16 would round it
-                dy.copy_(torch.ops.aten.silu_backward(g, y) if ctx.silu
-                         else torch.ops.aten.threshold_backward(g, y, 0.0))
-            grad_beta += dy.sum(0)
-            grad_gamma += ((uc - mean).mul_(invstd).mul_(dy)).sum(0)
-        if ctx.batch_stats:  # d/du of (u - mean(u)) * invstd(u)
-            m_beta, m_gamma = grad_beta / N, grad_gamma * (invstd / N)
-            for lo in range(0, N, step):
-                dy = grad_y[lo:lo + step]
-                dy.sub_(m_beta).sub_((u[lo:lo + step] - mean).mul_(m_gamma)).mul_(scale)
-        else:
-            grad_y.mul_(scale)
-        grad_u = grad_y if grad_y.dtype == u.dtype else grad_y.to(u.dtype)
-        return grad_u, grad_gamma, grad_beta, None, None, None, None
-
-
 def _feature_gated_experts(groups: tuple[tuple[int, ...], ...], xs: Sequence[Tensor],
                            a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     r"""``_FeatureGatedExperts`` in one dtype. Under autocast every operand is
@@ -484,13 +394,12 @@ class MultiGateLevel(Module):
             h = _feature_gated_experts(tuple(idx for _, idx in self._stream_sets),
                                        [streams[name] for name, _ in self._stream_sets],
                                        self.fg_a, self.fg_b, self.weight, self.bias)
-        if self.norm is not None:  # batch norm and the activation, fused
-            h = self._batch_norm_act(h).view(N, E, H)
-        else:
-            h = h.view(N, E, H)
-            if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
-                h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
-            h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
+        if self.norm is not None:
+            h = self.norm(h)
+        h = h.view(N, E, H)
+        if self.norm_weight is not None and self.norm_bias is not None:  # layer_norm
+            h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
+        h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
 
         logits, res_gates = self._gate_logits(streams)
         G = len(self.gate_specs)
@@ -527,34 +436,6 @@ class MultiGateLevel(Module):
                 logit_parts[gi], res_parts[gi] = parts[j], parts[len(gis) + j]
         return (torch.cat(cast(list[Tensor], logit_parts), dim=1),
                 cast(list[Tensor], res_parts))
-
-    def _batch_norm_act(self, u: Tensor) -> Tensor:
-        r"""``act(BatchNorm1d(u))`` for ``u [N, E*H]``, as ``self.norm`` (a
-        :class:`torch.nn.BatchNorm1d`) would compute it, running statistics
-        included, then the activation, in one :class:`_BatchNormAct`."""
-        bn = cast(torch.nn.BatchNorm1d, self.norm)
-        N = u.size(0)
-        batch_stats = self.training or bn.running_mean is None
-        if batch_stats:
-            mean, var = _column_mean_var(u.detach())
-            invstd = (var + bn.eps).rsqrt()
-            if self.training and bn.track_running_stats and bn.running_mean is not None:
-                assert bn.running_var is not None and bn.num_batches_tracked is not None
-                with torch.no_grad():
-                    bn.num_batches_tracked.add_(1)
-                    f = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
-                         else bn.momentum)
-                    bn.running_mean.mul_(1.0 - f).add_(mean.to(bn.running_mean.dtype),
-                                                       alpha=f)
-                    bn.running_var.mul_(1.0 - f).add_(
-                        (var * (N / (N - 1))).to(bn.running_var.dtype), alpha=f)
-        else:
-            assert bn.running_var is not None
-            mean, invstd = bn.running_mean, (bn.running_var + bn.eps).rsqrt()
-        weight = bn.weight if bn.affine else torch.ones_like(mean)
-        bias = bn.bias if bn.affine else torch.zeros_like(mean)
-        return _BatchNormAct.apply(u, weight, bias, mean, invstd, batch_stats,
-                                   self.activation == "silu")
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
