@@ -106,7 +106,7 @@ class _FeatureGatedExperts(torch.autograd.Function):
     ``z_j = x_{s(j)} A_j``; ``groups[i]`` lists the experts reading ``xs[i]``.
     """
 
-    BLOCK_ELEMENTS = 1 << 20  # k * rows * F per block: about 4 MiB of float32
+    BLOCK_ELEMENTS = 1 << 18  # k * rows * F per block: 1 MiB of float32
 
     @staticmethod
     def _rows(k: int, F_in: int) -> int:
