@@ -123,12 +123,12 @@ class _FeatureGatedExperts(torch.autograd.Function):
         for x, idx in zip(xs, groups, strict=True):
             k, sel = len(idx), _select(idx)
             bg, wg, bias_g = b[sel], weight[sel], bias[sel].unsqueeze(1)
-            z = x @ a3[:, sel].reshape(F_in, k * r)  # [N, k*r]
+            # low-rank logits z = x A, as [k, N, r] (small) so that row blocks are contiguous
+            z = (x @ a3[:, sel].reshape(F_in, k * r)).view(N, k, r).transpose(0, 1).contiguous()
             zs.append(z)
             step = _FeatureGatedExperts._rows(k, F_in)
             for lo in range(0, N, step):
-                xc = x[lo:lo + step]
-                zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+                xc, zk = x[lo:lo + step], z[:, lo:lo + step]  # zk: [k, rows, r]
                 gated = torch.bmm(zk, bg).sigmoid_().mul_(xc)  # [k, rows, F]: half the gated input
                 res = torch.baddbmm(bias_g, gated, wg, alpha=2.0)  # [k, rows, H]
                 if isinstance(sel, slice):
@@ -165,7 +165,7 @@ class _FeatureGatedExperts(torch.autograd.Function):
                 xc = x[lo:lo + step]
                 gc = (g3[lo:lo + step, sel].transpose(0, 1) if isinstance(sel, slice) else
                       torch.stack([g3[lo:lo + step, e] for e in idx]))  # [k, rows, H]
-                zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
+                zk = z[:, lo:lo + step]  # [k, rows, r]
                 s = torch.bmm(zk, bg).sigmoid_()  # [k, rows, F]
                 gw.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)  # s * x: half gated input
                 gxt = torch.bmm(gc, wg.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
@@ -177,10 +177,10 @@ class _FeatureGatedExperts(torch.autograd.Function):
                 gu = torch.ops.aten.sigmoid_backward.grad_input(gxt.mul_(xc), s,
                                                                  grad_input=gxt)
                 gb.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
-                gz = torch.bmm(gu, bg.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
-                grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
-            grad_x.addmm_(grad_z, ag.T)
-            grad_a.view(F_in, E, r)[:, sel] = (x.T @ grad_z).view(F_in, k, r)
+                torch.bmm(gu, bg.transpose(1, 2), out=grad_z[:, lo:lo + step])  # [k, rows, r]
+            gzf = grad_z.transpose(0, 1).reshape(N, k * r).mul_(2.0)  # d loss / d (x A)
+            grad_x.addmm_(gzf, ag.T)
+            grad_a.view(F_in, E, r)[:, sel] = (x.T @ gzf).view(F_in, k, r)
             grad_b[sel], grad_w[sel] = gb, gw
             grad_xs.append(grad_x)
         return (None, grad_a, grad_b, grad_w, grad_bias, *grad_xs)
