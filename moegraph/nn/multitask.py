@@ -424,11 +424,11 @@ class MultiGateLevel(Module):
         if self.self_gates is None:
             return torch.cat([lin(streams[g.input]) for g, lin in
                               zip(self.gate_specs, self.gate_lins, strict=True)], dim=1), None
-        self_gates = cast(ModuleList, self.self_gates)
         logit_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
         res_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
         for stream, gis in self._gate_streams:
-            lins = [self.gate_lins[gi] for gi in gis] + [self_gates[gi] for gi in gis]
+            lins = [cast(Linear, m) for m in ([self.gate_lins[gi] for gi in gis]
+                                              + [self.self_gates[gi] for gi in gis])]
             out = F.linear(streams[stream], torch.cat([lin.weight for lin in lins]),
                            torch.cat([lin.bias for lin in lins]))
             parts = out.split([lin.out_features for lin in lins], dim=1)
