@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _study import RESULTS, command_line
+from _study import RESULTS, command_line, write_results
 from torch.nn import Module
 
 from moegraph.nn import PLE, HoME, MMoE
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             f"parameters excluded).\n\n{body}\n\n"
             + "\n".join(f"- {v}" for v in verdicts) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_results(Path(args.out), text)  # keeps the hand-written findings below the mark
     print(f"wrote {args.out}")
 
 

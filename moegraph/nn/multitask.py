@@ -86,80 +86,119 @@ def _per_task_count(value: Union[int, Mapping[str, int]], tasks: Sequence[str],
     return counts
 
 
-class _FeatureGatedExperts(torch.autograd.Function):
-    r"""``k`` feature-gated experts over one input, without a ``[k, N, F]``
-    tensor: forward and backward run over blocks of rows (about
-    ``BLOCK_ELEMENTS`` gated inputs each, all experts batched), and backward
-    recomputes the gates from ``x`` and the low-rank logits ``z`` (the only
-    activations saved besides ``x``). Memory: ``x``, ``z``, the output and
-    a few blocks, whatever ``N``.
+def _select(idx: tuple[int, ...]) -> Union[slice, Tensor]:
+    r"""A slice for consecutive expert indices, else an index tensor."""
+    if idx == tuple(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx))
+    return torch.tensor(idx, dtype=torch.long)
 
-    ``y_j = (x * 2 sigmoid(z_j B_j)) W_j + b_j`` with ``z = x A``.
+
+class _FeatureGatedExperts(torch.autograd.Function):
+    r"""All ``E`` feature-gated experts of a level, over one or more input
+    streams, into one ``[N, E * H]`` output in expert order, without a
+    ``[k, N, F]`` tensor: forward and backward run over blocks of rows (about
+    ``BLOCK_ELEMENTS`` gated inputs each, the experts of one stream batched),
+    and backward recomputes the gates from the streams and the low-rank
+    logits ``z`` (the only activations saved besides the streams). Memory:
+    the streams, ``z``, the output and a few blocks, whatever ``N``.
+
+    ``y_j = (x_{s(j)} * 2 sigmoid(z_j B_j)) W_j + b_j`` with
+    ``z_j = x_{s(j)} A_j``; ``groups[i]`` lists the experts reading ``xs[i]``.
     """
 
-    BLOCK_ELEMENTS = 1 << 20  # k * rows * F per block: about 4 MiB of float32
+    BLOCK_ELEMENTS = 1 << 18  # k * rows * F per block: 1 MiB of float32
 
     @staticmethod
     def _rows(k: int, F_in: int) -> int:
         return max(1, _FeatureGatedExperts.BLOCK_ELEMENTS // max(k * F_in, 1))
 
     @staticmethod
-    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        N, F_in = x.shape
-        k, r, H = b.size(0), b.size(1), weight.size(2)
-        z = x @ a  # [N, k*r]
-        out = x.new_empty(k, N, H)
-        step = _FeatureGatedExperts._rows(k, F_in)
-        for lo in range(0, N, step):
-            xc, zc = x[lo:lo + step], z[lo:lo + step]
-            zk = zc.view(-1, k, r).transpose(0, 1)  # [k, rows, r]
-            gated = torch.bmm(zk, b).sigmoid_().mul_(xc).mul_(2.0)  # [k, rows, F]
-            out[:, lo:lo + step] = torch.baddbmm(bias.unsqueeze(1), gated, weight)
-        ctx.save_for_backward(x, a, b, weight, z)
-        return out.transpose(0, 1).reshape(N, k * H)
+    def forward(ctx, groups: tuple[tuple[int, ...], ...], a: Tensor, b: Tensor,
+                weight: Tensor, bias: Tensor, *xs: Tensor) -> Tensor:
+        N, F_in = xs[0].shape
+        E, r, H = b.size(0), b.size(1), weight.size(2)
+        out = xs[0].new_empty(N, E, H)
+        a3 = a.view(F_in, E, r)
+        zs = []
+        for x, idx in zip(xs, groups, strict=True):
+            k, sel = len(idx), _select(idx)
+            bg, wg, bias_g = b[sel], weight[sel], bias[sel].unsqueeze(1)
+            # low-rank logits z = x A, as [k, N, r] (small) so that row blocks are contiguous
+            z = (x @ a3[:, sel].reshape(F_in, k * r)).view(N, k, r).transpose(0, 1).contiguous()
+            zs.append(z)
+            step = _FeatureGatedExperts._rows(k, F_in)
+            for lo in range(0, N, step):
+                xc, zk = x[lo:lo + step], z[:, lo:lo + step]  # zk: [k, rows, r]
+                gated = torch.bmm(zk, bg).sigmoid_().mul_(xc)  # [k, rows, F]: half the gated input
+                res = torch.baddbmm(bias_g, gated, wg, alpha=2.0)  # [k, rows, H]
+                if isinstance(sel, slice):
+                    out[lo:lo + step, sel] = res.transpose(0, 1)
+                else:  # one copy per expert: cheaper than an index_put on CPU
+                    for j, e in enumerate(idx):
+                        out[lo:lo + step, e] = res[j]
+        ctx.groups = groups
+        ctx.num_streams = len(xs)
+        ctx.save_for_backward(a, b, weight, *xs, *zs)
+        return out.view(N, E * H)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        x, a, b, weight, z = ctx.saved_tensors
-        N, F_in = x.shape
-        k, r, H = b.size(0), b.size(1), weight.size(2)
-        g = grad_out.reshape(N, k, H).transpose(0, 1)  # [k, N, H]
-        grad_x = torch.empty_like(x)
-        grad_z = torch.empty_like(z)
-        grad_b = torch.zeros_like(b)
-        grad_w = torch.zeros_like(weight)
-        grad_bias = g.sum(1)  # [k, H]
-        step = _FeatureGatedExperts._rows(k, F_in)
-        for lo in range(0, N, step):
-            xc, gc = x[lo:lo + step], g[:, lo:lo + step]
-            zk = z[lo:lo + step].view(-1, k, r).transpose(0, 1)  # [k, rows, r]
-            s = torch.bmm(zk, b).sigmoid_()  # [k, rows, F]
-            grad_w.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)
-            gxt = torch.bmm(gc, weight.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
-            grad_x[lo:lo + step] = torch.mul(gxt, s).sum(0).mul_(2.0)
-            gu = gxt.mul_(xc).mul_(s).mul_(1.0 - s)  # d(2 sigmoid(u)) = 2 s (1 - s) du
-            grad_b.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
-            gz = torch.bmm(gu, b.transpose(1, 2)).mul_(2.0)  # [k, rows, r]
-            grad_z[lo:lo + step] = gz.transpose(0, 1).reshape(-1, k * r)
-        grad_x.addmm_(grad_z, a.T)
-        grad_a = x.T @ grad_z
-        return grad_x, grad_a, grad_b, grad_w, grad_bias
+        a, b, weight, *rest = ctx.saved_tensors
+        xs, zs = rest[:ctx.num_streams], rest[ctx.num_streams:]
+        N, F_in = xs[0].shape
+        E, r, H = b.size(0), b.size(1), weight.size(2)
+        g3 = grad_out.reshape(N, E, H)
+        a3 = a.view(F_in, E, r)
+        grad_a = torch.empty_like(a)
+        grad_b, grad_w = torch.empty_like(b), torch.empty_like(weight)
+        grad_bias = g3.sum(0)  # [E, H]
+        grad_xs = []
+        for x, z, idx in zip(xs, zs, ctx.groups, strict=True):
+            k, sel = len(idx), _select(idx)
+            bg, wg = b[sel], weight[sel]
+            ag = a3[:, sel].reshape(F_in, k * r)
+            grad_x, grad_z = torch.empty_like(x), torch.empty_like(z)
+            gb, gw = torch.zeros_like(bg), torch.zeros_like(wg)
+            step = _FeatureGatedExperts._rows(k, F_in)
+            for lo in range(0, N, step):
+                xc = x[lo:lo + step]
+                gc = (g3[lo:lo + step, sel].transpose(0, 1) if isinstance(sel, slice) else
+                      torch.stack([g3[lo:lo + step, e] for e in idx]))  # [k, rows, H]
+                zk = z[:, lo:lo + step]  # [k, rows, r]
+                s = torch.bmm(zk, bg).sigmoid_()  # [k, rows, F]
+                gw.baddbmm_((s * xc).transpose(1, 2), gc, alpha=2.0)  # s * x: half gated input
+                gxt = torch.bmm(gc, wg.transpose(1, 2))  # [k, rows, F]: d loss / d gated input
+                if k == 1:
+                    torch.mul(gxt[0], s[0], out=grad_x[lo:lo + step]).mul_(2.0)
+                else:
+                    torch.sum(gxt * s, 0, out=grad_x[lo:lo + step]).mul_(2.0)
+                # d(x 2 sigmoid(u)) / du = 2 x s (1 - s): 2 sigmoid_backward(gxt * x, s)
+                gu = torch.ops.aten.sigmoid_backward.grad_input(gxt.mul_(xc), s,
+                                                                 grad_input=gxt)
+                gb.baddbmm_(zk.transpose(1, 2), gu, alpha=2.0)
+                torch.bmm(gu, bg.transpose(1, 2), out=grad_z[:, lo:lo + step])  # [k, rows, r]
+            gzf = grad_z.transpose(0, 1).reshape(N, k * r).mul_(2.0)  # d loss / d (x A)
+            grad_x.addmm_(gzf, ag.T)
+            grad_a.view(F_in, E, r)[:, sel] = (x.T @ gzf).view(F_in, k, r)
+            grad_b[sel], grad_w[sel] = gb, gw
+            grad_xs.append(grad_x)
+        return (None, grad_a, grad_b, grad_w, grad_bias, *grad_xs)
 
 
-def _feature_gated_experts(x: Tensor, a: Tensor, b: Tensor, weight: Tensor,
-                           bias: Tensor) -> Tensor:
+def _feature_gated_experts(groups: tuple[tuple[int, ...], ...], xs: Sequence[Tensor],
+                           a: Tensor, b: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     r"""``_FeatureGatedExperts`` in one dtype. Under autocast every operand is
     cast to the autocast dtype (as ``nn.Linear`` would run) and autocast is off
     inside, so that backward, which runs outside autocast, meets the dtypes
     forward saved; the casts carry the gradients back to float32 parameters."""
-    device_type = x.device.type
+    device_type = xs[0].device.type
     if not torch.is_autocast_enabled(device_type):
-        return _FeatureGatedExperts.apply(x, a, b, weight, bias)
+        return _FeatureGatedExperts.apply(groups, a, b, weight, bias, *xs)
     dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type=device_type, enabled=False):
-        return _FeatureGatedExperts.apply(x.to(dtype), a.to(dtype), b.to(dtype),
-                                          weight.to(dtype), bias.to(dtype))
+        return _FeatureGatedExperts.apply(groups, a.to(dtype), b.to(dtype), weight.to(dtype),
+                                          bias.to(dtype), *(x.to(dtype) for x in xs))
 
 
 class GateSpec(NamedTuple):
@@ -258,6 +297,15 @@ class MultiGateLevel(Module):
             else:
                 runs.append((name, (e, e + 1)))
         self._stream_groups = runs
+        # The experts reading each stream, streams in order of first use (feature-gates).
+        sets: dict[str, list[int]] = {}
+        for e, name in enumerate(self.expert_inputs):
+            sets.setdefault(name, []).append(e)
+        self._stream_sets = tuple((name, tuple(idx)) for name, idx in sets.items())
+        gate_sets: dict[str, list[int]] = {}  # the gates reading each stream
+        for gi, g in enumerate(gates):
+            gate_sets.setdefault(g.input, []).append(gi)
+        self._gate_streams = tuple((name, tuple(gis)) for name, gis in gate_sets.items())
         self.gate_specs = list(gates)
         self.expert_norm = None if expert_norm == "none" else expert_norm
         self.activation = activation or ("silu" if self.expert_norm is not None else "relu")
@@ -335,21 +383,17 @@ class MultiGateLevel(Module):
                              f"batch (got {N}): batch statistics of one row are undefined; "
                              "use larger batches (drop a last batch of one row) or "
                              "expert_norm='layer_norm'")
-        # Experts grouped by the stream they read: one matmul per stream (and,
-        # with feature-gates, one pass over the stream per expert).
-        parts = []
-        for stream, idx in self._stream_groups:
-            x = streams[stream]
-            s, e = idx
-            if self.fg_a is None:
+        if self.fg_a is None:  # experts grouped by the stream they read: one matmul per run
+            parts = []
+            for stream, (s, e) in self._stream_groups:
                 w = self.weight[s:e].permute(1, 0, 2).reshape(self.in_channels, (e - s) * H)
-                parts.append(torch.addmm(self.bias[s:e].reshape(-1), x, w))  # [N, k*H]
-            else:
-                r = self.feature_gate_rank
-                parts.append(_feature_gated_experts(
-                    x, self.fg_a[:, s * r:e * r], self.fg_b[s:e], self.weight[s:e],
-                    self.bias[s:e]))  # [N, k*H]
-        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
+                parts.append(torch.addmm(self.bias[s:e].reshape(-1), streams[stream], w))
+            h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [N, E*H]
+        else:  # all feature-gated experts in one pass over row blocks, written in place
+            assert self.fg_b is not None
+            h = _feature_gated_experts(tuple(idx for _, idx in self._stream_sets),
+                                       [streams[name] for name, _ in self._stream_sets],
+                                       self.fg_a, self.fg_b, self.weight, self.bias)
         if self.norm is not None:
             h = self.norm(h)
         h = h.view(N, E, H)
@@ -357,8 +401,7 @@ class MultiGateLevel(Module):
             h = F.layer_norm(h, (H,)) * self.norm_weight + self.norm_bias
         h = F.silu(h) if self.activation == "silu" else F.relu(h)  # [N, E, H]
 
-        logits = torch.cat([lin(streams[g.input]) for g, lin in
-                            zip(self.gate_specs, self.gate_lins, strict=True)], dim=1)
+        logits, res_gates = self._gate_logits(streams)
         G = len(self.gate_specs)
         dense = logits.new_full((N, G * E), float("-inf"))
         dense = dense.index_copy(1, self.gate_index, logits)
@@ -366,11 +409,33 @@ class MultiGateLevel(Module):
         mixed = torch.bmm(weights, h)  # [N, G, H]
         out = {}
         for gi, (g, y) in enumerate(zip(self.gate_specs, mixed.unbind(1), strict=True)):
-            if self.self_gates is not None:
+            if res_gates is not None:
                 res = streams[g.input]
-                y = y + torch.sigmoid(self.self_gates[gi](res)) * res
+                y = y + torch.sigmoid(res_gates[gi]) * res
             out[g.name] = y
         return out, weights, h
+
+    def _gate_logits(self, streams: dict[str, Tensor]
+                     ) -> tuple[Tensor, Optional[list[Tensor]]]:
+        r"""The gates' logits ``[N, sum_g |A_g|]`` (gate order) and, with
+        self-gates, each gate's self-gate pre-activation ``x_{s(g)} U_g``
+        ``[N, H]``. With self-gates, the gate and self-gate layers reading one
+        stream run as one matmul (their weights concatenated)."""
+        if self.self_gates is None:
+            return torch.cat([lin(streams[g.input]) for g, lin in
+                              zip(self.gate_specs, self.gate_lins, strict=True)], dim=1), None
+        logit_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
+        res_parts: list[Optional[Tensor]] = [None] * len(self.gate_specs)
+        for stream, gis in self._gate_streams:
+            lins = [cast(Linear, m) for m in ([self.gate_lins[gi] for gi in gis]
+                                              + [self.self_gates[gi] for gi in gis])]
+            out = F.linear(streams[stream], torch.cat([lin.weight for lin in lins]),
+                           torch.cat([lin.bias for lin in lins]))
+            parts = out.split([lin.out_features for lin in lins], dim=1)
+            for j, gi in enumerate(gis):
+                logit_parts[gi], res_parts[gi] = parts[j], parts[len(gis) + j]
+        return (torch.cat(cast(list[Tensor], logit_parts), dim=1),
+                cast(list[Tensor], res_parts))
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
