@@ -81,15 +81,24 @@ class MoEGNN(Module):
         \mathrm{FFN}(\mathbf{H}))\big),\qquad
         \mathrm{FFN} \in \{\mathrm{SparseMoE}, \mathrm{MLP}, 0\}
 
-    with an input projection to ``hidden_channels`` before the first block
-    (after dropout on the input features) and a linear classifier after the
-    last. The convolution's input is added back with ``residual=True`` (the
-    blocks of Platonov et al. for heterophilous graphs, with
-    ``norm="layer_norm"``); with ``residual=False`` the convolution replaces
-    it, as in PyG's GCN, whose accuracy on the small homophilous graphs
-    (Cora, CiteSeer) this keeps: there the unsmoothed input projection
-    carried to the classifier by the residual costs 10 points and more (see
-    ``experiments/results/graph_moe_ablation.md``).
+    Two layouts, chosen by ``residual``:
+
+    * ``residual=True``: the blocks of Platonov et al. for heterophilous
+      graphs (with ``norm="layer_norm"``): an input projection to
+      ``hidden_channels`` before the first block (after dropout on the input
+      features), the convolution's input added back in every block, and a
+      linear classifier after the last.
+    * ``residual=False``: PyG's plain stack (as :class:`~torch_geometric.nn.models.GCN`)
+      with a feed-forward part after every convolution but the last: the first
+      convolution reads the (dropped-out) input features, the last one gives
+      the class scores, and there is no input projection and no classifier.
+      It needs ``num_layers >= 2`` unless ``ffn="none"``. On the small
+      homophilous graphs (Cora, CiteSeer) the extra linear maps of the
+      residual layout cost GCN's accuracy: an unsmoothed input projection
+      carried to the classifier by the residual costs 10 points and more, and
+      without the residual the input projection and the feed-forward part
+      after the last convolution still cost 3-7 points (see
+      ``experiments/results/graph_moe_ablation.md``).
 
     Args:
         in_channels (int): node feature size.
@@ -121,8 +130,10 @@ class MoEGNN(Module):
         dropout (float, optional): dropout rate. (default: :obj:`0.0`)
         input_dropout (float, optional): dropout on the input features.
             (default: :obj:`0.0`)
-        residual (bool, optional): add each convolution's input back to its
-            output. (default: :obj:`True`)
+        residual (bool, optional): the residual layout (each convolution's
+            input added back to its output) or the plain stack (see above).
+            GAT's last convolution in the plain stack has one head.
+            (default: :obj:`True`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -175,14 +186,28 @@ class MoEGNN(Module):
         if ffn == "dense" and k is not None:
             dense_hidden = ffn_hidden * check_int("k", k)
 
-        self.lin_in = Linear(in_channels, hidden_channels)
+        if not residual and num_layers < 2 and ffn != "none":
+            raise ValueError("residual=False puts the feed-forward parts between "
+                             "convolutions: it needs num_layers >= 2 (got "
+                             f"{num_layers}; or ffn='none')")
+        # The residual layout projects the input to the blocks' width and
+        # classifies after the last block; the plain stack's first
+        # convolution reads the features and its last gives the class scores.
+        self.lin_in = Linear(in_channels, hidden_channels) if residual else None
         self.convs = ModuleList()
         self.conv_norms = ModuleList()
         self.ffns = ModuleList()
         self.ffn_norms = ModuleList()
+        num_blocks = num_layers if residual else num_layers - 1  # convs followed by an FFN
         for layer in range(num_layers):
-            self.convs.append(make_conv(conv, hidden_channels, hidden_channels,
-                                        **dict(conv_kwargs or {})))
+            kwargs = dict(conv_kwargs or {})
+            conv_in = in_channels if not residual and layer == 0 else hidden_channels
+            if layer == num_blocks:  # the plain stack's last convolution
+                if conv == "gat":
+                    kwargs["heads"] = 1
+                self.convs.append(make_conv(conv, conv_in, out_channels, **kwargs))
+                break
+            self.convs.append(make_conv(conv, conv_in, hidden_channels, **kwargs))
             self.conv_norms.append(make_norm(norm, hidden_channels))
             if ffn == "moe" and (layer + 1) % moe_every == 0:
                 block: Module = SparseMoE(hidden_channels, ffn_hidden, hidden_channels,
@@ -198,7 +223,7 @@ class MoEGNN(Module):
             self.ffns.append(block)
             # No FFN, no residual step to normalise: no dead norm parameters.
             self.ffn_norms.append(make_norm(norm if ffn != "none" else None, hidden_channels))
-        self.lin_out = Linear(hidden_channels, out_channels)
+        self.lin_out = Linear(hidden_channels, out_channels) if residual else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -216,16 +241,18 @@ class MoEGNN(Module):
         if edge_index is None and self.conv_name != "none":
             raise ValueError(f"'edge_index' is required by conv={self.conv_name!r}")
         x = F.dropout(x, self.input_dropout, self.training)
-        h = self.lin_in(x)  # [N, H]
+        h = self.lin_in(x) if self.lin_in is not None else x  # [N, H] or [N, F]
         routings = []
-        for conv, conv_norm, ffn, ffn_norm in zip(self.convs, self.conv_norms, self.ffns,
-                                                  self.ffn_norms, strict=True):
+        for layer, conv in enumerate(self.convs):
             c = conv(h, edge_index)
             if isinstance(c, MoEOutput):  # a graph MoE convolution: keep its routing
                 c, routing = c
                 routings.append(routing)
+            if layer == len(self.ffns):  # the plain stack's last convolution
+                return ModelOutput(c, sum_aux_losses(routings), tuple(routings))
             c = F.dropout(self.act(c), self.dropout, self.training)
-            h = conv_norm(h + c if self.residual else c)
+            h = self.conv_norms[layer](h + c if self.residual else c)
+            ffn = self.ffns[layer]
             if isinstance(ffn, Identity):
                 continue
             if isinstance(ffn, SparseMoE):
@@ -233,7 +260,8 @@ class MoEGNN(Module):
                 routings.append(routing)
             else:
                 y = ffn(h)
-            h = ffn_norm(h + F.dropout(y, self.dropout, self.training))
+            h = self.ffn_norms[layer](h + F.dropout(y, self.dropout, self.training))
+        assert self.lin_out is not None  # the residual layout
         logits = self.lin_out(h)  # [N, C]
         return ModelOutput(logits, sum_aux_losses(routings), tuple(routings))
 

@@ -215,22 +215,65 @@ def test_conv_kwargs_not_mutated():
     assert all(c.heads == 4 and c.out_channels == HID // 4 for c in net.convs)
 
 
-@pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("ffn", ["dense", "none"])
-def test_block_against_a_naive_composition(residual, ffn):
-    r"""``residual`` adds the block's input back around the convolution
-    (``h + relu(conv(h))``) or not (``relu(conv(h))``, PyG's GCN layer); the
-    feed-forward part is always added back (``h + FFN(h)``)."""
+def test_residual_layout_against_a_naive_composition(ffn):
+    r"""``residual=True``: input projection, ``h + relu(conv(h))``, the
+    feed-forward part added back (``h + FFN(h)``), a linear classifier."""
     x, edge_index = make_graph()
     net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, dropout=0.5,
-                 input_dropout=0.5, residual=residual).eval()
+                 input_dropout=0.5, residual=True).eval()
     h = net.lin_in(x)
     for conv, block in zip(net.convs, net.ffns, strict=True):
-        c = torch.relu(conv(h, edge_index))
-        h = h + c if residual else c
+        h = h + torch.relu(conv(h, edge_index))
         if ffn == "dense":
             h = h + block(h)
     torch.testing.assert_close(net(x, edge_index).logits, net.lin_out(h))
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe", "none"])
+def test_plain_stack_is_pyg_gcn_with_ffns_between_convolutions(ffn):
+    r"""``residual=False``: PyG's GCN (``conv_1`` reads the features, the last
+    convolution gives the class scores, nothing else) with ``h + FFN(h)``
+    after every convolution but the last. With ``ffn="none"`` it is
+    :class:`torch_geometric.nn.models.GCN` itself, weight for weight."""
+    from torch_geometric.nn.models import GCN
+
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, dropout=0.5,
+                 input_dropout=0.5, residual=False, num_experts=4, k=2).eval()
+    assert net.lin_in is None and net.lin_out is None
+    assert [c.in_channels for c in net.convs] == [FEAT, HID, HID]
+    assert [c.out_channels for c in net.convs] == [HID, HID, OUT]
+    assert len(net.ffns) == 2
+    h = x
+    for conv, block in zip(net.convs[:-1], net.ffns, strict=True):
+        h = torch.relu(conv(h, edge_index))
+        if ffn == "dense":
+            h = h + block(h)
+        elif ffn == "moe":
+            h = h + block(h)[0]
+    out = net(x, edge_index)
+    torch.testing.assert_close(out.logits, net.convs[-1](h, edge_index))
+    assert len(out.routing) == (2 if ffn == "moe" else 0)
+    if ffn == "none":
+        gcn = GCN(FEAT, HID, 3, OUT).eval()
+        for mine, theirs in zip(net.convs, gcn.convs, strict=True):
+            theirs.load_state_dict(mine.state_dict())
+        torch.testing.assert_close(out.logits, gcn(x, edge_index))
+
+
+def test_plain_stack_one_layer_and_gat_head():
+    x, edge_index = make_graph()
+    # one layer: a single convolution to the classes, nowhere for an FFN
+    assert MoEGNN(FEAT, HID, OUT, num_layers=1, ffn="none",
+                  residual=False)(x, edge_index).logits.shape == (x.size(0), OUT)
+    with pytest.raises(ValueError, match="needs num_layers >= 2"):
+        MoEGNN(FEAT, HID, OUT, num_layers=1, ffn="moe", residual=False)
+    # GAT: heads in the hidden convolutions, one head in the class scores
+    net = MoEGNN(FEAT, HID, OUT, num_layers=2, conv="gat", conv_kwargs={"heads": 4},
+                 residual=False)
+    assert [c.heads for c in net.convs] == [4, 1]
+    assert net(x, edge_index).logits.shape == (x.size(0), OUT)
 
 
 def test_repr():
@@ -239,7 +282,7 @@ def test_repr():
     assert repr(make_net("sage", "dense")) == \
         "MoEGNN(6, 16, 3, num_layers=2, conv=sage, moe_layers=0)"
     assert repr(make_net("gcn", residual=False)) == \
-        "MoEGNN(6, 16, 3, num_layers=2, conv=gcn, moe_layers=2, residual=False)"
+        "MoEGNN(6, 16, 3, num_layers=2, conv=gcn, moe_layers=1, residual=False)"
 
 
 @pytest.mark.parametrize("kwargs,match", [
