@@ -100,6 +100,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "gmoe, straight-through gate, shared expert init": [
             "model=gmoe_paper", "model.net.router_kwargs={noisy:true,straight_through:true}",
             "model.net.expert_init=shared"],
+        # model=gmoe (straight-through gate, shared init) without hop-2 experts
+        "gmoe (straight-through, shared init), hop-1 experts only": [
+            "model=gmoe", "model.net.num_hop2_experts=0"],
         "gmoe, straight-through gate, no router noise, shared expert init": [
             "model=gmoe_paper", "model.net.router_kwargs={noisy:false,straight_through:true}",
             "model.net.expert_init=shared"],
