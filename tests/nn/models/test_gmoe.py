@@ -147,9 +147,8 @@ def test_expert_init_shared_starts_every_expert_as_expert_0(conv):
         assert param.size(0) == 4
         for e in range(1, 4):
             assert torch.equal(param[e], param[0])
-    independent = HopMoEConv(6, 8, num_experts=4, k=1, conv=conv)
-    assert not torch.equal(independent.experts.parameters().__next__()[1],
-                           independent.experts.parameters().__next__()[0])
+    first = next(iter(HopMoEConv(6, 8, num_experts=4, k=1, conv=conv).experts.parameters()))
+    assert not torch.equal(first[1], first[0])  # independent (the default): they differ
 
 
 def test_expert_init_shared_hop1_layer_is_pyg_gcnconv():
