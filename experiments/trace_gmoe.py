@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,14 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("overrides", nargs="*")
     s = sub.add_parser("scale")
     s.add_argument("datasets", nargs="+")
-    args = parser.parse_args(argv)
+    # the config overrides may follow the options, after "--" or not
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
+    args, rest = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in rest) or (rest and args.cmd != "trace"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     if args.cmd == "trace":
-        trace(args.dataset, args.seed, args.epochs, args.every, args.overrides)
+        trace(args.dataset, args.seed, args.epochs, args.every, args.overrides + rest)
     else:
         scale(args.datasets)
 
