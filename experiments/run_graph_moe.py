@@ -6,7 +6,8 @@ Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
   :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
-  hop 2 (the squared GCN adjacency), top-1 routing) against ``gnn`` (PyG's
+  hop 2 (the squared GCN adjacency), noisy top-1 routing with a
+  straight-through gate, experts started alike) against ``gnn`` (PyG's
   GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node
   runs one expert conv per layer: the transform FLOPs of the GCN, plus the
