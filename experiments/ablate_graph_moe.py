@@ -35,8 +35,11 @@ OLD_MOE = ["model=moe_gnn", "model.net.norm=layer_norm", "model.net.dropout=0.2"
            "model.net.hidden_channels=64", "model.net.num_layers=2"]
 OLD_DENSE = ["model=dense_gnn"] + OLD_MOE[1:]
 # GMoE as first studied: hop-2 experts over the pairs at distance two, noisy
-# top-1 gate renormalised over the chosen expert (always 1).
-OLD_GMOE = ["model=gmoe", "model.net.hop2=pairs", "model.net.router_kwargs=null"]
+# top-1 gate renormalised over the chosen expert (always 1). The GMoE variants
+# start from model=gmoe_paper (the paper's router, independent experts: the
+# default of model=gmoe when they were run); model=gmoe is now
+# "gmoe, straight-through gate, shared expert init".
+OLD_GMOE = ["model=gmoe_paper", "model.net.hop2=pairs", "model.net.router_kwargs=null"]
 GROUPS: dict[str, dict[str, list[str]]] = {
     "block": {
         "gcn": ["model=gnn", "model/strong=gcn"],
@@ -77,11 +80,32 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "model.net.hop2=square", "model.net.router_kwargs={noisy:false}"],
         "gmoe, hop2=square, no router noise, full-softmax gate": OLD_GMOE[:-2] + [
             "model.net.hop2=square", "model.net.router_kwargs={noisy:false,normalize:false}"],
-        # the current default (hop2=square) with fewer or no hop-2 experts:
+        # hop2=square (then the default) with fewer or no hop-2 experts:
         # is the loss from the hop-2 aggregation or from splitting the nodes?
-        "gmoe, default, hop-1 experts only": ["model=gmoe", "model.net.num_hop2_experts=0"],
-        "gmoe, default, 2 experts (1 hop-1, 1 hop-2)": ["model=gmoe",
-                                                        "model.net.num_experts=2"],
+        "gmoe, hop2=square, hop-1 experts only": ["model=gmoe_paper",
+                                                  "model.net.num_hop2_experts=0"],
+        "gmoe, hop2=square, 2 experts (1 hop-1, 1 hop-2)": ["model=gmoe_paper",
+                                                            "model.net.num_experts=2"],
+        # the untrained router: training routes at random (noise), the experts
+        # start unrelated; shared init starts every expert as the same GCN
+        "gmoe, shared expert init": ["model=gmoe_paper", "model.net.expert_init=shared"],
+        "gmoe, shared expert init, no router noise": [
+            "model=gmoe_paper", "model.net.expert_init=shared",
+            "model.net.router_kwargs={noisy:false}"],
+        # a router trained by the task at k=1: gate value 1, gradient of p_e
+        "gmoe, straight-through gate": [
+            "model=gmoe_paper", "model.net.router_kwargs={noisy:true,straight_through:true}"],
+        "gmoe, straight-through gate, no router noise": [
+            "model=gmoe_paper", "model.net.router_kwargs={noisy:false,straight_through:true}"],
+        "gmoe, straight-through gate, shared expert init": [
+            "model=gmoe_paper", "model.net.router_kwargs={noisy:true,straight_through:true}",
+            "model.net.expert_init=shared"],
+        # model=gmoe (straight-through gate, shared init) without hop-2 experts
+        "gmoe (straight-through, shared init), hop-1 experts only": [
+            "model=gmoe", "model.net.num_hop2_experts=0"],
+        "gmoe, straight-through gate, no router noise, shared expert init": [
+            "model=gmoe_paper", "model.net.router_kwargs={noisy:false,straight_through:true}",
+            "model.net.expert_init=shared"],
     },
 }
 

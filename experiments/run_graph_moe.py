@@ -6,7 +6,8 @@ Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
   :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
-  hop 2 (the squared GCN adjacency), top-1 routing) against ``gnn`` (PyG's
+  hop 2 (the squared GCN adjacency), noisy top-1 routing with a
+  straight-through gate, experts started alike) against ``gnn`` (PyG's
   GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node
   runs one expert conv per layer: the transform FLOPs of the GCN, plus the
@@ -140,7 +141,9 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
         "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
         "experts per layer, 2 on hop 1 and 2 on hop 2 aggregating with the squared GCN "
-        "adjacency, top-1) vs the **GCN** of the same width and depth; **MoE-GNN** (the "
+        "adjacency, noisy top-1 with a straight-through gate, experts started alike; "
+        "the paper's router is `model=gmoe_paper`) vs the **GCN** of the same width and "
+        "depth; **MoE-GNN** (the "
         "experiment's backbone blocks: GCN layers with input dropout on cora, citeseer, "
         "amherst41, reed98, residual LayerNorm blocks on minesweeper and tolokers, each "
         "followed by a sparse MoE feed-forward part, 8 experts of width 64, top-2) vs "

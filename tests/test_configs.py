@@ -4,6 +4,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -26,7 +27,8 @@ from moegraph.tasks import MowstTask, MultiTaskLearning, NodeClassificationTask
 from moegraph.train import CONFIG_DIR, instantiate_run
 
 TINY = "data.dataset_kwargs.num_nodes=60"
-NODE_MODELS = ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst", "mowst_paper"]
+NODE_MODELS = ["dense_gnn", "gmoe", "gmoe_paper", "gnn", "mlp", "moe_gnn", "mowst",
+               "mowst_paper"]
 MULTITASK_MODELS = {"home": HoME, "home_paper": HoME, "mmoe": MMoE, "ple": PLE,
                     "shared_bottom": SharedBottom}
 # The multi-task configs on the small synthetic rating table (no files needed).
@@ -35,7 +37,8 @@ OPTIONS = {
     "data": ["amherst41", "citeseer", "clusters", "cora", "minesweeper", "molhiv", "movielens",
              "mtl_synthetic", "ogbg_molhiv", "reed98", "synthetic", "tabular", "tolokers",
              "ogbn_arxiv", "ogbn_products", "ogbn_proteins", "pyg_file"],
-    "model": ["dense_gnn", "gmoe", "gnn", "graph_gmoe", "graph_gnn", "home", "home_paper", "mlp",
+    "model": ["dense_gnn", "gmoe", "gmoe_paper", "gnn", "graph_gmoe", "graph_gnn", "home",
+              "home_paper", "mlp",
               "mmoe", "moe_gnn", "mowst", "mowst_paper", "patch_moe", "ple", "shared_bottom"],
     "model/strong": ["gat", "gcn", "gin", "sage"],
     "model/weak": ["mlp"],
@@ -119,7 +122,7 @@ def test_model_callbacks_logger(compose_cfg, model, callbacks, logger):
     assert len(run["loggers"]) == {"csv": 1, "none": 0, "tensorboard": 1, "many": 2}[logger]
     net = run["net"]
     expected = {"moe_gnn": MoEGNN, "dense_gnn": MoEGNN, "gnn": GCN, "mlp": MLP, "mowst": Mowst,
-                "mowst_paper": Mowst, "gmoe": GMoE}
+                "mowst_paper": Mowst, "gmoe": GMoE, "gmoe_paper": GMoE}
     assert isinstance(net, expected[model])
     if isinstance(net, MoEGNN):
         num_moe = sum(isinstance(f, SparseMoE) for f in net.ffns)
@@ -276,8 +279,20 @@ def test_gmoe_follows_the_backbone(compose_cfg):
     assert isinstance(net, GMoE) and net.num_layers == 3 and net.hidden_channels == 32
     conv = net.convs[0]
     assert conv.num_experts == 4 and conv.num_hop2_experts == 2 and conv.router.k == 1
-    assert conv.router.noisy
+    assert conv.router.noisy and conv.router.straight_through
+    assert conv.expert_init == "shared"
+    assert torch.equal(conv.experts.weight[1], conv.experts.weight[0])
     assert cfg.model.aux_loss_weights == {"importance": 0.01}
+
+
+def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
+    cfg = compose_cfg("experiment=nc_cora", "model=gmoe_paper")
+    net = hydra.utils.instantiate(cfg.model.net, in_channels=8, out_channels=3)
+    assert isinstance(net, GMoE)
+    conv = net.convs[0]
+    assert conv.router.noisy and not conv.router.straight_through and conv.router.normalize
+    assert conv.expert_init == "independent" and conv.hop2 == "square"
+    assert not torch.equal(conv.experts.weight[1], conv.experts.weight[0])
 
 
 @pytest.mark.parametrize("experiment", [e for e in OPTIONS["experiment"] if e.startswith("nc_")])

@@ -326,6 +326,13 @@ class TopKRouter(Router):
         normalize (bool, optional): renormalise the weights over the chosen
             experts; otherwise use the full-softmax probabilities.
             (default: :obj:`True`)
+        straight_through (bool, optional): with ``k=1`` and ``normalize``,
+            whose gate is the constant 1 (no gradient for the router from the
+            task), use :math:`1 + p_e - \mathrm{sg}(p_e)` with :math:`p_e` the
+            full-softmax probability of the chosen expert: the value stays 1,
+            the router gets the gradient of the Switch gate :math:`p_e`
+            (Fedus et al., 2021) without its scaling of the output.
+            (default: :obj:`False`)
 
     Shapes:
         - **input:** ``[N, in_channels]``
@@ -333,8 +340,13 @@ class TopKRouter(Router):
     """
 
     def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
-                 num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2):
+                 num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2,
+                 straight_through: bool = False):
         super().__init__(in_channels, num_experts, num_null_experts)
+        if straight_through and not (normalize and k == 1):
+            raise ValueError("'straight_through' applies to k=1 with normalize=True only "
+                             f"(got k={k}, normalize={normalize})")
+        self.straight_through = straight_through
         self.k = check_int("k", k, 1, self.num_total_experts,
                            " (num_experts + num_null_experts)")
         self.noisy = noisy
@@ -352,7 +364,8 @@ class TopKRouter(Router):
             torch.nn.init.zeros_(self.noise_weight)  # as in Shazeer et al.
 
     def _repr_args(self) -> str:
-        return f", k={self.k}" + (", noisy=True" if self.noisy else "")
+        return (f", k={self.k}" + (", noisy=True" if self.noisy else "")
+                + (", straight_through=True" if self.straight_through else ""))
 
     def forward(self, x: Tensor) -> Routing:
         r"""Route ``x`` of shape ``[N, F]`` (N rows, F features) to ``K = k`` experts each."""
@@ -370,6 +383,9 @@ class TopKRouter(Router):
         if self.normalize and k == 1:
             # the softmax over one choice is 1, a constant: its gradient is zero
             top_weight = torch.ones_like(top_logits)
+            if self.straight_through:  # value 1, the gradient of the probability
+                chosen = probs.gather(1, top_idx)
+                top_weight = top_weight + (chosen - chosen.detach())
         elif self.normalize:
             top_weight = top_logits.softmax(dim=-1)
         else:

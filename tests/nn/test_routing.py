@@ -578,6 +578,38 @@ def test_topk_bad_arguments(kwargs, match):
         TopKRouter(8, 4, **kwargs)
 
 
+def test_topk_straight_through_gate_is_one_with_the_gradient_of_the_probability():
+    r"""``straight_through=True`` at k=1: every weight is 1 (as the
+    renormalised gate), and the router's gradient is that of the Switch gate,
+    the full-softmax probability of the chosen expert, computed here by hand
+    from the router's weight."""
+    torch.manual_seed(0)
+    x, c = make_x(N=20, F=8), torch.randn(20)
+    router = TopKRouter(8, 4, k=1, straight_through=True)
+    routing = router(x)
+    assert routing.weight.tolist() == [1.0] * 20
+    (routing.weight * c[routing.row]).sum().backward()
+    grad = router.weight.grad.clone()
+
+    weight = router.weight.detach().clone().requires_grad_()
+    logits = x @ weight.t()
+    probs = logits.softmax(-1)
+    chosen = probs[torch.arange(20), logits.argmax(-1)]
+    (chosen * c).sum().backward()
+    torch.testing.assert_close(grad, weight.grad)
+    # the plain renormalised gate is a constant: the router gets no gradient
+    plain = TopKRouter(8, 4, k=1)
+    plain.load_state_dict(router.state_dict())
+    out = plain(x)
+    assert not out.weight.requires_grad or out.weight.grad_fn is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(k=2), dict(k=1, normalize=False)])
+def test_topk_straight_through_needs_k1_and_normalize(kwargs):
+    with pytest.raises(ValueError, match="'straight_through' applies to k=1"):
+        TopKRouter(8, 4, straight_through=True, **kwargs)
+
+
 def test_topk_k_may_count_null_experts():
     assert TopKRouter(8, 4, k=6, num_null_experts=2).k == 6
 

@@ -24,6 +24,7 @@ __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index",
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
 HOP2_MODES = ("pairs", "square")
+EXPERT_INITS = ("independent", "shared")
 
 
 class HopMoEConv(MessagePassing):
@@ -113,6 +114,16 @@ class HopMoEConv(MessagePassing):
             1-hop neighbours kept, and no 2-hop graph built. On a dense graph
             ``"pairs"`` averages over most of the graph (a node loses its own
             features); ``"square"`` does not. (default: :obj:`"pairs"`)
+        expert_init (str, optional): ``"independent"``, each expert
+            initialised on its own, or ``"shared"``: every expert starts as
+            expert 0 (the same weights, biases and attention vectors; GCN
+            experts of one hop then start as one ``GCNConv``) and the experts
+            diverge only through the nodes routed to them. With independent
+            experts, a node's next layer aggregates neighbours whose features
+            came out of unrelated random bases while routing is still
+            arbitrary. :meth:`share_expert_init` applies it; a container that
+            resets the expert bank after this layer must call it again.
+            (default: :obj:`"independent"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -137,6 +148,7 @@ class HopMoEConv(MessagePassing):
         aggregate_first: Optional[bool] = None,
         deterministic: bool = False,
         hop2: str = "pairs",
+        expert_init: str = "independent",
     ):
         super().__init__(aggr="add", node_dim=0)
         in_channels = check_int("in_channels", in_channels)
@@ -159,6 +171,8 @@ class HopMoEConv(MessagePassing):
             raise ValueError(f"'hop2' must be one of {HOP2_MODES} (got {hop2!r})")
         if hop2 == "square" and conv != "gcn":
             raise ValueError(f"'hop2=\"square\"' applies to GCN experts only (conv={conv!r})")
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"'expert_init' must be one of {EXPERT_INITS} (got {expert_init!r})")
         if aggregate_first is False and conv not in ("gcn", "sage"):
             raise ValueError(f"'aggregate_first=False' applies to GCN and SAGE experts only "
                              f"(conv={conv!r}): the others aggregate before they transform")
@@ -174,6 +188,7 @@ class HopMoEConv(MessagePassing):
         self.aggregate_first = aggregate_first
         self.deterministic = deterministic
         self.hop2 = hop2
+        self.expert_init = expert_init
 
         if router_kwargs is None and router == "topk":
             router_kwargs = {"noisy": True}
@@ -205,7 +220,22 @@ class HopMoEConv(MessagePassing):
             for att in (self.att_src, self.att_dst):
                 for e in range(self.num_experts):
                     torch.nn.init.xavier_uniform_(att[e].view(1, -1))
+        self.share_expert_init()
         self._cache = None
+
+    def share_expert_init(self):
+        r"""With ``expert_init="shared"``, copy expert 0's parameters to the
+        other experts (nothing otherwise). :meth:`reset_parameters` calls it;
+        a container that resets the expert bank again after this layer must
+        call it after."""
+        if self.expert_init != "shared":
+            return
+        params = list(self.experts.parameters())
+        if self.att_src is not None:
+            params += [self.att_src, self.att_dst]
+        with torch.no_grad():
+            for param in params:  # stacked per expert: first dimension E
+                param[1:] = param[0]
 
     # Hop graphs ###############################################################
 

@@ -68,6 +68,10 @@ class GMoE(Module):
         hop2 (str, optional): receptive field of the hop-2 experts,
             ``"pairs"`` or ``"square"`` (see
             :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"pairs"`)
+        expert_init (str, optional): ``"independent"`` or ``"shared"``
+            (every expert of a layer starts as the same one; see
+            :class:`~moegraph.nn.conv.HopMoEConv`).
+            (default: :obj:`"independent"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -95,6 +99,7 @@ class GMoE(Module):
         input_dropout: Optional[float] = 0.0,
         residual: bool = False,
         hop2: str = "pairs",
+        expert_init: str = "independent",
     ):
         super().__init__()
         if num_layers < 1:
@@ -125,7 +130,7 @@ class GMoE(Module):
                 out_channels if last else hidden_channels,
                 num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                 router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor,
-                heads=1 if last else heads, hop2=hop2))
+                heads=1 if last else heads, hop2=hop2, expert_init=expert_init))
             if not last:
                 self.norms.append(make_norm(norm, hidden_channels))
         self.reset_parameters()
@@ -134,6 +139,8 @@ class GMoE(Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for conv in self.convs:  # the experts were reset after their convolution
+            conv.share_expert_init()
 
     def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
         r"""
@@ -163,7 +170,8 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
               capacity_factor: Optional[float] = None, heads: int = 1,
               act: Union[str, Module] = "relu", norm: Optional[str] = None,
               dropout: float = 0.5, input_dropout: Optional[float] = 0.0,
-              residual: bool = False, hop2: str = "pairs") -> Module:
+              residual: bool = False, hop2: str = "pairs",
+              expert_init: str = "independent") -> Module:
     r"""A hop-expert graph MoE by the layout of the experiment's backbone, as
     :func:`~moegraph.nn.models.make_backbone` builds the dense ones: with
     ``residual=False`` the paper's plain stack :class:`GMoE`; with
@@ -186,13 +194,15 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
                     num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
                     router=router, router_kwargs=router_kwargs,
                     capacity_factor=capacity_factor, heads=heads, act=act, norm=norm,
-                    dropout=dropout, input_dropout=input_dropout, hop2=hop2)
+                    dropout=dropout, input_dropout=input_dropout, hop2=hop2,
+                    expert_init=expert_init)
     if not isinstance(router, str) and num_layers > 1:
         raise ValueError("a Router module cannot be shared by several layers: give the "
                          "router by name")
     conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
                        conv=conv, router=router, router_kwargs=router_kwargs,
-                       capacity_factor=capacity_factor, heads=heads, hop2=hop2)
+                       capacity_factor=capacity_factor, heads=heads, hop2=hop2,
+                       expert_init=expert_init)
     return MoEGNN(in_channels, hidden_channels, out_channels, num_layers, conv="hop_moe",
                   conv_kwargs=conv_kwargs, ffn="dense", act=act, norm=norm, dropout=dropout,
                   input_dropout=dropout if input_dropout is None else input_dropout)

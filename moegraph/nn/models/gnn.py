@@ -230,6 +230,9 @@ class MoEGNN(Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        for module in self.modules():  # the expert banks were reset after their convolution
+            if isinstance(module, HopMoEConv):
+                module.share_expert_init()
 
     def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> ModelOutput:
         r"""

@@ -138,6 +138,62 @@ def test_gmoe_passes_hop2_to_every_layer():
     assert [c.hop2 for c in model.convs] == ["square"] * 2
 
 
+@pytest.mark.parametrize("conv", ["gcn", "gin", "gat"])
+def test_expert_init_shared_starts_every_expert_as_expert_0(conv):
+    layer = HopMoEConv(6, 8, num_experts=4, k=1, conv=conv, expert_init="shared")
+    params = [p for n, p in layer.named_parameters() if not n.startswith("router")]
+    assert params
+    for param in params:
+        assert param.size(0) == 4
+        for e in range(1, 4):
+            assert torch.equal(param[e], param[0])
+    first = next(iter(HopMoEConv(6, 8, num_experts=4, k=1, conv=conv).experts.parameters()))
+    assert not torch.equal(first[1], first[0])  # independent (the default): they differ
+
+
+def test_expert_init_shared_hop1_layer_is_pyg_gcnconv():
+    r"""Hop-1 GCN experts started as one: whatever the routing, the layer is
+    PyG's ``GCNConv`` with expert 0's weight and bias."""
+    from torch_geometric.nn import GCNConv
+
+    torch.manual_seed(0)
+    N, F_in, O = 30, 5, 4
+    edge_index = to_undirected(get_random_edge_index(N, N, 70))
+    x = torch.randn(N, F_in)
+    layer = HopMoEConv(F_in, O, num_experts=4, num_hop2_experts=0, k=1,
+                       expert_init="shared")
+    out, routing = layer(x, edge_index)
+    assert routing.expert.unique().numel() > 1
+    ref = GCNConv(F_in, O)
+    with torch.no_grad():
+        ref.lin.weight.copy_(layer.experts.weight[0].t())
+        ref.bias.copy_(layer.experts.bias[0])
+    torch.testing.assert_close(out, ref(x, edge_index), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_models_keep_the_shared_expert_init(residual):
+    r"""GMoE and MoEGNN reset every submodule, the expert banks after their
+    convolution: the shared start must survive it."""
+    model = make_gmoe(6, 8, 3, num_layers=2, num_experts=4, k=1, hop2="square",
+                      residual=residual, expert_init="shared")
+    convs = [m for m in model.modules() if isinstance(m, HopMoEConv)]
+    assert len(convs) == 2
+    for conv in convs:
+        assert conv.expert_init == "shared"
+        w = conv.experts.weight
+        assert all(torch.equal(w[e], w[0]) for e in range(4))
+    model.reset_parameters()
+    for conv in convs:
+        w = conv.experts.weight
+        assert all(torch.equal(w[e], w[0]) for e in range(4))
+
+
+def test_expert_init_bad_argument():
+    with pytest.raises(ValueError, match="'expert_init' must be one of"):
+        HopMoEConv(4, 4, num_experts=2, k=1, expert_init="same")
+
+
 # Default configs against an MLP ###############################################
 
 def _fit(model: str, data, epochs: int = 50) -> float:

@@ -1,0 +1,144 @@
+r"""Why GMoE underfits: a per-epoch trace of one run, and the router's scale.
+
+``trace``: trains one configuration with the lean loop of
+:mod:`experiments.ablate_graph_moe` (same optimiser, aux-loss weights, no early
+stopping) and prints every ``--every`` epochs the cross-entropy, the training
+accuracy in training and in eval mode, the validation and test accuracy, and
+per routed layer the share of nodes whose training-time expert (noise, dropout)
+is their test-time one::
+
+    python experiments/trace_gmoe.py trace reed98 --seed 1 --epochs 200 -- model=gmoe_paper
+    python experiments/trace_gmoe.py trace reed98 --seed 0 --epochs 150 -- \
+        model=gmoe_paper model.net.num_hop2_experts=0 model.net.expert_init=shared \
+        "model.net.router_kwargs={noisy:false}"
+
+``scale``: at init (seed 0), the first layer router's clean logits (spread over
+the experts, top-1 margin) against its noise std; and the between-node spread
+of ``X``, ``ÂX`` and ``Â²X`` (root mean squared distance of a row to the mean
+row)::
+
+    python experiments/trace_gmoe.py scale reed98 citeseer amherst41
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.ablate_graph_moe import overrides_for, score
+    from moegraph.nn.output import as_model_output
+    from moegraph.tasks.node_classification import weighted_aux_loss
+    from moegraph.train import instantiate_run
+
+    cfg = _compose(overrides_for(dataset, extra, seed))
+    torch.manual_seed(cfg.seed)
+    run = instantiate_run(cfg, trainer=False)
+    task, data = run["task"], run["datamodule"].data
+    net, metric = task.net, cfg.data.get("metric", "acc")
+    opt = task.optimizer_factory(params=net.parameters())
+    tr, va, te = data.train_mask, data.val_mask, data.test_mask
+    for epoch in range(epochs):
+        net.train()
+        opt.zero_grad()
+        out = as_model_output(net(data.x, data.edge_index))
+        ce = F.cross_entropy(out.logits[tr], data.y[tr])
+        (ce + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, ce)).backward()
+        opt.step()
+        if epoch % every and epoch != epochs - 1:
+            continue
+        net.eval()
+        with torch.no_grad():
+            ev = as_model_output(net(data.x, data.edge_index))
+        agree = [float((a.expert == b.expert).float().mean())
+                 for a, b in zip(out.routing or (), ev.routing or (), strict=True)
+                 if a.expert.shape == b.expert.shape]
+        print(f"epoch {epoch:3d}  ce {float(ce):.3f}  "
+              f"train {score(out.logits.detach()[tr], data.y[tr], metric):.3f} (train mode) "
+              f"{score(ev.logits[tr], data.y[tr], metric):.3f} (eval)  "
+              f"val {score(ev.logits[va], data.y[va], metric):.3f}  "
+              f"test {score(ev.logits[te], data.y[te], metric):.3f}  "
+              f"routing agreement {' / '.join(f'{a:.2f}' for a in agree) or '-'}", flush=True)
+
+
+def scale(datasets: list[str]) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+    from moegraph.train import instantiate_run
+
+    for dataset in datasets:
+        cfg = _compose([f"experiment=nc_{dataset}", "model=gmoe_paper", "logger=none",
+                        "seed=0"])
+        torch.manual_seed(0)
+        run = instantiate_run(cfg, trainer=False)
+        data, router = run["datamodule"].data, run["task"].net.convs[0].router
+        x = data.x.float()
+        with torch.no_grad():
+            clean = router._logits(x)
+            noise = F.softplus(router._logits(x, router.noise_weight)) + router.noise_epsilon
+            top2 = clean.topk(2, -1).values
+        N = data.num_nodes
+        ei, w = gcn_norm(data.edge_index, None, N, add_self_loops=True)
+        a_hat = torch.sparse_coo_tensor(ei.flip(0), w, (N, N)).coalesce()
+        ax = torch.sparse.mm(a_hat, x)
+        a2x = torch.sparse.mm(a_hat, ax)
+
+        def spread(z):
+            return float((z - z.mean(0)).pow(2).sum(1).mean().sqrt())
+
+        print(f"{dataset}: router logits spread over experts {float(clean.std(-1).mean()):.3f}, "
+              f"top-1 margin {float((top2[:, 0] - top2[:, 1]).mean()):.3f}, noise std "
+              f"{float(noise.mean()):.3f}; node spread X {spread(x):.3f}, ÂX {spread(ax):.3f}, "
+              f"Â²X {spread(a2x):.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("trace")
+    t.add_argument("dataset")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--every", type=int, default=20)
+    t.add_argument("overrides", nargs="*")
+    s = sub.add_parser("scale")
+    s.add_argument("datasets", nargs="+")
+    # the config overrides may follow the options, after "--" or not
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
+    args, rest = parser.parse_known_args(argv)
+    if any(a.startswith("-") for a in rest) or (rest and args.cmd != "trace"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    if args.cmd == "trace":
+        trace(args.dataset, args.seed, args.epochs, args.every, args.overrides + rest)
+    else:
+        scale(args.datasets)
+
+
+if __name__ == "__main__":
+    main()
