@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 
 from _study import (
@@ -40,6 +39,7 @@ from _study import (
     command_line,
     results_header,
     run_pending,
+    target_cell,
     train_cached,
     write_results,
 )
@@ -76,18 +76,6 @@ def headline(record: dict) -> float:
     r"""The deterministic score (``_tau`` for Mowst, the mixture's argmax for
     Mowst*: what ``test/<metric>`` reports)."""
     return record["metrics"][f"test/{record.get('metric', 'acc')}"]
-
-
-def target_cell(gnn: list[float], model: list[float]) -> str:
-    r"""Issue 11's targets for one cell, on the seeds both have: never below
-    the GNN by more than half its std; above it by more than one std (a gain)."""
-    if len(gnn) < 2 or len(model) != len(gnn):
-        return f"n = {min(len(gnn), len(model))}: not judged"
-    g, s = statistics.fmean(gnn), statistics.stdev(gnn)
-    m = statistics.fmean(model)
-    gap = (m - g) * 100
-    verdict = "gain" if m > g + s else "ok" if m >= g - s / 2 else "BELOW"
-    return f"{gap:+.1f} ({verdict}; half std {s * 50:.1f})"
 
 
 def report(datasets: list[str], seeds: list[int], command: str) -> str:
