@@ -106,7 +106,7 @@ def build_table(runs: Path, command: str) -> str:
 
     lines = [
         *results_header("Node classification: MLP, GNN, Mowst, Mowst*", command, runs),
-        "Test score in percent, mean ± std over the seeds given (`n`; on minesweeper, "
+        "Test score in percent, mean ± std over the seeds given (`n`, per model; on minesweeper, "
         "tolokers, amherst41 and reed98 seed *s* also picks split *s*). Accuracy, except "
         "ROC-AUC on minesweeper and tolokers. **Mowst** is the expected score of the "
         "paper's sampled inference; **Mowst τ** the deterministic prediction (weak expert "
@@ -115,7 +115,7 @@ def build_table(runs: Path, command: str) -> str:
         "(fit + test) on a 2-core CPU, one thread.",
         "",
         "| dataset | backbone | MLP | GNN | Mowst | Mowst τ | Mowst* | GNN share (Mowst) "
-        "| n | time MLP / GNN / Mowst / Mowst* (s) |",
+        "| n MLP / GNN / Mowst / Mowst* | time MLP / GNN / Mowst / Mowst* (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     protocols = {}
@@ -134,7 +134,7 @@ def build_table(runs: Path, command: str) -> str:
             tau, _ = scores(dataset, "mowst", backbone, "_tau")
             star, star_runs = scores(dataset, "mowst_star", backbone)
             share = [1 - r["metrics"].get("test/confident", float("nan")) for r in mowst_runs]
-            n = max(len(mlp), len(gnn), len(mowst), len(star))
+            n = " / ".join(str(len(v)) for v in (mlp, gnn, mowst, star))
             times = " / ".join(
                 f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–"
                 for rs in (mlp_runs, gnn_runs, mowst_runs, star_runs))
