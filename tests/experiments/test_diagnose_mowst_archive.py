@@ -23,4 +23,5 @@ def test_run_dirs_archive_fallback(script, tmp_path, monkeypatch):
     # a Mowst-variant run of the current protocol: the cache folders again
     (runs / "cora__mowst_paper__gcn__seed0.json").write_text("{}")
     assert diag.run_dirs("cora") == (runs, study) and not diag.archived("cora")
-    assert diag.gnn_record("cora", "gcn", 0) == study / "cora__gnn__gcn__seed0.json"
+    assert diag.gnn_record("cora", "gcn", 0, *diag.run_dirs("cora")) == \
+        study / "cora__gnn__gcn__seed0.json"

@@ -3,8 +3,13 @@ and a GNN by the MLP's confidence, against hand-computed values."""
 import pytest
 
 
-def test_combined_and_best_threshold_against_hand_values(script):
-    bins = script("mowst_expert_bins")
+@pytest.fixture
+def bins(script):
+    script("run_node_classification")  # what the script imports, by file name
+    return script("mowst_expert_bins")
+
+
+def test_combined_and_best_threshold_against_hand_values(bins):
     conf = [0.9, 0.8, 0.6, 0.4]
     mlp_ok = [True, True, False, True]
     gnn_ok = [False, True, True, False]
@@ -23,8 +28,7 @@ def test_combined_and_best_threshold_against_hand_values(script):
         bins.combined(conf, mlp_ok[:3], gnn_ok, 0.5)
 
 
-def test_split_arrays_reads_both_experts(script):
-    bins = script("mowst_expert_bins")
+def test_split_arrays_reads_both_experts(bins):
     record = {"mlp": {"test": {"prob": [[0.7, 0.3], [0.4, 0.6]], "y": [0, 0]}},
               "gnn": {"test": {"prob": [[0.2, 0.8], [0.9, 0.1]], "y": [0, 0]}}}
     conf, mlp_ok, gnn_ok = bins.split_arrays(record, "test")
