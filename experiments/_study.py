@@ -94,6 +94,40 @@ def relative(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def target_cell(gnn: Sequence[float], model: Sequence[float]) -> str:
+    r"""Issue 11's targets for one cell, on the seeds both have (``gnn[i]`` and
+    ``model[i]`` of the same seed): never below the GNN by more than half its
+    std; above it by more than one std (a gain). The gap in points, then
+    ``gain``, ``ok`` or ``BELOW``; not judged below 2 seeds."""
+    if len(gnn) < 2 or len(model) != len(gnn):
+        return f"n = {min(len(gnn), len(model))}: not judged"
+    g, s = statistics.fmean(gnn), statistics.stdev(gnn)
+    m = statistics.fmean(model)
+    gap = (m - g) * 100
+    verdict = "gain" if m > g + s else "ok" if m >= g - s / 2 else "BELOW"
+    return f"{gap:+.1f} ({verdict}; half std {s * 50:.1f})"
+
+
+def histogram_range(counts: Sequence[float], low: float = 0.05,
+                    high: float = 0.95) -> tuple[float, float]:
+    r"""The edges ``(a, b)`` of the bins that hold the ``low`` and ``high``
+    quantiles of values counted in equal bins over ``[0, 1]``: the spread of
+    the values, to the bins' resolution."""
+    total = sum(counts)
+    if total <= 0:
+        return float("nan"), float("nan")
+    width = 1.0 / len(counts)
+    seen, a, b = 0.0, None, None
+    for i, c in enumerate(counts):
+        seen += c
+        if a is None and seen >= low * total:
+            a = i * width
+        if b is None and seen >= high * total:
+            b = (i + 1) * width
+    assert a is not None and b is not None
+    return a, b
+
+
 def command_line(script: str | Path, argv: Optional[Sequence[str]] = None,
                  drop: Iterable[str] = ("--table-only", "--dry-run")) -> str:
     r"""The command that runs ``script`` with ``argv`` (default: this

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import command_line  # noqa: E402
 from run_node_classification import (  # noqa: E402
     overrides_for,
     run_name,
@@ -65,13 +66,38 @@ def collect(cfg: Any, output_dir: Path) -> dict:
     return {"diagnosis": json.loads(path.read_text())} if path.exists() else {}
 
 
-def mowst_path(dataset: str, variant: str, backbone: str, seed: int) -> Path:
-    return RUNS / f"{dataset}__mowst_{variant}__{backbone}__seed{seed}.json"
+# Runs of a protocol since replaced, moved into this subfolder of each cache folder
+# (Cora and CiteSeer before the Planetoid protocol of commit 38ca3a5: raw features,
+# AdamW): out of the study tables, still read by the reports of this diagnosis.
+ARCHIVE = "before_planetoid_protocol"
 
 
-def gnn_record(dataset: str, backbone: str, seed: int) -> Path:
+def run_dirs(dataset: str) -> tuple[Path, Path]:
+    r"""``(Mowst-variant runs, GNN runs)`` folders the reports read for
+    ``dataset``: the cache folders, or their ``ARCHIVE`` subfolders when the
+    dataset has Mowst-variant runs there and none in the cache folder (both
+    from the archive, so that a report never pairs runs of two protocols)."""
+    archive = RUNS / ARCHIVE
+    if (not any(RUNS.glob(f"{dataset}__mowst_*.json"))
+            and any(archive.glob(f"{dataset}__mowst_*.json"))):
+        return archive, STUDY_RUNS / ARCHIVE
+    return RUNS, STUDY_RUNS
+
+
+def archived(dataset: str) -> bool:
+    r"""Whether the reports read ``dataset`` from the ``ARCHIVE`` subfolders."""
+    return run_dirs(dataset)[0] != RUNS
+
+
+def mowst_path(dataset: str, variant: str, backbone: str, seed: int,
+               runs: Path = RUNS) -> Path:
+    return runs / f"{dataset}__mowst_{variant}__{backbone}__seed{seed}.json"
+
+
+def gnn_record(dataset: str, backbone: str, seed: int, runs: Path = RUNS,
+               study_runs: Path = STUDY_RUNS) -> Path:
     name = run_name(dataset, "gnn", backbone, seed)
-    return STUDY_RUNS / name if (STUDY_RUNS / name).exists() else RUNS / name
+    return study_runs / name if (study_runs / name).exists() else runs / name
 
 
 def stats(values: list[float]) -> tuple[float, float]:
@@ -117,16 +143,18 @@ def report(datasets: list[str], seeds: list[int], backbone: str, command: str) -
               "|---|---|---|---|---|---|---|---|---|"]
     records: dict[tuple[str, str], list[dict]] = {}
     for d in datasets:
+        runs, study_runs = run_dirs(d)
         gnn = [json.loads(p.read_text())["metrics"]["test/acc"]
-               for p in (gnn_record(d, backbone, s) for s in seeds) if p.exists()]
-        row = [d, fmt(gnn)]
+               for p in (gnn_record(d, backbone, s, runs, study_runs) for s in seeds)
+               if p.exists()]
+        row = [f"{d} ({ARCHIVE})" if archived(d) else d, fmt(gnn)]
         before = [json.loads(p.read_text())["metrics"] for p in
                   (BEFORE_RUNS / run_name(d, "mowst", backbone, s) for s in seeds) if p.exists()]
         row += [fmt([m.get("test/acc_tau") for m in before]),
                 fmt([m.get("test/acc") for m in before])]
         for v in VARIANTS:
             recs = [json.loads(p.read_text()) for p in
-                    (mowst_path(d, v, backbone, s) for s in seeds) if p.exists()]
+                    (mowst_path(d, v, backbone, s, runs) for s in seeds) if p.exists()]
             records[(d, v)] = recs
             row += [fmt([r["metrics"].get("test/acc_tau") for r in recs]),
                     fmt([r["metrics"].get("test/acc_expected") for r in recs])]
@@ -237,7 +265,7 @@ def findings(datasets: list[str], seeds: list[int], backbone: str,
     out = []
     for d in datasets:
         gnn = {s: json.loads(p.read_text())["metrics"]["test/acc"] for s in seeds
-               if (p := gnn_record(d, backbone, s)).exists()}
+               if (p := gnn_record(d, backbone, s, *run_dirs(d))).exists()}
         for v in VARIANTS:
             recs = [r for r in records[(d, v)] if "diagnosis" in r]
             if not recs:
@@ -288,8 +316,7 @@ def main() -> None:
                      "seed": s}, path, collect=collect), f"{d} mowst_{v} seed {s}"))
     if not args.table_only:
         run_pending(jobs, tag="diagnose_mowst")
-    command = "python experiments/diagnose_mowst.py " + " ".join(sys.argv[1:])
-    text = report(args.datasets, seeds, args.backbone, command.strip())
+    text = report(args.datasets, seeds, args.backbone, command_line(__file__))
     (RESULTS / "mowst_diagnosis.md").write_text(text)
     print(text)
 

@@ -16,7 +16,10 @@ Variants (GCN backbone, hidden 64, 2 layers, as the node-classification study):
 
 Every run is one JSON under ``experiments/results/mowst_diagnosis_runs`` (the GNN
 runs under ``experiments/results/node_classification_runs``, shared with the
-study); a rerun skips the cached ones::
+study); a rerun skips the cached ones. Cora and CiteSeer runs of the protocol
+before 38ca3a5 (raw features, AdamW) lie in the ``before_planetoid_protocol``
+subfolder of both folders; the report reads a dataset from there (and says so)
+while it has no Mowst-variant run of the current protocol::
 
     MOEGRAPH_DATA_DIR=/work/shared/data OMP_NUM_THREADS=1 \
         python experiments/run_mowst_crossfit.py --datasets cora citeseer reed98 amherst41 \
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 
 from _study import (
@@ -37,17 +39,21 @@ from _study import (
     command_line,
     results_header,
     run_pending,
+    target_cell,
     train_cached,
     write_results,
 )
 from diagnose_mowst import (
+    ARCHIVE,
     RUNS,
     STUDY_RUNS,
+    archived,
     collect,
     fmt,
     gnn_record,
     mowst_overrides,
     mowst_path,
+    run_dirs,
     stats,
 )
 from run_node_classification import run_one
@@ -70,18 +76,6 @@ def headline(record: dict) -> float:
     r"""The deterministic score (``_tau`` for Mowst, the mixture's argmax for
     Mowst*: what ``test/<metric>`` reports)."""
     return record["metrics"][f"test/{record.get('metric', 'acc')}"]
-
-
-def target_cell(gnn: list[float], model: list[float]) -> str:
-    r"""Issue 11's targets for one cell, on the seeds both have: never below
-    the GNN by more than half its std; above it by more than one std (a gain)."""
-    if len(gnn) < 2 or len(model) != len(gnn):
-        return f"n = {min(len(gnn), len(model))}: not judged"
-    g, s = statistics.fmean(gnn), statistics.stdev(gnn)
-    m = statistics.fmean(model)
-    gap = (m - g) * 100
-    verdict = "gain" if m > g + s else "ok" if m >= g - s / 2 else "BELOW"
-    return f"{gap:+.1f} ({verdict}; half std {s * 50:.1f})"
 
 
 def report(datasets: list[str], seeds: list[int], command: str) -> str:
@@ -112,12 +106,14 @@ def report(datasets: list[str], seeds: list[int], command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|"]
     records: dict[tuple[str, str], list[dict]] = {}
     for d in datasets:
-        gnn_recs = [r for s in seeds if (r := load(gnn_record(d, "gcn", s)))]
+        runs, study_runs = run_dirs(d)
+        gnn_recs = [r for s in seeds if (r := load(gnn_record(d, "gcn", s, runs, study_runs)))]
         gnn = [headline(r) for r in gnn_recs]
         gnn_time = stats([r["wall_seconds"] for r in gnn_recs])[0]
-        lines.append(f"| {d} | {fmt(gnn)} | GNN | | | {len(gnn)} | {gnn_time:.0f} | | |")
+        name = f"{d} ({ARCHIVE})" if archived(d) else d
+        lines.append(f"| {name} | {fmt(gnn)} | GNN | | | {len(gnn)} | {gnn_time:.0f} | | |")
         for v in ORDER:
-            recs = [r for s in seeds if (r := load(mowst_path(d, v, "gcn", s)))]
+            recs = [r for s in seeds if (r := load(mowst_path(d, v, "gcn", s, runs)))]
             records[(d, v)] = recs
             if not recs:
                 continue

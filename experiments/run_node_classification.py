@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 from pathlib import Path
 
 from _study import (
@@ -29,11 +30,13 @@ from _study import (
     add_study_arguments,
     backbone_protocol,
     command_line,
+    histogram_range,
     load_runs,
     mean_std,
     results_header,
     run_diagnostics,
     run_pending,
+    target_cell,
     train_cached,
     write_results,
 )
@@ -103,7 +106,7 @@ def build_table(runs: Path, command: str) -> str:
 
     lines = [
         *results_header("Node classification: MLP, GNN, Mowst, Mowst*", command, runs),
-        "Test score in percent, mean ± std over the seeds given (`n`; on minesweeper, "
+        "Test score in percent, mean ± std over the seeds given (`n`, per model; on minesweeper, "
         "tolokers, amherst41 and reed98 seed *s* also picks split *s*). Accuracy, except "
         "ROC-AUC on minesweeper and tolokers. **Mowst** is the expected score of the "
         "paper's sampled inference; **Mowst τ** the deterministic prediction (weak expert "
@@ -112,7 +115,7 @@ def build_table(runs: Path, command: str) -> str:
         "(fit + test) on a 2-core CPU, one thread.",
         "",
         "| dataset | backbone | MLP | GNN | Mowst | Mowst τ | Mowst* | GNN share (Mowst) "
-        "| n | time MLP / GNN / Mowst / Mowst* (s) |",
+        "| n MLP / GNN / Mowst / Mowst* | time MLP / GNN / Mowst / Mowst* (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     protocols = {}
@@ -131,7 +134,7 @@ def build_table(runs: Path, command: str) -> str:
             tau, _ = scores(dataset, "mowst", backbone, "_tau")
             star, star_runs = scores(dataset, "mowst_star", backbone)
             share = [1 - r["metrics"].get("test/confident", float("nan")) for r in mowst_runs]
-            n = max(len(mlp), len(gnn), len(mowst), len(star))
+            n = " / ".join(str(len(v)) for v in (mlp, gnn, mowst, star))
             times = " / ".join(
                 f"{sum(r['wall_seconds'] for r in rs) / len(rs):.0f}" if rs else "–"
                 for rs in (mlp_runs, gnn_runs, mowst_runs, star_runs))
@@ -141,6 +144,7 @@ def build_table(runs: Path, command: str) -> str:
                          f"{share_txt} | {n} | {times} |")
             for r in gnn_runs[:1] or mowst_runs[:1]:
                 protocols[dataset] = r["protocol"]
+    lines += gate_table(by_key)
     lines += ["", "Protocol actually used per dataset (all models share it; Mowst runs "
               "pre-train both experts, then alternate turns of at most 100 epochs with "
               "patience 20, min gain 0.001, until 2 rounds bring no gain; Mowst* trains "
@@ -152,6 +156,51 @@ def build_table(runs: Path, command: str) -> str:
                      f"{'yes' if p['residual'] else 'no'} | {p['max_epochs']} | {p['lr']} |")
     _plot_confidence(by_key)
     return "\n".join(lines) + "\n"
+
+
+def gate_table(by_key: dict) -> list[str]:
+    r"""Mowst / Mowst* against their GNN per cell (issue 11's rule on the seeds
+    both have) and what the gate did on the test nodes."""
+    lines = ["", "Mowst against its GNN, per cell with Mowst runs: `Mowst τ` / `Mowst*` = "
+             "gap of the deterministic score to the `model=gnn` runs of the same seeds, in "
+             "points, and issue 11's verdict (`gain`: above by more than one GNN std; `ok`: "
+             "not below by more than half a GNN std; `BELOW`); `− own GNN` = the score "
+             "minus that of the run's own strong expert (0 when every test node goes to "
+             "the GNN); `weak share` = test nodes kept by the weak expert (C ≥ 0.5); "
+             "`C 5–95%` = range of the confidence on test nodes (bins of 0.05); means "
+             "over the runs.", "",
+             "| dataset | backbone | Mowst τ vs GNN | Mowst* vs GNN | − own GNN (Mowst τ / "
+             "Mowst*) | weak share % (Mowst / Mowst*) | C 5–95% (Mowst / Mowst*) | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        for backbone in BACKBONES:
+            gnn = {r["seed"]: r["metrics"][f"test/{r['metric']}"]
+                   for r in by_key.get((dataset, "gnn", backbone), [])}
+            cells, own, share, spread, n = [], [], [], [], []
+            for model in ("mowst", "mowst_star"):
+                rs = [r for r in by_key.get((dataset, model, backbone), [])
+                      if f"test/{r['metric']}_strong" in r["metrics"]]
+                both = [r for r in rs if r["seed"] in gnn]
+                cells.append(target_cell([gnn[r["seed"]] for r in both],
+                                         [r["metrics"][f"test/{r['metric']}"] for r in both])
+                             if rs else "–")
+                own.append(mean_std([r["metrics"][f"test/{r['metric']}"]
+                                     - r["metrics"][f"test/{r['metric']}_strong"] for r in rs],
+                                    digits=1))
+                share.append(mean_std([r["metrics"].get("test/confident", float("nan"))
+                                       for r in rs], digits=0))
+                ranges = [histogram_range([a + b for a, b in zip(
+                    r["confidence_hist"]["right"], r["confidence_hist"]["wrong"], strict=True)])
+                    for r in rs if "confidence_hist" in r]
+                spread.append(f"{statistics.fmean(a for a, _ in ranges):.2f}–"
+                              f"{statistics.fmean(b for _, b in ranges):.2f}" if ranges else "–")
+                n.append(str(len(rs)))
+            if n == ["0", "0"]:
+                continue
+            lines.append(f"| {dataset} | {backbone} | {cells[0]} | {cells[1]} | "
+                         f"{' / '.join(own)} | {' / '.join(share)} | {' / '.join(spread)} | "
+                         f"{' / '.join(n)} |")
+    return lines
 
 
 def _plot_confidence(by_key: dict) -> None:

@@ -99,3 +99,34 @@ def test_write_results_keeps_the_hand_written_findings(script, tmp_path):
     # a file without the mark (made before it existed) is replaced, the mark added
     path.write_text("old table, no mark\n")
     assert study.write_results(path, "new") == f"new\n\n{study.FINDINGS_MARK}\n"
+
+
+def test_target_cell_against_hand_values(script):
+    study = script("_study")
+    gnn = [0.80, 0.82, 0.84]  # mean 0.82, sample std 0.02: half std 1 point
+    # +1.0 point: not above by more than one std (2 points), not below: ok
+    assert study.target_cell(gnn, [0.81, 0.83, 0.85]) == "+1.0 (ok; half std 1.0)"
+    # +3.0 points > one std: a gain
+    assert study.target_cell(gnn, [0.83, 0.85, 0.87]) == "+3.0 (gain; half std 1.0)"
+    # -1.0 point = minus half a std: still ok (the bound is inclusive)
+    assert study.target_cell(gnn, [0.79, 0.81, 0.83]).startswith("-1.0 (ok")
+    # -1.5 points: below by more than half a std
+    assert study.target_cell(gnn, [0.785, 0.805, 0.825]).startswith("-1.5 (BELOW")
+    # fewer than 2 paired seeds, or unpaired lists: not judged
+    assert study.target_cell([0.8], [0.9]) == "n = 1: not judged"
+    assert study.target_cell(gnn, [0.8, 0.8]) == "n = 2: not judged"
+
+
+def test_histogram_range_against_hand_values(script):
+    study = script("_study")
+    # 100 values in 10 bins of 0.1: 5 in the first, 90 in the fifth, 5 in the last.
+    # The 5% quantile is reached in bin 0 (5 >= 5), the 95% in bin 4 (95 >= 95).
+    counts = [5, 0, 0, 0, 90, 0, 0, 0, 0, 5]
+    assert study.histogram_range(counts) == pytest.approx((0.0, 0.5))
+    assert study.histogram_range(counts, 0.01, 0.99) == pytest.approx((0.0, 1.0))
+    # everything in one bin of 20 (the Mowst histograms): that bin's edges
+    one = [0] * 20
+    one[0] = 1000
+    assert study.histogram_range(one) == pytest.approx((0.0, 0.05))
+    a, b = study.histogram_range([0, 0, 0])  # nothing counted
+    assert math.isnan(a) and math.isnan(b)
