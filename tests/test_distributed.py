@@ -205,4 +205,5 @@ def test_cli_expert_parallel_under_ddp(tmp_path):
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= saved["metrics"]["test/acc"] <= 1.0
     load = json.loads((run_dir / "expert_load.json").read_text())
-    assert len(load) == 2 and all(len(layer) == 8 for layer in load)  # full layout
+    # one MoE block (the plain 2-layer stack), all 8 experts: the full layout
+    assert len(load) == 1 and all(len(layer) == 8 for layer in load)
