@@ -97,7 +97,7 @@ class MoEGNN(Module):
       residual layout cost GCN's accuracy: an unsmoothed input projection
       carried to the classifier by the residual costs 10 points and more, and
       without the residual the input projection and the feed-forward part
-      after the last convolution still cost 3-7 points (see
+      after the last convolution still cost 4.6-5.3 points (see
       ``experiments/results/graph_moe_ablation.md``).
 
     Args:
