@@ -19,7 +19,7 @@ from moegraph.nn.routing import Router, build_router
 from moegraph.utils.checks import check_int, check_positive_float
 from moegraph.utils.graph import HopGraph, check_edge_index, two_hop_edge_index
 
-__all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index",
+__all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index", "reset_submodules",
            "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
@@ -122,7 +122,8 @@ class HopMoEConv(MessagePassing):
             experts, a node's next layer aggregates neighbours whose features
             came out of unrelated random bases while routing is still
             arbitrary. :meth:`share_expert_init` applies it; a container that
-            resets the expert bank after this layer must call it again.
+            resets the expert bank after this layer calls it again
+            (:func:`reset_submodules`).
             (default: :obj:`"independent"`)
 
     Shapes:
@@ -226,8 +227,8 @@ class HopMoEConv(MessagePassing):
     def share_expert_init(self):
         r"""With ``expert_init="shared"``, copy expert 0's parameters to the
         other experts (nothing otherwise). :meth:`reset_parameters` calls it;
-        a container that resets the expert bank again after this layer must
-        call it after."""
+        a container that resets the expert bank again after this layer calls
+        it after (:func:`reset_submodules` does)."""
         if self.expert_init != "shared":
             return
         params = list(self.experts.parameters())
@@ -451,3 +452,20 @@ class HopMoEConv(MessagePassing):
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
                 f"{extra}, conv={self.conv}"
                 f"{', hop2=square' if self.hop2 == 'square' else ''})")
+
+
+def reset_submodules(root: torch.nn.Module) -> None:
+    r"""Call ``reset_parameters`` of every submodule of ``root`` (in
+    :meth:`~torch.nn.Module.modules` order), then re-apply the shared expert
+    init of every :class:`HopMoEConv` in it: the loop reaches a convolution's
+    expert bank after the convolution itself, and its reset would leave the
+    experts independent. What the models holding hop-expert convolutions
+    (:class:`~moegraph.nn.models.GMoE`, :class:`~moegraph.nn.models.MoEGNN`,
+    the graph-level stack) call in their ``reset_parameters``."""
+    for module in root.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if module is not root and callable(reset):
+            reset()
+    for module in root.modules():
+        if isinstance(module, HopMoEConv):
+            module.share_expert_init()

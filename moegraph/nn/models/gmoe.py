@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn import Module, ModuleList
 from torch_geometric.nn.resolver import activation_resolver
 
-from moegraph.nn.conv.hop_moe import HopMoEConv
+from moegraph.nn.conv.hop_moe import HopMoEConv, reset_submodules
 from moegraph.nn.models.gnn import MoEGNN, make_norm
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import Router, sum_aux_losses
@@ -136,11 +136,7 @@ class GMoE(Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        for conv in self.convs:  # the experts were reset after their convolution
-            conv.share_expert_init()
+        reset_submodules(self)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> ModelOutput:
         r"""

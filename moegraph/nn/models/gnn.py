@@ -10,7 +10,7 @@ from torch.nn import Identity, Linear, Module, ModuleList
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 from torch_geometric.nn.resolver import activation_resolver
 
-from moegraph.nn.conv.hop_moe import HopMoEConv
+from moegraph.nn.conv.hop_moe import HopMoEConv, reset_submodules
 from moegraph.nn.moe import MoEOutput, SparseMoE
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import sum_aux_losses
@@ -227,12 +227,7 @@ class MoEGNN(Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        for module in self.modules():  # the expert banks were reset after their convolution
-            if isinstance(module, HopMoEConv):
-                module.share_expert_init()
+        reset_submodules(self)
 
     def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> ModelOutput:
         r"""

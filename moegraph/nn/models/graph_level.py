@@ -13,7 +13,7 @@ from torch_geometric.nn.aggr import AttentionalAggregation
 from torch_geometric.nn.pool import global_add_pool, global_max_pool, global_mean_pool
 from torch_geometric.utils import degree, scatter
 
-from moegraph.nn.conv.hop_moe import HopMoEConv
+from moegraph.nn.conv.hop_moe import HopMoEConv, reset_submodules
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import Router, sum_aux_losses
 
@@ -307,9 +307,7 @@ class GraphLevelGNN(Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
+        reset_submodules(self)
 
     def _pool(self, x: Tensor, batch: Tensor, size: int) -> Tensor:
         if self.pool is not None:
