@@ -269,3 +269,79 @@ def write_results(path: Path, generated: str) -> str:
     text = generated.rstrip("\n") + "\n\n" + kept
     path.write_text(text)
     return text
+
+
+def best_overrides(params: dict[str, Any]) -> list[str]:
+    r"""The ``key=value`` overrides of a search's best parameters, as
+    ``moegraph-train`` takes them (booleans in YAML spelling, floats exact),
+    sorted by key."""
+    def spell(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float):
+            return repr(v)
+        return str(v)
+    return [f"{k}={spell(v)}" for k, v in sorted(params.items())]
+
+
+def params_tag(params: dict[str, Any]) -> str:
+    r"""A short, stable name of a parameter choice (8 hex digits), for the
+    cache file of a run made with it: when a search that goes on finds
+    another best choice, the runs of the old one are no longer read."""
+    import hashlib
+
+    return hashlib.sha1(" ".join(best_overrides(params)).encode()).hexdigest()[:8]
+
+
+def tune_cached(overrides: Sequence[str], family: str, path: Path, n_trials: int,
+                seed: int = 0) -> dict:
+    r"""Hydra's Optuna search ``hparams_search=<family>`` over the run that
+    ``overrides`` describe, kept in the SQLite file ``path`` (one study per
+    file): runs ``moegraph-train -m`` for the trials the study still lacks
+    to reach ``n_trials`` completed ones, so a search stopped anywhere goes on
+    where it was. The sampler's seed is ``seed`` plus the trials already done,
+    so a resumed search does not propose its first points again. Returns
+    ``{"params", "value", "trials", "seconds"}`` of the best completed trial
+    (``value``: the validation score that ``train()`` returns)."""
+    import os
+    import subprocess
+
+    import optuna
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{path.resolve()}"
+    name = path.stem
+
+    def completed() -> list:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:  # no study of that name in the file yet
+            return []
+        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    done = completed()
+    if len(done) < n_trials:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "moegraph.train", f"hparams_search={family}",
+                   *overrides, f"hydra.sweeper.n_trials={n_trials - len(done)}",
+                   f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
+                   f"hydra.sweeper.sampler.seed={seed + len(done)}",
+                   f"hydra.sweep.dir={tmp}"]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"search {name} failed ({shlex.join(cmd)}):\n"
+                               f"{proc.stderr[-4000:]}")
+        done = completed()
+    # the first n_trials trials only: a search run further for another study
+    # does not give this one a larger budget than its baseline
+    done = sorted(done, key=lambda t: t.number)[:n_trials]
+    if not done:
+        raise RuntimeError(f"search {name}: no completed trial in {path}")
+    best = max(done, key=lambda t: t.value)
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done
+               if t.datetime_complete and t.datetime_start]
+    return {"params": best.params, "value": best.value, "trials": len(done),
+            "seconds": statistics.fmean(seconds) if seconds else float("nan")}

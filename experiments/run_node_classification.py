@@ -10,6 +10,18 @@ cached run at the end::
     python experiments/run_node_classification.py                # default protocol
     python experiments/run_node_classification.py --seeds 10 --datasets cora
     python experiments/run_node_classification.py --table-only   # just rebuild the table
+    python experiments/run_node_classification.py --tune 20 --datasets reed98 --seeds 10
+
+``--tune N`` runs the tuned study instead: for each (dataset, model,
+backbone) cell, Hydra's Optuna search ``hparams_search=<model>`` (the same
+search a user runs; Mowst and Mowst* have their own, with the gate's
+parameters) gets ``N`` trials on seed 0 / split 0, scored on its validation
+set, kept in one SQLite file per cell under
+``node_classification_tuning/`` (a search stopped anywhere goes on where it
+was); then every seed runs with the best configuration found. Every model of
+a cell gets the same ``N``. Tuned runs are cached apart, named after the
+configuration they ran, and the table (``node_classification_tuned.md``)
+lists the chosen hyper-parameters beside it.
 
 Writes ``experiments/results/node_classification.md`` and, per dataset,
 ``experiments/results/confidence_<dataset>.png`` (histogram of the Mowst
@@ -19,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 from pathlib import Path
@@ -29,15 +42,18 @@ from _study import (
     ROOT,
     add_study_arguments,
     backbone_protocol,
+    best_overrides,
     command_line,
     histogram_range,
     load_runs,
     mean_std,
+    params_tag,
     results_header,
     run_diagnostics,
     run_pending,
     target_cell,
     train_cached,
+    tune_cached,
     write_results,
 )
 
@@ -62,8 +78,16 @@ def seed_major(datasets: list[str], seeds: int | None,
     return [(s, d) for s in range(max(count.values(), default=0)) for d in order if s < count[d]]
 
 
-def run_name(dataset: str, model: str, backbone: str, seed: int) -> str:
-    return f"{dataset}__{model}__{backbone if model != 'mlp' else 'none'}__seed{seed}.json"
+def cell_name(dataset: str, model: str, backbone: str) -> str:
+    return f"{dataset}__{model}__{backbone if model != 'mlp' else 'none'}"
+
+
+def run_name(dataset: str, model: str, backbone: str, seed: int,
+             tuned: dict | None = None) -> str:
+    r"""The cache file of a run; a tuned run's name holds its configuration's
+    :func:`params_tag`."""
+    tag = f"__t{params_tag(tuned)}" if tuned is not None else ""
+    return f"{cell_name(dataset, model, backbone)}{tag}__seed{seed}.json"
 
 
 def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[str]:
@@ -82,19 +106,45 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
     return out
 
 
-def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path) -> dict:
-    r"""Train one configuration of this study and cache its record."""
-    return train_cached(overrides_for(dataset, model, backbone, seed),
-                        {"dataset": dataset, "model": model, "backbone": backbone,
-                         "seed": seed},
-                        runs / run_name(dataset, model, backbone, seed),
+def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path,
+            tuned: dict | None = None) -> dict:
+    r"""Train one configuration of this study and cache its record; ``tuned``:
+    the best parameters of the cell's search, added to the overrides."""
+    overrides = overrides_for(dataset, model, backbone, seed)
+    record = {"dataset": dataset, "model": model, "backbone": backbone, "seed": seed}
+    if tuned is not None:
+        overrides += best_overrides(tuned)
+        record["tuned"] = dict(tuned)
+    return train_cached(overrides, record, runs / run_name(dataset, model, backbone, seed, tuned),
                         collect=(run_diagnostics, backbone_protocol))
 
 
-def build_table(runs: Path, command: str) -> str:
-    r"""The markdown table of every cached run, and the confidence PNGs."""
+def tune_one(dataset: str, model: str, backbone: str, trials: int, folder: Path) -> dict:
+    r"""The search of one cell (seed 0, split 0, validation score), resumed
+    from ``folder/<cell>.db``; its summary is also written to
+    ``folder/<cell>.json``."""
+    search = tune_cached(overrides_for(dataset, model, backbone, 0), model,
+                         folder / f"{cell_name(dataset, model, backbone)}.db", trials)
+    summary = {"dataset": dataset, "model": model, "backbone": backbone, **search}
+    (folder / f"{cell_name(dataset, model, backbone)}.json").write_text(
+        json.dumps(summary, indent=1))
+    print(f"[tune] {dataset} {model} {backbone}: best val {search['value']:.4f} after "
+          f"{search['trials']} trials ({search['seconds']:.0f}s each): "
+          f"{' '.join(best_overrides(search['params']))}", flush=True)
+    return summary
+
+
+def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None) -> str:
+    r"""The markdown table of every cached run, and the confidence PNGs;
+    ``tuned`` (cell name -> search summary): the tuned study, of the runs made
+    with each cell's current best configuration, with a table of them and
+    no PNGs."""
     by_key: dict[tuple, list[dict]] = {}
     for r in load_runs(runs):
+        if tuned is not None:
+            best = tuned.get(cell_name(r["dataset"], r["model"], r["backbone"]))
+            if best is None or r.get("tuned") != best["params"]:
+                continue
         by_key.setdefault((r["dataset"], r["model"], r["backbone"]), []).append(r)
 
     def scores(dataset, model, backbone, key=None):
@@ -145,6 +195,9 @@ def build_table(runs: Path, command: str) -> str:
             for r in gnn_runs[:1] or mowst_runs[:1]:
                 protocols[dataset] = r["protocol"]
     lines += gate_table(by_key)
+    if tuned is not None:
+        lines += tuned_table(tuned)
+        return "\n".join(lines) + "\n"
     lines += ["", "Protocol actually used per dataset (all models share it; Mowst runs "
               "pre-train both experts, then alternate turns of at most 100 epochs with "
               "patience 20, min gain 0.001, until 2 rounds bring no gain; Mowst* trains "
@@ -203,6 +256,24 @@ def gate_table(by_key: dict) -> list[str]:
     return lines
 
 
+def tuned_table(tuned: dict[str, dict]) -> list[str]:
+    r"""The chosen configuration of each tuned cell and its search."""
+    lines = ["", "Chosen hyper-parameters per cell (Optuna TPE through `hparams_search=<model>`, "
+             "trials on seed 0 / split 0, best validation score; the other settings are the "
+             "dataset's protocol):", "",
+             "| dataset | model | backbone | trials | best val | s / trial | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    order = {d: i for i, d in enumerate(DATASETS)}
+    for s in sorted(tuned.values(), key=lambda s: (order.get(s["dataset"], 99),
+                                                   s["backbone"], MODELS.index(s["model"]))):
+        chosen = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{o}`"
+                           for o, (k, v) in zip(best_overrides(s["params"]),
+                                                sorted(s["params"].items()), strict=True))
+        lines.append(f"| {s['dataset']} | {s['model']} | {s['backbone']} | {s['trials']} | "
+                     f"{100 * s['value']:.2f} | {s['seconds']:.0f} | {chosen} |")
+    return lines
+
+
 def _plot_confidence(by_key: dict) -> None:
     import matplotlib
 
@@ -243,27 +314,64 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help="the tuned study: N search trials per cell (every model the "
+                             "same N), then every seed with the best configuration")
+    parser.add_argument("--tuning", type=Path, default=RESULTS / "node_classification_tuning",
+                        help="folder of the searches (one SQLite study per cell)")
     add_study_arguments(parser, RESULTS / "node_classification_runs")
     args = parser.parse_args(argv)
+    if args.tune < 0:
+        parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
+    if args.tune and args.runs == parser.get_default("runs"):
+        args.runs = RESULTS / "node_classification_runs_tuned"
     command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
+    cells = [(d, m, b) for d in COST_ORDER if d in args.datasets for m in args.models
+             for b in (["none"] if m == "mlp" else args.backbones)]
+    tuned: dict[str, dict] | None = None
+    if args.tune:
+        tuned = {}
+        for path in sorted(args.tuning.glob("*.json")):
+            summary = json.loads(path.read_text())
+            tuned[path.stem] = summary
+        if not args.table_only:
+            for d, m, b in cells:
+                summary = tuned.get(cell_name(d, m, b))
+                if summary is not None and summary["trials"] >= args.tune:
+                    continue
+                if args.dry_run:
+                    print(f"[tune] to do: {d} {m} {b}: {args.tune} trials "
+                          f"({summary['trials'] if summary else 0} done)")
+                    continue
+                tuned[cell_name(d, m, b)] = tune_one(d, m, b, args.tune, args.tuning)
+
     if not args.table_only:
-        run_pending([
-            (args.runs / run_name(dataset, model, backbone, seed),
-             functools.partial(run_one, dataset, model, backbone, seed, args.runs),
-             f"{dataset} {model} {backbone} seed {seed}")
-            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
-            for model in args.models
-            for backbone in (["none"] if model == "mlp" else args.backbones)],
-            dry_run=args.dry_run)
+        jobs = []
+        for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS):
+            for d, model, backbone in cells:
+                if d != dataset:
+                    continue
+                best = None
+                if tuned is not None:
+                    summary = tuned.get(cell_name(d, model, backbone))
+                    if summary is None:  # a dry run before its search
+                        continue
+                    best = summary["params"]
+                jobs.append((args.runs / run_name(d, model, backbone, seed, best),
+                             functools.partial(run_one, d, model, backbone, seed, args.runs,
+                                               best),
+                             f"{d} {model} {backbone} seed {seed}"))
+        run_pending(jobs, dry_run=args.dry_run)
         if args.dry_run:
             return
-    table = build_table(args.runs, command)
-    out = RESULTS / "node_classification.md"
+    table = build_table(args.runs, command, tuned)
+    out = RESULTS / ("node_classification_tuned.md" if tuned is not None
+                     else "node_classification.md")
     write_results(out, table)
     print(table)
     print(f"[study] wrote {out}")

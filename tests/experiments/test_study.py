@@ -130,3 +130,67 @@ def test_histogram_range_against_hand_values(script):
     assert study.histogram_range(one) == pytest.approx((0.0, 0.05))
     a, b = study.histogram_range([0, 0, 0])  # nothing counted
     assert math.isnan(a) and math.isnan(b)
+
+
+def test_best_overrides_spell_values_as_the_cli_takes_them(script):
+    study = script("_study")
+    params = {"model.net.gate_features": True, "model.optimizer.lr": 0.1 + 0.2,
+              "backbone.hidden_channels": 64, "model.net.gate_type": "entropy",
+              "backbone.residual": False}
+    assert study.best_overrides(params) == [
+        "backbone.hidden_channels=64", "backbone.residual=false",
+        "model.net.gate_features=true", "model.net.gate_type=entropy",
+        "model.optimizer.lr=0.30000000000000004"]  # exact: the run is the trial's
+
+
+def test_params_tag_names_a_choice_not_its_order(script):
+    study = script("_study")
+    a = {"x": 1, "y": 0.5}
+    tag = study.params_tag(a)
+    assert len(tag) == 8 and int(tag, 16) >= 0
+    assert study.params_tag({"y": 0.5, "x": 1}) == tag
+    assert study.params_tag({"x": 2, "y": 0.5}) != tag
+    assert study.params_tag({"x": 1, "y": 0.5, "z": True}) != tag
+
+
+@pytest.mark.slow  # 3 tiny trials in 2 CLI processes: about 1 min on a quiet 2-core machine
+def test_tune_cached_searches_resumes_and_keeps_the_budget(script, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    study = script("_study")
+    db = tmp_path / "tuning" / "tiny__gnn.db"
+    overrides = ["debug=fdr", "data.dataset_kwargs.num_nodes=200", "logger=none"]
+    first = study.tune_cached(overrides, "gnn", db, 2)
+    assert first["trials"] == 2 and 0.0 <= first["value"] <= 1.0
+    assert 1e-3 <= first["params"]["model.optimizer.lr"] <= 5e-2  # gnn.yaml's interval
+    assert first["params"]["backbone.hidden_channels"] in (32, 64, 128, 256)
+    # resumed: one more trial, and not a repeat of the first proposal
+    more = study.tune_cached(overrides, "gnn", db, 3)
+    import optuna
+    trials = optuna.load_study(study_name="tiny__gnn", storage=f"sqlite:///{db}").trials
+    assert more["trials"] == 3 and len(trials) == 3
+    assert trials[2].params != trials[0].params
+    # a smaller budget reads only the first trials: nothing runs, best of those
+    again = study.tune_cached(overrides, "gnn", db, 2)
+    assert again["trials"] == 2
+    assert again["value"] == max(t.value for t in trials[:2])
+
+
+def test_tuned_table_reads_only_the_runs_of_the_current_choice(script, tmp_path):
+    nc = script("run_node_classification")
+    chosen, stale = {"backbone.dropout": 0.5}, {"backbone.dropout": 0.1}
+    protocol = {"hidden_channels": 64, "num_layers": 2, "residual": False,
+                "max_epochs": 300, "lr": 0.01}
+    for params, score, seed in ((chosen, 0.6, 0), (chosen, 0.7, 1), (stale, 0.1, 0)):
+        record = {"dataset": "reed98", "model": "gnn", "backbone": "gcn", "seed": seed,
+                  "tuned": params, "metric": "acc", "metrics": {"test/acc": score},
+                  "wall_seconds": 1.0, "protocol": protocol}
+        (tmp_path / nc.run_name("reed98", "gnn", "gcn", seed, params)).write_text(
+            json.dumps(record))
+    assert nc.run_name("reed98", "gnn", "gcn", 0, chosen) != nc.run_name(
+        "reed98", "gnn", "gcn", 0, stale)
+    summary = {"dataset": "reed98", "model": "gnn", "backbone": "gcn", "params": chosen,
+               "value": 0.65, "trials": 20, "seconds": 3.0}
+    table = nc.build_table(tmp_path, "cmd", {"reed98__gnn__gcn": summary})
+    row = next(line for line in table.splitlines() if line.startswith("| reed98 | gcn |"))
+    assert "65.00 ± 7.07" in row  # mean of 0.6, 0.7; sample std 0.0707: the stale run left out
+    assert "| reed98 | gnn | gcn | 20 | 65.00 | 3 | `backbone.dropout=0.5` |" in table
