@@ -57,8 +57,13 @@ def overrides_for(model: str, seed: int) -> list[str]:
 # The input-scale / router study (``--robustness``): 8 cubic experts on a smaller
 # draw of the task, at input scales 0.1, 1, 10 with and without input_norm, and
 # router settings at scale 1.
-ROBUST_DATA = ["data.num_train=2000", "data.num_val=500", "data.num_test=2000",
-               "trainer.max_epochs=60"]
+ROBUST_DATA = ["data.num_train=2000", "data.num_val=500", "data.num_test=2000"]
+ROBUST_EPOCHS = "trainer.max_epochs=60"  # unless a setting gives its own
+# Chen et al.'s procedure (conf/model/patch_moe_paper.yaml) at their input scale: its
+# steps have a fixed small length, so it gets 200 epochs, and the patience to pass its
+# exploration stage; "Adam, 200 epochs" is the default model with the same budget.
+PAPER = ["model=patch_moe_paper", "data.scale=10", "trainer.max_epochs=200",
+         "callbacks.early_stopping.patience=200"]
 ROBUST = {
     **{f"scale{s}_{norm}": (f"input scale {s}, {'input_norm' if norm == 'norm' else 'raw'}",
                             [f"data.scale={s}", f"model.net.input_norm={norm == 'norm'}"])
@@ -67,12 +72,27 @@ ROBUST = {
                   ["model.net.noisy=false"]),
     "balance": ("input scale 1, input_norm, load-balance loss 0.01",
                 ["+model.aux_loss_weights.load_balance=0.01"]),
+    "adam_200": ("input scale 1, input_norm, Adam, 200 epochs (patience 200)",
+                 ["trainer.max_epochs=200", "callbacks.early_stopping.patience=200"]),
+    "paper": ("the paper's procedure (`model=patch_moe_paper`), input scale 10, 200 epochs",
+              PAPER),
+    "paper_gaussian": ("the paper's procedure, learned Gaussian noise instead of uniform",
+                       [*PAPER, "model.net.noise=gaussian"]),
+    "paper_router_init": ("the paper's procedure, router's default init instead of zeros",
+                          [*PAPER, "model.net.router_init=default"]),
+    "paper_router_lr": ("the paper's procedure, router lr 0.001 (the experts') instead of 0.1",
+                        [*PAPER, "model.param_groups.0.lr=0.001"]),
+    "paper_scale1": ("the paper's procedure at input scale 1", [*PAPER, "data.scale=1"]),
 }
 
 
 def run_robust(name: str, seed: int, runs: Path) -> dict:
-    overrides = ["experiment=cluster_moe", f"seed={seed}", *QUIET, *ROBUST_DATA,
-                 *ROBUST[name][1]]
+    own = ROBUST[name][1]
+    # a key given twice keeps its last value (data.scale of paper_scale1)
+    own = [o for i, o in enumerate(own)
+           if not any(p.split("=")[0] == o.split("=")[0] for p in own[i + 1:])]
+    epochs = [] if any(o.startswith("trainer.max_epochs=") for o in own) else [ROBUST_EPOCHS]
+    overrides = ["experiment=cluster_moe", f"seed={seed}", *QUIET, *ROBUST_DATA, *epochs, *own]
     return train_cached(overrides, {"variant": name, "seed": seed},
                         runs / f"{name}__seed{seed}.json",
                         (run_diagnostics, protocol, routing_by_cluster))

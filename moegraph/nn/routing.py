@@ -293,6 +293,9 @@ class Router(Module):
         return ""
 
 
+NOISES = ("gaussian", "uniform")
+
+
 class TopKRouter(Router):
     r"""Top-k softmax router (Shazeer et al., 2017, `"Outrageously Large Neural
     Networks" <https://arxiv.org/abs/1701.06538>`_), optionally with noisy
@@ -320,8 +323,12 @@ class TopKRouter(Router):
         num_experts (int): number of real experts :math:`E`.
         k (int, optional): experts per row, ``1 <= k <= E + num_null_experts``.
             (default: :obj:`2`)
-        noisy (bool, optional): add learned Gaussian noise to the logits in
-            training. (default: :obj:`False`)
+        noisy (bool, optional): add noise to the logits in training.
+            (default: :obj:`False`)
+        noise (str, optional): with ``noisy``, ``"gaussian"``: the learned
+            Gaussian noise above (Shazeer et al.); ``"uniform"``:
+            :math:`r_m \sim \mathcal{U}[0, 1)` drawn for every row and expert,
+            as Chen et al. (2022) explore with. (default: :obj:`"gaussian"`)
         num_null_experts (int, optional): zero-compute experts. (default: :obj:`0`)
         normalize (bool, optional): renormalise the weights over the chosen
             experts; otherwise use the full-softmax probabilities.
@@ -341,8 +348,10 @@ class TopKRouter(Router):
 
     def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
                  num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2,
-                 straight_through: bool = False):
+                 straight_through: bool = False, noise: str = "gaussian"):
         super().__init__(in_channels, num_experts, num_null_experts)
+        if noise not in NOISES:
+            raise ValueError(f"'noise' must be one of {NOISES} (got {noise!r})")
         if straight_through and not (normalize and k == 1):
             raise ValueError("'straight_through' applies to k=1 with normalize=True only "
                              f"(got k={k}, normalize={normalize})")
@@ -352,7 +361,8 @@ class TopKRouter(Router):
         self.noisy = noisy
         self.normalize = normalize
         self.noise_epsilon = noise_epsilon
-        if noisy:
+        self.noise = noise
+        if noisy and noise == "gaussian":
             self.noise_weight = Parameter(torch.empty_like(self.weight))
         else:
             self.register_parameter("noise_weight", None)
@@ -365,6 +375,7 @@ class TopKRouter(Router):
 
     def _repr_args(self) -> str:
         return (f", k={self.k}" + (", noisy=True" if self.noisy else "")
+                + (f", noise={self.noise!r}" if self.noisy and self.noise != "gaussian" else "")
                 + (", straight_through=True" if self.straight_through else ""))
 
     def forward(self, x: Tensor) -> Routing:
@@ -373,7 +384,9 @@ class TopKRouter(Router):
         N, k, Et = x.size(0), self.k, self.num_total_experts
         clean = self._logits(x)  # [N, Et]
         noise_std = None
-        if self.noisy and self.training:
+        if self.noisy and self.training and self.noise == "uniform":
+            logits = clean + torch.rand_like(clean)
+        elif self.noisy and self.training:
             noise_std = F.softplus(self._logits(x, self.noise_weight)) + self.noise_epsilon
             logits = clean + torch.randn_like(clean) * noise_std
         else:

@@ -2,7 +2,7 @@ r"""Helpers shared by the tasks: optimisers, the nodes a step is scored on, and
 the states of metrics carried by a checkpoint."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,39 @@ def build_optimizers(optimizer: Callable[..., torch.optim.Optimizer],
         return opt
     return {"optimizer": opt,
             "lr_scheduler": {"scheduler": scheduler(optimizer=opt), "monitor": "val/loss"}}
+
+
+def parameter_groups(module: Module,
+                     groups: Optional[Sequence[Mapping[str, Any]]] = None) -> Any:
+    r"""The parameters of ``module`` for the optimizer, split into groups with
+    options of their own (``torch.optim``'s per-group ``lr``, ``weight_decay``,
+    ...): each entry of ``groups`` names a submodule by its path
+    (``{"params": "net.router", "lr": 0.1}``) and takes every parameter under
+    it; the parameters no entry takes form the first group, with the
+    optimizer's own options. Without ``groups``: ``module.parameters()``.
+    A path that takes no parameter, or a parameter taken twice, is an error."""
+    if not groups:
+        return module.parameters()
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    owner: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for entry in groups:
+        entry = dict(entry)
+        path = entry.pop("params", None)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"each parameter group needs 'params': the path of a submodule "
+                             f"(got {path!r})")
+        taken = [(n, p) for n, p in named if n == path or n.startswith(path + ".")]
+        if not taken:
+            raise ValueError(f"parameter group {path!r} takes no parameter of "
+                             f"{type(module).__name__}")
+        for n, _ in taken:
+            if n in owner:
+                raise ValueError(f"parameter {n!r} is in two groups ({owner[n]!r}, {path!r})")
+            owner[n] = path
+        out.append({"params": [p for _, p in taken], **entry})
+    rest = [p for n, p in named if n not in owner]
+    return ([{"params": rest}] if rest else []) + out
 
 
 def metric_states(metrics: Module) -> dict[str, dict[str, Any]]:

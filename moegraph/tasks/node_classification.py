@@ -23,6 +23,7 @@ from moegraph.tasks.common import (  # noqa: F401 (public here before)
     metric_states,
     multilabel_loss,
     multilabel_target,
+    parameter_groups,
     split_mask,
 )
 from moegraph.tasks.metrics import METRICS, make_metrics, update_metrics  # noqa: F401
@@ -77,6 +78,10 @@ class NodeClassificationTask(L.LightningModule):
             dataset is judged by. (default: :obj:`"acc"`)
         multilabel (bool, optional): ``num_classes`` binary tasks per node.
             (default: :obj:`False`)
+        param_groups (list, optional): parameter groups with optimizer
+            options of their own, each naming a submodule
+            (``[{"params": "net.router", "lr": 0.1}]``; see
+            :func:`~moegraph.tasks.common.parameter_groups`). (default: :obj:`None`)
     """
 
     def __init__(self, net: Module, num_classes: int,
@@ -84,7 +89,8 @@ class NodeClassificationTask(L.LightningModule):
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", expert_parallel: bool = False,
-                 multilabel: bool = False):
+                 multilabel: bool = False,
+                 param_groups: Optional[list[dict[str, Any]]] = None):
         super().__init__()
         # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
         net = net_from_config(net)
@@ -101,6 +107,8 @@ class NodeClassificationTask(L.LightningModule):
         self.metric = metric
         self.expert_parallel = expert_parallel
         self.multilabel = bool(multilabel)
+        self.param_groups = [dict(g) for g in param_groups] if param_groups else None
+        parameter_groups(self, self.param_groups)  # a path that names nothing fails here
         metrics = make_metrics(metric, num_classes, self.multilabel)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -247,4 +255,4 @@ class NodeClassificationTask(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizers(self.optimizer_factory, self.scheduler_factory,
-                                self.parameters())
+                                parameter_groups(self, self.param_groups))

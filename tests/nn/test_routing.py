@@ -734,3 +734,32 @@ def test_router_bad_argument_types(make, match):
 def test_router_rejects_non_float_input(name, dtype):
     with pytest.raises(TypeError, match=f"'x' must be a floating-point tensor.*{dtype}"):
         ROUTER_MAKERS[name]()(torch.ones(5, 8, dtype=dtype))
+
+
+def test_uniform_noise_is_added_in_training_only():
+    r"""``noise="uniform"`` (Chen et al. 2022): the training logits are the clean
+    ones plus r ~ U[0, 1) drawn per row and expert: with the same draws, the
+    chosen expert is the argmax of clean + r; in eval, of the clean logits."""
+    torch.manual_seed(0)
+    router = TopKRouter(4, 5, k=1, noisy=True, noise="uniform", normalize=False)
+    assert router.noise_weight is None  # nothing learned for the noise
+    x = torch.randn(64, 4)
+    clean = x @ router.weight.detach().T
+    torch.manual_seed(1)
+    r = torch.rand(64, 5)
+    torch.manual_seed(1)
+    routing = router.train()(x)
+    expected = (clean + r).argmax(dim=1)
+    assert torch.equal(routing.expert[routing.row.argsort()], expected)
+    # weight: the full softmax of the noisy logits at the chosen expert
+    weight = (clean + r).softmax(dim=1).gather(1, expected[:, None])[:, 0]
+    assert torch.allclose(routing.weight[routing.row.argsort()], weight, atol=1e-6)
+    routing = router.eval()(x)
+    assert torch.equal(routing.expert[routing.row.argsort()], clean.argmax(dim=1))
+    # a zero router: the first dispatch is the noise's alone, spread over the experts
+    torch.nn.init.zeros_(router.weight)
+    counts = torch.bincount(router.train()(torch.randn(5000, 4)).expert, minlength=5)
+    assert counts.min() > 850 and counts.max() < 1150  # 1000 each, sd about 28
+    assert "noise='uniform'" in repr(router)
+    with pytest.raises(ValueError, match="'noise' must be one of"):
+        TopKRouter(4, 5, noisy=True, noise="gumbel")

@@ -271,3 +271,16 @@ def test_multilabel_task_step_and_metrics():
     with pytest.raises(ValueError, match="multi-label data: multilabel=True"):
         single._check_labels(data.y)
     assert list(make_metrics("acc", T, multilabel=True)) == ["acc"]
+
+
+def test_param_groups_give_a_submodule_its_own_optimizer_options():
+    task = make_task(param_groups=[{"params": "net.convs.0", "lr": 0.5}])
+    opt = task.configure_optimizers()
+    first = list(task.net.convs[0].parameters())
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.5]  # ADAM's, then the group's
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in first}
+    assert (sum(len(g["params"]) for g in opt.param_groups)
+            == len(list(task.parameters())))  # every parameter once
+    assert task.hparams.param_groups == [{"params": "net.convs.0", "lr": 0.5}]
+    with pytest.raises(ValueError, match="'net.gate' takes no parameter"):
+        make_task(param_groups=[{"params": "net.gate", "lr": 0.5}])

@@ -15,6 +15,7 @@ from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import TopKRouter
 
 ACTS = ("cubic", "linear")
+ROUTER_INITS = ("default", "zeros")
 
 
 class PatchExperts(Experts):
@@ -134,6 +135,19 @@ class PatchMoE(Module):
             :math:`\Theta(1)` amplitudes; one positive factor on every patch
             keeps their orthogonality and amplitude ratios and puts the
             patches at that scale. (default: :obj:`True`)
+        noise (str, optional): the router's exploration noise with ``noisy``:
+            ``"gaussian"`` (learned, :class:`~moegraph.nn.TopKRouter`'s
+            default) or ``"uniform"`` (:math:`r_m \sim \mathcal{U}[0, 1)`, the
+            paper's). (default: :obj:`"gaussian"`)
+        router_init (str, optional): ``"default"`` (the router's own init)
+            or ``"zeros"`` (the paper's: every sample starts with equal
+            router probabilities, so the first dispatch is the noise's).
+            (default: :obj:`"default"`)
+
+    The paper trains the experts by normalised gradient descent and the router
+    by gradient descent at its own, larger rate (``model=patch_moe_paper``:
+    :class:`~moegraph.optim.NormalizedGD` with a parameter group for
+    ``net.router``).
 
     Shapes:
         - **input:** ``x [N, P, d]``
@@ -144,8 +158,12 @@ class PatchMoE(Module):
 
     def __init__(self, in_channels: int, hidden_channels: int = 16, out_channels: int = 2,
                  num_experts: int = 8, noisy: bool = True, act: str = "cubic",
-                 init_std: float = 0.1, input_norm: bool = True):
+                 init_std: float = 0.1, input_norm: bool = True, noise: str = "gaussian",
+                 router_init: str = "default"):
         super().__init__()
+        if router_init not in ROUTER_INITS:
+            raise ValueError(f"'router_init' must be one of {ROUTER_INITS} "
+                             f"(got {router_init!r})")
         if out_channels != 2:
             raise ValueError(f"PatchMoE is a binary classifier: 'out_channels' must be 2 "
                              f"(got {out_channels})")
@@ -157,13 +175,14 @@ class PatchMoE(Module):
         self.act = act
         self.init_std = init_std
         self.input_norm = input_norm
+        self.router_init = router_init
         # 0: not measured yet (set by the first forward pass when input_norm).
         self.input_scale: Tensor
         self.register_buffer("input_scale", torch.zeros(()))
         self.experts = PatchExperts(in_channels, hidden_channels, num_experts, act, init_std)
         if num_experts > 1:
             self.router = TopKRouter(in_channels, num_experts, k=1, noisy=noisy,
-                                     normalize=False)
+                                     normalize=False, noise=noise)
         else:
             self.register_module("router", None)
         self.reset_parameters()
@@ -173,6 +192,8 @@ class PatchMoE(Module):
         self.experts.reset_parameters()
         if self.router is not None:
             self.router.reset_parameters()
+            if self.router_init == "zeros":
+                torch.nn.init.zeros_(self.router.weight)
 
     def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> ModelOutput:
         r"""
