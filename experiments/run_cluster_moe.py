@@ -84,6 +84,8 @@ ROBUST = {
                         [*PAPER, "model.param_groups.0.lr=0.001"]),
     "paper_scale1": ("the paper's procedure at input scale 1", [*PAPER, "data.scale=1"]),
 }
+PAPER_ROWS = ("paper", "adam_200", "paper_gaussian", "paper_router_init", "paper_router_lr",
+              "paper_scale1")
 
 
 def run_robust(name: str, seed: int, runs: Path) -> dict:
@@ -109,7 +111,8 @@ def build_robust_table(runs: Path, command: str) -> str:
              f"Made by `{command}` (cached runs in "
              "`experiments/results/cluster_moe_runs/robust/`): 8 cubic experts, top-1, "
              "2,000 / 500 / 2,000 samples, 60 epochs (a short run, as the test "
-             "`tests/nn/models/test_patch_moe_scale.py`), otherwise the protocol above. "
+             "`tests/nn/models/test_patch_moe_scale.py`) unless the row says otherwise, "
+             "otherwise the protocol above. "
              "*input_norm* (the default of "
              "`conf/model/patch_moe.yaml`) divides the inputs by their RMS patch norm, "
              "measured on the first batch; *raw* feeds them as they are.", "",
@@ -137,12 +140,12 @@ def build_robust_table(runs: Path, command: str) -> str:
         "no expert serving two clusters; their notebook shows the extreme case, 4 experts "
         "taking all samples, one cluster each. Their settings for it: router initialised "
         "at zero and trained by SGD (lr 0.1), experts by per-expert normalised gradient "
-        "descent (lr 0.001) from a 1000x-shrunk initialisation, inputs 10x the generator's. "
-        "Ours: one Adam (lr 0.01) for router and experts, learned Gaussian noise "
-        "(`TopKRouter`). A separate router learning rate and the uniform noise cannot be "
-        "set from the config (one optimizer over all parameters; the router's noise is "
-        "learned): the rows above vary what can be set, noise on/off and a load-balance "
-        "loss.",
+        "descent (lr 0.001) from a 1000x-shrunk initialisation, inputs 10x the generator's: "
+        "`model=patch_moe_paper` (`moegraph.optim.NormalizedGD`, a parameter group for "
+        "`net.router`, `TopKRouter(noise='uniform')`, `PatchMoE(router_init='zeros')`, "
+        "init std 1e-4, raw inputs). The default `model=patch_moe` trains router and "
+        "experts with one Adam (lr 0.01) and learned Gaussian noise. The `the paper's "
+        "procedure, ...` rows change one part of it each.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -301,8 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     main_command = ("python experiments/run_cluster_moe.py" if args.robustness is not None
                     else command)
-    robust_command = (command if args.robustness is not None
-                      else "python experiments/run_cluster_moe.py --robustness --seeds 2")
+    robust_command = (command if args.robustness is not None else (
+        "python experiments/run_cluster_moe.py --robustness scale0.1_norm scale0.1_raw "
+        "scale1_norm scale1_raw scale10_norm scale10_raw noise_off balance --seeds 2` and "
+        f"`python experiments/run_cluster_moe.py --robustness {' '.join(PAPER_ROWS)} "
+        "--seeds 3"))
     table = build_table(args.runs, main_command)
     table += build_robust_table(robust_runs, robust_command)
     table = write_results(RESULTS / "cluster_moe.md", table)
