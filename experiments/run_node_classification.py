@@ -342,8 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.table_only:
             for d, m, b in cells:
                 summary = tuned.get(cell_name(d, m, b))
-                if summary is not None and summary["trials"] >= args.tune:
-                    continue
+                if summary is not None and summary["trials"] == args.tune:
+                    continue  # (more trials on disk: the best of the first N is recomputed)
                 if args.dry_run:
                     print(f"[tune] to do: {d} {m} {b}: {args.tune} trials "
                           f"({summary['trials'] if summary else 0} done)")
