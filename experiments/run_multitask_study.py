@@ -250,12 +250,14 @@ def write_synthetic(args, records: dict[str, dict[float, list[dict]]],
     import matplotlib.pyplot as plt
 
     ps = list(args.correlations)
-    head = "| model | params | " + " | ".join(f"test MSE, p = {p}" for p in ps) + " |"
-    lines = [head, "|---|---:" + "|---:" * len(ps) + "|"]
+    head = ("| model | params | " + " | ".join(f"test MSE, p = {p}" for p in ps)
+            + " | n (seeds per p) |")
+    lines = [head, "|---|---:" + "|---:" * len(ps) + "|---|"]
     for name, by_p in records.items():
         cells = [cell([synthetic_mse(r) for r in by_p.get(p, [])]) for p in ps]
         params = next(iter(by_p.values()))[0]["params"]
-        lines.append(f"| {name} | {params:,} | " + " | ".join(cells) + " |")
+        n = " / ".join(str(len(by_p.get(p, []))) for p in ps)
+        lines.append(f"| {name} | {params:,} | " + " | ".join(cells) + f" | {n} |")
     gaps, verdicts = [], []
     base = records.get("shared-bottom", {})
     for name in [n for n in records if n != "shared-bottom"]:
@@ -315,7 +317,8 @@ group, 4 shared + 2 per group (+ 1 per task at level 2), batch norm starting at 
 Swish (HoME (paper form): gain 1; see `home_diagnosis.md`), feature-gate rank 4, self-gate;
 "w/o expert norm": ReLU experts. Adam lr 0.01, batches of 256, at most 20 epochs, early
 stopping (patience 5) and checkpoint on the validation mean R^2 of the two tasks; the best
-checkpoint is tested. Test MSE averaged over the two tasks, mean ± std over seeds {seeds}.
+checkpoint is tested. Test MSE averaged over the two tasks, mean ± std over the seeds cached
+among {seeds} (n per row).
 The runs of shared-bottom, MMoE, PLE, HoME (paper form) and HoME w/o expert norm are those of
 the study before HoME's gain-0.1 default (`multitask_synthetic_runs/`, same configurations),
 copied into `multitask_synthetic_runs_v2/`; HoME's other ablations ran at p = 0.5 only.
