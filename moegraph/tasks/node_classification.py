@@ -18,7 +18,9 @@ from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_lo
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import AUX_LOSS_NAMES
 from moegraph.tasks.common import (  # noqa: F401 (public here before)
+    EXPERT_WEIGHT_DECAYS,
     build_optimizers,
+    expert_decay_groups,
     load_metric_states,
     metric_states,
     multilabel_loss,
@@ -77,6 +79,13 @@ class NodeClassificationTask(L.LightningModule):
             dataset is judged by. (default: :obj:`"acc"`)
         multilabel (bool, optional): ``num_classes`` binary tasks per node.
             (default: :obj:`False`)
+        expert_weight_decay (str, optional): ``"load_share"``: under a
+            coupled weight decay (an L2 penalty in the gradient, e.g.
+            ``torch.optim.Adam``), the experts of the network's hop-expert
+            convolutions get the optimizer's weight decay times
+            ``k / num_experts``, their share of the nodes (see
+            :func:`~moegraph.tasks.common.make_optimizer`); :obj:`None`: as
+            every parameter. (default: :obj:`None`)
     """
 
     def __init__(self, net: Module, num_classes: int,
@@ -84,7 +93,7 @@ class NodeClassificationTask(L.LightningModule):
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", expert_parallel: bool = False,
-                 multilabel: bool = False):
+                 multilabel: bool = False, expert_weight_decay: Optional[str] = None):
         super().__init__()
         # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
         net = net_from_config(net)
@@ -101,6 +110,12 @@ class NodeClassificationTask(L.LightningModule):
         self.metric = metric
         self.expert_parallel = expert_parallel
         self.multilabel = bool(multilabel)
+        if expert_weight_decay is not None:
+            if expert_weight_decay not in EXPERT_WEIGHT_DECAYS:
+                raise ValueError(f"'expert_weight_decay' must be None or one of "
+                                 f"{EXPERT_WEIGHT_DECAYS} (got {expert_weight_decay!r})")
+            expert_decay_groups(net)  # raises if the network has no hop-expert experts
+        self.expert_weight_decay = expert_weight_decay
         metrics = make_metrics(metric, num_classes, self.multilabel)
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -247,4 +262,5 @@ class NodeClassificationTask(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizers(self.optimizer_factory, self.scheduler_factory,
-                                self.parameters())
+                                self if self.expert_weight_decay else self.parameters(),
+                                self.expert_weight_decay)
