@@ -12,6 +12,15 @@ is their test-time one::
         model=gmoe_paper model.net.num_hop2_experts=0 model.net.expert_init=shared \
         "model.net.router_kwargs={noisy:false}"
 
+``router``: the same loop, and every ``--every`` epochs, per routed layer, the
+router's clean logits (spread over the experts, top-1 margin) against its noise
+std, the gate weight's norm and the load in training and at test time
+(max/mean, experts under 2% of the nodes), with the best validation epoch so
+far::
+
+    python experiments/trace_gmoe.py router citeseer --seed 4 --epochs 120 --every 10 -- \
+        model=gmoe model.expert_weight_decay=null
+
 ``scale``: at init (seed 0), the first layer router's clean logits (spread over
 the experts, top-1 margin) against its noise std; and the between-node spread
 of ``X``, ``ÂX`` and ``Â²X`` (root mean squared distance of a row to the mean
@@ -144,8 +153,9 @@ def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[s
                 f"{float((top2[:, 0] - top2[:, 1]).mean()):.4f} noise {float(noise.mean()):.3f} "
                 f"|Wg| {float(r.weight.detach().norm()):.3f} load tr {load_txt(out.routing[i])} "
                 f"ev {load_txt(ev.routing[i])}")
-        print(f"ep {epoch:3d} ce {float(ce):.3f} train {score(ev.logits[tr], data.y[tr], metric):.3f} "
-              f"val {val:.3f} test {score(ev.logits[te], data.y[te], metric):.3f} "
+        print(f"ep {epoch:3d} ce {float(ce):.3f} "
+              f"train {score(ev.logits[tr], data.y[tr], metric):.3f} val {val:.3f} "
+              f"test {score(ev.logits[te], data.y[te], metric):.3f} "
               f"best@{best_epoch} | " + " | ".join(layers), flush=True)
 
 
