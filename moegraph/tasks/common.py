@@ -82,14 +82,15 @@ def make_optimizer(optimizer: Callable[..., torch.optim.Optimizer], params,
     ``torch.optim.Adam``, ``SGD``; the optimizer's ``decoupled_weight_decay``
     unset). Why: the task loss is a mean over all the rows, of which an
     expert sees about ``k / E``, so its data gradient is about ``k / E`` of
-    a dense layer's while the penalty is not. Under Adam, a weight whose
-    penalty outweighs its gradient shrinks at up to ``lr`` per step, and
-    the weights settle where the two balance, about ``k / E`` of a dense
-    layer's per layer: a top-1 GMoE of 4 experts on row-normalised
-    features trained with coupled L2 stays near the uniform prediction for
-    a hundred epochs where the GCN of the same protocol fits
-    (``experiments/results/graph_moe_ablation.md``, section 4). Scaling the
-    penalty by the share restores the balance of a dense layer. Decoupled
+    a dense layer's while the penalty is not. A coupled penalty and the data
+    gradient balance at :math:`|w| \approx |g| / \lambda`, so an expert's
+    weights are held to about ``k / E`` of a dense layer's, and under Adam a
+    weight whose penalty outweighs its gradient shrinks at up to ``lr`` per
+    step. Measured: a top-1 GMoE of 4 experts on CiteSeer's row-normalised
+    features with Adam's L2 (seed 4) brings the training cross-entropy from
+    1.79 to 1.38 in 120 epochs, where GCN reaches 0.32 and the same GMoE
+    with the scaled penalty 0.64 (``experiments/results/
+    graph_moe_ablation.md``, "GMoE and the coupled weight decay"). Decoupled
     decay (``AdamW``) shrinks every weight by ``lr * weight_decay`` per step
     whatever its gradient, so the share does not enter and nothing changes.
     """
