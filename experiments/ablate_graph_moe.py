@@ -153,7 +153,8 @@ def train_lean(overrides: list[str]) -> dict:
     run = instantiate_run(cfg, trainer=False)
     task, data = run["task"], run["datamodule"].data
     net, metric = task.net, cfg.data.get("metric", "acc")
-    opt = task.optimizer_factory(params=net.parameters())
+    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     patience = cfg.callbacks.early_stopping.patience
     best, best_state, since, epochs = -1.0, None, 0, 0
     start = time.perf_counter()

@@ -12,6 +12,15 @@ is their test-time one::
         model=gmoe_paper model.net.num_hop2_experts=0 model.net.expert_init=shared \
         "model.net.router_kwargs={noisy:false}"
 
+``router``: the same loop, and every ``--every`` epochs, per routed layer, the
+router's clean logits (spread over the experts, top-1 margin) against its noise
+std, the gate weight's norm and the load in training and at test time
+(max/mean, experts under 2% of the nodes), with the best validation epoch so
+far::
+
+    python experiments/trace_gmoe.py router citeseer --seed 4 --epochs 120 --every 10 -- \
+        model=gmoe model.expert_weight_decay=null
+
 ``scale``: at init (seed 0), the first layer router's clean logits (spread over
 the experts, top-1 margin) against its noise std; and the between-node spread
 of ``X``, ``ÂX`` and ``Â²X`` (root mean squared distance of a row to the mean
@@ -55,7 +64,8 @@ def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) ->
     run = instantiate_run(cfg, trainer=False)
     task, data = run["task"], run["datamodule"].data
     net, metric = task.net, cfg.data.get("metric", "acc")
-    opt = task.optimizer_factory(params=net.parameters())
+    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     tr, va, te = data.train_mask, data.val_mask, data.test_mask
     for epoch in range(epochs):
         net.train()
@@ -78,6 +88,75 @@ def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) ->
               f"val {score(ev.logits[va], data.y[va], metric):.3f}  "
               f"test {score(ev.logits[te], data.y[te], metric):.3f}  "
               f"routing agreement {' / '.join(f'{a:.2f}' for a in agree) or '-'}", flush=True)
+
+
+def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) -> None:
+    r"""Per epoch, per routed layer: the router's clean-logit spread over the
+    experts and top-1 margin against its noise std, the training-time and the
+    test-time load (max/mean, experts under 2%), the gate and noise weight
+    norms; with the train / val / test accuracy and early stopping's best
+    epoch (the lean loop's protocol, run for ``epochs`` epochs)."""
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.ablate_graph_moe import overrides_for, score
+    from moegraph.nn.conv.hop_moe import HopMoEConv
+    from moegraph.nn.output import as_model_output
+    from moegraph.tasks.node_classification import weighted_aux_loss
+    from moegraph.train import instantiate_run
+
+    cfg = _compose(overrides_for(dataset, extra, seed))
+    torch.manual_seed(cfg.seed)
+    run = instantiate_run(cfg, trainer=False)
+    task, data = run["task"], run["datamodule"].data
+    net, metric = task.net, cfg.data.get("metric", "acc")
+    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    tr, va, te = data.train_mask, data.val_mask, data.test_mask
+    convs = [m for m in net.modules() if isinstance(m, HopMoEConv)]
+    inputs: dict[int, torch.Tensor] = {}
+    for i, conv in enumerate(convs):
+        conv.router.register_forward_hook(
+            lambda mod, args, out, i=i: inputs.__setitem__(i, args[0].detach()))
+
+    def load_txt(routing) -> str:
+        E = routing.num_experts
+        load = routing.load / routing.load.sum()
+        return f"{float(load.max()) * E:.2f}/{int((load < 0.02).sum())}"
+
+    best, best_epoch = -1.0, 0
+    for epoch in range(epochs):
+        net.train()
+        opt.zero_grad()
+        out = as_model_output(net(data.x, data.edge_index))
+        ce = F.cross_entropy(out.logits[tr], data.y[tr])
+        (ce + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, ce)).backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():
+            ev = as_model_output(net(data.x, data.edge_index))
+        val = score(ev.logits[va], data.y[va], metric)
+        if val > best:
+            best, best_epoch = val, epoch
+        if epoch % every and epoch != epochs - 1:
+            continue
+        layers = []
+        for i, conv in enumerate(convs):
+            r, x = conv.router, inputs[i]
+            with torch.no_grad():
+                clean = r._logits(x)
+                top2 = clean.topk(2, -1).values
+                noise = (F.softplus(r._logits(x, r.noise_weight)) + r.noise_epsilon
+                         if getattr(r, "noise_weight", None) is not None else clean.new_zeros(1))
+            layers.append(
+                f"L{i}: spread {float(clean.std(-1).mean()):.4f} margin "
+                f"{float((top2[:, 0] - top2[:, 1]).mean()):.4f} noise {float(noise.mean()):.3f} "
+                f"|Wg| {float(r.weight.detach().norm()):.3f} load tr {load_txt(out.routing[i])} "
+                f"ev {load_txt(ev.routing[i])}")
+        print(f"ep {epoch:3d} ce {float(ce):.3f} "
+              f"train {score(ev.logits[tr], data.y[tr], metric):.3f} val {val:.3f} "
+              f"test {score(ev.logits[te], data.y[te], metric):.3f} "
+              f"best@{best_epoch} | " + " | ".join(layers), flush=True)
 
 
 def scale(datasets: list[str]) -> None:
@@ -122,12 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--epochs", type=int, default=200)
     t.add_argument("--every", type=int, default=20)
     t.add_argument("overrides", nargs="*")
+    d = sub.add_parser("router")
+    d.add_argument("dataset")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=200)
+    d.add_argument("--every", type=int, default=20)
+    d.add_argument("overrides", nargs="*")
     s = sub.add_parser("scale")
     s.add_argument("datasets", nargs="+")
     # the config overrides may follow the options, after "--" or not
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--"]
     args, rest = parser.parse_known_args(argv)
-    if any(a.startswith("-") for a in rest) or (rest and args.cmd != "trace"):
+    if any(a.startswith("-") for a in rest) or (rest and args.cmd == "scale"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     import torch
@@ -136,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     if args.cmd == "trace":
         trace(args.dataset, args.seed, args.epochs, args.every, args.overrides + rest)
+    elif args.cmd == "router":
+        router_trace(args.dataset, args.seed, args.epochs, args.every, args.overrides + rest)
     else:
         scale(args.datasets)
 

@@ -286,6 +286,12 @@ def test_gmoe_follows_the_backbone(compose_cfg):
     assert conv.expert_init == "shared"
     assert torch.equal(conv.experts.weight[1], conv.experts.weight[0])
     assert cfg.model.aux_loss_weights == {"importance": 0.01}
+    # the experts' coupled L2 scaled by their share k / E = 1/4 (Adam of nc_cora: 5e-4)
+    assert cfg.model.expert_weight_decay == "load_share"
+    task = hydra.utils.instantiate(cfg.model, net=net, num_classes=3)
+    opt = task.configure_optimizers()
+    assert isinstance(opt, torch.optim.Adam) and not opt.defaults["decoupled_weight_decay"]
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([5e-4] + [1.25e-4] * 3)
 
 
 def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
@@ -295,6 +301,7 @@ def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
     conv = net.convs[0]
     assert conv.router.noisy and not conv.router.straight_through and conv.router.normalize
     assert conv.expert_init == "independent" and conv.hop2 == "square"
+    assert cfg.model.expert_weight_decay is None
     assert not torch.equal(conv.experts.weight[1], conv.experts.weight[0])
 
 

@@ -18,7 +18,9 @@ from moegraph.diagnostics import expert_load, format_expert_load, plot_expert_lo
 from moegraph.nn.output import ModelOutput, as_model_output
 from moegraph.nn.routing import AUX_LOSS_NAMES
 from moegraph.tasks.common import (  # noqa: F401 (public here before)
+    EXPERT_WEIGHT_DECAYS,
     build_optimizers,
+    expert_decay_groups,
     load_metric_states,
     metric_states,
     multilabel_loss,
@@ -82,6 +84,13 @@ class NodeClassificationTask(L.LightningModule):
             options of their own, each naming a submodule
             (``[{"params": "net.router", "lr": 0.1}]``; see
             :func:`~moegraph.tasks.common.parameter_groups`). (default: :obj:`None`)
+        expert_weight_decay (str, optional): ``"load_share"``: under a
+            coupled weight decay (an L2 penalty in the gradient, e.g.
+            ``torch.optim.Adam``), the experts of the network's hop-expert
+            convolutions get the optimizer's weight decay times
+            ``k / num_experts``, their share of the nodes (see
+            :func:`~moegraph.tasks.common.make_optimizer`); :obj:`None`: as
+            every parameter; not with ``param_groups``. (default: :obj:`None`)
     """
 
     def __init__(self, net: Module, num_classes: int,
@@ -89,7 +98,7 @@ class NodeClassificationTask(L.LightningModule):
                  scheduler: Optional[Callable[..., Any]] = None,
                  aux_loss_weights: Optional[dict[str, float]] = None,
                  metric: str = "acc", expert_parallel: bool = False,
-                 multilabel: bool = False,
+                 multilabel: bool = False, expert_weight_decay: Optional[str] = None,
                  param_groups: Optional[list[dict[str, Any]]] = None):
         super().__init__()
         # configs (from a checkpoint's hyper_parameters: see moegraph.checkpoint)
@@ -107,6 +116,15 @@ class NodeClassificationTask(L.LightningModule):
         self.metric = metric
         self.expert_parallel = expert_parallel
         self.multilabel = bool(multilabel)
+        if expert_weight_decay is not None:
+            if expert_weight_decay not in EXPERT_WEIGHT_DECAYS:
+                raise ValueError(f"'expert_weight_decay' must be None or one of "
+                                 f"{EXPERT_WEIGHT_DECAYS} (got {expert_weight_decay!r})")
+            expert_decay_groups(net)  # raises if the network has no hop-expert experts
+        self.expert_weight_decay = expert_weight_decay
+        if expert_weight_decay is not None and param_groups:
+            raise ValueError("'expert_weight_decay' makes the experts' parameter groups itself: "
+                             "give it or 'param_groups', not both")
         self.param_groups = [dict(g) for g in param_groups] if param_groups else None
         parameter_groups(self, self.param_groups)  # a path that names nothing fails here
         metrics = make_metrics(metric, num_classes, self.multilabel)
@@ -255,4 +273,6 @@ class NodeClassificationTask(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizers(self.optimizer_factory, self.scheduler_factory,
-                                parameter_groups(self, self.param_groups))
+                                self if self.expert_weight_decay
+                                else parameter_groups(self, self.param_groups),
+                                self.expert_weight_decay)

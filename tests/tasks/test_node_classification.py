@@ -284,3 +284,100 @@ def test_param_groups_give_a_submodule_its_own_optimizer_options():
     assert task.hparams.param_groups == [{"params": "net.convs.0", "lr": 0.5}]
     with pytest.raises(ValueError, match="'net.gate' takes no parameter"):
         make_task(param_groups=[{"params": "net.gate", "lr": 0.5}])
+
+
+# expert_weight_decay ##########################################################
+
+
+def make_gmoe(**kwargs):
+    from moegraph.nn.models import GMoE
+
+    torch.manual_seed(0)
+    return GMoE(FEAT, 8, C, num_experts=4, k=1, dropout=0.0, expert_init="shared",
+                router_kwargs={"noisy": True, "straight_through": True}, **kwargs)
+
+
+@pytest.mark.parametrize("opt_cls,kwargs,scaled", [
+    (torch.optim.SGD, dict(lr=0.1, weight_decay=0.2), True),
+    (torch.optim.Adam, dict(lr=0.1, weight_decay=0.2), True),
+    (torch.optim.AdamW, dict(lr=0.1, weight_decay=0.2), False),
+    (torch.optim.Adam, dict(lr=0.1, weight_decay=0.2, decoupled_weight_decay=True), False),
+])
+def test_expert_weight_decay_load_share_groups(opt_cls, kwargs, scaled):
+    r"""``load_share``: the experts of each hop-expert layer in their own
+    group, decay 0.2 x k / E = 0.05 under a coupled decay, 0.2 under a
+    decoupled one; every other parameter (routers) at 0.2; each parameter in
+    exactly one group."""
+    net = make_gmoe()
+    task = make_task(net, optimizer=functools.partial(opt_cls, **kwargs),
+                     expert_weight_decay="load_share")
+    opt = task.configure_optimizers()
+    groups = opt.param_groups
+    assert len(groups) == 1 + len(net.convs)
+    assert groups[0]["weight_decay"] == 0.2
+    for group, conv in zip(groups[1:], net.convs, strict=True):
+        assert {id(p) for p in group["params"]} == {id(p) for p in conv.experts.parameters()}
+        assert group["weight_decay"] == pytest.approx(0.05 if scaled else 0.2)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())
+    # off: one group, as before
+    plain = make_task(make_gmoe(), optimizer=functools.partial(opt_cls, **kwargs))
+    assert len(plain.configure_optimizers().param_groups) == 1
+
+
+def test_expert_weight_decay_load_share_sgd_step_by_hand():
+    r"""One SGD step (lr 0.5, coupled decay 0.2) with no data gradient:
+    ``w <- w - lr * wd * w`` for routers, ``w - lr * wd * k / E * w`` for the
+    experts (k=2, E=4 here), computed by hand from the old values."""
+    from moegraph.nn.models import GMoE
+
+    torch.manual_seed(0)
+    net = GMoE(FEAT, 8, C, num_experts=4, k=2, dropout=0.0)
+    task = make_task(net, optimizer=functools.partial(torch.optim.SGD, lr=0.5, weight_decay=0.2),
+                     expert_weight_decay="load_share")
+    opt = task.configure_optimizers()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in net.named_parameters():
+        wd = 0.2 * (2 / 4 if ".experts." in name else 1.0)
+        torch.testing.assert_close(p.detach(), before[name] * (1 - 0.5 * wd))
+
+
+def test_expert_weight_decay_covers_gat_attention():
+    from moegraph.nn.models import GMoE
+
+    torch.manual_seed(0)
+    net = GMoE(FEAT, 8, C, num_experts=4, k=1, conv="gat", dropout=0.0)
+    opt = make_task(net, optimizer=functools.partial(torch.optim.Adam, weight_decay=0.1),
+                    expert_weight_decay="load_share").configure_optimizers()
+    expert_ids = {id(p) for g in opt.param_groups[1:] for p in g["params"]}
+    for conv in net.convs:
+        assert {id(conv.att_src), id(conv.att_dst)} <= expert_ids
+        assert id(conv.router.weight) not in expert_ids
+
+
+def test_expert_weight_decay_bad_input():
+    from moegraph.nn.models import GMoE
+    from moegraph.tasks.common import make_optimizer
+
+    with pytest.raises(ValueError, match="'expert_weight_decay' must be None or one of"):
+        make_task(make_gmoe(), expert_weight_decay="share")
+    with pytest.raises(ValueError, match="has none"):  # no hop-expert convolution
+        make_task(expert_weight_decay="load_share")
+    torch.manual_seed(0)
+    ec = GMoE(FEAT, 8, C, num_experts=4, router="expert_choice", dropout=0.0)
+    with pytest.raises(ValueError, match="needs top-k routers"):
+        make_task(ec, expert_weight_decay="load_share")
+    task = make_task(make_gmoe(), optimizer=functools.partial(torch.optim.Rprop),
+                     expert_weight_decay="load_share")
+    with pytest.raises(ValueError, match="no weight decay to scale"):
+        task.configure_optimizers()
+    with pytest.raises(TypeError, match="needs the module"):
+        make_optimizer(ADAM, list(make_gmoe().parameters()), "load_share")
+    with pytest.raises(ValueError, match="'expert_weight_decay' must be None"):
+        make_optimizer(ADAM, make_gmoe(), "all")
+    with pytest.raises(ValueError, match="not both"):
+        NodeClassificationTask(make_gmoe(), C, ADAM, expert_weight_decay="load_share",
+                               param_groups=[{"params": "net.convs.0", "lr": 0.5}])
