@@ -68,6 +68,12 @@ VARIANTS: dict[str, list[str]] = {
     # the default now: spectrally normalised FFN / expert weights
     "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true"],
     "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true"],
+    # experts without biases: with spectral norm a bias-free expert cannot
+    # make its output larger than its input, ||e(h)|| <= ||h||
+    "dense, spectral norm, no bias": ["model=dense_gnn", "model.net.spectral_norm=true",
+                                      "model.net.ffn_bias=false"],
+    "moe, spectral norm, no bias": ["model=moe_gnn", "model.net.spectral_norm=true",
+                                    "model.net.ffn_bias=false"],
 }
 
 

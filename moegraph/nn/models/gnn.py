@@ -145,9 +145,17 @@ class MoEGNN(Module):
             plain weights, under Adam at the Planetoid protocol's learning
             rate, the trained FFN's output grows to 4-20 times its input on
             Cora and CiteSeer, the training loss falls to ~0 within 30 epochs
-            and the validation accuracy peaks early (see
-            ``experiments/results/graph_moe_ablation.md``, section 4).
+            and the validation accuracy peaks early (see the section "The
+            FFN's scale" of ``experiments/results/graph_moe_ablation.md``).
             (default: :obj:`False`)
+        ffn_bias (bool, optional): the feed-forward parts (dense FFN, MoE
+            experts) learn biases. Without them and with ``spectral_norm``, a
+            feed-forward part cannot make a node's vector longer,
+            :math:`\|\mathrm{FFN}(h)\| \le \|h\|` (ReLU; a top-k mix
+            renormalised over the chosen experts); with them a routed block
+            can still add a per-expert offset chosen by its unbounded router,
+            which on Cora left the MoE's output at 2.7 times its input under
+            spectral norm (0.65 without biases). (default: :obj:`True`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -176,6 +184,7 @@ class MoEGNN(Module):
         input_dropout: float = 0.0,
         residual: bool = True,
         spectral_norm: bool = False,
+        ffn_bias: bool = True,
     ):
         super().__init__()
         if num_layers < 1:
@@ -196,9 +205,12 @@ class MoEGNN(Module):
         self.residual = residual
         self.spectral_norm = bool(spectral_norm)
         moe_kwargs = dict(moe_kwargs or {})
-        if "spectral_norm" in moe_kwargs:
-            raise ValueError("give 'spectral_norm' to MoEGNN, not in 'moe_kwargs' (it applies "
-                             "to the dense FFNs too)")
+        for name in ("spectral_norm", "bias"):
+            if name in moe_kwargs:
+                arg = "ffn_bias" if name == "bias" else name
+                raise ValueError(f"give '{arg}' to MoEGNN, not '{name}' in 'moe_kwargs' (it "
+                                 f"applies to the dense FFNs too)")
+        self.ffn_bias = bool(ffn_bias)
         self.act = activation_resolver(act)
         ffn_hidden = ffn_hidden_channels or hidden_channels
         # The dense twin of a top-k MoE block: equal active width.
@@ -232,13 +244,14 @@ class MoEGNN(Module):
             if ffn == "moe" and (layer + 1) % moe_every == 0:
                 block: Module = SparseMoE(hidden_channels, ffn_hidden, hidden_channels,
                                           num_experts=num_experts, k=k, act=act,
-                                          spectral_norm=self.spectral_norm, **moe_kwargs)
+                                          spectral_norm=self.spectral_norm,
+                                          bias=self.ffn_bias, **moe_kwargs)
             elif ffn in ("moe", "dense"):
                 width = dense_hidden if ffn == "dense" else ffn_hidden
                 lin = SpectralLinear if self.spectral_norm else Linear
-                block = torch.nn.Sequential(lin(hidden_channels, width),
+                block = torch.nn.Sequential(lin(hidden_channels, width, bias=self.ffn_bias),
                                             activation_resolver(act),
-                                            lin(width, hidden_channels))
+                                            lin(width, hidden_channels, bias=self.ffn_bias))
             else:
                 block = Identity()
             self.ffns.append(block)

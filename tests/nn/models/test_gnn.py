@@ -309,9 +309,37 @@ def test_spectral_norm_feed_forward_parts(ffn, residual):
     assert "spectral_norm=True" in repr(net)
 
 
-def test_spectral_norm_given_once():
-    with pytest.raises(ValueError, match="give 'spectral_norm' to MoEGNN, not in 'moe_kwargs'"):
+def test_spectral_norm_and_bias_given_once():
+    with pytest.raises(ValueError, match="give 'spectral_norm' to MoEGNN, not 'spectral_norm' "
+                                         "in 'moe_kwargs'"):
         MoEGNN(FEAT, HID, OUT, moe_kwargs={"spectral_norm": True})
+    with pytest.raises(ValueError, match="give 'ffn_bias' to MoEGNN, not 'bias' in 'moe_kwargs'"):
+        MoEGNN(FEAT, HID, OUT, moe_kwargs={"bias": False})
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_bias_free_spectral_ffn_cannot_grow_its_input(ffn):
+    r"""``ffn_bias=False`` with ``spectral_norm=True`` (the default of
+    ``model=moe_gnn`` / ``dense_gnn``): no bias in any FFN or expert, and
+    ``||FFN(h)|| <= ||h||`` per node (a ReLU map of two spectrally normalised
+    matrices; for the MoE block a convex mix of such experts, the top-k gate
+    renormalised), however large the stored weights grow."""
+    torch.manual_seed(14)
+    net = MoEGNN(FEAT, HID, OUT, ffn=ffn, norm=None, residual=False, num_experts=4, k=2,
+                 spectral_norm=True, ffn_bias=False)
+    names = [n for n, _ in net.ffns.named_parameters()]
+    assert names and not any("bias" in n for n in names)
+    with torch.no_grad():
+        for p in net.ffns.parameters():  # expert, FFN and router weights
+            p.mul_(30.0)
+    h = 10.0 * torch.randn(200, HID)
+    y, _ = net.ffn_branch(0, h)
+    assert bool((y.norm(dim=1) <= h.norm(dim=1) * (1 + 1e-5)).all())
+    # with biases the bound does not hold: an all-zero input gets the bias path
+    biased = MoEGNN(FEAT, HID, OUT, ffn=ffn, norm=None, residual=False, num_experts=4, k=2,
+                    spectral_norm=True, ffn_bias=True)
+    assert float(biased.ffn_branch(0, torch.zeros(5, HID))[0].abs().sum()) > 0
+    assert float(net.ffn_branch(0, torch.zeros(5, HID))[0].abs().sum()) == 0
 
 
 def test_ffn_branch_is_what_a_block_adds():
