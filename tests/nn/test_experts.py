@@ -349,8 +349,8 @@ def test_spectral_normalize_against_numpy_svd(shape):
     sigma = numpy_spectral_norm(w)
     torch.testing.assert_close(out.double(), w.double() / sigma[..., None, None],
                                rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(numpy_spectral_norm(out), torch.ones(shape[:-2], dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+    ones = torch.ones(shape[:-2], dtype=torch.float64)
+    torch.testing.assert_close(numpy_spectral_norm(out), ones, rtol=1e-5, atol=1e-6)
     # scale-free: the optimiser cannot grow the map by growing the weight
     torch.testing.assert_close(spectral_normalize(10.0 * w), out, rtol=1e-5, atol=1e-6)
 
