@@ -31,12 +31,13 @@ RESULTS = ROOT / "experiments" / "results"
 SPLIT_DATASETS = ("minesweeper", "tolokers", "amherst41", "reed98")
 
 # Variants: name -> overrides added to ``experiment=nc_<dataset>``.
-# (spectral_norm=false: plain FFN weights, the default of model=moe_gnn when these
-# variants ran; the cached runs were renamed to the hash with it.)
+# (spectral_norm=false, ffn_bias=true: plain FFN weights with biases, what
+# model=moe_gnn built when these variants ran; the cached runs were renamed to
+# the hash with them.)
 OLD_MOE = ["model=moe_gnn", "model.net.norm=layer_norm", "model.net.dropout=0.2",
            "model.net.residual=true", "model.net.input_dropout=0.0",
            "model.net.hidden_channels=64", "model.net.num_layers=2",
-           "model.net.spectral_norm=false"]
+           "model.net.spectral_norm=false", "model.net.ffn_bias=true"]
 OLD_DENSE = ["model=dense_gnn"] + OLD_MOE[1:]
 # GMoE as first studied: hop-2 experts over the pairs at distance two, noisy
 # top-1 gate renormalised over the chosen expert (always 1). The GMoE variants

@@ -62,14 +62,16 @@ RUNS = ROOT / "experiments" / "results" / "graph_moe_ablation_runs" / "moe_gnn_l
 
 VARIANTS: dict[str, list[str]] = {
     "gcn": ["model=gnn", "model/strong=gcn"],
-    # the plain stack as it was: FFN weights used as they are
-    "dense": ["model=dense_gnn", "model.net.spectral_norm=false"],
-    "moe": ["model=moe_gnn", "model.net.spectral_norm=false"],
-    # the default now: spectrally normalised FFN / expert weights
-    "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true"],
-    "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true"],
-    # experts without biases: with spectral norm a bias-free expert cannot
-    # make its output larger than its input, ||e(h)|| <= ||h||
+    # the plain stack as it was: FFN weights used as they are, with biases
+    "dense": ["model=dense_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
+    "moe": ["model=moe_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
+    # spectrally normalised FFN / expert weights, with biases
+    "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true",
+                             "model.net.ffn_bias=true"],
+    "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true",
+                           "model.net.ffn_bias=true"],
+    # without biases too (the default now): with spectral norm a bias-free
+    # FFN or expert cannot make its output longer than its input
     "dense, spectral norm, no bias": ["model=dense_gnn", "model.net.spectral_norm=true",
                                       "model.net.ffn_bias=false"],
     "moe, spectral norm, no bias": ["model=moe_gnn", "model.net.spectral_norm=true",
