@@ -340,7 +340,8 @@ class MLPExperts(Experts):
         device_type = x.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else x.dtype)
-        w1, w2 = self.weight1, self.weight2
+        w1: Tensor = self.weight1
+        w2: Tensor = self.weight2
         if self.spectral_norm:
             w1, w2 = spectral_normalize(w1), spectral_normalize(w2)
         params = [p if p is None else p.to(dtype) for p in (w1, self.bias1, w2, self.bias2)]

@@ -286,9 +286,9 @@ class MoEGNN(Module):
             h = self.conv_norms[layer](h + c if self.residual else c)
             if isinstance(self.ffns[layer], Identity):
                 continue
-            y, routing = self.ffn_branch(layer, h)
-            if routing is not None:
-                routings.append(routing)
+            y, ffn_routing = self.ffn_branch(layer, h)
+            if ffn_routing is not None:
+                routings.append(ffn_routing)
             h = self.ffn_norms[layer](h + F.dropout(y, self.dropout, self.training))
         assert self.lin_out is not None  # the residual layout
         logits = self.lin_out(h)  # [N, C]
