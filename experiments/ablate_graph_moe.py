@@ -24,15 +24,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 SPLIT_DATASETS = ("minesweeper", "tolokers", "amherst41", "reed98")
 
 # Variants: name -> overrides added to ``experiment=nc_<dataset>``.
+# (spectral_norm=false, ffn_bias=true: plain FFN weights with biases, what
+# model=moe_gnn built when these variants ran; the cached runs were renamed to
+# the hash with them.)
 OLD_MOE = ["model=moe_gnn", "model.net.norm=layer_norm", "model.net.dropout=0.2",
            "model.net.residual=true", "model.net.input_dropout=0.0",
-           "model.net.hidden_channels=64", "model.net.num_layers=2"]
+           "model.net.hidden_channels=64", "model.net.num_layers=2",
+           "model.net.spectral_norm=false", "model.net.ffn_bias=true"]
 OLD_DENSE = ["model=dense_gnn"] + OLD_MOE[1:]
 # GMoE as first studied: hop-2 experts over the pairs at distance two, noisy
 # top-1 gate renormalised over the chosen expert (always 1). The GMoE variants
@@ -133,10 +138,17 @@ def score(logits, y, metric: str) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
-def train_lean(overrides: list[str]) -> dict:
+def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None = None,
+               diagnose: Callable[[Any, Any], dict] | None = None) -> dict:
     r"""Fit and test one configuration with the protocol of the Lightning
-    task, in a plain loop: returns the scores, epochs, time and the expert
-    load of every routed layer on the full graph (eval mode)."""
+    task, in a plain loop: returns the scores, epochs (run and best), time
+    and the expert load of every routed layer on the full graph (eval mode).
+
+    ``make_net(cfg, data)``, if given, builds the network in place of the
+    config's (a hand-built layout trained under the config's protocol:
+    optimiser, aux-loss weights, epochs, patience); ``diagnose(net, data)``
+    adds its entries to the record, called on the best-validation state in
+    eval mode."""
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
@@ -153,10 +165,15 @@ def train_lean(overrides: list[str]) -> dict:
     run = instantiate_run(cfg, trainer=False)
     task, data = run["task"], run["datamodule"].data
     net, metric = task.net, cfg.data.get("metric", "acc")
-    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    if make_net is not None:  # a hand-built network: one group, the task's optimizer
+        torch.manual_seed(cfg.seed)
+        net = make_net(cfg, data)
+        opt = task.optimizer_factory(params=net.parameters())
+    else:
+        opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt
     patience = cfg.callbacks.early_stopping.patience
-    best, best_state, since, epochs = -1.0, None, 0, 0
+    best, best_state, since, epochs, best_epoch = -1.0, None, 0, 0, 0
     start = time.perf_counter()
     for epoch in range(cfg.trainer.max_epochs):
         net.train()
@@ -172,7 +189,7 @@ def train_lean(overrides: list[str]) -> dict:
         val = score(logits[data.val_mask], data.y[data.val_mask], metric)
         epochs = epoch + 1
         if val > best:
-            best, since = val, 0
+            best, since, best_epoch = val, 0, epoch
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
             since += 1
@@ -182,7 +199,7 @@ def train_lean(overrides: list[str]) -> dict:
     net.eval()
     with torch.no_grad():
         out = as_model_output(net(data.x, data.edge_index))
-    record = {"metric": metric, "val": best, "epochs": epochs,
+    record = {"metric": metric, "val": best, "epochs": epochs, "best_epoch": best_epoch,
               "test": score(out.logits[data.test_mask], data.y[data.test_mask], metric),
               "train": score(out.logits[data.train_mask], data.y[data.train_mask], metric),
               "seconds": time.perf_counter() - start}
@@ -197,6 +214,9 @@ def train_lean(overrides: list[str]) -> dict:
         if hop_convs and len(hop_convs) == load.size(0):
             record["hop2_share"] = float(sum(load[i, c.num_hop1_experts:].sum()
                                              for i, c in enumerate(hop_convs)) / len(hop_convs))
+    if diagnose is not None:
+        with torch.no_grad():
+            record.update(diagnose(net, data))
     return record
 
 

@@ -1,55 +1,94 @@
-r"""Where the feed-forward part of MoE-GNN may sit without costing GCN's accuracy
-on Planetoid (issue 15, section 1): a lean full-batch loop over hand-built
-layouts, under the Planetoid protocol of ``experiment=nc_cora|nc_citeseer``
-(row-normalised features, Adam with L2 5e-4, lr 0.01, dropout 0.5 on the input
-and after every hidden convolution, hidden 64, 2 GCN convolutions, at most 300
-epochs, early stopping with patience 50 on the validation accuracy, test at
-the best validation epoch)::
+r"""Where the feed-forward part of MoE-GNN may sit, and how it must be built,
+not to cost GCN's accuracy (issue 15, section 1).
 
-    python experiments/ablate_moe_gnn_layout.py --dataset cora --variants plain cur_dense gcn_dense
-    python experiments/ablate_moe_gnn_layout.py --dataset citeseer --variants gcnpre_dense --seeds 3
+Every variant is trained by the lean full-batch loop of
+:func:`experiments.ablate_graph_moe.train_lean` under the protocol of
+``experiment=nc_<dataset>`` (on Cora and CiteSeer: row-normalised features,
+Adam with L2 5e-4, lr 0.01, dropout 0.5 on the input and after every hidden
+convolution, hidden 64, 2 GCN convolutions, at most 300 epochs, early stopping
+with patience 50 on the validation accuracy, test at the best validation
+epoch)::
 
-Layouts (``<layout>_<ffn>``; ``ffn`` is ``dense``: a 64 -> 128 -> 64 MLP, the
-dense twin, or ``moe``: :class:`~moegraph.nn.SparseMoE` with 8 experts of
-width 64, top-2, its auxiliary losses at weight 0.01):
+    python experiments/ablate_moe_gnn_layout.py --datasets cora citeseer --seeds 3
+    python experiments/ablate_moe_gnn_layout.py --datasets reed98 --seeds 3 --variants gcn dense
 
-- ``plain``: PyG's GCN, ``conv(F -> 64)``, ``conv(64 -> C)``; no FFN.
-- ``cur``: the residual-free layout of ``MoEGNN`` before the plain stack:
-  input projection ``F -> 64``, two ``conv(64 -> 64)`` blocks each followed
-  by ``h + FFN(h)``, a linear classifier.
-- ``noin``: ``cur`` without the input projection (first conv reads ``F``).
-- ``gcn``: the plain stack (``MoEGNN(residual=False)`` now): ``conv(F -> 64)``,
-  ``h + FFN(h)``, ``conv(64 -> C)``.
-- ``gcnz``: ``gcn`` with the FFN's last layer initialised to zero (starts as GCN).
-- ``gcnpre``: ``gcn`` with a pre-norm FFN, ``h + FFN(LayerNorm(h))``.
+Two kinds of variant:
 
-Prints one markdown row per variant: test accuracy, mean ± std over seeds.
+- **config variants**: overrides of the config tree (``model=dense_gnn``,
+  ``model.net.<option>=...``): the network that ``moegraph-train`` builds.
+- **hand-built layouts** ``layout:<layout>_<ffn>``, for layouts
+  :class:`~moegraph.nn.models.MoEGNN` does not build (the history of
+  ``graph_moe_ablation.md``, section 3). ``ffn`` is ``dense`` (a 64 -> 128 ->
+  64 MLP, the dense twin) or ``moe`` (:class:`~moegraph.nn.SparseMoE`, 8
+  experts of width 64, top-2); they train under ``model=dense_gnn`` or
+  ``model=moe_gnn`` (the optimiser and aux-loss weights):
+
+  - ``cur``: the residual-free layout of ``MoEGNN`` before the plain stack:
+    input projection ``F -> 64``, two ``conv(64 -> 64)`` blocks each followed
+    by ``h + FFN(h)``, a linear classifier.
+  - ``noin``: ``cur`` without the input projection (first conv reads ``F``).
+  - ``gcnpre``: the plain stack with a pre-norm FFN, ``h + FFN(LayerNorm(h))``.
+
+Each run is cached as JSON under ``--runs`` (key: dataset, variant, seed and a
+hash of the overrides); besides the scores each record holds the
+diagnostics of the trained model (best validation epoch, training accuracy,
+the mean per-node norm of the FFN's input ``h`` and of its (scaled) output).
+Prints one markdown table: test accuracy, mean ± std over seeds, per dataset.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn import Linear, ReLU, Sequential
 from torch_geometric.nn import GCNConv
 
-from moegraph.data import load_real_dataset, row_normalize_features
-from moegraph.nn import SparseMoE
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-HIDDEN, DROPOUT = 64, 0.5
-LAYOUTS = ("plain", "cur", "noin", "gcn", "gcnz", "gcnpre")
+from experiments.ablate_graph_moe import overrides_for, run_key, train_lean  # noqa: E402
+from moegraph.nn import ModelOutput, SparseMoE  # noqa: E402
+from moegraph.nn.routing import sum_aux_losses  # noqa: E402
+
+HIDDEN = 64
+LAYOUTS = ("cur", "noin", "gcnpre")
+RUNS = ROOT / "experiments" / "results" / "graph_moe_ablation_runs" / "moe_gnn_layout"
+
+VARIANTS: dict[str, list[str]] = {
+    "gcn": ["model=gnn", "model/strong=gcn"],
+    # the plain stack as it was: FFN weights used as they are, with biases
+    "dense": ["model=dense_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
+    "moe": ["model=moe_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
+    # spectrally normalised FFN / expert weights, with biases
+    "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true",
+                             "model.net.ffn_bias=true"],
+    "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true",
+                           "model.net.ffn_bias=true"],
+    # without biases too (the default now): with spectral norm a bias-free
+    # FFN or expert cannot make its output longer than its input
+    "dense, spectral norm, no bias": ["model=dense_gnn", "model.net.spectral_norm=true",
+                                      "model.net.ffn_bias=false"],
+    "moe, spectral norm, no bias": ["model=moe_gnn", "model.net.spectral_norm=true",
+                                    "model.net.ffn_bias=false"],
+}
 
 
 class Net(torch.nn.Module):
-    def __init__(self, variant: str, in_channels: int, num_classes: int):
+    r"""A hand-built layout (see the module's docstring)."""
+
+    def __init__(self, variant: str, in_channels: int, num_classes: int, dropout: float):
         super().__init__()
         self.layout, _, ffn = variant.partition("_")
-        if self.layout not in LAYOUTS or (self.layout != "plain") != (ffn in ("dense", "moe")):
-            raise SystemExit(f"unknown variant {variant!r}: <layout>_<dense|moe> with layout in "
-                             f"{LAYOUTS[1:]}, or 'plain'")
+        if self.layout not in LAYOUTS or ffn not in ("dense", "moe"):
+            raise SystemExit(f"unknown layout {variant!r}: <layout>_<dense|moe> with layout "
+                             f"in {LAYOUTS}")
+        self.dropout = dropout
 
         def make_ffn() -> torch.nn.Module:
             if ffn == "moe":
@@ -57,88 +96,119 @@ class Net(torch.nn.Module):
             return Sequential(Linear(HIDDEN, 128), ReLU(), Linear(128, HIDDEN))
 
         H = HIDDEN
+        self.lin_in = Linear(in_channels, H) if self.layout == "cur" else None
+        self.pre_norm = torch.nn.LayerNorm(H) if self.layout == "gcnpre" else None
         if self.layout in ("cur", "noin"):
-            self.lin_in = Linear(in_channels, H) if self.layout == "cur" else None
             first = H if self.layout == "cur" else in_channels
             self.convs = torch.nn.ModuleList([GCNConv(first, H), GCNConv(H, H)])
             self.ffns = torch.nn.ModuleList([make_ffn(), make_ffn()])
-            self.lin_out = Linear(H, num_classes)
+            self.lin_out: Linear | None = Linear(H, num_classes)
         else:
             self.convs = torch.nn.ModuleList([GCNConv(in_channels, H), GCNConv(H, num_classes)])
-            self.ffns = torch.nn.ModuleList([] if self.layout == "plain" else [make_ffn()])
-            if self.layout == "gcnz" and ffn == "dense":
-                torch.nn.init.zeros_(self.ffns[0][-1].weight)
-                torch.nn.init.zeros_(self.ffns[0][-1].bias)
-            self.pre_norm = torch.nn.LayerNorm(H) if self.layout == "gcnpre" else None
+            self.ffns = torch.nn.ModuleList([make_ffn()])
+            self.lin_out = None
 
-    def _ffn(self, ffn: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        aux = h.new_zeros(())
-        if getattr(self, "pre_norm", None) is not None:
-            h_in = self.pre_norm(h)
-        else:
-            h_in = h
+    def _ffn(self, ffn: torch.nn.Module, h: torch.Tensor, routings: list) -> torch.Tensor:
+        h_in = self.pre_norm(h) if self.pre_norm is not None else h
         if isinstance(ffn, SparseMoE):
             y, routing = ffn(h_in)
-            aux = sum(routing.aux_loss.values(), aux)
+            routings.append(routing)
         else:
             y = ffn(h_in)
-        return h + F.dropout(y, DROPOUT, self.training), aux
+        return h + F.dropout(y, self.dropout, self.training)
 
-    def forward(self, x, edge_index):
-        x = F.dropout(x, DROPOUT, self.training)
-        aux = x.new_zeros(())
-        if self.layout in ("cur", "noin"):
+    def forward(self, x, edge_index) -> ModelOutput:
+        x = F.dropout(x, self.dropout, self.training)
+        routings: list = []
+        if self.lin_out is not None:
             h = self.lin_in(x) if self.lin_in is not None else x
             for conv, ffn in zip(self.convs, self.ffns, strict=True):
-                h = F.dropout(F.relu(conv(h, edge_index)), DROPOUT, self.training)
-                h, a = self._ffn(ffn, h)
-                aux = aux + a
-            return self.lin_out(h), aux
-        h = F.dropout(F.relu(self.convs[0](x, edge_index)), DROPOUT, self.training)
-        if len(self.ffns):
-            h, aux = self._ffn(self.ffns[0], h)
-        return self.convs[1](h, edge_index), aux
+                h = F.dropout(F.relu(conv(h, edge_index)), self.dropout, self.training)
+                h = self._ffn(ffn, h, routings)
+            logits = self.lin_out(h)
+        else:
+            h = F.dropout(F.relu(self.convs[0](x, edge_index)), self.dropout, self.training)
+            h = self._ffn(self.ffns[0], h, routings)
+            logits = self.convs[1](h, edge_index)
+        return ModelOutput(logits, sum_aux_losses(routings), tuple(routings))
 
 
-def run(data, variant: str, seed: int) -> float:
-    torch.manual_seed(seed)
-    net = Net(variant, data.num_features, int(data.y.max()) + 1)
-    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=5e-4)
-    best_val, best_test, best_epoch = -1.0, 0.0, 0
-    for epoch in range(300):
-        net.train()
-        opt.zero_grad()
-        out, aux = net(data.x, data.edge_index)
-        loss = F.cross_entropy(out[data.train_mask], data.y[data.train_mask]) + 0.01 * aux
-        loss.backward()
-        opt.step()
-        net.eval()
-        with torch.no_grad():
-            pred = net(data.x, data.edge_index)[0].argmax(1)
-        val = (pred[data.val_mask] == data.y[data.val_mask]).float().mean().item()
-        if val > best_val:
-            test = (pred[data.test_mask] == data.y[data.test_mask]).float().mean().item()
-            best_val, best_test, best_epoch = val, test, epoch
-        if epoch - best_epoch > 50:
-            break
-    return 100 * best_test
+def variant_overrides(variant: str) -> list[str]:
+    if variant.startswith("layout:"):
+        ffn = variant.rpartition("_")[2]
+        return [f"model={'moe_gnn' if ffn == 'moe' else 'dense_gnn'}", f"+layout={variant[7:]}"]
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}: one of {list(VARIANTS)} or "
+                         f"layout:<{'|'.join(LAYOUTS)}>_<dense|moe>")
+    return VARIANTS[variant]
+
+
+def ffn_branch(net, data) -> dict:
+    r"""Diagnostics of a trained plain stack (eval mode): the mean per-node
+    norm of the first FFN's input ``h`` (the first convolution's activated
+    output) and of what the FFN adds to it."""
+    from moegraph.nn.models import MoEGNN
+
+    if not isinstance(net, MoEGNN) or net.residual or not len(net.ffns):
+        return {}
+    h = net.act(net.convs[0](data.x, data.edge_index))
+    y, _ = net.ffn_branch(0, h)
+    return {"h_norm": float(h.norm(dim=-1).mean()), "ffn_norm": float(y.norm(dim=-1).mean())}
+
+
+def run_one(dataset: str, variant: str, seed: int) -> dict:
+    ov = variant_overrides(variant)
+    path = RUNS / run_key(dataset, variant, ov, seed)
+    if path.exists():
+        return json.loads(path.read_text())
+    overrides = [o for o in overrides_for(dataset, ov, seed) if not o.startswith("+layout=")]
+    make_net = None
+    if variant.startswith("layout:"):
+        def make_net(cfg, data):
+            return Net(variant[7:], data.num_features, int(data.y.max()) + 1,
+                       cfg.backbone.dropout)
+    record = train_lean(overrides, make_net=make_net, diagnose=ffn_branch)
+    record.update(dataset=dataset, variant=variant, seed=seed, overrides=ov)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{dataset} | {variant} | seed {seed}: test={record['test']:.4f} "
+          f"train={record['train']:.3f} best epoch={record['best_epoch']} "
+          f"({record['seconds']:.1f}s)", flush=True)
+    return record
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=["cora", "citeseer"], default="cora")
-    parser.add_argument("--variants", nargs="+", default=["plain", "cur_dense", "gcn_dense"])
+    parser.add_argument("--datasets", nargs="+", default=["cora", "citeseer"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    root = os.environ.get("MOEGRAPH_DATA_DIR", "../shared/data")
-    data = row_normalize_features(load_real_dataset(args.dataset, root, ".cache"), args.dataset)
-    print("| dataset | variant | test acc | per seed |\n|---|---|---|---|")
-    for variant in args.variants:
-        scores = [run(data, variant, seed) for seed in range(args.seeds)]
-        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print(f"| {args.dataset} | {variant} | {statistics.mean(scores):.2f} ± {std:.2f} | "
-              f"{', '.join(f'{s:.1f}' for s in scores)} |", flush=True)
+    os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    rows = ["| dataset | variant | test acc | per seed | train acc | best epoch | "
+            "‖FFN(h)‖ / ‖h‖ |", "|---|---|---|---|---|---|---|"]
+    for dataset in args.datasets:
+        for variant in args.variants:
+            rs = []
+            for seed in range(args.seeds):
+                path = RUNS / run_key(dataset, variant, variant_overrides(variant), seed)
+                if args.table_only and not path.exists():
+                    continue
+                rs.append(run_one(dataset, variant, seed))
+            if not rs:
+                continue
+            test = [100 * r["test"] for r in rs]
+            std = statistics.stdev(test) if len(test) > 1 else 0.0
+            ratio = [r["ffn_norm"] / r["h_norm"] for r in rs if r.get("h_norm")]
+            rows.append(
+                f"| {dataset} | {variant} | {statistics.mean(test):.2f} ± {std:.2f}"
+                f"{'' if len(rs) == args.seeds else f' ({len(rs)})'} | "
+                f"{', '.join(f'{t:.1f}' for t in test)} | "
+                f"{100 * statistics.mean(r['train'] for r in rs):.1f} | "
+                f"{statistics.mean(r['best_epoch'] for r in rs):.0f} | "
+                f"{f'{statistics.mean(ratio):.2f}' if ratio else '–'} |")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,24 @@ def test_gnn_baseline(compose_cfg):
     assert task.aux_loss_weights == {}
 
 
+@pytest.mark.parametrize("model", ["moe_gnn", "dense_gnn"])
+def test_moe_gnn_feed_forward_is_spectral_and_bias_free_by_default(compose_cfg, model):
+    from moegraph.nn.experts import SpectralLinear
+
+    net = instantiate_run(compose_cfg(TINY, f"model={model}"), trainer=False)["net"]
+    assert net.spectral_norm and not net.ffn_bias
+    block = net.ffns[0]
+    if model == "moe_gnn":
+        assert block.experts.spectral_norm and block.experts.bias1 is None
+    else:
+        assert all(isinstance(block[i], SpectralLinear) and block[i].bias is None
+                   for i in (0, 2))
+    off = instantiate_run(compose_cfg(TINY, f"model={model}", "model.net.spectral_norm=false",
+                                      "model.net.ffn_bias=true"), trainer=False)["net"]
+    assert not off.spectral_norm and off.ffn_bias
+    assert not any(isinstance(m, SpectralLinear) for m in off.modules())
+
+
 @pytest.mark.parametrize("trainer", ["cpu", "default"])
 def test_cpu_trainers(compose_cfg, trainer):
     import torch

@@ -40,6 +40,38 @@ def resolve_backend(backend: str) -> str:
     return "loop" if backend == "auto" else backend
 
 
+def spectral_normalize(weight: Tensor) -> Tensor:
+    r"""``weight`` divided by its spectral norm (largest singular value), per
+    matrix over the last two dimensions (Miyato et al., 2018, computed
+    exactly, not by power iteration): a linear map of operator norm 1, whose
+    gradient flows through the division.
+
+    Args:
+        weight (Tensor): ``[..., M, K]``, e.g. a :class:`~torch.nn.Linear`
+            weight ``[O, F]`` or stacked expert weights ``[E, F, H]``.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"'weight' must have at least 2 dimensions (got shape "
+                         f"{tuple(weight.shape)})")
+    sigma = torch.linalg.matrix_norm(weight, ord=2, keepdim=True)  # [..., 1, 1]
+    # A zero matrix stays zero instead of 0 / 0.
+    return weight / sigma.clamp_min(torch.finfo(weight.dtype).tiny)
+
+
+class SpectralLinear(torch.nn.Linear):
+    r"""A :class:`~torch.nn.Linear` whose weight is used divided by its
+    spectral norm (:func:`spectral_normalize`): ``x W^T / sigma_max(W) + b``,
+    so the map cannot stretch its input, ``||f(a) - f(b)|| <= ||a - b||``,
+    whatever the optimiser does to the scale of ``W``. Initialised, reset
+    and stored (``weight``, ``bias``) as a :class:`~torch.nn.Linear`."""
+
+    def normalized_weight(self) -> Tensor:
+        return spectral_normalize(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, self.normalized_weight(), self.bias)
+
+
 class Experts(Module):
     r"""Base class of expert banks.
 
@@ -236,6 +268,10 @@ class MLPExperts(Experts):
         bias (bool, optional): learn biases. (default: :obj:`True`)
         backend (str, optional): ``"auto"``, ``"loop"`` or ``"grouped_mm"``
             (see :func:`resolve_backend`). (default: :obj:`"auto"`)
+        spectral_norm (bool, optional): use each expert's weight matrices
+            divided by their spectral norm (:func:`spectral_normalize`), so no
+            expert can stretch its input by more than the activation does.
+            (default: :obj:`False`)
 
     Shapes:
         - **input:** ``x_sorted [A, F]`` sorted by expert, ``counts [E]``
@@ -245,7 +281,7 @@ class MLPExperts(Experts):
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
                  num_experts: int, act: str | Module = "gelu",
                  act_kwargs: Optional[dict[str, Any]] = None, bias: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", spectral_norm: bool = False):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
                             ("out_channels", out_channels), ("num_experts", num_experts)):
@@ -258,6 +294,7 @@ class MLPExperts(Experts):
         self.num_experts = num_experts
         self.act = activation_resolver(act, **(act_kwargs or {}))
         self.backend = backend
+        self.spectral_norm = bool(spectral_norm)
         E = num_experts
         self.weight1 = Parameter(torch.empty(E, in_channels, hidden_channels))
         self.weight2 = Parameter(torch.empty(E, hidden_channels, out_channels))
@@ -303,8 +340,11 @@ class MLPExperts(Experts):
         device_type = x.device.type
         dtype = (torch.get_autocast_dtype(device_type)
                  if torch.is_autocast_enabled(device_type) else x.dtype)
-        params = [p if p is None else p.to(dtype)
-                  for p in (self.weight1, self.bias1, self.weight2, self.bias2)]
+        w1: Tensor = self.weight1
+        w2: Tensor = self.weight2
+        if self.spectral_norm:
+            w1, w2 = spectral_normalize(w1), spectral_normalize(w2)
+        params = [p if p is None else p.to(dtype) for p in (w1, self.bias1, w2, self.bias2)]
         x = x.to(dtype).contiguous()
         weight = None if weight is None else weight.to(dtype)
         with torch.autocast(device_type=device_type, enabled=False):
@@ -339,7 +379,8 @@ class MLPExperts(Experts):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
-                f"{self.out_channels}, num_experts={self.num_experts})")
+                f"{self.out_channels}, num_experts={self.num_experts}"
+                f"{', spectral_norm=True' if self.spectral_norm else ''})")
 
 
 class ModuleExperts(Experts):

@@ -10,7 +10,7 @@ from torch.nn import Linear, Module, Sequential
 from torch_geometric.nn.resolver import activation_resolver
 
 from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins, permute_and_compute
-from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts
+from moegraph.nn.experts import Experts, MLPExperts, ModuleExperts, SpectralLinear
 from moegraph.nn.routing import ExpertChoiceRouter, Router, Routing, build_router
 from moegraph.utils.checks import check_int, check_positive_float
 
@@ -83,6 +83,10 @@ class SparseMoE(Module):
         deterministic (bool, optional): combine without scatter-add when every
             row has exactly ``k`` experts; always on for CUDA inputs, where a
             scatter-add is not deterministic. (default: :obj:`False`)
+        spectral_norm (bool, optional): every weight matrix of the routed
+            and the shared MLP experts is used divided by its spectral norm
+            (:func:`~moegraph.nn.experts.spectral_normalize`); needs the
+            built-in MLP experts (no ``experts``). (default: :obj:`False`)
 
     Shapes:
         - **input:** ``[N, F]``
@@ -108,6 +112,7 @@ class SparseMoE(Module):
         bias: bool = True,
         backend: str = "auto",
         deterministic: bool = False,
+        spectral_norm: bool = False,
     ):
         super().__init__()
         in_channels = check_int("in_channels", in_channels)
@@ -137,7 +142,10 @@ class SparseMoE(Module):
 
         if experts is None:
             experts = MLPExperts(in_channels, hidden_channels, out_channels, num_experts, act,
-                                 act_kwargs, bias, backend)
+                                 act_kwargs, bias, backend, spectral_norm=spectral_norm)
+        elif spectral_norm:
+            raise ValueError("'spectral_norm' applies to the built-in MLP experts: it "
+                             "cannot be combined with custom 'experts'")
         elif not isinstance(experts, Experts):
             experts = ModuleExperts(list(experts), in_channels, out_channels)
         if experts.num_experts != num_experts:
@@ -148,10 +156,11 @@ class SparseMoE(Module):
         if num_shared_experts > 0:
             # S shared experts of hidden size h summed == one MLP of hidden S * h.
             width = num_shared_experts * (shared_hidden_channels or hidden_channels)
+            lin = SpectralLinear if spectral_norm else Linear
             self.shared = Sequential(
-                Linear(in_channels, width, bias=bias),
+                lin(in_channels, width, bias=bias),
                 activation_resolver(act, **(act_kwargs or {})),
-                Linear(width, out_channels, bias=bias),
+                lin(width, out_channels, bias=bias),
             )
         else:
             self.shared = None
@@ -196,8 +205,12 @@ class SparseMoE(Module):
         def to_x(p: Optional[Tensor]) -> Optional[Tensor]:
             return None if p is None else p.to(x.dtype)
 
-        h = act(F.linear(x, lin1.weight.to(x.dtype), to_x(lin1.bias)))
-        return F.linear(h, lin2.weight.to(x.dtype), to_x(lin2.bias))
+        def weight(lin: Linear) -> Tensor:
+            w = lin.normalized_weight() if isinstance(lin, SpectralLinear) else lin.weight
+            return w.to(x.dtype)
+
+        h = act(F.linear(x, weight(lin1), to_x(lin1.bias)))
+        return F.linear(h, weight(lin2), to_x(lin2.bias))
 
     def __repr__(self) -> str:
         k = getattr(self.router, "k", None)

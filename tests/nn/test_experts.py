@@ -326,3 +326,88 @@ def test_activation_kernels_equal_the_autograd_path(act, reference, gather):
                        + [p.grad for p in experts.parameters()])
     for got, expected in zip(*results, strict=True):
         assert torch.equal(got, expected)
+
+
+# Spectral normalisation ########################################################
+
+
+def numpy_spectral_norm(w: torch.Tensor) -> torch.Tensor:
+    r"""Largest singular value of every matrix over the last two dims, by numpy's SVD."""
+    import numpy as np
+
+    s = np.linalg.svd(w.detach().double().numpy(), compute_uv=False)  # [..., min(M, K)]
+    return torch.from_numpy(s[..., 0])
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (6, 4), (3, 5, 7), (2, 3, 8, 2)])
+def test_spectral_normalize_against_numpy_svd(shape):
+    from moegraph.nn.experts import spectral_normalize
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape) * 3.0
+    out = spectral_normalize(w)
+    sigma = numpy_spectral_norm(w)
+    torch.testing.assert_close(out.double(), w.double() / sigma[..., None, None],
+                               rtol=1e-5, atol=1e-6)
+    ones = torch.ones(shape[:-2], dtype=torch.float64)
+    torch.testing.assert_close(numpy_spectral_norm(out), ones, rtol=1e-5, atol=1e-6)
+    # scale-free: the optimiser cannot grow the map by growing the weight
+    torch.testing.assert_close(spectral_normalize(10.0 * w), out, rtol=1e-5, atol=1e-6)
+
+
+def test_spectral_normalize_gradient_and_edge_cases():
+    from moegraph.nn.experts import spectral_normalize
+
+    torch.manual_seed(1)
+    w = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(spectral_normalize, (w,))
+    # a zero matrix stays zero (no 0 / 0), per slice of a stack
+    w = torch.randn(3, 4, 5)
+    w[1] = 0.0
+    out = spectral_normalize(w)
+    assert torch.isfinite(out).all() and bool((out[1] == 0).all())
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        spectral_normalize(torch.randn(4))
+
+
+def test_spectral_linear_against_a_normalised_linear():
+    from moegraph.nn.experts import SpectralLinear
+
+    torch.manual_seed(2)
+    lin = SpectralLinear(8, 5)
+    with torch.no_grad():
+        lin.weight.mul_(7.0)  # far from operator norm 1
+    x = torch.randn(20, 8)
+    sigma = numpy_spectral_norm(lin.weight)
+    ref = x.double() @ (lin.weight.double() / sigma).t() + lin.bias.double()
+    torch.testing.assert_close(lin(x).double(), ref, rtol=1e-5, atol=1e-6)
+    # 1-Lipschitz: no pair of inputs is pulled further apart
+    a, b = torch.randn(200, 8), torch.randn(200, 8)
+    assert bool(((lin(a) - lin(b)).norm(dim=1) <= (a - b).norm(dim=1) + 1e-5).all())
+    # stored and reset as an nn.Linear
+    assert set(dict(lin.named_parameters())) == {"weight", "bias"}
+    lin.weight.sum().backward()
+    assert lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_mlp_experts_spectral_norm_match_naive(backend):
+    torch.manual_seed(3)
+    experts = MLPExperts(8, 16, 12, num_experts=4, backend=backend, spectral_norm=True)
+    with torch.no_grad():
+        experts.weight1.mul_(5.0)
+    x, counts, weight = make_inputs(COUNTS["all"])
+    # reference: plain experts whose weights are divided by numpy's spectral norms
+    plain = MLPExperts(8, 16, 12, num_experts=4, backend=backend)
+    with torch.no_grad():
+        for name in ("weight1", "weight2"):
+            w = getattr(experts, name)
+            getattr(plain, name).copy_(w / numpy_spectral_norm(w)[:, None, None].float())
+        plain.bias1.copy_(experts.bias1)
+        plain.bias2.copy_(experts.bias2)
+    y = experts(x, counts, weight)
+    torch.testing.assert_close(y.double(), naive_mlp_experts(plain, x, counts, weight),
+                               atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert experts.weight1.grad is not None and float(experts.weight1.grad.abs().sum()) > 0
+    assert "spectral_norm=True" in repr(experts) and "spectral_norm" not in repr(plain)

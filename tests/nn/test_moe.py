@@ -506,6 +506,8 @@ def test_eval_aux_losses_are_zero():
     (dict(experts=[torch.nn.Linear(8, 8)] * 3), ValueError, "num_experts=4"),
     (dict(experts=MLPExperts(8, 16, 8, num_experts=2)), ValueError, "num_experts=4"),
     (dict(num_shared_experts=-1), ValueError, "'num_shared_experts'"),
+    (dict(experts=[torch.nn.Linear(8, 8)] * 4, spectral_norm=True), ValueError,
+     "'spectral_norm' applies to the built-in MLP experts"),
 ])
 def test_bad_arguments(kwargs, error, match):
     kwargs = {"num_experts": 4, **kwargs}
@@ -729,3 +731,45 @@ def test_cora_loads_from_a_copy_and_routes_every_node(real_data):
     assert int(routing.load.sum()) == 2 * 2708
     dense = routing.dense_weight()
     torch.testing.assert_close(dense.sum(dim=1), torch.ones(2708))
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spectral_norm_is_the_block_with_normalised_weights(shared, dtype):
+    r"""``spectral_norm=True`` computes what the plain block computes with every
+    expert (and shared-expert) weight matrix divided by its largest singular
+    value, taken here from numpy's SVD; routing is untouched."""
+    import numpy as np
+
+    torch.manual_seed(11)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2, num_shared_experts=shared,
+                  spectral_norm=True)
+    plain = copy.deepcopy(m)
+    plain.experts.spectral_norm = False
+    with torch.no_grad():
+        for p in (plain.experts.weight1, plain.experts.weight2):
+            s = np.linalg.svd(p.double().numpy(), compute_uv=False)[:, 0]
+            p.div_(torch.from_numpy(s).float()[:, None, None])
+    if shared:
+        from moegraph.nn.experts import SpectralLinear
+
+        assert all(isinstance(plain.shared[i], SpectralLinear) for i in (0, 2))
+        lins = []
+        for i in (0, 2):
+            lin = torch.nn.Linear(plain.shared[i].in_features, plain.shared[i].out_features)
+            w = plain.shared[i].weight.detach()
+            s = np.linalg.svd(w.double().numpy(), compute_uv=False)[0]
+            with torch.no_grad():
+                lin.weight.copy_(w / float(s))
+                lin.bias.copy_(plain.shared[i].bias)
+            lins.append(lin)
+        plain.shared = torch.nn.Sequential(lins[0], plain.shared[1], lins[1])
+    x = make_x(seed=5).to(dtype)
+    out, routing = m(x)
+    ref, ref_routing = plain(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(routing.dense_weight(), ref_routing.dense_weight())
+    # the unnormalised block differs: the option is not a no-op
+    m.experts.spectral_norm = False
+    assert not torch.allclose(m(x)[0], out, atol=1e-3)

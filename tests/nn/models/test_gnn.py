@@ -262,6 +262,99 @@ def test_plain_stack_is_pyg_gcn_with_ffns_between_convolutions(ffn):
         torch.testing.assert_close(out.logits, gcn(x, edge_index))
 
 
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_spectral_norm_feed_forward_parts(ffn, residual):
+    r"""``spectral_norm=True``: the network computes what the same network with
+    plain feed-forward weights computes once each FFN / expert weight matrix is
+    divided by its largest singular value (numpy's SVD), convolutions untouched;
+    a dense FFN then cannot stretch its input (1-Lipschitz with ReLU)."""
+    import copy
+
+    import numpy as np
+
+    from moegraph.nn.experts import SpectralLinear
+
+    def sigma(w):
+        return float(np.linalg.svd(w.detach().double().numpy(), compute_uv=False)[..., 0].max())
+
+    torch.manual_seed(12)
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, residual=residual,
+                 num_experts=4, k=2, spectral_norm=True).eval()
+    ref = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, residual=residual,
+                 num_experts=4, k=2).eval()
+    ref.load_state_dict(copy.deepcopy(net.state_dict()))
+    with torch.no_grad():
+        for block in ref.ffns:
+            if isinstance(block, SparseMoE):
+                for w in (block.experts.weight1, block.experts.weight2):
+                    for e in range(w.size(0)):
+                        w[e].div_(sigma(w[e]))
+            else:
+                for lin in (block[0], block[2]):
+                    lin.weight.div_(sigma(lin.weight))
+    torch.testing.assert_close(net(x, edge_index).logits, ref(x, edge_index).logits)
+    if ffn == "dense":
+        assert all(isinstance(block[i], SpectralLinear) for block in net.ffns for i in (0, 2))
+        with torch.no_grad():
+            for lin in (net.ffns[0][0], net.ffns[0][2]):
+                lin.weight.mul_(50.0)  # what Adam may do to the scale: no effect
+            a, b = torch.randn(100, HID), torch.randn(100, HID)
+            ya, yb = net.ffn_branch(0, a)[0], net.ffn_branch(0, b)[0]
+        assert bool(((ya - yb).norm(dim=1) <= (a - b).norm(dim=1) + 1e-5).all())
+        torch.testing.assert_close(net(x, edge_index).logits, ref(x, edge_index).logits)
+    else:
+        assert all(block.experts.spectral_norm for block in net.ffns)
+    assert "spectral_norm=True" in repr(net)
+
+
+def test_spectral_norm_and_bias_given_once():
+    with pytest.raises(ValueError, match="give 'spectral_norm' to MoEGNN, not 'spectral_norm' "
+                                         "in 'moe_kwargs'"):
+        MoEGNN(FEAT, HID, OUT, moe_kwargs={"spectral_norm": True})
+    with pytest.raises(ValueError, match="give 'ffn_bias' to MoEGNN, not 'bias' in 'moe_kwargs'"):
+        MoEGNN(FEAT, HID, OUT, moe_kwargs={"bias": False})
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_bias_free_spectral_ffn_cannot_grow_its_input(ffn):
+    r"""``ffn_bias=False`` with ``spectral_norm=True`` (the default of
+    ``model=moe_gnn`` / ``dense_gnn``): no bias in any FFN or expert, and
+    ``||FFN(h)|| <= ||h||`` per node (a ReLU map of two spectrally normalised
+    matrices; for the MoE block a convex mix of such experts, the top-k gate
+    renormalised), however large the stored weights grow."""
+    torch.manual_seed(14)
+    net = MoEGNN(FEAT, HID, OUT, ffn=ffn, norm=None, residual=False, num_experts=4, k=2,
+                 spectral_norm=True, ffn_bias=False)
+    names = [n for n, _ in net.ffns.named_parameters()]
+    assert names and not any("bias" in n for n in names)
+    with torch.no_grad():
+        for p in net.ffns.parameters():  # expert, FFN and router weights
+            p.mul_(30.0)
+    h = 10.0 * torch.randn(200, HID)
+    y, _ = net.ffn_branch(0, h)
+    assert bool((y.norm(dim=1) <= h.norm(dim=1) * (1 + 1e-5)).all())
+    # with biases the bound does not hold: an all-zero input gets the bias path
+    biased = MoEGNN(FEAT, HID, OUT, ffn=ffn, norm=None, residual=False, num_experts=4, k=2,
+                    spectral_norm=True, ffn_bias=True)
+    assert float(biased.ffn_branch(0, torch.zeros(5, HID))[0].abs().sum()) > 0
+    assert float(net.ffn_branch(0, torch.zeros(5, HID))[0].abs().sum()) == 0
+
+
+def test_ffn_branch_is_what_a_block_adds():
+    # eval, no norm: the plain stack's conv_2 reads h + ffn_branch(h)
+    torch.manual_seed(13)
+    x, edge_index = make_graph()
+    for ffn in ("dense", "moe"):
+        net = MoEGNN(FEAT, HID, OUT, ffn=ffn, norm=None, residual=False, num_experts=4,
+                     k=2).eval()
+        h = torch.relu(net.convs[0](x, edge_index))
+        y, routing = net.ffn_branch(0, h)
+        assert (routing is None) == (ffn == "dense")
+        torch.testing.assert_close(net(x, edge_index).logits, net.convs[1](h + y, edge_index))
+
+
 def test_plain_stack_one_layer_and_gat_head():
     x, edge_index = make_graph()
     # one layer: a single convolution to the classes, nowhere for an FFN
