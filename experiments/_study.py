@@ -108,6 +108,38 @@ def target_cell(gnn: Sequence[float], model: Sequence[float]) -> str:
     return f"{gap:+.1f} ({verdict}; half std {s * 50:.1f})"
 
 
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1 to 30): the
+# threshold of :func:`paired_difference`'s paired t-test.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float],
+                      higher_is_better: bool = True) -> Optional[dict[str, Any]]:
+    r"""How much better ``a`` is than ``b`` on the seeds both have (``a[seed]``,
+    ``b[seed]``: one score per seed; a gain is positive either way round):
+    the mean and sample std of the per-seed gains, their number ``n``, the
+    seeds where ``a`` is better (``wins``), the paired t statistic and the
+    verdict of a two-sided paired t-test at 5% (:data:`T_975`): ``">"`` (``a``
+    better beyond noise), ``"<"`` (worse beyond noise) or ``"~"`` (within
+    noise; also with fewer than 2 seeds or identical gains). ``None`` when no
+    seed is shared."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    gains = [sign * (a[s] - b[s]) for s in seeds]
+    mean = statistics.fmean(gains)
+    std = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    n = len(gains)
+    t = mean / (std / n ** 0.5) if std > 0 else float("nan")
+    crit = T_975[min(n - 1, len(T_975)) - 1] if n > 1 else float("inf")
+    verdict = "~" if not abs(t) > crit else (">" if t > 0 else "<")
+    return {"mean": mean, "std": std, "n": n, "wins": sum(g > 0 for g in gains), "t": t,
+            "verdict": verdict}
+
+
 def histogram_range(counts: Sequence[float], low: float = 0.05,
                     high: float = 0.95) -> tuple[float, float]:
     r"""The edges ``(a, b)`` of the bins that hold the ``low`` and ``high``

@@ -3,10 +3,13 @@ shared-bottom, MMoE, PLE, HoME and HoME's ablations, 5 seeds each.
 
 Every run goes through the one training entry point, :func:`moegraph.train.train`,
 with a config composed from ``conf/`` (``experiment=movielens_*`` plus
-overrides, listed in ``ROWS``). One JSON per (row, seed) is cached in
-``experiments/results/movielens_multitask_runs/``; a rerun skips finished
-runs. Writes ``experiments/results/movielens_multitask.md`` (mean +- std over
-the seeds, the command and the protocol) and, beside it, the diagnostics
+overrides, listed in ``ROWS``; the training protocol, the same for every
+model, is ``conf/experiment/_movielens.yaml``). One JSON per (row, seed) is
+cached in ``experiments/results/movielens_multitask_runs_v3/``; a rerun skips
+finished runs. Writes ``experiments/results/movielens_multitask.md`` (mean +-
+std over the seeds, the command and the protocol, each run's best epoch
+against the cap, the models compared seed by seed with a paired t-test; the
+hand-written findings below its mark are kept) and, beside it, the diagnostics
 heatmaps ``movielens_multitask_gates.png`` and
 ``movielens_multitask_collapse.png`` (seed 0 of MMoE, PLE, HoME and HoME
 without expert normalisation).
@@ -14,7 +17,7 @@ without expert normalisation).
 Run from the repository root, with the raw files in
 ``$MOEGRAPH_DATA_DIR/MovieLens100K/raw``::
 
-    MOEGRAPH_DATA_DIR=../shared/data OMP_NUM_THREADS=1 taskset -c 1 \
+    MOEGRAPH_DATA_DIR=../shared/data OMP_NUM_THREADS=1 PYTHONPATH=. \
         python experiments/run_multitask_study.py
     python experiments/run_multitask_study.py --seeds 1 --rows MMoE HoME   # a subset
 
@@ -41,9 +44,22 @@ import statistics
 from pathlib import Path
 
 import torch
-from _study import QUIET, RESULTS, command_line, load_runs, mean_std, run_pending, train_cached
+from _study import (
+    QUIET,
+    RESULTS,
+    command_line,
+    load_runs,
+    mean_std,
+    paired_difference,
+    run_pending,
+    train_cached,
+    write_results,
+)
 
-RUNS = RESULTS / "movielens_multitask_runs_v2"  # v1: the runs before HoME's gain-0.1 default
+# v3: the protocol that trains every model to convergence (conf/experiment/_movielens.yaml);
+# v2: batches of 16,384 and at most 10 epochs (every model stopped at the cap), HoME at
+# gain 0.1; v1: the runs before HoME's gain-0.1 default.
+RUNS = RESULTS / "movielens_multitask_runs_v3"
 # HoME in the paper's exact form: expert batch norm starting at gain 1 (model=home_paper).
 PAPER = ["model.net.head.expert_norm_gain=1.0"]
 HOME_ABLATIONS = {
@@ -80,6 +96,14 @@ SYN_ROWS: dict[str, list[str]] = {
 COLUMNS = [("watch AUC", "test/watch/auc"), ("watch GAUC", "test/watch/gauc"),
            ("like AUC", "test/like/auc"), ("like GAUC", "test/like/gauc"),
            ("rating RMSE", "test/rating/rmse")]
+# The columns compared seed by seed (name, metric, higher is better): the five above and
+# the mean score the runs are early-stopped and checkpointed on.
+PAIRED = [*((c, k, not k.endswith("rmse")) for c, k in COLUMNS),
+          ("mean score", "test/mean_score", True)]
+# The ordering of issue 12 (HoME >= PLE >= MMoE >= shared-bottom), one pair a line, and
+# HoME against MMoE and shared-bottom.
+ORDER_PAIRS = [("HoME", "PLE"), ("PLE", "MMoE"), ("MMoE", "shared-bottom"), ("HoME", "MMoE"),
+               ("HoME", "shared-bottom"), ("HoME (paper form)", "MMoE")]
 DIAG_MODELS = ["MMoE", "PLE", "HoME", "HoME (paper form)", "HoME w/o expert norm"]
 
 
@@ -121,17 +145,73 @@ def cell(values: list[float], digits: int = 4) -> str:
 
 
 def table(records: dict[str, list[dict]]) -> str:
+    r"""Test metrics per row, mean ± std over the seeds, with the epoch of the
+    tested (best) checkpoint (1 = the first epoch) and the epochs run."""
     head = ("| model | " + " | ".join(c for c, _ in COLUMNS)
-            + " | params | fit time (s) | epochs | seeds |")
-    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 4) + "|"]
+            + " | params | fit time (s) | best epoch | epochs run | seeds |")
+    lines = [head, "|---" + "|---:" * (len(COLUMNS) + 5) + "|"]
     for name, recs in records.items():
         cells = [cell([r["metrics"][k] for r in recs if k in r["metrics"]])
                  for _, k in COLUMNS]
         fit = cell([r["metrics"]["time/fit_seconds"] for r in recs], 1)
+        best = cell([r["metrics"]["best/epoch"] + 1 for r in recs], 1)
         epochs = cell([r["metrics"]["time/epochs"] for r in recs], 1)
         lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {recs[0]['params']:,} | {fit} | {epochs} | {len(recs)} |")
+                     + f" | {recs[0]['params']:,} | {fit} | {best} | {epochs} | {len(recs)} |")
     return "\n".join(lines)
+
+
+def convergence(records: dict[str, list[dict]], max_epochs: int) -> str:
+    r"""Each run's best epoch / epochs run, against the cap: a run whose best
+    epoch is the cap's may still have been improving."""
+    lines = ["| model | best epoch / epochs run, per seed | latest best epoch | stopped early |",
+             "|---|---|---:|---:|"]
+    for name, recs in records.items():
+        per_seed = ", ".join(f"{m['best/epoch'] + 1:.0f}/{m['time/epochs']:.0f}"
+                             for m in (r["metrics"] for r in recs))
+        latest = max(r["metrics"]["best/epoch"] + 1 for r in recs)
+        early = sum(r["metrics"]["time/epochs"] < max_epochs for r in recs)
+        lines.append(f"| {name} | {per_seed} | {latest:.0f} | {early}/{len(recs)} |")
+    return "\n".join(lines)
+
+
+def paired_table(records: dict[str, list[dict]], pairs: list[tuple[str, str]]) -> str:
+    r"""For each pair (a, b): a's gain over b per seed (positive: a better; for
+    RMSE, b - a), mean ± std over the seeds both have, the seeds a wins, and
+    the paired t-test's verdict (``>``/``<``: better/worse beyond noise,
+    ``~``: within noise; :func:`_study.paired_difference`)."""
+    lines = ["| a vs b | " + " | ".join(c for c, _, _ in PAIRED) + " |",
+             "|---" + "|---" * len(PAIRED) + "|"]
+    for a, b in pairs:
+        if a not in records or b not in records:
+            continue
+        cells = []
+        for _, key, higher in PAIRED:
+            by_seed = [{r["seed"]: r["metrics"][key] for r in records[n] if key in r["metrics"]}
+                       for n in (a, b)]
+            d = paired_difference(*by_seed, higher_is_better=higher)
+            cells.append("-" if d is None else
+                         f"{d['mean']:+.4f} ± {d['std']:.4f} ({d['wins']}/{d['n']}) {d['verdict']}")
+        lines.append(f"| {a} vs {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def protocol() -> dict:
+    r"""The training protocol the ``experiment=movielens_*`` configs share, read
+    from the composed config (so that the text of the results file follows it)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import compose_config
+
+    try:
+        cfg = compose_config(["experiment=movielens_mmoe"])
+        stop = cfg.callbacks.early_stopping
+        return {"batch_size": cfg.data.batch_size, "max_epochs": cfg.trainer.max_epochs,
+                "patience": stop.patience, "monitor": stop.monitor, "mode": stop.mode,
+                "checkpoint": cfg.callbacks.model_checkpoint.monitor,
+                "lr": cfg.model.optimizer.lr}
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def diag_table(records: dict[str, list[dict]]) -> str:
@@ -375,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     run_pending([(run_path(name, seed, args.runs),
                   functools.partial(run_one, name, ROWS[name], seed, args.cache_dir, args.runs),
                   f"{name} seed {seed}")
-                 for name in args.rows for seed in range(args.seeds)
+                 # seed-major: every row gets seed 0 first
+                 for seed in range(args.seeds) for name in args.rows
                  if not args.table_only],
                 describe=describe, dry_run=args.dry_run)
     if args.dry_run:
@@ -397,33 +478,61 @@ def main(argv: list[str] | None = None) -> None:
         plot_multitask_diagnostics(diags, gates_png, "gates")
         plot_multitask_diagnostics(diags, collapse_png, "collapse")
     cmd = command_line(__file__, argv)
+    proto = protocol()
+    steps = -(-161_616 // proto["batch_size"])
+    ablations = [("HoME", n) for n in records if n.startswith("HoME ")]
     text = f"""# Multi-task recommendation on MovieLens-100K
 
-Command: `MOEGRAPH_DATA_DIR=../shared/data OMP_NUM_THREADS=1 taskset -c 1 {cmd}`
+Command: `MOEGRAPH_DATA_DIR=../shared/data OMP_NUM_THREADS=1 PYTHONPATH=. {cmd}`
 Date: {datetime.date.today()}; torch {torch.__version__}; CPU, 1 thread, on a 2-core machine
-shared with another job (times are indicative).
+shared with other jobs (times are indicative). Runs cached in `{args.runs.name}/`.
 
 **Protocol.** Data: MovieLens-100K (943 users, 1,682 movies, 100,000 ratings). Split per user
 by time: the last 10% of each user's ratings are test, the 10% before validation, the rest
 training (80,808 / 9,596 / 9,596); the message-passing graph holds the training ratings only.
 One sampled unobserved movie per rating (same user) gives the `watch` negatives (training
-negatives redrawn each epoch). Tasks: `watch` (observed vs sampled, binary, all rows),
-`like` (rating >= 4, binary, observed rows), `rating` (regression, observed rows); masked
-out where unlabelled. Encoder: LightGCN (2 layers, 16-dim id embeddings plus a linear map of
-the side features), pair representation `[e_u, e_i, e_u * e_i]` (48). Heads: experts of width
-16, towers of width 8; MMoE 6 experts; PLE 2 levels of 3 shared + 1 per task; HoME groups
-{{watch}}, {{like, rating}}, level 1: 2 shared + 1 per group, level 2: 2 shared + 1 per
-group + 1 per task, batch norm starting at gain 0.1 + Swish (HoME (paper form): gain 1, the
-paper's BatchNorm; see `home_diagnosis.md`), feature-gate rank 4, self-gate ("w/o expert
-norm": ReLU experts); shared-bottom one 16-wide layer; single-task = shared-bottom trained
-on one task (rows of the v1 study, `movielens_multitask_runs/`, not re-run). Adam lr 0.01,
-batches of 16,384 rows, at most 10 epochs, early stopping (patience 2) and checkpoint on the
-validation loss (sum of the task losses, weight 1 each); the best checkpoint is tested.
-GAUC = AUC per user averaged over users with both classes. Test metrics, mean ± std over
-the seeds 0, 1, ... (their number in the last column; the seed also draws the negatives).
+negatives redrawn each epoch): 161,616 training rows. Tasks: `watch` (observed vs sampled,
+binary, all rows), `like` (rating >= 4, binary, observed rows), `rating` (regression,
+observed rows); masked out where unlabelled. Encoder: LightGCN (2 layers, 16-dim id
+embeddings plus a linear map of the side features), pair representation
+`[e_u, e_i, e_u * e_i]` (48). Heads: experts of width 16, towers of width 8; MMoE 6 experts;
+PLE 2 levels of 3 shared + 1 per task; HoME groups {{watch}}, {{like, rating}}, level 1:
+2 shared + 1 per group, level 2: 2 shared + 1 per group + 1 per task, batch norm starting at
+gain 0.1 + Swish (HoME (paper form): gain 1, the paper's BatchNorm; see `home_diagnosis.md`),
+feature-gate rank 4, self-gate ("w/o expert norm": ReLU experts); shared-bottom one 16-wide
+layer; single-task = shared-bottom trained on one task. Training, the same for every model
+(`conf/experiment/_movielens.yaml`): Adam lr {proto["lr"]}, batches of
+{proto["batch_size"]:,} rows ({steps} steps per epoch), at most {proto["max_epochs"]} epochs,
+early stopping (patience {proto["patience"]}) and checkpoint on `{proto["monitor"]}` (mode
+{proto["mode"]}: the mean over the tasks of watch AUC, like AUC and rating R^2); the best
+checkpoint is tested. GAUC = AUC per user averaged over users with both classes. Test
+metrics, mean ± std over the seeds 0, 1, ... (their number in the last column; the seed
+also draws the negatives). Best epoch: the tested checkpoint's (1 = the first).
 
 {table(records)}
 
+## Convergence: best epoch against the cap of {proto["max_epochs"]} epochs
+
+A run stopped early when its validation mean score had not improved for
+{proto["patience"]} epochs before the cap.
+
+{convergence(records, proto["max_epochs"])}
+
+## The ordering, paired by seed
+
+Gain of a over b on the test rows of the same seed (positive: a better; for RMSE b - a),
+mean ± std over the seeds, (seeds where a is better / seeds), and the verdict of a
+two-sided paired t-test at 5%: `>` a better beyond noise, `<` a worse beyond noise,
+`~` within noise.
+
+{paired_table(records, ORDER_PAIRS)}
+""" + (f"""
+## HoME's parts, paired by seed: full HoME vs HoME without one part
+
+Positive: full HoME better (the part helps); verdicts as above.
+
+{paired_table(records, ablations)}
+""" if ablations else "") + f"""
 ## Diagnostics of HoME's three anomalies (test rows, mean ± std over seeds)
 
 Collapse: share of expert activations with |a| <= 1e-3 (max over experts) and the spread of
@@ -437,7 +546,7 @@ uniform over the experts it sees). Underfitting: mean gate weight a task puts on
 Heatmaps (seed 0): [`{gates_png.name}`]({gates_png.name}) (mean gate weight per expert),
 [`{collapse_png.name}`]({collapse_png.name}) (zero share and relative scale per expert).
 """
-    out.write_text(text)
+    text = write_results(out, text)
     print(text)
 
 

@@ -194,3 +194,39 @@ def test_tuned_table_reads_only_the_runs_of_the_current_choice(script, tmp_path)
     row = next(line for line in table.splitlines() if line.startswith("| reed98 | gcn |"))
     assert "65.00 ± 7.07" in row  # mean of 0.6, 0.7; sample std 0.0707: the stale run left out
     assert "| reed98 | gnn | gcn | 20 | 65.00 | 3 | `backbone.dropout=0.5` |" in table
+
+
+def test_t_quantiles_match_scipy(script):
+    stats = pytest.importorskip("scipy.stats")
+    study = script("_study")
+    for df, q in enumerate(study.T_975, 1):
+        assert q == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_paired_difference_against_hand_values(script):
+    study = script("_study")
+    # gains a - b on seeds 0..3: 0.02, 0.04, 0.03, 0.03 -> mean 0.03, sample std
+    # sqrt((1e-4 + 1e-4 + 0 + 0) / 3) = 0.005774, t = 0.03 / (0.005774 / 2) = 10.39 > 3.182
+    a = {0: 0.82, 1: 0.84, 2: 0.83, 3: 0.83, 7: 0.9}  # seed 7: not in b, ignored
+    b = {0: 0.80, 1: 0.80, 2: 0.80, 3: 0.80}
+    d = study.paired_difference(a, b)
+    assert d["n"] == 4 and d["wins"] == 4 and d["verdict"] == ">"
+    assert d["mean"] == pytest.approx(0.03) and d["std"] == pytest.approx(math.sqrt(2e-4 / 3))
+    assert d["t"] == pytest.approx(0.03 / (math.sqrt(2e-4 / 3) / 2))
+    # the other way round: worse beyond noise
+    assert study.paired_difference(b, a)["verdict"] == "<"
+    # lower is better (e.g. RMSE): a's larger values are a loss
+    d = study.paired_difference(a, b, higher_is_better=False)
+    assert d["mean"] == pytest.approx(-0.03) and d["wins"] == 0 and d["verdict"] == "<"
+    # gains 0.01, -0.01, 0.02: mean 0.00667, std 0.01528, t = 0.756 < 4.303: within noise
+    d = study.paired_difference({0: 1.01, 1: 0.99, 2: 1.02}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert d["verdict"] == "~" and d["wins"] == 2
+    assert d["t"] == pytest.approx((0.02 / 3) / (math.sqrt(7e-4 / 3) / math.sqrt(3)))
+    # a consistent gain on 3 seeds, t below the 5% threshold 4.303 at 2 df: within noise
+    # (gains 0.03, 0.01, 0.02 -> mean 0.02, std 0.01, t = 0.02 / (0.01 / sqrt 3) = 3.46)
+    d = study.paired_difference({0: 0.03, 1: 0.01, 2: 0.02}, {0: 0.0, 1: 0.0, 2: 0.0})
+    assert d["t"] == pytest.approx(0.02 / (0.01 / math.sqrt(3))) and d["verdict"] == "~"
+    # one seed, or identical gains: no spread, no verdict beyond noise
+    assert study.paired_difference({0: 0.9}, {0: 0.1})["verdict"] == "~"
+    assert study.paired_difference({0: 0.5, 1: 0.75}, {0: 0.25, 1: 0.5})["verdict"] == "~"
+    assert study.paired_difference({0: 0.5}, {1: 0.5}) is None
