@@ -138,6 +138,37 @@ def score(logits, y, metric: str) -> float:
     return float((logits.argmax(-1) == y).float().mean())
 
 
+def compose_lean(overrides: list[str]) -> Any:
+    r"""The config of ``overrides`` (``conf/train.yaml``, as ``moegraph-train``
+    composes it), set as Hydra's current config so that ``paths.*`` resolve."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def lean_setup(overrides: list[str]) -> tuple[Any, Any, Any, Any]:
+    r"""``(cfg, task, data, optimizer)`` of one configuration for a plain
+    training loop: the config seeds torch, then the task, its full graph and
+    the task's own optimizer (with its parameter groups) are built."""
+    import torch
+
+    from moegraph.train import instantiate_run
+
+    cfg = compose_lean(overrides)
+    torch.manual_seed(cfg.seed)
+    run = instantiate_run(cfg, trainer=False)
+    task = run["task"]
+    opt = task.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    return cfg, task, run["datamodule"].data, opt
+
+
 def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None = None,
                diagnose: Callable[[Any, Any], dict] | None = None) -> dict:
     r"""Fit and test one configuration with the protocol of the Lightning
@@ -151,27 +182,16 @@ def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None 
     eval mode."""
     import torch
     import torch.nn.functional as F
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
 
     from moegraph.nn.output import as_model_output
     from moegraph.tasks.node_classification import weighted_aux_loss
-    from moegraph.train import CONFIG_DIR, instantiate_run
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # paths.* resolve through it
-    torch.manual_seed(cfg.seed)
-    run = instantiate_run(cfg, trainer=False)
-    task, data = run["task"], run["datamodule"].data
+    cfg, task, data, opt = lean_setup(overrides)
     net, metric = task.net, cfg.data.get("metric", "acc")
     if make_net is not None:  # a hand-built network: one group, the task's optimizer
         torch.manual_seed(cfg.seed)
         net = make_net(cfg, data)
         opt = task.optimizer_factory(params=net.parameters())
-    else:
-        opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
-        opt = opt["optimizer"] if isinstance(opt, dict) else opt
     patience = cfg.callbacks.early_stopping.patience
     best, best_state, since, epochs, best_epoch = -1.0, None, 0, 0, 0
     start = time.perf_counter()
@@ -257,6 +277,22 @@ def table(group: str, datasets: list[str], seeds: int, runs: Path) -> list[str]:
     return lines
 
 
+def train_lean_cached(path: Path, overrides: list[str], info: dict, **kwargs: Any) -> dict:
+    r"""The record at ``path`` if cached; otherwise :func:`train_lean` of
+    ``overrides`` (``kwargs`` passed on) with ``info`` added, written to
+    ``path`` as JSON and summed up in one printed line."""
+    if path.exists():
+        return json.loads(path.read_text())
+    record = train_lean(overrides, **kwargs)
+    record.update(info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"{info.get('dataset')} | {info.get('variant')} | seed {info.get('seed')}: "
+          f"test={record['test']:.4f} train={record['train']:.3f} epochs={record['epochs']} "
+          f"(best {record['best_epoch']}) ({record['seconds']:.1f}s)", flush=True)
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", default="block", choices=list(GROUPS))
@@ -278,16 +314,10 @@ def main(argv: list[str] | None = None) -> None:
             for variant in variants:
                 ov = GROUPS[args.group][variant]
                 for seed in range(args.seeds):
-                    path = args.runs / run_key(dataset, variant, ov, seed)
-                    if path.exists():
-                        continue
-                    record = train_lean(overrides_for(dataset, ov, seed))
-                    record.update(dataset=dataset, variant=variant, seed=seed, overrides=ov)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(json.dumps(record, indent=1))
-                    print(f"{dataset} | {variant} | seed {seed}: test={record['test']:.4f} "
-                          f"train={record['train']:.3f} epochs={record['epochs']} "
-                          f"({record['seconds']:.1f}s)", flush=True)
+                    train_lean_cached(args.runs / run_key(dataset, variant, ov, seed),
+                                      overrides_for(dataset, ov, seed),
+                                      dict(dataset=dataset, variant=variant, seed=seed,
+                                           overrides=ov))
     print("\n".join(table(args.group, args.datasets, args.seeds, args.runs)))
 
 

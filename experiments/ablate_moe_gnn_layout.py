@@ -38,7 +38,6 @@ Prints one markdown table: test accuracy, mean ± std over seeds, per dataset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -52,7 +51,7 @@ from torch_geometric.nn import GCNConv
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.ablate_graph_moe import overrides_for, run_key, train_lean  # noqa: E402
+from experiments.ablate_graph_moe import overrides_for, run_key, train_lean_cached  # noqa: E402
 from moegraph.nn import ModelOutput, SparseMoE  # noqa: E402
 from moegraph.nn.routing import sum_aux_losses  # noqa: E402
 
@@ -158,23 +157,15 @@ def ffn_branch(net, data) -> dict:
 
 def run_one(dataset: str, variant: str, seed: int) -> dict:
     ov = variant_overrides(variant)
-    path = RUNS / run_key(dataset, variant, ov, seed)
-    if path.exists():
-        return json.loads(path.read_text())
     overrides = [o for o in overrides_for(dataset, ov, seed) if not o.startswith("+layout=")]
     make_net = None
     if variant.startswith("layout:"):
         def make_net(cfg, data):
             return Net(variant[7:], data.num_features, int(data.y.max()) + 1,
                        cfg.backbone.dropout)
-    record = train_lean(overrides, make_net=make_net, diagnose=ffn_branch)
-    record.update(dataset=dataset, variant=variant, seed=seed, overrides=ov)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    print(f"{dataset} | {variant} | seed {seed}: test={record['test']:.4f} "
-          f"train={record['train']:.3f} best epoch={record['best_epoch']} "
-          f"({record['seconds']:.1f}s)", flush=True)
-    return record
+    return train_lean_cached(RUNS / run_key(dataset, variant, ov, seed), overrides,
+                             dict(dataset=dataset, variant=variant, seed=seed, overrides=ov),
+                             make_net=make_net, diagnose=ffn_branch)
 
 
 def main(argv=None) -> None:

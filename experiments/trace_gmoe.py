@@ -38,34 +38,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from moegraph.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from experiments.ablate_graph_moe import overrides_for, score
+    from experiments.ablate_graph_moe import lean_setup, overrides_for, score
     from moegraph.nn.output import as_model_output
     from moegraph.tasks.node_classification import weighted_aux_loss
-    from moegraph.train import instantiate_run
 
-    cfg = _compose(overrides_for(dataset, extra, seed))
-    torch.manual_seed(cfg.seed)
-    run = instantiate_run(cfg, trainer=False)
-    task, data = run["task"], run["datamodule"].data
+    cfg, task, data, opt = lean_setup(overrides_for(dataset, extra, seed))
     net, metric = task.net, cfg.data.get("metric", "acc")
-    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     tr, va, te = data.train_mask, data.val_mask, data.test_mask
     for epoch in range(epochs):
         net.train()
@@ -99,19 +81,13 @@ def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[s
     import torch
     import torch.nn.functional as F
 
-    from experiments.ablate_graph_moe import overrides_for, score
+    from experiments.ablate_graph_moe import lean_setup, overrides_for, score
     from moegraph.nn.conv.hop_moe import HopMoEConv
     from moegraph.nn.output import as_model_output
     from moegraph.tasks.node_classification import weighted_aux_loss
-    from moegraph.train import instantiate_run
 
-    cfg = _compose(overrides_for(dataset, extra, seed))
-    torch.manual_seed(cfg.seed)
-    run = instantiate_run(cfg, trainer=False)
-    task, data = run["task"], run["datamodule"].data
+    cfg, task, data, opt = lean_setup(overrides_for(dataset, extra, seed))
     net, metric = task.net, cfg.data.get("metric", "acc")
-    opt = task.configure_optimizers()  # the task's optimizer (its parameter groups)
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
     tr, va, te = data.train_mask, data.val_mask, data.test_mask
     convs = [m for m in net.modules() if isinstance(m, HopMoEConv)]
     inputs: dict[int, torch.Tensor] = {}
@@ -164,11 +140,12 @@ def scale(datasets: list[str]) -> None:
     import torch.nn.functional as F
     from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
+    from experiments.ablate_graph_moe import compose_lean
     from moegraph.train import instantiate_run
 
     for dataset in datasets:
-        cfg = _compose([f"experiment=nc_{dataset}", "model=gmoe_paper", "logger=none",
-                        "seed=0"])
+        cfg = compose_lean([f"experiment=nc_{dataset}", "model=gmoe_paper", "logger=none",
+                            "seed=0"])
         torch.manual_seed(0)
         run = instantiate_run(cfg, trainer=False)
         data, router = run["datamodule"].data, run["task"].net.convs[0].router
