@@ -76,7 +76,10 @@ def rss_gib() -> float:
 
 def peak_rss_gib() -> float:
     r"""High-water mark of the resident memory since the process started or
-    since the last :func:`reset_peak_rss` (GiB)."""
+    since the last :func:`reset_peak_rss` (GiB). Linux folds each thread's
+    page faults into these counters in batches, so a stage's peak can read low
+    by up to ~128 MiB per thread where pages are transparent huge pages; the
+    benchmarks' peaks are GiB-scale, well above that."""
     kib = _status_kib("VmHWM")
     if kib is None:
         import resource
