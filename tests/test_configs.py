@@ -230,9 +230,11 @@ def test_overrides_reach_the_objects(compose_cfg):
 
 
 @pytest.mark.parametrize("overrides,router", [
-    (["+model.net.moe_kwargs.router=topp", "model.net.k=null"], TopPRouter),
-    (["+model.net.moe_kwargs.router=expert_choice", "model.net.k=null"], ExpertChoiceRouter),
-    (["+model.net.moe_kwargs.router=topk", "+model.net.moe_kwargs.router_kwargs.noisy=true"],
+    (["+model.net.moe_kwargs.router=topp", "model.net.k=null",
+      "~model.net.moe_kwargs.router_kwargs"], TopPRouter),
+    (["+model.net.moe_kwargs.router=expert_choice", "model.net.k=null",
+      "~model.net.moe_kwargs.router_kwargs"], ExpertChoiceRouter),
+    (["+model.net.moe_kwargs.router=topk", "model.net.moe_kwargs.router_kwargs.noisy=false"],
      TopKRouter),
 ])
 def test_router_overrides(compose_cfg, overrides, router):
@@ -240,8 +242,25 @@ def test_router_overrides(compose_cfg, overrides, router):
     assert all(isinstance(f.router, router) for f in net.ffns)
 
 
+def test_moe_gnn_routers_are_noisy_dense_twin_has_none(compose_cfg):
+    r"""``model=moe_gnn``: noisy top-k routers (noise in training only);
+    ``model=dense_gnn`` takes no MoE arguments."""
+    net = instantiate_run(compose_cfg(TINY), trainer=False)["net"]
+    routers = [f.router for f in net.ffns]
+    assert routers and all(isinstance(r, TopKRouter) and r.noisy for r in routers)
+    assert all(r.noise_weight is not None for r in routers)
+    cfg = compose_cfg(TINY, "model=dense_gnn")
+    assert cfg.model.net.moe_kwargs is None
+    net = instantiate_run(cfg, trainer=False)["net"]
+    assert not any(isinstance(f, SparseMoE) for f in net.ffns)
+    off = instantiate_run(compose_cfg(TINY, "model.net.moe_kwargs.router_kwargs.noisy=false"),
+                          trainer=False)["net"]
+    assert not any(f.router.noisy for f in off.ffns)
+
+
 def test_k_with_another_router_fails_clearly(compose_cfg):
-    cfg = compose_cfg(TINY, "+model.net.moe_kwargs.router=topp")  # k=2 left in
+    cfg = compose_cfg(TINY, "+model.net.moe_kwargs.router=topp",
+                      "~model.net.moe_kwargs.router_kwargs")  # k=2 left in
     with pytest.raises(InstantiationException, match="'k' applies to the 'topk' router only"):
         instantiate_run(cfg, trainer=False)
 

@@ -46,28 +46,32 @@ hop-expert convolutions (:obj:`None`: as every other parameter)."""
 
 
 def expert_decay_groups(module: Module) -> list[tuple[list[torch.nn.Parameter], float]]:
-    r"""The expert parameters of every :class:`~moegraph.nn.HopMoEConv` in
-    ``module`` (weights, biases, GAT attention vectors), one group per
-    convolution, each with its experts' share of the rows under balanced
-    top-k routing, ``k / num_experts``. Raises a :class:`ValueError` when
-    ``module`` holds no such convolution, or one whose router is not top-k
-    (no fixed ``k``)."""
+    r"""The routed expert parameters of every :class:`~moegraph.nn.HopMoEConv`
+    (weights, biases, GAT attention vectors) and every
+    :class:`~moegraph.nn.SparseMoE` block (its routed experts; not its
+    always-on shared experts, which see every row) in ``module``, one group
+    per routed layer, each with its experts' share of the rows under
+    balanced top-k routing, ``k / num_experts``. Raises a
+    :class:`ValueError` when ``module`` holds no such layer, or one whose
+    router is not top-k (no fixed ``k``)."""
     from moegraph.nn.conv.hop_moe import HopMoEConv
+    from moegraph.nn.moe import SparseMoE
 
     groups = []
-    for conv in module.modules():
-        if not isinstance(conv, HopMoEConv):
+    for layer in module.modules():
+        if not isinstance(layer, (HopMoEConv, SparseMoE)):
             continue
-        k = getattr(conv.router, "k", None)
+        k = getattr(layer.router, "k", None)
         if not isinstance(k, int):
             raise ValueError(f"expert_weight_decay='load_share' needs top-k routers (a fixed k); "
-                             f"{type(conv.router).__name__} has none")
-        params = list(conv.experts.parameters())
-        params += [p for p in (conv.att_src, conv.att_dst) if p is not None]
-        groups.append((params, k / conv.num_experts))
+                             f"{type(layer.router).__name__} has none")
+        params = list(layer.experts.parameters())
+        if isinstance(layer, HopMoEConv):
+            params += [p for p in (layer.att_src, layer.att_dst) if p is not None]
+        groups.append((params, k / layer.num_experts))
     if not groups:
-        raise ValueError("expert_weight_decay='load_share' applies to networks with hop-expert "
-                         "convolutions (HopMoEConv); this one has none")
+        raise ValueError("expert_weight_decay='load_share' applies to networks with routed "
+                         "experts (HopMoEConv, SparseMoE); this one has none")
     return groups
 
 
