@@ -59,38 +59,35 @@ HIDDEN = 64
 LAYOUTS = ("cur", "noin", "gcnpre")
 RUNS = ROOT / "experiments" / "results" / "graph_moe_ablation_runs" / "moe_gnn_layout"
 
-# The MoE variants before section 6 pin the noise-free router, the default
-# when they ran (model=moe_gnn's routers are noisy since).
-QUIET_ROUTER = "model.net.moe_kwargs.router_kwargs.noisy=false"
 SN = ["model.net.spectral_norm=true", "model.net.ffn_bias=false"]  # section 5's default
 
 VARIANTS: dict[str, list[str]] = {
     "gcn": ["model=gnn", "model/strong=gcn"],
     # the plain stack as it was: FFN weights used as they are, with biases
     "dense": ["model=dense_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
-    "moe": ["model=moe_gnn", QUIET_ROUTER, "model.net.spectral_norm=false",
+    "moe": ["model=moe_gnn", "model.net.spectral_norm=false",
             "model.net.ffn_bias=true"],
     # spectrally normalised FFN / expert weights, with biases
     "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true",
                              "model.net.ffn_bias=true"],
-    "moe, spectral norm": ["model=moe_gnn", QUIET_ROUTER, "model.net.spectral_norm=true",
+    "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true",
                            "model.net.ffn_bias=true"],
     # without biases too (section 5's default): with spectral norm a bias-free
     # FFN or expert cannot make its output longer than its input
     "dense, spectral norm, no bias": ["model=dense_gnn", *SN],
-    "moe, spectral norm, no bias": ["model=moe_gnn", QUIET_ROUTER, *SN],
+    "moe, spectral norm, no bias": ["model=moe_gnn", *SN],
     # section 6, from section 5's default: the router reads the block's output
     # before its dropout; the experts' coupled L2 or learning rate scaled by
     # their share k / E of the nodes; every expert started alike; noisy top-k
-    # gating (the default now)
-    "moe, route before dropout": ["model=moe_gnn", QUIET_ROUTER, *SN,
+    # gating
+    "moe, route before dropout": ["model=moe_gnn", *SN,
                                   "model.net.route_before_dropout=true"],
-    "moe, expert decay k/E": ["model=moe_gnn", QUIET_ROUTER, *SN,
+    "moe, expert decay k/E": ["model=moe_gnn", *SN,
                               "+model.expert_weight_decay=load_share"],
-    "moe, shared expert init": ["model=moe_gnn", QUIET_ROUTER, *SN,
+    "moe, shared expert init": ["model=moe_gnn", *SN,
                                 "+model.net.moe_kwargs.expert_init=shared"],
-    "moe, noisy router": ["model=moe_gnn", *SN, "model.net.moe_kwargs.router_kwargs.noisy=true"],
-    "moe, expert lr k/E": ["model=moe_gnn", QUIET_ROUTER, *SN,
+    "moe, noisy router": ["model=moe_gnn", *SN, "+model.net.moe_kwargs.router_kwargs.noisy=true"],
+    "moe, expert lr k/E": ["model=moe_gnn", *SN,
                            "+model.param_groups=[{params:net.ffns.0.experts,lr:0.0025}]"],
 }
 

@@ -27,10 +27,8 @@ def check_outputs(metrics, output_dir: Path, moe: bool):
 @pytest.mark.parametrize("overrides,moe", [
     (["model=moe_gnn"], True),
     (["model=dense_gnn"], False),
-    (["+model.net.moe_kwargs.router=topp", "model.net.k=null",
-      "~model.net.moe_kwargs.router_kwargs"], True),
-    (["+model.net.moe_kwargs.router=expert_choice", "model.net.k=null",
-      "~model.net.moe_kwargs.router_kwargs"], True),
+    (["+model.net.moe_kwargs.router=topp", "model.net.k=null"], True),
+    (["+model.net.moe_kwargs.router=expert_choice", "model.net.k=null"], True),
     (["model.net.conv=gat", "+model.net.conv_kwargs.heads=4", "model.net.num_layers=3"], True),
     (["experiment=synthetic_gnn"], False),
 ], ids=["moe_gnn", "gnn", "topp", "expert_choice", "gat", "experiment_gnn"])
