@@ -41,8 +41,9 @@ def multilabel_target(y: Tensor) -> Tensor:
 
 
 EXPERT_WEIGHT_DECAYS = ("load_share",)
-r"""How :func:`make_optimizer` may weigh the weight decay of the experts of
-hop-expert convolutions (:obj:`None`: as every other parameter)."""
+r"""How :func:`make_optimizer` may weigh the weight decay of the routed
+experts of hop-expert convolutions and sparse MoE blocks (:obj:`None`: as
+every other parameter)."""
 
 
 def expert_decay_groups(module: Module) -> list[tuple[list[torch.nn.Parameter], float]]:
@@ -80,7 +81,8 @@ def make_optimizer(optimizer: Callable[..., torch.optim.Optimizer], params,
     r"""The partial optimizer on ``params`` (parameters, or a module).
 
     With ``expert_weight_decay="load_share"`` (``params`` then a module),
-    the experts of each hop-expert convolution get their own parameter group
+    the routed experts of each hop-expert convolution and sparse MoE block
+    (:func:`expert_decay_groups`) get their own parameter group
     whose weight decay is the optimizer's times ``k / num_experts``, when
     that decay is *coupled* (an L2 penalty added to the gradient:
     ``torch.optim.Adam``, ``SGD``; the optimizer's ``decoupled_weight_decay``
@@ -97,6 +99,11 @@ def make_optimizer(optimizer: Callable[..., torch.optim.Optimizer], params,
     graph_moe_ablation.md``, "GMoE and the coupled weight decay"). Decoupled
     decay (``AdamW``) shrinks every weight by ``lr * weight_decay`` per step
     whatever its gradient, so the share does not enter and nothing changes.
+    Nor does it matter for spectrally normalised experts (MoE-GNN's
+    default), whose raw scale the forward divides out: on Cora it let the
+    experts' raw spectral norms grow (1.94 against 1.41) and left the test
+    accuracy where it was (80.17 against 80.27, 3 seeds; same ablation,
+    "Routing under dropout").
     """
     if expert_weight_decay is None:
         return optimizer(params=params.parameters() if isinstance(params, Module) else params)

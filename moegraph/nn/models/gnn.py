@@ -167,11 +167,10 @@ class MoEGNN(Module):
             MoE-GNN's top-2 choice of a node in training agreed with its
             test-time choice for about 30% of Cora's nodes; with the option
             for 76%, but the routing then concentrated on about 4 of 8
-            experts and Cora's test accuracy fell 1.3 points (3 seeds): the
-            random routing that dropout causes acts as a regulariser, so
-            ``model=moe_gnn`` leaves this off (section "Routing under
-            dropout" of ``experiments/results/graph_moe_ablation.md``). A
-            dropout on
+            experts and Cora's test accuracy did not improve (−1.3 points,
+            3 seeds, within noise), so ``model=moe_gnn`` leaves this off
+            (section "Routing under dropout" of
+            ``experiments/results/graph_moe_ablation.md``). A dropout on
             the network's input features (``input_dropout``) and on earlier
             blocks still reaches the router. With a batch norm the block's
             norm is applied to both inputs (its running statistics are
