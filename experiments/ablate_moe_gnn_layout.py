@@ -32,7 +32,10 @@ Two kinds of variant:
 Each run is cached as JSON under ``--runs`` (key: dataset, variant, seed and a
 hash of the overrides); besides the scores each record holds the
 diagnostics of the trained model (best validation epoch, training accuracy,
-the mean per-node norm of the FFN's input ``h`` and of its (scaled) output).
+the mean per-node norm of the FFN's input ``h`` and of its (scaled) output,
+the stored spectral norms of the FFN's weights and, for a MoE block, how its
+routing in a training-mode forward agrees with the test-time one and how
+many experts it effectively uses: :func:`moe_diagnostics`).
 Prints one markdown table: test accuracy, mean ± std over seeds, per dataset.
 """
 from __future__ import annotations
