@@ -32,7 +32,10 @@ Two kinds of variant:
 Each run is cached as JSON under ``--runs`` (key: dataset, variant, seed and a
 hash of the overrides); besides the scores each record holds the
 diagnostics of the trained model (best validation epoch, training accuracy,
-the mean per-node norm of the FFN's input ``h`` and of its (scaled) output).
+the mean per-node norm of the FFN's input ``h`` and of its (scaled) output,
+the stored spectral norms of the FFN's weights and, for a MoE block, how its
+routing in a training-mode forward agrees with the test-time one and how
+many experts it effectively uses: :func:`moe_diagnostics`).
 Prints one markdown table: test accuracy, mean ± std over seeds, per dataset.
 """
 from __future__ import annotations
@@ -59,22 +62,36 @@ HIDDEN = 64
 LAYOUTS = ("cur", "noin", "gcnpre")
 RUNS = ROOT / "experiments" / "results" / "graph_moe_ablation_runs" / "moe_gnn_layout"
 
+SN = ["model.net.spectral_norm=true", "model.net.ffn_bias=false"]  # section 5's default
+
 VARIANTS: dict[str, list[str]] = {
     "gcn": ["model=gnn", "model/strong=gcn"],
     # the plain stack as it was: FFN weights used as they are, with biases
     "dense": ["model=dense_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
-    "moe": ["model=moe_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
+    "moe": ["model=moe_gnn", "model.net.spectral_norm=false",
+            "model.net.ffn_bias=true"],
     # spectrally normalised FFN / expert weights, with biases
     "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true",
                              "model.net.ffn_bias=true"],
     "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true",
                            "model.net.ffn_bias=true"],
-    # without biases too (the default now): with spectral norm a bias-free
+    # without biases too (section 5's default): with spectral norm a bias-free
     # FFN or expert cannot make its output longer than its input
-    "dense, spectral norm, no bias": ["model=dense_gnn", "model.net.spectral_norm=true",
-                                      "model.net.ffn_bias=false"],
-    "moe, spectral norm, no bias": ["model=moe_gnn", "model.net.spectral_norm=true",
-                                    "model.net.ffn_bias=false"],
+    "dense, spectral norm, no bias": ["model=dense_gnn", *SN],
+    "moe, spectral norm, no bias": ["model=moe_gnn", *SN],
+    # section 6, from section 5's default: the router reads the block's output
+    # before its dropout; the experts' coupled L2 or learning rate scaled by
+    # their share k / E of the nodes; every expert started alike; noisy top-k
+    # gating
+    "moe, route before dropout": ["model=moe_gnn", *SN,
+                                  "model.net.route_before_dropout=true"],
+    "moe, expert decay k/E": ["model=moe_gnn", *SN,
+                              "+model.expert_weight_decay=load_share"],
+    "moe, shared expert init": ["model=moe_gnn", *SN,
+                                "+model.net.moe_kwargs.expert_init=shared"],
+    "moe, noisy router": ["model=moe_gnn", *SN, "+model.net.moe_kwargs.router_kwargs.noisy=true"],
+    "moe, expert lr k/E": ["model=moe_gnn", *SN,
+                           "+model.param_groups=[{params:net.ffns.0.experts,lr:0.0025}]"],
 }
 
 
@@ -152,7 +169,74 @@ def ffn_branch(net, data) -> dict:
         return {}
     h = net.act(net.convs[0](data.x, data.edge_index))
     y, _ = net.ffn_branch(0, h)
-    return {"h_norm": float(h.norm(dim=-1).mean()), "ffn_norm": float(y.norm(dim=-1).mean())}
+    record = {"h_norm": float(h.norm(dim=-1).mean()), "ffn_norm": float(y.norm(dim=-1).mean())}
+    ffn = net.ffns[0]
+    if isinstance(ffn, SparseMoE):
+        record.update(moe_diagnostics(net, ffn, data, h))
+    else:  # raw (stored) spectral norms of the dense FFN's two matrices
+        lins = [m for m in ffn if isinstance(m, Linear)]
+        record["raw_sigma"] = [float(torch.linalg.matrix_norm(m.weight, ord=2)) for m in lins]
+    return record
+
+
+def _topk_sets(ffn: SparseMoE, h: torch.Tensor) -> torch.Tensor:
+    r"""Each row's chosen experts ``[N, k]``, sorted (router in eval mode)."""
+    routing = ffn.router(h)
+    return routing.expert.view(h.size(0), -1).sort(dim=-1).values
+
+
+def moe_diagnostics(net, ffn: SparseMoE, data, h_eval: torch.Tensor) -> dict:
+    r"""Routing of the trained MoE block (best-validation state):
+
+    - ``agree_set`` / ``agree_top1``: share of the nodes (all, and training
+      nodes) whose top-k set / first choice is the same for the router input
+      of a training-mode forward (dropout on) and of the eval forward, mean
+      over 20 dropout draws;
+    - ``eff_experts``: ``exp`` of the entropy of the eval load over the
+      experts (8 = balanced), on all nodes and on the training nodes;
+    - ``train_nodes_per_expert``: training nodes each expert gets (eval routing);
+    - ``raw_sigma``: the stored (unnormalised) spectral norm of each expert's
+      two weight matrices, mean over experts, and ``router_norm`` the
+      Frobenius norm of the router's weight."""
+    captured: list[torch.Tensor] = []  # what the router reads in a training forward
+    handle = ffn.router.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    sets_eval = _topk_sets(ffn, h_eval)
+    agree_set, agree_top1, agree_set_tr = [], [], []
+    first_eval = ffn.router(h_eval).expert.view(h_eval.size(0), -1)[:, 0]
+    gen_state = torch.get_rng_state()
+    torch.manual_seed(12345)
+    try:
+        for _ in range(20):
+            captured.clear()
+            net.train()
+            net(data.x, data.edge_index)
+            net.eval()
+            h_train = captured[0]
+            same = (_topk_sets(ffn, h_train) == sets_eval).all(dim=-1)
+            agree_set.append(float(same.float().mean()))
+            agree_set_tr.append(float(same[data.train_mask].float().mean()))
+            first = ffn.router(h_train).expert.view(h_train.size(0), -1)[:, 0]
+            agree_top1.append(float((first == first_eval).float().mean()))
+    finally:
+        handle.remove()
+        net.eval()
+        torch.set_rng_state(gen_state)
+    E = ffn.num_experts
+    load_all = torch.bincount(sets_eval.reshape(-1), minlength=E).float()
+    load_tr = torch.bincount(sets_eval[data.train_mask].reshape(-1), minlength=E).float()
+
+    def eff(load: torch.Tensor) -> float:
+        p = load / load.sum()
+        return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+    experts = ffn.experts
+    sig = [float(torch.linalg.matrix_norm(w, ord=2).mean())
+           for w in (experts.weight1, experts.weight2)]
+    return {"agree_set": statistics.mean(agree_set), "agree_set_train": statistics.mean(
+        agree_set_tr), "agree_top1": statistics.mean(agree_top1),
+            "eff_experts": eff(load_all), "eff_experts_train": eff(load_tr),
+            "train_nodes_per_expert": load_tr.tolist(), "raw_sigma": sig,
+            "router_norm": float(ffn.router.weight.norm())}
 
 
 def run_one(dataset: str, variant: str, seed: int) -> dict:
@@ -168,6 +252,13 @@ def run_one(dataset: str, variant: str, seed: int) -> dict:
                              make_net=make_net, diagnose=ffn_branch)
 
 
+def mean_of(records: list[dict], key: str, fmt: str, index: int | None = None) -> str:
+    r"""``fmt`` of the mean of ``record[key]`` (its ``index``-th entry) over
+    the records that hold it; ``–`` if none does."""
+    values = [r[key] if index is None else r[key][index] for r in records if key in r]
+    return fmt.format(statistics.mean(values)) if values else "–"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["cora", "citeseer"])
@@ -178,7 +269,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     rows = ["| dataset | variant | test acc | per seed | train acc | best epoch | "
-            "‖FFN(h)‖ / ‖h‖ |", "|---|---|---|---|---|---|---|"]
+            "‖FFN(h)‖ / ‖h‖ | train/eval routing agree (set / top-1) | eff. experts "
+            "(all / train) | raw σ W1 / W2 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for dataset in args.datasets:
         for variant in args.variants:
             rs = []
@@ -198,7 +290,12 @@ def main(argv=None) -> None:
                 f"{', '.join(f'{t:.1f}' for t in test)} | "
                 f"{100 * statistics.mean(r['train'] for r in rs):.1f} | "
                 f"{statistics.mean(r['best_epoch'] for r in rs):.0f} | "
-                f"{f'{statistics.mean(ratio):.2f}' if ratio else '–'} |")
+                f"{f'{statistics.mean(ratio):.2f}' if ratio else '–'} | "
+                f"{mean_of(rs, 'agree_set', '{:.0%}')} / {mean_of(rs, 'agree_top1', '{:.0%}')} | "
+                f"{mean_of(rs, 'eff_experts', '{:.2f}')} / "
+                f"{mean_of(rs, 'eff_experts_train', '{:.2f}')} | "
+                f"{mean_of(rs, 'raw_sigma', '{:.2f}', 0)} / "
+                f"{mean_of(rs, 'raw_sigma', '{:.2f}', 1)} |")
     print("\n".join(rows))
 
 

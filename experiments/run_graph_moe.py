@@ -101,6 +101,11 @@ def config_hash(dataset: str, model: str) -> str:
     # Changes a config does not show (hashes of the older runs unchanged):
     if cfg.data.get("normalize_features"):  # the Planetoid protocol of Kipf & Welling
         key["data"]["normalize_features"] = True
+    if not (net.get("route_before_dropout") and net.get("ffn") == "moe"):
+        # off, or a dense FFN (no router): the network of the older runs
+        net.pop("route_before_dropout", None)
+    if net.get("ffn") == "dense":
+        net["moe_kwargs"] = {}  # no MoE block to take them: the network of the older runs
     if net["_target_"].endswith("MoEGNN") and not net.get("residual", True):
         key["moegnn_layout"] = "plain_stack"  # FFNs between PyG's plain convolutions
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]

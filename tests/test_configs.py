@@ -240,6 +240,22 @@ def test_router_overrides(compose_cfg, overrides, router):
     assert all(isinstance(f.router, router) for f in net.ffns)
 
 
+def test_moe_gnn_routing_options(compose_cfg):
+    r"""``model=moe_gnn``: noise-free top-k routers reading the dropped-out
+    input by default; the overrides of the ablation (section 6 of
+    ``graph_moe_ablation.md``) reach the objects."""
+    net = instantiate_run(compose_cfg(TINY), trainer=False)["net"]
+    assert not net.route_before_dropout
+    assert net.ffns and all(isinstance(f.router, TopKRouter) and not f.router.noisy
+                            for f in net.ffns)
+    on = instantiate_run(compose_cfg(TINY, "model.net.route_before_dropout=true",
+                                     "+model.net.moe_kwargs.router_kwargs.noisy=true",
+                                     "+model.net.moe_kwargs.expert_init=shared"),
+                         trainer=False)["net"]
+    assert on.route_before_dropout
+    assert all(f.router.noisy and f.experts.init == "shared" for f in on.ffns)
+
+
 def test_k_with_another_router_fails_clearly(compose_cfg):
     cfg = compose_cfg(TINY, "+model.net.moe_kwargs.router=topp")  # k=2 left in
     with pytest.raises(InstantiationException, match="'k' applies to the 'topk' router only"):

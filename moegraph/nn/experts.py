@@ -40,6 +40,9 @@ def resolve_backend(backend: str) -> str:
     return "loop" if backend == "auto" else backend
 
 
+EXPERT_INITS = ("independent", "shared")
+
+
 def spectral_normalize(weight: Tensor) -> Tensor:
     r"""``weight`` divided by its spectral norm (largest singular value), per
     matrix over the last two dimensions (Miyato et al., 2018, computed
@@ -272,6 +275,12 @@ class MLPExperts(Experts):
             divided by their spectral norm (:func:`spectral_normalize`), so no
             expert can stretch its input by more than the activation does.
             (default: :obj:`False`)
+        init (str, optional): ``"independent"``: each expert initialised
+            on its own; ``"shared"``: every expert starts as expert 0 (same
+            weights and biases) and the experts diverge only through the
+            rows routed to them (the dense start of sparse upcycling,
+            Komatsuzaki et al., 2023). Applied by :meth:`reset_parameters`.
+            (default: :obj:`"independent"`)
 
     Shapes:
         - **input:** ``x_sorted [A, F]`` sorted by expert, ``counts [E]``
@@ -281,13 +290,17 @@ class MLPExperts(Experts):
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int,
                  num_experts: int, act: str | Module = "gelu",
                  act_kwargs: Optional[dict[str, Any]] = None, bias: bool = True,
-                 backend: str = "auto", spectral_norm: bool = False):
+                 backend: str = "auto", spectral_norm: bool = False,
+                 init: str = "independent"):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("hidden_channels", hidden_channels),
                             ("out_channels", out_channels), ("num_experts", num_experts)):
             check_int(name, value)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
+        if init not in EXPERT_INITS:
+            raise ValueError(f"'init' must be one of {EXPERT_INITS} (got {init!r})")
+        self.init = init
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.out_channels = out_channels
@@ -313,6 +326,10 @@ class MLPExperts(Experts):
                 torch.nn.init.uniform_(weight[e], -bound, bound)
                 if bias is not None:
                     torch.nn.init.uniform_(bias[e], -bound, bound)
+        if self.init == "shared":
+            with torch.no_grad():
+                for param in self.parameters():  # stacked per expert: first dimension E
+                    param[1:] = param[0]
 
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:

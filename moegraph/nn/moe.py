@@ -87,6 +87,10 @@ class SparseMoE(Module):
             and the shared MLP experts is used divided by its spectral norm
             (:func:`~moegraph.nn.experts.spectral_normalize`); needs the
             built-in MLP experts (no ``experts``). (default: :obj:`False`)
+        expert_init (str, optional): ``"independent"`` or ``"shared"``
+            (every routed expert starts as the first one), see
+            :class:`~moegraph.nn.MLPExperts`' ``init``; needs the built-in
+            MLP experts. (default: :obj:`"independent"`)
 
     Shapes:
         - **input:** ``[N, F]``
@@ -113,6 +117,7 @@ class SparseMoE(Module):
         backend: str = "auto",
         deterministic: bool = False,
         spectral_norm: bool = False,
+        expert_init: str = "independent",
     ):
         super().__init__()
         in_channels = check_int("in_channels", in_channels)
@@ -142,9 +147,13 @@ class SparseMoE(Module):
 
         if experts is None:
             experts = MLPExperts(in_channels, hidden_channels, out_channels, num_experts, act,
-                                 act_kwargs, bias, backend, spectral_norm=spectral_norm)
+                                 act_kwargs, bias, backend, spectral_norm=spectral_norm,
+                                 init=expert_init)
         elif spectral_norm:
             raise ValueError("'spectral_norm' applies to the built-in MLP experts: it "
+                             "cannot be combined with custom 'experts'")
+        elif expert_init != "independent":
+            raise ValueError("'expert_init' applies to the built-in MLP experts: it "
                              "cannot be combined with custom 'experts'")
         elif not isinstance(experts, Experts):
             experts = ModuleExperts(list(experts), in_channels, out_channels)
@@ -174,16 +183,27 @@ class SparseMoE(Module):
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    def forward(self, x: Tensor, router_input: Optional[Tensor] = None) -> MoEOutput:
         r"""
         Args:
             x (Tensor): rows ``[N, F]`` (N rows, F features).
+            router_input (Tensor, optional): what the router reads in place
+                of ``x``, ``[N, F]`` (the same rows): e.g. ``x`` before
+                dropout, so that training routes as evaluation does (see
+                :class:`~moegraph.nn.models.MoEGNN`'s ``route_before_dropout``).
+                The experts still compute on ``x``. (default: :obj:`None`)
 
         Returns:
             :class:`MoEOutput`: ``out [N, O]`` and the :class:`Routing` over
             the E experts (A assignments).
         """
-        routing = self.router(x)  # checks x
+        if router_input is not None:
+            if not isinstance(router_input, Tensor) or not isinstance(x, Tensor):
+                raise TypeError("'x' and 'router_input' must be tensors")
+            if router_input.shape != x.shape:
+                raise ValueError(f"'router_input' must have the shape of 'x' "
+                                 f"{tuple(x.shape)} (got {tuple(router_input.shape)})")
+        routing = self.router(x if router_input is None else router_input)  # checks it
         routing = apply_capacity(routing, self.num_experts, self.capacity_factor)
         bins = indices_and_bins(routing, self.num_experts)
         out = permute_and_compute(x, bins, self.experts, routing.fixed_k,

@@ -86,8 +86,9 @@ class NodeClassificationTask(L.LightningModule):
             :func:`~moegraph.tasks.common.parameter_groups`). (default: :obj:`None`)
         expert_weight_decay (str, optional): ``"load_share"``: under a
             coupled weight decay (an L2 penalty in the gradient, e.g.
-            ``torch.optim.Adam``), the experts of the network's hop-expert
-            convolutions get the optimizer's weight decay times
+            ``torch.optim.Adam``), the routed experts of the network's
+            hop-expert convolutions and sparse MoE blocks get the
+            optimizer's weight decay times
             ``k / num_experts``, their share of the nodes (see
             :func:`~moegraph.tasks.common.make_optimizer`); :obj:`None`: as
             every parameter; not with ``param_groups``. (default: :obj:`None`)
@@ -120,7 +121,7 @@ class NodeClassificationTask(L.LightningModule):
             if expert_weight_decay not in EXPERT_WEIGHT_DECAYS:
                 raise ValueError(f"'expert_weight_decay' must be None or one of "
                                  f"{EXPERT_WEIGHT_DECAYS} (got {expert_weight_decay!r})")
-            expert_decay_groups(net)  # raises if the network has no hop-expert experts
+            expert_decay_groups(net)  # raises if the network has no routed experts
         self.expert_weight_decay = expert_weight_decay
         if expert_weight_decay is not None and param_groups:
             raise ValueError("'expert_weight_decay' makes the experts' parameter groups itself: "

@@ -773,3 +773,121 @@ def test_spectral_norm_is_the_block_with_normalised_weights(shared, dtype):
     # the unnormalised block differs: the option is not a no-op
     m.experts.spectral_norm = False
     assert not torch.allclose(m(x)[0], out, atol=1e-3)
+
+
+# router_input ##################################################################
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("shared", [0, 1])
+def test_router_input_routes_on_it_and_computes_on_x(k, shared):
+    r"""``router_input``: the naive routing of ``router_input`` (not of
+    ``x``), the experts (and shared experts) applied to ``x``."""
+    torch.manual_seed(0)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=k, num_shared_experts=shared)
+    x, r = make_x(seed=0), make_x(seed=1)
+    out, routing = m(x, router_input=r)
+    ref = naive_route(m, r)
+    assert ref != naive_route(m, x)  # the two inputs route differently: the test can fail
+    torch.testing.assert_close(routing.dense_weight().double(), to_dense(ref, E),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), naive_moe(m, x, ref), atol=2e-5, rtol=1e-4)
+    # router_input=x is the plain call
+    torch.testing.assert_close(m(x, router_input=x).out, m(x).out)
+
+
+def test_router_input_gradients():
+    r"""The router's gradient comes through ``router_input``; ``x`` gets the
+    experts' gradient only (a router input without a gradient path leaves
+    ``x``'s gradient equal to that of a fixed routing)."""
+    torch.manual_seed(0)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2)
+    x = make_x(seed=0).requires_grad_()
+    r = make_x(seed=1).requires_grad_()
+    m(x, router_input=r).out.sum().backward()
+    assert r.grad is not None and float(r.grad.abs().sum()) > 0
+    assert m.router.weight.grad is not None and float(m.router.weight.grad.abs().sum()) > 0
+    # x's gradient: the naive mixture with the routing of r held fixed
+    ref = to_dense(naive_route(m, r.detach()), E).float()  # [N, E]
+    x2 = x.detach().clone().requires_grad_()
+    W1, W2 = m.experts.weight1, m.experts.weight2
+    ys = torch.stack([F.gelu(x2 @ W1[e] + m.experts.bias1[e]) @ W2[e] + m.experts.bias2[e]
+                      for e in range(E)])  # [E, N, O]
+    (ref.t().unsqueeze(-1) * ys).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_router_input_bad_input():
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=2)
+    x = make_x()
+    with pytest.raises(ValueError, match="must have the shape of 'x'"):
+        m(x, router_input=x[:-1])
+    with pytest.raises(ValueError, match="must have the shape of 'x'"):
+        m(x, router_input=torch.randn(N, FEAT + 1))
+    with pytest.raises(TypeError, match="must be tensors"):
+        m(x, router_input=x.tolist())
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the router checks what it reads
+        m(x, router_input=bad)
+
+
+# expert_init ####################################################################
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_shared_expert_init_starts_as_one_mlp(spectral_norm, k):
+    r"""``expert_init="shared"``: every expert holds expert 0's weights, so
+    the renormalised top-k mix at the start is that one MLP, computed by
+    hand (spectrally normalised with numpy's SVD where asked); after a reset
+    too. The experts' slices differ with the default independent init."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=k, bias=not spectral_norm,
+                  spectral_norm=spectral_norm, expert_init="shared")
+    ex = m.experts
+    for _ in range(2):
+        for p in ex.parameters():
+            assert all(torch.equal(p[e], p[0]) for e in range(E))
+        x = make_x()
+        W1, W2 = ex.weight1[0].detach().double(), ex.weight2[0].detach().double()
+        if spectral_norm:
+            W1 = W1 / float(np.linalg.svd(W1.numpy(), compute_uv=False)[0])
+            W2 = W2 / float(np.linalg.svd(W2.numpy(), compute_uv=False)[0])
+        b1 = ex.bias1[0].detach().double() if ex.bias1 is not None else 0
+        b2 = ex.bias2[0].detach().double() if ex.bias2 is not None else 0
+        ref = F.gelu(x.double() @ W1 + b1) @ W2 + b2
+        torch.testing.assert_close(m(x).out.double(), ref, atol=1e-5, rtol=1e-4)
+        m.reset_parameters()
+    torch.manual_seed(0)
+    indep = SparseMoE(FEAT, HID, OUT, num_experts=E, k=k)
+    assert not torch.equal(indep.experts.weight1[0], indep.experts.weight1[1])
+
+
+def test_shared_expert_init_experts_diverge_with_their_rows():
+    r"""One SGD step from a shared start: experts routed different rows get
+    different gradients and are no longer equal."""
+    torch.manual_seed(0)
+    m = SparseMoE(FEAT, HID, OUT, num_experts=E, k=1, expert_init="shared")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    out, routing = m(make_x())
+    out.pow(2).sum().backward()
+    opt.step()
+    w = m.experts.weight1.detach()
+    used = sorted(set(routing.expert.tolist()))
+    assert len(used) > 1
+    assert not torch.equal(w[used[0]], w[used[1]])
+
+
+def test_expert_init_bad_input():
+    from moegraph.nn import MLPExperts
+
+    with pytest.raises(ValueError, match="'init' must be one of"):
+        MLPExperts(FEAT, HID, OUT, E, init="copy")
+    with pytest.raises(ValueError, match="'init' must be one of"):
+        SparseMoE(FEAT, HID, OUT, num_experts=E, expert_init="same")
+    with pytest.raises(ValueError, match="'expert_init' applies to the built-in MLP experts"):
+        SparseMoE(8, 16, 8, num_experts=2, experts=[torch.nn.Linear(8, 8)] * 2,
+                  expert_init="shared")

@@ -345,6 +345,36 @@ def test_expert_weight_decay_load_share_sgd_step_by_hand():
         torch.testing.assert_close(p.detach(), before[name] * (1 - 0.5 * wd))
 
 
+@pytest.mark.parametrize("opt_cls,kwargs,scaled", [
+    (torch.optim.Adam, dict(lr=0.1, weight_decay=0.2), True),
+    (torch.optim.AdamW, dict(lr=0.1, weight_decay=0.2), False),
+])
+def test_expert_weight_decay_load_share_sparse_moe(opt_cls, kwargs, scaled):
+    r"""``load_share`` on MoE-GNN's sparse MoE blocks: each block's routed
+    experts in their own group at 0.2 x k / E (k=2, E=4: 0.1) under a
+    coupled decay; routers, shared experts, convolutions at 0.2."""
+    torch.manual_seed(0)
+    net = MoEGNN(FEAT, 8, C, num_layers=3, num_experts=4, k=2, dropout=0.0,
+                 moe_kwargs={"num_shared_experts": 1})
+    opt = make_task(net, optimizer=functools.partial(opt_cls, **kwargs),
+                    expert_weight_decay="load_share").configure_optimizers()
+    groups = opt.param_groups
+    assert len(groups) == 1 + 3
+    assert groups[0]["weight_decay"] == 0.2
+    for group, ffn in zip(groups[1:], net.ffns, strict=True):
+        assert {id(p) for p in group["params"]} == {id(ffn.experts.weight1),
+                                                    id(ffn.experts.weight2),
+                                                    id(ffn.experts.bias1),
+                                                    id(ffn.experts.bias2)}
+        assert group["weight_decay"] == pytest.approx(0.1 if scaled else 0.2)
+    rest = {id(p) for p in groups[0]["params"]}
+    for ffn in net.ffns:
+        assert id(ffn.router.weight) in rest
+        assert {id(p) for p in ffn.shared.parameters()} <= rest
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(
+        id(p) for p in net.parameters())
+
+
 def test_expert_weight_decay_covers_gat_attention():
     from moegraph.nn.models import GMoE
 
@@ -364,8 +394,12 @@ def test_expert_weight_decay_bad_input():
 
     with pytest.raises(ValueError, match="'expert_weight_decay' must be None or one of"):
         make_task(make_gmoe(), expert_weight_decay="share")
-    with pytest.raises(ValueError, match="has none"):  # no hop-expert convolution
-        make_task(expert_weight_decay="load_share")
+    with pytest.raises(ValueError, match="has none"):  # no routed experts
+        make_task(make_net(ffn="dense"), expert_weight_decay="load_share")
+    torch.manual_seed(0)
+    topp = MoEGNN(FEAT, 8, C, num_experts=4, dropout=0.0, moe_kwargs={"router": "topp"})
+    with pytest.raises(ValueError, match="needs top-k routers"):
+        make_task(topp, expert_weight_decay="load_share")
     torch.manual_seed(0)
     ec = GMoE(FEAT, 8, C, num_experts=4, router="expert_choice", dropout=0.0)
     with pytest.raises(ValueError, match="needs top-k routers"):

@@ -355,6 +355,87 @@ def test_ffn_branch_is_what_a_block_adds():
         torch.testing.assert_close(net(x, edge_index).logits, net.convs[1](h + y, edge_index))
 
 
+def test_route_before_dropout_plain_stack_by_hand():
+    r"""``route_before_dropout``, training, plain stack: the router reads
+    ``relu(conv_1(x))`` before the dropout, the experts the dropped-out
+    ``h``. Reference composed by hand with the same dropout draws (same
+    seed, same order of calls), the experts' mixture computed naively from
+    the routing of the clean ``h``."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=2, ffn="moe", norm=None, dropout=0.5,
+                 input_dropout=0.2, residual=False, num_experts=4, k=2,
+                 route_before_dropout=True).train()
+    torch.manual_seed(7)
+    out = net(x, edge_index)
+    moe = net.ffns[0]
+    torch.manual_seed(7)
+    xd = F.dropout(x, 0.2, True)
+    a = torch.relu(net.convs[0](xd, edge_index))
+    h = F.dropout(a, 0.5, True)
+    probs = torch.softmax(a @ moe.router.weight.t(), dim=-1)  # [N, E]
+    top_p, top_e = probs.topk(2, dim=-1)
+    gate = top_p / top_p.sum(dim=-1, keepdim=True)
+    ex = moe.experts
+    y = torch.zeros(x.size(0), HID)
+    for n in range(x.size(0)):
+        for j in range(2):
+            e = int(top_e[n, j])
+            y[n] += gate[n, j] * (torch.relu(h[n] @ ex.weight1[e] + ex.bias1[e])
+                                  @ ex.weight2[e] + ex.bias2[e])
+    ref = net.convs[1](h + F.dropout(y, 0.5, True), edge_index)
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-4)
+    assert out.routing[0].expert.view(-1, 2).tolist() == top_e.tolist()
+
+
+@pytest.mark.parametrize("residual,norm", [(False, None), (True, "layer_norm")])
+def test_route_before_dropout_routes_in_training_as_in_evaluation(residual, norm):
+    r"""Without input dropout, one block: the router's input in training is
+    the evaluation one, so the top-k choices agree on every node (and the
+    test-time model is unchanged); without the option dropout moves some."""
+    torch.manual_seed(5)
+    x, edge_index = make_graph(n=200, num_edges=600)
+    kwargs = dict(num_layers=2 if not residual else 1, ffn="moe", norm=norm, dropout=0.5,
+                  input_dropout=0.0, residual=residual, num_experts=4, k=2)
+    net = MoEGNN(FEAT, HID, OUT, route_before_dropout=True, **kwargs)
+    off = MoEGNN(FEAT, HID, OUT, route_before_dropout=False, **kwargs)
+    off.load_state_dict(net.state_dict())
+    net.eval()
+    off.eval()
+    ev = net(x, edge_index)
+    torch.testing.assert_close(ev.logits, off(x, edge_index).logits)  # eval: the same model
+    eval_choice = ev.routing[0].expert.view(-1, 2)
+    net.train()
+    off.train()
+    torch.manual_seed(0)
+    assert net(x, edge_index).routing[0].expert.view(-1, 2).tolist() == eval_choice.tolist()
+    torch.manual_seed(0)
+    moved = (off(x, edge_index).routing[0].expert.view(-1, 2) != eval_choice).any(-1)
+    assert int(moved.sum()) > 0
+
+
+def test_route_before_dropout_no_op_without_dropout_or_router():
+    x, edge_index = make_graph()
+    for ffn, dropout in (("moe", 0.0), ("dense", 0.5)):
+        torch.manual_seed(0)
+        a = MoEGNN(FEAT, HID, OUT, ffn=ffn, dropout=dropout, residual=False, num_experts=4,
+                   k=2, route_before_dropout=True).train()
+        b = MoEGNN(FEAT, HID, OUT, ffn=ffn, dropout=dropout, residual=False, num_experts=4,
+                   k=2).train()
+        b.load_state_dict(a.state_dict())
+        torch.manual_seed(1)
+        ya = a(x, edge_index).logits
+        torch.manual_seed(1)
+        torch.testing.assert_close(ya, b(x, edge_index).logits)
+
+
+def test_route_before_dropout_bad_type():
+    with pytest.raises(TypeError, match="'route_before_dropout' must be a bool"):
+        MoEGNN(FEAT, HID, OUT, route_before_dropout="yes")
+
+
 def test_plain_stack_one_layer_and_gat_head():
     x, edge_index = make_graph()
     # one layer: a single convolution to the classes, nowhere for an FFN
