@@ -23,7 +23,7 @@ __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index", "re
            "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
-HOP2_MODES = ("pairs", "square")
+HOP2_MODES = ("pairs", "square", "mix", "concat")
 EXPERT_INITS = ("independent", "shared")
 
 
@@ -170,8 +170,8 @@ class HopMoEConv(MessagePassing):
             capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         if hop2 not in HOP2_MODES:
             raise ValueError(f"'hop2' must be one of {HOP2_MODES} (got {hop2!r})")
-        if hop2 == "square" and conv != "gcn":
-            raise ValueError(f"'hop2=\"square\"' applies to GCN experts only (conv={conv!r})")
+        if hop2 != "pairs" and conv != "gcn":
+            raise ValueError(f"'hop2={hop2!r}' applies to GCN experts only (conv={conv!r})")
         if expert_init not in EXPERT_INITS:
             raise ValueError(f"'expert_init' must be one of {EXPERT_INITS} (got {expert_init!r})")
         if aggregate_first is False and conv not in ("gcn", "sage"):
@@ -210,6 +210,11 @@ class HopMoEConv(MessagePassing):
         else:
             self.register_parameter("att_src", None)
             self.register_parameter("att_dst", None)
+        if hop2 == "concat":  # the hop-2 experts' weights on A^2 x, zero at init
+            self.hop2_weight = Parameter(torch.empty(num_hop2_experts, in_channels,
+                                                     out_channels))
+        else:
+            self.register_parameter("hop2_weight", None)
         self._cache: Optional[tuple] = None
         self.reset_parameters()
 
@@ -221,6 +226,8 @@ class HopMoEConv(MessagePassing):
             for att in (self.att_src, self.att_dst):
                 for e in range(self.num_experts):
                     torch.nn.init.xavier_uniform_(att[e].view(1, -1))
+        if self.hop2_weight is not None:
+            torch.nn.init.zeros_(self.hop2_weight)
         self.share_expert_init()
         self._cache = None
 
@@ -258,10 +265,10 @@ class HopMoEConv(MessagePassing):
         for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
             if needed == 0:
                 continue
-            if hop == 2 and self.hop2 == "square" and 1 in graphs:
+            if hop == 2 and self.hop2 != "pairs" and 1 in graphs:
                 graphs[2] = graphs[1]  # the hop-1 graph, aggregated twice
                 continue
-            ei = (edge_index.long() if hop == 1 or self.hop2 == "square"
+            ei = (edge_index.long() if hop == 1 or self.hop2 != "pairs"
                   else two_hop_edge_index(edge_index, num_nodes))
             weight = None
             if self.conv == "gcn":
@@ -316,7 +323,7 @@ class HopMoEConv(MessagePassing):
                           else (self.num_hop1_experts, self.num_experts))
                 # the distinct nodes of the hop's assignments, and which each is
                 targets, inverse = torch.unique(rows[part], return_inverse=True)  # [T], [A_h]
-                square = hop == 2 and self.hop2 == "square"
+                square = hop == 2 and self.hop2 != "pairs"
                 if not square and self._transform_first(x, graphs[hop], rows[part], targets,
                                                         counts[lo:hi]):
                     ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
@@ -330,11 +337,28 @@ class HopMoEConv(MessagePassing):
                         source = self.propagate(graphs[hop].adjacency_to(every), x=x,
                                                 edge_weight=None)  # [N, F]
                     z = self._aggregate(source, graphs[hop], rows[part], targets, inverse)
-                    ys.append(self.experts(z, hop_counts))  # [A_h, O]
+                    if square and self.hop2 == "mix":  # (A x + A (A x)) / 2
+                        z = 0.5 * (source[rows[part]] + z)
+                    if square and self.hop2 == "concat":  # A x W_e + A (A x) W'_e
+                        ys.append(self.experts(source[rows[part]], hop_counts)
+                                  + self._hop2_term(z, counts[lo:hi]))
+                    else:
+                        ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
         y = y * bins.weight.to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
+
+    def _hop2_term(self, z: Tensor, counts: Tensor) -> Tensor:
+        r"""``hop2="concat"``: :math:`(\hat{\mathbf{A}}^2\mathbf{X})
+        \mathbf{W}'_e` of the hop-2 assignments ``z [A_2, F]`` (sorted by
+        expert, ``counts`` per hop-2 expert)."""
+        assert self.hop2_weight is not None
+        weights = self.hop2_weight.unbind(0)
+        outs = [ze @ weights[j].to(ze.dtype)
+                for j, ze in enumerate(z.split(counts.tolist()))  # host sync: block sizes
+                if ze.size(0) > 0]
+        return torch.cat(outs) if outs else z.new_zeros(0, self.out_channels)
 
     def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor, targets: Tensor,
                          counts: Tensor) -> bool:
@@ -451,7 +475,7 @@ class HopMoEConv(MessagePassing):
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
                 f"{extra}, conv={self.conv}"
-                f"{', hop2=square' if self.hop2 == 'square' else ''})")
+                f"{'' if self.hop2 == 'pairs' else f', hop2={self.hop2}'})")
 
 
 def reset_submodules(root: torch.nn.Module) -> None:
