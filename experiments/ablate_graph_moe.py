@@ -125,13 +125,15 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "gmoe, hop2=mix, constant router noise": [
             "model=gmoe", "model.net.hop2=mix",
             "+model.net.router_kwargs.noise=constant"],
-        "gmoe, no balance loss": ["model=gmoe", "model.net.hop2=square",
-                                  "model.aux_loss_weights.importance=0.0"],
+        "gmoe (straight-through, shared init), no balance loss": [
+            "model=gmoe", "model.net.hop2=square", "model.aux_loss_weights.importance=0.0"],
         # hop-2 experts that are hop-1 experts plus a zero-initialised term on
         # Â² X: Â X W_e + Â² X W'_e (MixHop's powers 1 and 2, own weights)
         "gmoe, hop2=concat": ["model=gmoe", "model.net.hop2=concat"],
         "gmoe, hop2=concat, constant router noise": [
             "model=gmoe", "model.net.hop2=concat", "+model.net.router_kwargs.noise=constant"],
+        # one learned scalar per hop-2 expert instead of W': ((1 - a) Â + a Â²) X W_e
+        "gmoe, hop2=blend": ["model=gmoe", "model.net.hop2=blend"],
     },
 }
 

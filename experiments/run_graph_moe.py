@@ -6,7 +6,7 @@ Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
   :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
-  hop 2 (``ÂX W_e + Â²X W'_e``, ``hop2="concat"``), noisy top-1 routing with a
+  hop 2 (the squared GCN adjacency), noisy top-1 routing with a
   straight-through gate, experts started alike) against ``gnn`` (PyG's
   GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node

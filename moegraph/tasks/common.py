@@ -63,7 +63,8 @@ def expert_decay_groups(module: Module) -> list[tuple[list[torch.nn.Parameter], 
             raise ValueError(f"expert_weight_decay='load_share' needs top-k routers (a fixed k); "
                              f"{type(conv.router).__name__} has none")
         params = list(conv.experts.parameters())
-        params += [p for p in (conv.att_src, conv.att_dst, conv.hop2_weight) if p is not None]
+        params += [p for p in (conv.att_src, conv.att_dst, conv.hop2_weight, conv.hop2_alpha)
+                   if p is not None]
         groups.append((params, k / conv.num_experts))
     if not groups:
         raise ValueError("expert_weight_decay='load_share' applies to networks with hop-expert "

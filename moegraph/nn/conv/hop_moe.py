@@ -23,7 +23,7 @@ __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index", "re
            "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
-HOP2_MODES = ("pairs", "square", "mix", "concat")
+HOP2_MODES = ("pairs", "square", "mix", "concat", "blend")
 EXPERT_INITS = ("independent", "shared")
 
 
@@ -127,6 +127,15 @@ class HopMoEConv(MessagePassing):
             the 2-hop aggregation only as far as training finds it useful, so
             a node routed to it does not lose its 1-hop neighbourhood. It
             transforms twice (about twice the FLOPs of a hop-1 expert).
+            Under Adam a zero-initialised weight moves by up to the learning
+            rate per step, so :math:`\mathbf{W}'_e` soon has the size of
+            :math:`\mathbf{W}_e`: twice the weights of a hop-1 expert.
+            ``"blend"`` learns one scalar per hop-2 expert instead,
+            :math:`\big((1 - \alpha_e)\hat{\mathbf{A}}\mathbf{X} + \alpha_e
+            \hat{\mathbf{A}}^2\mathbf{X}\big)\mathbf{W}_e + \mathbf{b}_e`
+            (``hop2_alpha [E_2]``, zero at init, not constrained; a learned
+            hop weight as in GPR-GNN, Chien et al., 2021): it starts as a
+            hop-1 expert, with the FLOPs and weights of one.
             (default: :obj:`"pairs"`)
         expert_init (str, optional): ``"independent"``, each expert
             initialised on its own, or ``"shared"``: every expert starts as
@@ -229,6 +238,10 @@ class HopMoEConv(MessagePassing):
                                                      out_channels))
         else:
             self.register_parameter("hop2_weight", None)
+        if hop2 == "blend":  # each hop-2 expert's share of A^2 x, zero at init
+            self.hop2_alpha = Parameter(torch.empty(num_hop2_experts))
+        else:
+            self.register_parameter("hop2_alpha", None)
         self._cache: Optional[tuple] = None
         self.reset_parameters()
 
@@ -240,8 +253,9 @@ class HopMoEConv(MessagePassing):
             for att in (self.att_src, self.att_dst):
                 for e in range(self.num_experts):
                     torch.nn.init.xavier_uniform_(att[e].view(1, -1))
-        if self.hop2_weight is not None:
-            torch.nn.init.zeros_(self.hop2_weight)
+        for param in (self.hop2_weight, self.hop2_alpha):
+            if param is not None:
+                torch.nn.init.zeros_(param)
         self.share_expert_init()
         self._cache = None
 
@@ -353,6 +367,11 @@ class HopMoEConv(MessagePassing):
                     z = self._aggregate(source, graphs[hop], rows[part], targets, inverse)
                     if square and self.hop2 == "mix":  # (A x + A (A x)) / 2
                         z = 0.5 * (source[rows[part]] + z)
+                    if square and self.hop2 == "blend":  # A x + alpha_e (A (A x) - A x)
+                        assert self.hop2_alpha is not None
+                        alpha = self.hop2_alpha[experts[part] - lo].unsqueeze(-1)
+                        ax = source[rows[part]]
+                        z = ax + alpha.to(z.dtype) * (z - ax)
                     if square and self.hop2 == "concat":  # A x W_e + A (A x) W'_e
                         ys.append(self.experts(source[rows[part]], hop_counts)
                                   + self._hop2_term(z, counts[lo:hi]))

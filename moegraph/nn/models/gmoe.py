@@ -66,7 +66,7 @@ class GMoE(Module):
             a :class:`ValueError` that points to :func:`make_gmoe` (the
             residual variant is another architecture). (default: :obj:`False`)
         hop2 (str, optional): receptive field of the hop-2 experts,
-            ``"pairs"``, ``"square"``, ``"mix"`` or ``"concat"`` (see
+            ``"pairs"``, ``"square"``, ``"mix"``, ``"concat"`` or ``"blend"`` (see
             :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"pairs"`)
         expert_init (str, optional): ``"independent"`` or ``"shared"``
             (every expert of a layer starts as the same one; see
