@@ -111,6 +111,29 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "gmoe, straight-through gate, no router noise, shared expert init": [
             "model=gmoe_paper", "model.net.router_kwargs={noisy:false,straight_through:true}",
             "model.net.expert_init=shared"],
+        # model=gmoe before section 7 (straight-through gate, shared init,
+        # hop2=square); these variants ran as model=gmoe then, the cached runs
+        # renamed to the hash with the hop2 pinned
+        "gmoe (straight-through, shared init), hop2=square": ["model=gmoe",
+                                                              "model.net.hop2=square"],
+        # model=gmoe (straight-through gate, shared init) with a hop-2 expert
+        # that keeps the hop-1 neighbourhood, (Â + Â²) X / 2, and/or a router
+        # noise of constant std (not learned: it cannot grow with the logits)
+        "gmoe, hop2=mix": ["model=gmoe", "model.net.hop2=mix"],
+        "gmoe, constant router noise": [
+            "model=gmoe", "model.net.hop2=square", "+model.net.router_kwargs.noise=constant"],
+        "gmoe, hop2=mix, constant router noise": [
+            "model=gmoe", "model.net.hop2=mix",
+            "+model.net.router_kwargs.noise=constant"],
+        "gmoe (straight-through, shared init), no balance loss": [
+            "model=gmoe", "model.net.hop2=square", "model.aux_loss_weights.importance=0.0"],
+        # hop-2 experts that are hop-1 experts plus a zero-initialised term on
+        # Â² X: Â X W_e + Â² X W'_e (MixHop's powers 1 and 2, own weights)
+        "gmoe, hop2=concat": ["model=gmoe", "model.net.hop2=concat"],
+        "gmoe, hop2=concat, constant router noise": [
+            "model=gmoe", "model.net.hop2=concat", "+model.net.router_kwargs.noise=constant"],
+        # one learned scalar per hop-2 expert instead of W': ((1 - a) Â + a Â²) X W_e
+        "gmoe, hop2=blend": ["model=gmoe", "model.net.hop2=blend"],
     },
 }
 

@@ -293,7 +293,7 @@ class Router(Module):
         return ""
 
 
-NOISES = ("gaussian", "uniform")
+NOISES = ("gaussian", "uniform", "constant")
 
 
 class TopKRouter(Router):
@@ -386,6 +386,9 @@ class TopKRouter(Router):
         noise_std = None
         if self.noisy and self.training and self.noise == "uniform":
             logits = clean + torch.rand_like(clean)
+        elif self.noisy and self.training and self.noise == "constant":
+            noise_std = clean.new_full((), math.log(2.0) + self.noise_epsilon)
+            logits = clean + torch.randn_like(clean) * noise_std
         elif self.noisy and self.training:
             noise_std = F.softplus(self._logits(x, self.noise_weight)) + self.noise_epsilon
             logits = clean + torch.randn_like(clean) * noise_std

@@ -68,7 +68,8 @@ def expert_decay_groups(module: Module) -> list[tuple[list[torch.nn.Parameter], 
                              f"{type(layer.router).__name__} has none")
         params = list(layer.experts.parameters())
         if isinstance(layer, HopMoEConv):
-            params += [p for p in (layer.att_src, layer.att_dst) if p is not None]
+            params += [p for p in (layer.att_src, layer.att_dst, layer.hop2_weight,
+                                   layer.hop2_alpha) if p is not None]
         groups.append((params, k / layer.num_experts))
     if not groups:
         raise ValueError("expert_weight_decay='load_share' applies to networks with routed "

@@ -763,3 +763,35 @@ def test_uniform_noise_is_added_in_training_only():
     assert "noise='uniform'" in repr(router)
     with pytest.raises(ValueError, match="'noise' must be one of"):
         TopKRouter(4, 5, noisy=True, noise="gumbel")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_constant_noise_matches_naive(k):
+    r"""``noise="constant"``: Gaussian noise of the fixed std ln 2 +
+    noise_epsilon (the learned noise's value at init), nothing learned for it;
+    the smooth load estimate uses that std; no noise in eval."""
+    torch.manual_seed(6)
+    E, N = 5, 40
+    router = TopKRouter(8, E, k=k, noisy=True, noise="constant", noise_epsilon=0.05)
+    assert router.noise_weight is None
+    x = make_x(N=N, seed=5)
+    torch.manual_seed(123)
+    routing = router(x)
+    torch.manual_seed(123)
+    eps = torch.randn(N, E).double().tolist()
+    clean = naive_logits(x, router.weight)
+    s = math.log(2.0) + 0.05
+    std = [[s] * E for _ in range(N)]
+    noisy = [[c + e * s for c, e in zip(cr, er, strict=True)]
+             for cr, er in zip(clean, eps, strict=True)]
+    ref = naive_topk(naive_softmax(noisy), k, E)
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    assert pairs_of_naive(ref) != pairs_of_naive(naive_topk(naive_softmax(clean), k, E))
+    gates = to_dense(ref, E)
+    expected = (naive_cv_squared(gates.sum(dim=0).tolist())
+                + naive_cv_squared(naive_smooth_load(clean, noisy, std, k)))
+    assert routing.aux_loss["importance"].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    routing = router.eval()(x)
+    ref = naive_topk(naive_softmax(clean), k, E)
+    assert pairs_of(routing) == pairs_of_naive(ref)
+    assert "noise='constant'" in repr(router)

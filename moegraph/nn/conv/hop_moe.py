@@ -23,7 +23,7 @@ __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index", "re
            "two_hop_edge_index"]
 
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
-HOP2_MODES = ("pairs", "square")
+HOP2_MODES = ("pairs", "square", "mix", "concat", "blend")
 EXPERT_INITS = ("independent", "shared")
 
 
@@ -113,7 +113,30 @@ class HopMoEConv(MessagePassing):
             propagation): paths weighted by their count, the node and its
             1-hop neighbours kept, and no 2-hop graph built. On a dense graph
             ``"pairs"`` averages over most of the graph (a node loses its own
-            features); ``"square"`` does not. (default: :obj:`"pairs"`)
+            features); ``"square"`` does not, but still puts most of a row on
+            the nodes two steps away (69-74% on the social graphs reed98 and
+            amherst41, whose labels agree there no more than chance). Two
+            further modes (GCN experts only) keep the hop-1 aggregation in a
+            hop-2 expert: ``"mix"``, :math:`\tfrac12(\hat{\mathbf{A}} +
+            \hat{\mathbf{A}}^2)\mathbf{X}\mathbf{W}_e + \mathbf{b}_e`, and
+            ``"concat"``, :math:`\hat{\mathbf{A}}\mathbf{X}\mathbf{W}_e +
+            \hat{\mathbf{A}}^2\mathbf{X}\mathbf{W}'_e + \mathbf{b}_e` (the
+            concatenated powers 1 and 2 of MixHop, Abu-El-Haija et al., 2019,
+            with the weights ``hop2_weight [E_2, F, O]`` of the hop-2 experts
+            at zero at init): a hop-2 expert starts as a hop-1 expert and uses
+            the 2-hop aggregation only as far as training finds it useful, so
+            a node routed to it does not lose its 1-hop neighbourhood. It
+            transforms twice (about twice the FLOPs of a hop-1 expert).
+            Under Adam a zero-initialised weight moves by up to the learning
+            rate per step, so :math:`\mathbf{W}'_e` soon has the size of
+            :math:`\mathbf{W}_e`: twice the weights of a hop-1 expert.
+            ``"blend"`` learns one scalar per hop-2 expert instead,
+            :math:`\big((1 - \alpha_e)\hat{\mathbf{A}}\mathbf{X} + \alpha_e
+            \hat{\mathbf{A}}^2\mathbf{X}\big)\mathbf{W}_e + \mathbf{b}_e`
+            (``hop2_alpha [E_2]``, zero at init, not constrained; a learned
+            hop weight as in GPR-GNN, Chien et al., 2021): it starts as a
+            hop-1 expert, with the FLOPs and weights of one.
+            (default: :obj:`"pairs"`)
         expert_init (str, optional): ``"independent"``, each expert
             initialised on its own, or ``"shared"``: every expert starts as
             expert 0 (the same weights, biases and attention vectors; GCN
@@ -170,8 +193,8 @@ class HopMoEConv(MessagePassing):
             capacity_factor = check_positive_float("capacity_factor", capacity_factor)
         if hop2 not in HOP2_MODES:
             raise ValueError(f"'hop2' must be one of {HOP2_MODES} (got {hop2!r})")
-        if hop2 == "square" and conv != "gcn":
-            raise ValueError(f"'hop2=\"square\"' applies to GCN experts only (conv={conv!r})")
+        if hop2 != "pairs" and conv != "gcn":
+            raise ValueError(f"'hop2={hop2!r}' applies to GCN experts only (conv={conv!r})")
         if expert_init not in EXPERT_INITS:
             raise ValueError(f"'expert_init' must be one of {EXPERT_INITS} (got {expert_init!r})")
         if aggregate_first is False and conv not in ("gcn", "sage"):
@@ -210,6 +233,15 @@ class HopMoEConv(MessagePassing):
         else:
             self.register_parameter("att_src", None)
             self.register_parameter("att_dst", None)
+        if hop2 == "concat":  # the hop-2 experts' weights on A^2 x, zero at init
+            self.hop2_weight = Parameter(torch.empty(num_hop2_experts, in_channels,
+                                                     out_channels))
+        else:
+            self.register_parameter("hop2_weight", None)
+        if hop2 == "blend":  # each hop-2 expert's share of A^2 x, zero at init
+            self.hop2_alpha = Parameter(torch.empty(num_hop2_experts))
+        else:
+            self.register_parameter("hop2_alpha", None)
         self._cache: Optional[tuple] = None
         self.reset_parameters()
 
@@ -221,6 +253,9 @@ class HopMoEConv(MessagePassing):
             for att in (self.att_src, self.att_dst):
                 for e in range(self.num_experts):
                     torch.nn.init.xavier_uniform_(att[e].view(1, -1))
+        for param in (self.hop2_weight, self.hop2_alpha):
+            if param is not None:
+                torch.nn.init.zeros_(param)
         self.share_expert_init()
         self._cache = None
 
@@ -258,10 +293,10 @@ class HopMoEConv(MessagePassing):
         for hop, needed in ((1, self.num_hop1_experts), (2, self.num_hop2_experts)):
             if needed == 0:
                 continue
-            if hop == 2 and self.hop2 == "square" and 1 in graphs:
+            if hop == 2 and self.hop2 != "pairs" and 1 in graphs:
                 graphs[2] = graphs[1]  # the hop-1 graph, aggregated twice
                 continue
-            ei = (edge_index.long() if hop == 1 or self.hop2 == "square"
+            ei = (edge_index.long() if hop == 1 or self.hop2 != "pairs"
                   else two_hop_edge_index(edge_index, num_nodes))
             weight = None
             if self.conv == "gcn":
@@ -316,7 +351,7 @@ class HopMoEConv(MessagePassing):
                           else (self.num_hop1_experts, self.num_experts))
                 # the distinct nodes of the hop's assignments, and which each is
                 targets, inverse = torch.unique(rows[part], return_inverse=True)  # [T], [A_h]
-                square = hop == 2 and self.hop2 == "square"
+                square = hop == 2 and self.hop2 != "pairs"
                 if not square and self._transform_first(x, graphs[hop], rows[part], targets,
                                                         counts[lo:hi]):
                     ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
@@ -330,11 +365,33 @@ class HopMoEConv(MessagePassing):
                         source = self.propagate(graphs[hop].adjacency_to(every), x=x,
                                                 edge_weight=None)  # [N, F]
                     z = self._aggregate(source, graphs[hop], rows[part], targets, inverse)
-                    ys.append(self.experts(z, hop_counts))  # [A_h, O]
+                    if square and self.hop2 == "mix":  # (A x + A (A x)) / 2
+                        z = 0.5 * (source[rows[part]] + z)
+                    if square and self.hop2 == "blend":  # A x + alpha_e (A (A x) - A x)
+                        assert self.hop2_alpha is not None
+                        alpha = self.hop2_alpha[experts[part] - lo].unsqueeze(-1)
+                        ax = source[rows[part]]
+                        z = ax + alpha.to(z.dtype) * (z - ax)
+                    if square and self.hop2 == "concat":  # A x W_e + A (A x) W'_e
+                        ys.append(self.experts(source[rows[part]], hop_counts)
+                                  + self._hop2_term(z, counts[lo:hi]))
+                    else:
+                        ys.append(self.experts(z, hop_counts))  # [A_h, O]
             y = torch.cat(ys)  # [A, O]
         y = y * bins.weight.to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
         return MoEOutput(out, routing)
+
+    def _hop2_term(self, z: Tensor, counts: Tensor) -> Tensor:
+        r"""``hop2="concat"``: :math:`(\hat{\mathbf{A}}^2\mathbf{X})
+        \mathbf{W}'_e` of the hop-2 assignments ``z [A_2, F]`` (sorted by
+        expert, ``counts`` per hop-2 expert)."""
+        assert self.hop2_weight is not None
+        weights = self.hop2_weight.unbind(0)
+        outs = [ze @ weights[j].to(ze.dtype)
+                for j, ze in enumerate(z.split(counts.tolist()))  # host sync: block sizes
+                if ze.size(0) > 0]
+        return torch.cat(outs) if outs else z.new_zeros(0, self.out_channels)
 
     def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor, targets: Tensor,
                          counts: Tensor) -> bool:
@@ -451,7 +508,7 @@ class HopMoEConv(MessagePassing):
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
                 f"{extra}, conv={self.conv}"
-                f"{', hop2=square' if self.hop2 == 'square' else ''})")
+                f"{'' if self.hop2 == 'pairs' else f', hop2={self.hop2}'})")
 
 
 def reset_submodules(root: torch.nn.Module) -> None:

@@ -36,7 +36,7 @@ class GMoE(Module):
 
     At ``k=1`` each node runs one expert per layer: the active FLOPs of the
     plain GNN of the same width, plus the router and, for hop-2 experts, a
-    larger neighbourhood.
+    larger neighbourhood (and with ``hop2="concat"`` a second transform).
 
     Args:
         in_channels (int): node feature size.
@@ -66,7 +66,7 @@ class GMoE(Module):
             a :class:`ValueError` that points to :func:`make_gmoe` (the
             residual variant is another architecture). (default: :obj:`False`)
         hop2 (str, optional): receptive field of the hop-2 experts,
-            ``"pairs"`` or ``"square"`` (see
+            ``"pairs"``, ``"square"``, ``"mix"``, ``"concat"`` or ``"blend"`` (see
             :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"pairs"`)
         expert_init (str, optional): ``"independent"`` or ``"shared"``
             (every expert of a layer starts as the same one; see

@@ -115,6 +115,95 @@ def test_hop2_square_is_the_squared_gcn_adjacency():
     assert repr(conv).endswith("conv=gcn, hop2=square)")
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_hop2_mix_and_concat_against_a_dense_reference(shared):
+    r"""``hop2="mix"``: a hop-2 expert computes
+    :math:`\tfrac12(\hat{A}X + \hat{A}^2X) W_e + b_e`; ``hop2="concat"``:
+    :math:`\hat{A}X W_e + \hat{A}^2X W'_e + b_e`, with :math:`W'_e` its own
+    weight (zero at init: it starts as a hop-1 expert). Hop-1 experts compute
+    :math:`\hat{A}X W_e + b_e` in both. Dense :math:`\hat{A}` built here."""
+    torch.manual_seed(0)
+    N, F_in, O = 25, 5, 3
+    edge_index = to_undirected(get_random_edge_index(N, N, 60))
+    x = torch.randn(N, F_in)
+    ei, w = gcn_norm(edge_index, None, N, add_self_loops=True)
+    a_hat = to_dense_adj(ei, edge_attr=w, max_num_nodes=N)[0].t()  # [target, source]
+    ax, a2x = a_hat @ x, a_hat @ (a_hat @ x)
+    init = "shared" if shared else "independent"
+    mix = HopMoEConv(F_in, O, num_experts=4, num_hop2_experts=2, k=1, hop2="mix",
+                     router_kwargs={"noisy": False}, expert_init=init)
+    concat = HopMoEConv(F_in, O, num_experts=4, num_hop2_experts=2, k=1, hop2="concat",
+                        router_kwargs={"noisy": False}, expert_init=init)
+    blend = HopMoEConv(F_in, O, num_experts=4, num_hop2_experts=2, k=1, hop2="blend",
+                       router_kwargs={"noisy": False}, expert_init=init)
+    assert mix.hop2_weight is None and mix.hop2_alpha is None and blend.hop2_weight is None
+    assert concat.hop2_weight.shape == (2, F_in, O) and concat.hop2_alpha is None
+    assert torch.count_nonzero(concat.hop2_weight) == 0  # zero at init
+    assert blend.hop2_alpha.shape == (2,) and torch.count_nonzero(blend.hop2_alpha) == 0
+    with torch.no_grad():  # a non-zero W' and alpha so that the A^2 X term shows
+        concat.hop2_weight.normal_()
+        blend.hop2_alpha.copy_(torch.tensor([0.3, -0.7]))
+    for conv in (mix, concat, blend):
+        out, routing = conv(x, edge_index)
+        W, b = conv.experts.weight.detach(), conv.experts.bias.detach()
+        expected = torch.zeros(N, O)
+        for row, e in zip(routing.row.tolist(), routing.expert.tolist(), strict=True):
+            if e < 2:
+                y = ax[row] @ W[e]
+            elif conv is mix:
+                y = 0.5 * (ax[row] + a2x[row]) @ W[e]
+            elif conv is blend:
+                a = float(blend.hop2_alpha[e - 2])
+                y = ((1 - a) * ax[row] + a * a2x[row]) @ W[e]
+            else:
+                y = ax[row] @ W[e] + a2x[row] @ conv.hop2_weight.detach()[e - 2]
+            expected[row] += y + b[e]
+        assert routing.expert.unique().numel() > 1  # both hops are exercised
+        assert (routing.expert >= 2).any()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert repr(conv).endswith(f"conv=gcn, hop2={conv.hop2})")
+    # alpha_e: d(sum out)/d alpha_e = sum over its rows of (A^2 x - A x) W_e 1
+    out, routing = blend(x, edge_index)
+    out.sum().backward()
+    W = blend.experts.weight.detach()
+    for j in range(2):
+        rows = routing.row[routing.expert == 2 + j]
+        expected = ((a2x[rows] - ax[rows]) @ W[2 + j]).sum()
+        torch.testing.assert_close(blend.hop2_alpha.grad[j], expected, atol=1e-4, rtol=1e-4)
+    # W' gets the gradient of the hop-2 assignments only
+    out, routing = concat(x, edge_index)
+    out.sum().backward()
+    assert concat.hop2_weight.grad is not None
+    for j in range(2):
+        rows = routing.row[routing.expert == 2 + j]
+        expected = a2x[rows].sum(0, keepdim=True).t().expand(F_in, O)
+        torch.testing.assert_close(concat.hop2_weight.grad[j], expected, atol=1e-5,
+                                   rtol=1e-5)
+
+
+@pytest.mark.parametrize("hop2", ["concat", "blend"])
+def test_hop2_concat_and_blend_start_as_gcn(hop2):
+    r"""With shared expert init, ``hop2="concat"``'s and ``"blend"``'s
+    experts start as one GCN: the layer's output is a ``GCNConv``'s whatever
+    the routing."""
+    from torch_geometric.nn import GCNConv
+
+    torch.manual_seed(1)
+    x, edge_index = torch.randn(30, 5), torch.randint(0, 30, (2, 80))
+    conv = HopMoEConv(5, 3, num_experts=4, k=1, hop2=hop2, expert_init="shared")
+    gcn = GCNConv(5, 3)
+    with torch.no_grad():
+        gcn.lin.weight.copy_(conv.experts.weight[0].t())
+        gcn.bias.copy_(conv.experts.bias[0])
+    out, routing = conv.train()(x, edge_index)  # noisy routing
+    assert (routing.expert >= 2).any() and (routing.expert < 2).any()
+    torch.testing.assert_close(out, gcn(x, edge_index), atol=1e-5, rtol=1e-5)
+    model = GMoE(5, 8, 3, num_experts=4, k=1, hop2=hop2)
+    for layer in model.convs:  # reset_submodules keeps W' / alpha at zero
+        param = layer.hop2_weight if hop2 == "concat" else layer.hop2_alpha
+        assert torch.count_nonzero(param) == 0
+
+
 def test_hop2_square_needs_no_two_hop_graph():
     conv = HopMoEConv(4, 4, num_experts=2, k=1, hop2="square")
     edge_index = to_undirected(get_random_edge_index(10, 10, 20))
@@ -125,6 +214,9 @@ def test_hop2_square_needs_no_two_hop_graph():
 @pytest.mark.parametrize("kwargs, match", [
     ({"hop2": "cube"}, "'hop2' must be one of"),
     ({"hop2": "square", "conv": "sage"}, "GCN experts only"),
+    ({"hop2": "mix", "conv": "gin"}, "GCN experts only"),
+    ({"hop2": "concat", "conv": "gat"}, "GCN experts only"),
+    ({"hop2": "blend", "conv": "sage"}, "GCN experts only"),
 ])
 def test_hop2_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -251,3 +343,19 @@ def test_gmoe_config_follows_the_backbone_layout(experiment, cls):
     net = instantiate(cfg.model.net, in_channels=8, out_channels=3)
     assert type(net) is cls
     assert all(isinstance(conv, HopMoEConv) and conv.hop2 == "square" for conv in net.convs)
+
+
+@pytest.mark.parametrize("hop2, name", [("concat", "hop2_weight"), ("blend", "hop2_alpha")])
+def test_hop2_parameters_are_expert_parameters(hop2, name):
+    r"""``W'`` (``concat``) and ``α`` (``blend``) belong to the hop-2 experts:
+    ``expert_decay_groups`` puts them in their layer's group, at ``k / E``."""
+    from moegraph.tasks.common import expert_decay_groups
+
+    model = GMoE(6, 8, 3, num_layers=2, num_experts=4, k=1, hop2=hop2)
+    groups = expert_decay_groups(model)
+    assert len(groups) == 2
+    for layer, (params, share) in zip(model.convs, groups, strict=True):
+        assert share == 0.25
+        assert any(p is getattr(layer, name) for p in params)
+        assert sum(p.numel() for p in params) == sum(
+            p.numel() for n, p in layer.named_parameters() if not n.startswith("router"))
