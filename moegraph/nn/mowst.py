@@ -310,6 +310,13 @@ class Mowst(Module):
     :math:`C_v \ge \tau`. ``variant="mowst_star"`` trains with
     :func:`mowst_star_loss` and predicts the argmax of the mixture.
 
+    Construction: the strong expert is built (a factory) or re-initialised
+    (a module) first, from the caller's random state, so that it starts as
+    the GNN alone built at the same point (same seed: same weights), and the
+    random state after the constructor is the one that GNN leaves; the weak
+    expert and the gate are initialised from a side stream seeded by it
+    (:func:`side_stream_seed`).
+
     Args:
         weak (Module or callable): the weak expert ``weak(x) -> [N, C]`` (an
             MLP; it is called with ``x`` alone, or ``(x, edge_index)`` if it

@@ -96,6 +96,31 @@ class MowstTask(NodeClassificationTask):
     ``test/checkpoint_phase`` says in which phase the tested weights were
     validated, ``test/checkpoint_mixture`` whether the gate had trained.
 
+    **The strong expert's pre-training is the GNN trained alone.** For a
+    given seed, it reproduces bit for bit what ``moegraph-train
+    model=gnn model/strong=<same> seed=<same>`` trains (on CPU; GPU kernels
+    with atomic adds are not bit-reproducible even between two GNN runs),
+    full batch or with :class:`~moegraph.data.NeighborLoader` mini-batches:
+    the same initial weights (:class:`~moegraph.nn.Mowst` builds the strong
+    expert first, from the caller's random state, and the weak expert and
+    the gate from a side stream), the same random numbers (dropout, the
+    loaders' seeds: the pre-training draws from the run's own stream, every
+    other phase, the weak expert's pre-training, the cross-fitting and the
+    gate, from a side stream, see :meth:`_switch_stream`; a mini-batch
+    loader gets the pre-training's epoch, see :meth:`_set_loader_epoch`),
+    the same optimizer (a fresh one on the strong expert's parameters), the
+    same early stopping (``pretrain_strong_epochs`` and
+    ``pretrain_patience`` as ``trainer.max_epochs`` and the
+    ``EarlyStopping`` patience of the GNN's run, ``pretrain_min_delta=0``
+    as its ``min_delta``: a gain is any rise) and the same selection (the
+    first epoch of the best validation score, as ``ModelCheckpoint``
+    keeps). With ``max_rounds=0`` (the default) the strong expert does not
+    train after it, so when the gate's turn is rolled back Mowst's scores
+    are exactly the GNN run's (tested in
+    ``tests/tasks/test_mowst_paired_gnn.py``). The defaults of pre-training
+    match the study's GNN protocol (``conf/experiment/_nc.yaml``: 300
+    epochs, patience 50).
+
     The defaults depart from the paper's formulation (``crossfit_folds=0``,
     ``gate_holdout=0``, ``select_on="expected"``, see
     ``conf/model/mowst_paper.yaml``), for a reason found in
@@ -160,8 +185,11 @@ class MowstTask(NodeClassificationTask):
         round_patience (int, optional): rounds without gain that end
             training. (default: :obj:`2`)
         min_delta (float, optional): the least rise of the validation score
-            that counts as a gain (the expected score of Mowst rises by
-            tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+            that counts as a gain in the turns (the expected score of Mowst
+            rises by tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+        pretrain_min_delta (float, optional): the same in pre-training:
+            :obj:`0` (any rise), as Lightning's ``EarlyStopping`` of the
+            experts' runs alone. (default: :obj:`0.0`)
         crossfit_folds (int, optional): folds :math:`K \ge 2` of the
             cross-fitting from which the gate learns in its own turn;
             :obj:`0` is the paper's formulation (no gate turn). The fold
