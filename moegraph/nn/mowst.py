@@ -383,8 +383,9 @@ class Mowst(Module):
         # weak expert and the gate draw from a stream of their own (see
         # :func:`side_stream_seed`), so the state Mowst leaves is the GNN's too.
         self.strong = _build(strong, in_channels, out_channels, "strong")
-        if isinstance(strong, Module) and hasattr(self.strong, "reset_parameters"):
-            self.strong.reset_parameters()  # a given module is re-initialised
+        reset = getattr(self.strong, "reset_parameters", None)
+        if isinstance(strong, Module) and callable(reset):
+            reset()  # a given module is re-initialised
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(side_stream_seed(SIDE_STREAM_INIT))
             self.weak = _build(weak, in_channels, out_channels, "weak")
@@ -405,8 +406,9 @@ class Mowst(Module):
             self.gate = ConfidenceGate(gate_type, gate_hidden_channels, gate_num_layers,
                                        in_channels if gate_features and in_channels else 0)
             for module in (self.weak, self.gate):  # as reset_parameters() does
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         self.in_channels = in_channels
         self.out_channels = out_channels if out_channels is not None else c_weak
         self.variant = variant

@@ -598,8 +598,9 @@ class MowstTask(NodeClassificationTask):
             batch_sampler = getattr(loader, "batch_sampler", None)
             for sampler in (getattr(loader, "sampler", None),
                             getattr(batch_sampler, "sampler", None)):
-                if callable(getattr(sampler, "set_epoch", None)):
-                    sampler.set_epoch(epoch)
+                set_epoch = getattr(sampler, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(epoch)
 
     def _switch_stream(self) -> None:
         r"""Make torch's global random stream (and Python's and NumPy's) the
