@@ -262,6 +262,27 @@ def receptive_hops(module: Module) -> Optional[int]:
     return len(convs) + int(extra)
 
 
+# Salts of the side streams (see side_stream_seed): the initialisation of
+# Mowst's weak expert and gate, and the training of what is not the strong
+# expert's pre-training (moegraph.tasks.MowstTask).
+SIDE_STREAM_INIT = 0x6D6F7773
+SIDE_STREAM_TRAIN = 0x74726169
+
+
+def side_stream_seed(salt: int) -> int:
+    r"""A seed for a random stream apart from torch's global one, drawn from
+    it without consuming it: the next 63-bit number the global CPU generator
+    would give, mixed with ``salt`` (seeds that differ give unrelated
+    Mersenne-Twister streams). It follows the run's seed, and a caller that
+    draws from the seeded stream inside :func:`torch.random.fork_rng` leaves
+    the global stream exactly where it was.
+    """
+    generator = torch.Generator()
+    generator.set_state(torch.get_rng_state())
+    peek = int(torch.randint(1 << 62, (), generator=generator))
+    return (peek ^ (salt * 0x9E3779B97F4A7C15)) % (1 << 63)
+
+
 def _build(expert: Union[Module, Callable[..., Module]], in_channels: Optional[int],
            out_channels: Optional[int], name: str) -> Module:
     if isinstance(expert, Module):
@@ -288,6 +309,13 @@ class Mowst(Module):
     (the reported metric is its expectation) or, deterministically, where
     :math:`C_v \ge \tau`. ``variant="mowst_star"`` trains with
     :func:`mowst_star_loss` and predicts the argmax of the mixture.
+
+    Construction: the strong expert is built (a factory) or re-initialised
+    (a module) first, from the caller's random state, so that it starts as
+    the GNN alone built at the same point (same seed: same weights), and the
+    random state after the constructor is the one that GNN leaves; the weak
+    expert and the gate are initialised from a side stream seeded by it
+    (:func:`side_stream_seed`).
 
     Args:
         weak (Module or callable): the weak expert ``weak(x) -> [N, C]`` (an
@@ -349,36 +377,49 @@ class Mowst(Module):
                                      or num_hops < 0):
             raise ValueError(f"'num_hops' must be a non-negative integer or None (got "
                              f"{num_hops!r})")
-        self.weak = _build(weak, in_channels, out_channels, "weak")
+        # The strong expert first, from the caller's random state: built by a
+        # factory, it is initialised as the GNN alone built at this point would
+        # be (``model=gnn``), and the random state after it is that GNN's. The
+        # weak expert and the gate draw from a stream of their own (see
+        # :func:`side_stream_seed`), so the state Mowst leaves is the GNN's too.
         self.strong = _build(strong, in_channels, out_channels, "strong")
-        for name, expert in (("weak", self.weak), ("strong", self.strong)):
-            c = getattr(expert, "out_channels", None)
-            if out_channels is not None and isinstance(c, int) and c != out_channels:
-                raise ValueError(f"the {name} expert predicts {c} classes, but "
-                                 f"'out_channels' is {out_channels}")
-        c_weak = getattr(self.weak, "out_channels", None)
-        c_strong = getattr(self.strong, "out_channels", None)
-        if isinstance(c_weak, int) and isinstance(c_strong, int) and c_weak != c_strong:
-            raise ValueError(f"the weak expert predicts {c_weak} classes and the strong "
-                             f"expert {c_strong}: they must agree")
-        if gate_features and in_channels is None:
-            in_channels = getattr(self.weak, "in_channels", None)
-            if in_channels is None:
-                raise ValueError("'gate_features=True' needs 'in_channels'")
+        reset = getattr(self.strong, "reset_parameters", None)
+        if isinstance(strong, Module) and callable(reset):
+            reset()  # a given module is re-initialised
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(side_stream_seed(SIDE_STREAM_INIT))
+            self.weak = _build(weak, in_channels, out_channels, "weak")
+            for name, expert in (("weak", self.weak), ("strong", self.strong)):
+                c = getattr(expert, "out_channels", None)
+                if out_channels is not None and isinstance(c, int) and c != out_channels:
+                    raise ValueError(f"the {name} expert predicts {c} classes, but "
+                                     f"'out_channels' is {out_channels}")
+            c_weak = getattr(self.weak, "out_channels", None)
+            c_strong = getattr(self.strong, "out_channels", None)
+            if isinstance(c_weak, int) and isinstance(c_strong, int) and c_weak != c_strong:
+                raise ValueError(f"the weak expert predicts {c_weak} classes and the strong "
+                                 f"expert {c_strong}: they must agree")
+            if gate_features and in_channels is None:
+                in_channels = getattr(self.weak, "in_channels", None)
+                if in_channels is None:
+                    raise ValueError("'gate_features=True' needs 'in_channels'")
+            self.gate = ConfidenceGate(gate_type, gate_hidden_channels, gate_num_layers,
+                                       in_channels if gate_features and in_channels else 0)
+            for module in (self.weak, self.gate):  # as reset_parameters() does
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
         self.in_channels = in_channels
         self.out_channels = out_channels if out_channels is not None else c_weak
         self.variant = variant
         self.threshold = threshold
         self.gate_type = gate_type
-        self.gate = ConfidenceGate(gate_type, gate_hidden_channels, gate_num_layers,
-                                   in_channels if gate_features and in_channels else 0)
         self.num_hops: Optional[int] = (receptive_hops(self.strong) if num_hops is None
                                         else num_hops)
         self._weak_takes_graph = _takes_graph(self.weak)
         # GCN's inverse square-root degrees of the last graph seen, when the
         # strong expert's GCN layers are ``cached`` (the graph is then static).
         self._gcn_cache: Optional[tuple[tuple, Tensor]] = None
-        self.reset_parameters()
 
     def reset_parameters(self):
         for module in (self.weak, self.strong, self.gate):

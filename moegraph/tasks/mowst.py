@@ -8,9 +8,11 @@ import dataclasses
 import json
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,7 +20,13 @@ from torch.nn import Module
 from torch_geometric.data import Data
 
 from moegraph.checkpoint import from_config, net_from_config
-from moegraph.nn.mowst import Mowst, MowstOutput, check_experts_agree
+from moegraph.nn.mowst import (
+    SIDE_STREAM_TRAIN,
+    Mowst,
+    MowstOutput,
+    check_experts_agree,
+    side_stream_seed,
+)
 from moegraph.nn.output import as_model_output
 from moegraph.tasks.common import load_metric_states, metric_states, split_mask
 from moegraph.tasks.metrics import MowstMetrics
@@ -88,6 +96,31 @@ class MowstTask(NodeClassificationTask):
     ``test/checkpoint_phase`` says in which phase the tested weights were
     validated, ``test/checkpoint_mixture`` whether the gate had trained.
 
+    **The strong expert's pre-training is the GNN trained alone.** For a
+    given seed, it reproduces bit for bit what ``moegraph-train
+    model=gnn model/strong=<same> seed=<same>`` trains (on CPU; GPU kernels
+    with atomic adds are not bit-reproducible even between two GNN runs),
+    full batch or with :class:`~moegraph.data.NeighborLoader` mini-batches:
+    the same initial weights (:class:`~moegraph.nn.Mowst` builds the strong
+    expert first, from the caller's random state, and the weak expert and
+    the gate from a side stream), the same random numbers (dropout, the
+    loaders' seeds: the pre-training draws from the run's own stream, every
+    other phase, the weak expert's pre-training, the cross-fitting and the
+    gate, from a side stream, see :meth:`_switch_stream`; a mini-batch
+    loader gets the pre-training's epoch, see :meth:`_set_loader_epoch`),
+    the same optimizer (a fresh one on the strong expert's parameters), the
+    same early stopping (``pretrain_strong_epochs`` and
+    ``pretrain_patience`` as ``trainer.max_epochs`` and the
+    ``EarlyStopping`` patience of the GNN's run, ``pretrain_min_delta=0``
+    as its ``min_delta``: a gain is any rise) and the same selection (the
+    first epoch of the best validation score, as ``ModelCheckpoint``
+    keeps). With ``max_rounds=0`` (the default) the strong expert does not
+    train after it, so when the gate's turn is rolled back Mowst's scores
+    are exactly the GNN run's (tested in
+    ``tests/tasks/test_mowst_paired_gnn.py``). The defaults of pre-training
+    match the study's GNN protocol (``conf/experiment/_nc.yaml``: 300
+    epochs, patience 50).
+
     The defaults depart from the paper's formulation (``crossfit_folds=0``,
     ``gate_holdout=0``, ``select_on="expected"``, see
     ``conf/model/mowst_paper.yaml``), for a reason found in
@@ -152,8 +185,11 @@ class MowstTask(NodeClassificationTask):
         round_patience (int, optional): rounds without gain that end
             training. (default: :obj:`2`)
         min_delta (float, optional): the least rise of the validation score
-            that counts as a gain (the expected score of Mowst rises by
-            tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+            that counts as a gain in the turns (the expected score of Mowst
+            rises by tiny steps as the gate sharpens). (default: :obj:`1e-3`)
+        pretrain_min_delta (float, optional): the same in pre-training:
+            :obj:`0` (any rise), as Lightning's ``EarlyStopping`` of the
+            experts' runs alone. (default: :obj:`0.0`)
         crossfit_folds (int, optional): folds :math:`K \ge 2` of the
             cross-fitting from which the gate learns in its own turn;
             :obj:`0` is the paper's formulation (no gate turn). The fold
@@ -179,7 +215,8 @@ class MowstTask(NodeClassificationTask):
                  max_turn_epochs: int = 100,
                  turn_patience: int = 20, max_rounds: int = 0, round_patience: int = 2,
                  min_delta: float = 1e-3, crossfit_folds: int = 2, gate_holdout: float = 0.0,
-                 select_on: str = "deterministic", multilabel: bool = False):
+                 select_on: str = "deterministic", multilabel: bool = False,
+                 pretrain_min_delta: float = 0.0):
         if multilabel:
             raise ValueError("MowstTask takes one class per node (its confidence and "
                              "mixture are per node over classes); multi-label data "
@@ -208,7 +245,8 @@ class MowstTask(NodeClassificationTask):
                                 turn_patience, max_rounds, round_patience, min_delta,
                                 joint=net.variant == "mowst_star",
                                 gate_turn=crossfit_folds > 0,
-                                pretrain_patience=pretrain_patience)
+                                pretrain_patience=pretrain_patience,
+                                pretrain_min_delta=pretrain_min_delta)
         c = net.out_channels
         if isinstance(c, int) and c != num_classes:
             raise ValueError(f"the network predicts {c} classes, the data has {num_classes}")
@@ -224,6 +262,7 @@ class MowstTask(NodeClassificationTask):
         self.max_rounds = max_rounds
         self.round_patience = round_patience
         self.min_delta = min_delta
+        self.pretrain_min_delta = pretrain_min_delta
         self.crossfit_folds = crossfit_folds
         self.gate_holdout = float(gate_holdout)
         self.select_on = select_on
@@ -239,6 +278,10 @@ class MowstTask(NodeClassificationTask):
         self._resumed_turn = False
         self.schedule = MowstSchedule(config)
         self._holdout_salt = 0
+        # the random streams (see _switch_stream): which one is torch's global
+        # one now, and the saved state of the other
+        self._stream: Optional[str] = None
+        self._stream_states: dict[str, Any] = {}
         self._validated_phase: Optional[str] = None
         self.checkpoint_phase: Optional[str] = None
         self.turn_log: list[dict[str, Any]] = []
@@ -535,7 +578,65 @@ class MowstTask(NodeClassificationTask):
         return float(values["expected"]), -math.inf
 
     def on_train_epoch_start(self) -> None:
+        self._switch_stream()
+        if self.phase == "pretrain_strong":
+            self._set_loader_epoch(self.schedule.epoch_in_turn)
         self._apply_freeze()
+
+    def _set_loader_epoch(self, epoch: int) -> None:
+        r"""Give the training loader's samplers (which draw a mini-batch
+        order and neighbourhoods per epoch, see
+        :class:`~moegraph.data.NeighborLoader`) the epoch of the strong
+        expert's pre-training instead of the trainer's: its ``k``-th epoch
+        sees the mini-batches of the GNN alone's ``k``-th. Lightning set the
+        trainer's epoch before this hook; the loader reads it when iterated,
+        after it."""
+        if self._trainer is None:
+            return
+        loaders = self.trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            batch_sampler = getattr(loader, "batch_sampler", None)
+            for sampler in (getattr(loader, "sampler", None),
+                            getattr(batch_sampler, "sampler", None)):
+                set_epoch = getattr(sampler, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(epoch)
+
+    def _switch_stream(self) -> None:
+        r"""Make torch's global random stream (and Python's and NumPy's) the
+        one of the phase about to train: the run's own stream in the strong
+        expert's pre-training, a side stream in every other phase.
+
+        When fitting starts, the random state is the one that a
+        ``model=gnn`` run of the same seed has there (the
+        network's constructor leaves it so, see :class:`~moegraph.nn.Mowst`);
+        it is kept for the strong expert's pre-training, and the other
+        phases (the weak expert's pre-training, the cross-fitting, the gate)
+        draw from a side stream seeded from it (without consuming it, see
+        :func:`~moegraph.nn.mowst.side_stream_seed`). So the strong expert
+        pre-trains on the very random numbers (dropout, loader seeds,
+        neighbour sampling) of the GNN trained alone. Called when fitting
+        starts and at each epoch's start, before the epoch's loader draws its
+        seed."""
+        from moegraph.checkpoint import random_states, set_random_states
+
+        want = "strong" if self.phase == "pretrain_strong" else "side"
+        if self._stream is None:  # a fit starts
+            seed = side_stream_seed(SIDE_STREAM_TRAIN)
+            self._holdout_salt = seed % (1 << 30)
+            self._stream_states = {"side_seed": seed}
+            self._stream = "strong"
+        if want == self._stream:
+            return
+        self._stream_states[self._stream] = random_states()
+        if want in self._stream_states:
+            set_random_states(self._stream_states.pop(want))
+        else:  # the side stream's first use
+            seed = int(self._stream_states["side_seed"])
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+        self._stream = want
 
     def on_train_epoch_end(self) -> None:
         self._log_split("train", self._scores("train"))
@@ -593,8 +694,11 @@ class MowstTask(NodeClassificationTask):
             self._apply_freeze()
         else:
             self._fit_schedule_to_budget(self.trainer.max_epochs)
-            self._holdout_salt = int(torch.randint(1 << 30, ()))  # from the run's seed
+            self._stream, self._stream_states = None, {}
             self._begin_turn()
+        # before the loader of the first epoch draws its seed (in Lightning's
+        # fit loop, ahead of on_train_epoch_start)
+        self._switch_stream()
 
     def _fit_schedule_to_budget(self, max_epochs: Optional[int]) -> None:
         r"""Scale the pre-training budgets and the patience down (with a
@@ -624,7 +728,8 @@ class MowstTask(NodeClassificationTask):
             turn_patience=max(int(c.turn_patience * factor), 1),
             max_rounds=c.max_rounds, round_patience=c.round_patience,
             min_delta=c.min_delta, joint=c.joint, gate_turn=c.gate_turn,
-            pretrain_patience=max(int(c.pretrain_patience * factor), 1))
+            pretrain_patience=max(int(c.pretrain_patience * factor), 1),
+            pretrain_min_delta=c.pretrain_min_delta)
         rank_zero_warn(
             f"MowstTask: trainer.max_epochs={max_epochs} is shorter than the schedule "
             f"({c.min_epochs()} epochs: pre-training {c.pretrain_weak_epochs} + "
@@ -701,6 +806,8 @@ class MowstTask(NodeClassificationTask):
         checkpoint["train_metric_states"] = metric_states(self.mowst_metrics["train_"])
         if self.crossfit is not None:
             checkpoint["mowst_crossfit"] = self.crossfit._asdict()
+        checkpoint["mowst_streams"] = {"stream": self._stream,
+                                       "states": dict(self._stream_states)}
         checkpoint["mowst_run"] = {"validated_phase": self._validated_phase,
                                    "turn_log": list(self.turn_log),
                                    "holdout_salt": self._holdout_salt,
@@ -740,6 +847,9 @@ class MowstTask(NodeClassificationTask):
             self._resumed_turn = True
         if "mowst_crossfit" in checkpoint:
             self.crossfit = CrossFit(**checkpoint["mowst_crossfit"])
+        if "mowst_streams" in checkpoint and fitting:
+            streams = checkpoint["mowst_streams"]
+            self._stream, self._stream_states = streams["stream"], dict(streams["states"])
         if "train_metric_states" in checkpoint:
             load_metric_states(self.mowst_metrics["train_"], checkpoint["train_metric_states"])
 

@@ -67,6 +67,7 @@ class ScheduleConfig:
     joint: bool = False
     gate_turn: bool = True
     pretrain_patience: int = 50
+    pretrain_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("pretrain_weak_epochs", "pretrain_strong_epochs"):
@@ -82,8 +83,11 @@ class ScheduleConfig:
                 raise ValueError(f"'{name}' must be a positive integer (got {value!r})"
                                  + (" (0 is allowed with a gate turn: cross-fitting)"
                                     if name == "max_rounds" else ""))
-        if not (isinstance(self.min_delta, (int, float)) and self.min_delta >= 0):
-            raise ValueError(f"'min_delta' must be non-negative (got {self.min_delta!r})")
+        for name in ("min_delta", "pretrain_min_delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                               and value >= 0):
+                raise ValueError(f"'{name}' must be non-negative (got {value!r})")
 
     @property
     def first_trained_phase(self) -> str:
@@ -183,9 +187,10 @@ class MowstSchedule:
         return c.max_turn_epochs if self.phase != "joint" else 10**9
 
     def _better(self, score: float, tiebreak: float, best: float, best_tiebreak: float) -> bool:
-        r"""``score`` beats ``best`` by ``min_delta``, or equals it at least
-        and ``tiebreak`` beats ``best_tiebreak`` by ``min_delta``."""
-        d = self.config.min_delta
+        r"""``score`` beats ``best`` by ``min_delta`` (``pretrain_min_delta``
+        in pre-training), or equals it at least and ``tiebreak`` beats
+        ``best_tiebreak`` by it."""
+        d = self.config.pretrain_min_delta if self.pretraining else self.config.min_delta
         return score > best + d or (score >= best and tiebreak > best_tiebreak + d)
 
     def step(self, score: float, tiebreak: float = -math.inf) -> Step:

@@ -230,3 +230,27 @@ def test_paired_difference_against_hand_values(script):
     assert study.paired_difference({0: 0.9}, {0: 0.1})["verdict"] == "~"
     assert study.paired_difference({0: 0.5, 1: 0.75}, {0: 0.25, 1: 0.5})["verdict"] == "~"
     assert study.paired_difference({0: 0.5}, {1: 0.5}) is None
+
+
+@pytest.mark.parametrize("dataset", ["cora", "tolokers"])
+def test_mowst_pretrains_as_the_datasets_gnn_runs(script, dataset):
+    r"""The study's Mowst runs pre-train their GNN with the budget, patience and
+    minimum gain of the dataset's ``model=gnn`` runs (tolokers departs from
+    the 300 epochs / patience 50 of ``conf/model/mowst.yaml``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import compose_config
+
+    nc = script("run_node_classification")
+    try:
+        gnn = compose_config(nc.overrides_for(dataset, "gnn", "gcn", 0))
+        mowst = compose_config(nc.overrides_for(dataset, "mowst", "gcn", 0))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert mowst.model.pretrain_strong_epochs == gnn.trainer.max_epochs
+    assert mowst.model.pretrain_weak_epochs == gnn.trainer.max_epochs
+    assert mowst.model.pretrain_patience == gnn.callbacks.early_stopping.patience
+    assert mowst.model.pretrain_min_delta == gnn.callbacks.early_stopping.get("min_delta", 0.0)
+    assert (gnn.trainer.max_epochs, gnn.callbacks.early_stopping.patience) == (
+        (150, 30) if dataset == "tolokers" else (300, 50))
+    assert mowst.trainer.max_epochs > gnn.trainer.max_epochs  # the schedule's own stop

@@ -67,6 +67,23 @@ def test_rounds_without_gain_end_training():
         s.step(0.5)
 
 
+def test_pretraining_counts_any_rise_as_early_stopping_does():
+    # Lightning's EarlyStopping (min_delta 0): a rise of 1e-4 is a gain and
+    # resets the patience; a tie is not. The turns keep their own min_delta.
+    s = MowstSchedule(config(0, 6, turn_patience=2, pretrain_patience=2, min_delta=0.1))
+    trace = run(s, [0.5, 0.5001, 0.5001, 0.5002, 0.5, 0.5])
+    assert [st.improved for _, st in trace] == [True, True, False, True, False, False]
+    assert trace[-1][1].turn_over and trace[-1][1].turn_best == 0.5002
+    assert s.phase == "weak"
+    trace = run(s, [0.6, 0.65])  # below the turns' min_delta of 0.1
+    assert [st.improved for _, st in trace] == [True, False]
+    # with a pre-training min_delta, small rises do not count
+    s = MowstSchedule(config(0, 6, pretrain_patience=2, pretrain_min_delta=0.01))
+    trace = run(s, [0.5, 0.505, 0.509])
+    assert [st.improved for _, st in trace] == [True, False, False]
+    assert trace[-1][1].turn_over
+
+
 def test_min_delta_and_max_turn_epochs():
     s = MowstSchedule(config(0, 0, max_turn_epochs=3, turn_patience=5, min_delta=0.1))
     trace = run(s, [0.5, 0.55, 0.58])  # the rises are below min_delta
@@ -102,6 +119,8 @@ def test_state_dict_round_trip_and_old_checkpoints():
     (dict(turn_patience=0), "'turn_patience' must be a positive"),
     (dict(max_rounds=2.5), "'max_rounds' must be a positive"),
     (dict(min_delta=-0.1), "'min_delta' must be non-negative"),
+    (dict(pretrain_min_delta=-1e-3), "'pretrain_min_delta' must be non-negative"),
+    (dict(pretrain_min_delta=True), "'pretrain_min_delta' must be non-negative"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

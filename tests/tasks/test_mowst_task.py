@@ -2,6 +2,7 @@ r"""Tests of moegraph.tasks.MowstTask: the schedule, freezing, roll-back,
 metrics, checkpoints and a real-data run on Cora."""
 import dataclasses
 import functools
+import math
 import types
 
 import lightning as L
@@ -253,8 +254,15 @@ def test_auroc_metric():
                      **{**SHORT, "turn_patience": 1, "max_rounds": 1})
     tr = trainer(max_epochs=4)
     tr.fit(task, datamodule=dm)
-    for key in ("val/auroc", "val/auroc_tau", "val/auroc_weak"):
+    for key in ("val/auroc_tau", "val/auroc_weak", "val/auroc_expected"):
         assert 0 <= float(tr.callback_metrics[key]) <= 1
+    # the headline: the kept turn's best, or NaN after a roll-back (the
+    # weights are then the turn's start, of no measured score)
+    headline = float(tr.callback_metrics["val/auroc"])
+    if task.turn_log[-1]["kept"]:
+        assert 0 <= headline <= 1
+    else:
+        assert math.isnan(headline)
 
 
 def test_mini_batches_with_a_neighbor_loader():
