@@ -59,8 +59,10 @@ def assert_ranks_agree(results):
 
 
 def assert_same_metrics(a, b, keys, tol=1e-5):
+    # NaN on both sides agrees: Mowst's headline score is NaN at the end of a
+    # turn that is rolled back (the weights are then those of its start).
     for key in keys:
-        assert a[key] == pytest.approx(b[key], abs=tol), key
+        assert a[key] == pytest.approx(b[key], abs=tol, nan_ok=True), key
 
 
 # Mowst under DDP stays in the fast suite through the two tests below; its
@@ -139,7 +141,8 @@ def test_a_process_without_training_nodes(tmp_path, model):
     one = job(tmp_path, "one", "--model", model, "--epochs", "4")[0]
     assert_ranks_agree(ddp)
     assert_same_params(ddp[0]["params"], one["params"], atol=2e-3)
-    assert_same_metrics(ddp[0]["metrics"], one["metrics"], ["train/acc", "val/acc"], tol=1e-4)
+    keys = ["train/acc", "val/acc"] + (["val/acc_tau", "val/acc_strong"] if model == "mowst" else [])
+    assert_same_metrics(ddp[0]["metrics"], one["metrics"], keys, tol=1e-4)
 
 
 @pytest.mark.parametrize("model", ["mowst", pytest.param("moe_gnn", marks=pytest.mark.slow)])
