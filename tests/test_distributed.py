@@ -141,7 +141,9 @@ def test_a_process_without_training_nodes(tmp_path, model):
     one = job(tmp_path, "one", "--model", model, "--epochs", "4")[0]
     assert_ranks_agree(ddp)
     assert_same_params(ddp[0]["params"], one["params"], atol=2e-3)
-    keys = ["train/acc", "val/acc"] + (["val/acc_tau", "val/acc_strong"] if model == "mowst" else [])
+    keys = ["train/acc", "val/acc"]
+    if model == "mowst":  # defined whether or not the last turn was rolled back
+        keys += ["val/acc_tau", "val/acc_strong"]
     assert_same_metrics(ddp[0]["metrics"], one["metrics"], keys, tol=1e-4)
 
 
