@@ -444,6 +444,23 @@ class ModuleExperts(Experts):
         return f"{self.__class__.__name__}(num_experts={self.num_experts})"
 
 
+def grouped_linear(x_sorted: Tensor, counts: Tensor, weight: Tensor,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    r"""One linear map per expert over rows sorted by expert:
+    ``x_sorted [A, F]`` in blocks of ``counts [E]`` rows, ``weight [E, F, O]``,
+    ``bias [E, O]`` (optional); output ``[A, O]``."""
+    sizes = counts.tolist()  # host sync: block sizes are needed on the host
+    weights = weight.unbind(0)  # views: the backward stacks, no [E, F, O] per block
+    biases = bias.unbind(0) if bias is not None else None
+    outs = []
+    for e, xe in enumerate(x_sorted.split(sizes)):
+        if xe.size(0) == 0:
+            continue
+        ye = xe @ weights[e].to(xe.dtype)
+        outs.append(ye if biases is None else ye + biases[e].to(ye.dtype))
+    return torch.cat(outs, dim=0) if outs else x_sorted.new_zeros(0, weight.size(2))
+
+
 class LinearExperts(Experts):
     r"""``E`` linear experts with stacked weights, one matmul per non-empty
     block of rows.
@@ -491,16 +508,7 @@ class LinearExperts(Experts):
 
     def forward(self, x_sorted: Tensor, counts: Tensor,
                 weight: Optional[Tensor] = None) -> Tensor:
-        sizes = counts.tolist()  # host sync: block sizes are needed on the host
-        weights = self.weight.unbind(0)  # views: the backward stacks, no [E, F, O] per block
-        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_experts
-        outs = []
-        for e, xe in enumerate(x_sorted.split(sizes)):
-            if xe.size(0) == 0:
-                continue
-            ye = xe @ weights[e].to(xe.dtype)
-            outs.append(ye if biases[e] is None else ye + biases[e].to(ye.dtype))
-        y = torch.cat(outs, dim=0) if outs else x_sorted.new_zeros(0, self.out_channels)
+        y = grouped_linear(x_sorted, counts, self.weight, self.bias)
         return y if weight is None else y * weight.to(y.dtype).unsqueeze(-1)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.utils import add_self_loops, remove_self_loops, softmax
 
 from moegraph.nn.dispatch import apply_capacity, combine, indices_and_bins
-from moegraph.nn.experts import LinearExperts, MLPExperts
+from moegraph.nn.experts import LinearExperts, MLPExperts, grouped_linear
 from moegraph.nn.moe import MoEOutput
 from moegraph.nn.routing import Router, build_router
 from moegraph.utils.checks import check_int, check_positive_float
@@ -351,8 +351,8 @@ class HopMoEConv(MessagePassing):
                           else (self.num_hop1_experts, self.num_experts))
                 # the distinct nodes of the hop's assignments, and which each is
                 targets, inverse = torch.unique(rows[part], return_inverse=True)  # [T], [A_h]
-                square = hop == 2 and self.hop2 != "pairs"
-                if not square and self._transform_first(x, graphs[hop], rows[part], targets,
+                powers = hop == 2 and self.hop2 != "pairs"  # powers of the 1-hop adjacency
+                if not powers and self._transform_first(x, graphs[hop], rows[part], targets,
                                                         counts[lo:hi]):
                     ys.append(self._transform_then_aggregate(x, graphs[hop], rows[part],
                                                              counts[lo:hi], lo))
@@ -360,19 +360,19 @@ class HopMoEConv(MessagePassing):
                     hop_counts = torch.zeros_like(counts)
                     hop_counts[lo:hi] = counts[lo:hi]
                     source = x
-                    if square:  # A x on every node, then A (A x) into the targets
+                    if powers:  # A x on every node, then A (A x) into the targets
                         every = torch.arange(N, device=x.device)
                         source = self.propagate(graphs[hop].adjacency_to(every), x=x,
                                                 edge_weight=None)  # [N, F]
                     z = self._aggregate(source, graphs[hop], rows[part], targets, inverse)
-                    if square and self.hop2 == "mix":  # (A x + A (A x)) / 2
+                    if powers and self.hop2 == "mix":  # (A x + A (A x)) / 2
                         z = 0.5 * (source[rows[part]] + z)
-                    if square and self.hop2 == "blend":  # A x + alpha_e (A (A x) - A x)
+                    if powers and self.hop2 == "blend":  # A x + alpha_e (A (A x) - A x)
                         assert self.hop2_alpha is not None
                         alpha = self.hop2_alpha[experts[part] - lo].unsqueeze(-1)
                         ax = source[rows[part]]
                         z = ax + alpha.to(z.dtype) * (z - ax)
-                    if square and self.hop2 == "concat":  # A x W_e + A (A x) W'_e
+                    if powers and self.hop2 == "concat":  # A x W_e + A (A x) W'_e
                         ys.append(self.experts(source[rows[part]], hop_counts)
                                   + self._hop2_term(z, counts[lo:hi]))
                     else:
@@ -387,11 +387,7 @@ class HopMoEConv(MessagePassing):
         \mathbf{W}'_e` of the hop-2 assignments ``z [A_2, F]`` (sorted by
         expert, ``counts`` per hop-2 expert)."""
         assert self.hop2_weight is not None
-        weights = self.hop2_weight.unbind(0)
-        outs = [ze @ weights[j].to(ze.dtype)
-                for j, ze in enumerate(z.split(counts.tolist()))  # host sync: block sizes
-                if ze.size(0) > 0]
-        return torch.cat(outs) if outs else z.new_zeros(0, self.out_channels)
+        return grouped_linear(z, counts, self.hop2_weight)
 
     def _transform_first(self, x: Tensor, graph: HopGraph, rows: Tensor, targets: Tensor,
                          counts: Tensor) -> bool:
