@@ -134,6 +134,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "model=gmoe", "model.net.hop2=concat", "+model.net.router_kwargs.noise=constant"],
         # one learned scalar per hop-2 expert instead of W': ((1 - a) Â + a Â²) X W_e
         "gmoe, hop2=blend": ["model=gmoe", "model.net.hop2=blend"],
+        # every layer adds a dense GCN that every node runs (DeepSeekMoE's shared
+        # expert, DeepSpeed's Residual-MoE): the routed experts learn corrections
+        "gmoe, shared expert": ["model=gmoe", "model.net.shared_expert=true"],
     },
 }
 

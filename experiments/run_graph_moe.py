@@ -104,6 +104,8 @@ def config_hash(dataset: str, model: str) -> str:
     if not (net.get("route_before_dropout") and net.get("ffn") == "moe"):
         # off, or a dense FFN (no router): the network of the older runs
         net.pop("route_before_dropout", None)
+    if not net.get("shared_expert"):
+        net.pop("shared_expert", None)  # off: the network of the older runs
     if net.get("ffn") == "dense":
         net["moe_kwargs"] = {}  # no MoE block to take them: the network of the older runs
     if net["_target_"].endswith("MoEGNN") and not net.get("residual", True):

@@ -148,6 +148,18 @@ class HopMoEConv(MessagePassing):
             resets the expert bank after this layer calls it again
             (:func:`reset_submodules`).
             (default: :obj:`"independent"`)
+        shared_expert (bool, optional): add a dense expert that every node
+            runs: the PyG convolution of the expert type (``GCNConv``,
+            ``SAGEConv``, ``GINConv`` with the experts' two-layer MLP,
+            ``GATConv``) on ``edge_index``, its output added to the routed
+            mixture, :math:`\mathbf{y}_i = \mathrm{Conv}_s(\mathbf{X},
+            \mathcal{E})_i + \sum_{e} g_e \mathrm{Conv}_e(\ldots)_i` (the
+            shared expert of DeepSeekMoE, Dai et al., 2024, and the
+            Residual-MoE of DeepSpeed-MoE, Rajbhandari et al., 2022): the
+            routed experts then learn corrections to one convolution that
+            sees every labelled node. It adds the active FLOPs of one dense
+            layer (at ``k=1``, twice those of the plain GNN layer).
+            (default: :obj:`False`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -173,6 +185,7 @@ class HopMoEConv(MessagePassing):
         deterministic: bool = False,
         hop2: str = "pairs",
         expert_init: str = "independent",
+        shared_expert: bool = False,
     ):
         super().__init__(aggr="add", node_dim=0)
         in_channels = check_int("in_channels", in_channels)
@@ -242,6 +255,9 @@ class HopMoEConv(MessagePassing):
             self.hop2_alpha = Parameter(torch.empty(num_hop2_experts))
         else:
             self.register_parameter("hop2_alpha", None)
+        self.shared_expert = bool(shared_expert)
+        self.shared_conv: Optional[torch.nn.Module] = (
+            _dense_conv(conv, in_channels, out_channels, heads, bias) if shared_expert else None)
         self._cache: Optional[tuple] = None
         self.reset_parameters()
 
@@ -256,6 +272,8 @@ class HopMoEConv(MessagePassing):
         for param in (self.hop2_weight, self.hop2_alpha):
             if param is not None:
                 torch.nn.init.zeros_(param)
+        if self.shared_conv is not None:
+            self.shared_conv.reset_parameters()
         self.share_expert_init()
         self._cache = None
 
@@ -380,6 +398,8 @@ class HopMoEConv(MessagePassing):
             y = torch.cat(ys)  # [A, O]
         y = y * bins.weight.to(y.dtype).unsqueeze(-1)
         out = combine(y, rows, N, routing.fixed_k, self.deterministic or x.is_cuda)
+        if self.shared_conv is not None:
+            out = out + self.shared_conv(x, edge_index)
         return MoEOutput(out, routing)
 
     def _hop2_term(self, z: Tensor, counts: Tensor) -> Tensor:
@@ -504,7 +524,26 @@ class HopMoEConv(MessagePassing):
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
                 f"{extra}, conv={self.conv}"
-                f"{'' if self.hop2 == 'pairs' else f', hop2={self.hop2}'})")
+                f"{'' if self.hop2 == 'pairs' else f', hop2={self.hop2}'}"
+                f"{', shared_expert=True' if self.shared_expert else ''})")
+
+
+def _dense_conv(conv: str, in_channels: int, out_channels: int, heads: int,
+                bias: bool) -> torch.nn.Module:
+    r"""The PyG convolution that one expert of type ``conv`` computes, as a
+    dense layer over every node: :class:`HopMoEConv`'s shared expert."""
+    from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
+
+    if conv == "gcn":
+        return GCNConv(in_channels, out_channels, bias=bias)
+    if conv == "sage":
+        return SAGEConv(in_channels, out_channels, aggr="mean", bias=bias)
+    if conv == "gin":
+        return GINConv(torch.nn.Sequential(torch.nn.Linear(in_channels, out_channels, bias=bias),
+                                           torch.nn.ReLU(),
+                                           torch.nn.Linear(out_channels, out_channels,
+                                                           bias=bias)))
+    return GATConv(in_channels, out_channels // heads, heads=heads, bias=bias)
 
 
 def reset_submodules(root: torch.nn.Module) -> None:

@@ -72,6 +72,10 @@ class GMoE(Module):
             (every expert of a layer starts as the same one; see
             :class:`~moegraph.nn.conv.HopMoEConv`).
             (default: :obj:`"independent"`)
+        shared_expert (bool, optional): each layer adds a dense convolution
+            of the expert type that every node runs (see
+            :class:`~moegraph.nn.conv.HopMoEConv`): twice the active FLOPs
+            of the plain GNN at ``k=1``. (default: :obj:`False`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -100,6 +104,7 @@ class GMoE(Module):
         residual: bool = False,
         hop2: str = "pairs",
         expert_init: str = "independent",
+        shared_expert: bool = False,
     ):
         super().__init__()
         if num_layers < 1:
@@ -130,7 +135,8 @@ class GMoE(Module):
                 out_channels if last else hidden_channels,
                 num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                 router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor,
-                heads=1 if last else heads, hop2=hop2, expert_init=expert_init))
+                heads=1 if last else heads, hop2=hop2, expert_init=expert_init,
+                shared_expert=shared_expert))
             if not last:
                 self.norms.append(make_norm(norm, hidden_channels))
         self.reset_parameters()
@@ -167,7 +173,7 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
               act: Union[str, Module] = "relu", norm: Optional[str] = None,
               dropout: float = 0.5, input_dropout: Optional[float] = 0.0,
               residual: bool = False, hop2: str = "pairs",
-              expert_init: str = "independent") -> Module:
+              expert_init: str = "independent", shared_expert: bool = False) -> Module:
     r"""A hop-expert graph MoE by the layout of the experiment's backbone, as
     :func:`~moegraph.nn.models.make_backbone` builds the dense ones: with
     ``residual=False`` the paper's plain stack :class:`GMoE`; with
@@ -191,14 +197,14 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
                     router=router, router_kwargs=router_kwargs,
                     capacity_factor=capacity_factor, heads=heads, act=act, norm=norm,
                     dropout=dropout, input_dropout=input_dropout, hop2=hop2,
-                    expert_init=expert_init)
+                    expert_init=expert_init, shared_expert=shared_expert)
     if not isinstance(router, str) and num_layers > 1:
         raise ValueError("a Router module cannot be shared by several layers: give the "
                          "router by name")
     conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
                        conv=conv, router=router, router_kwargs=router_kwargs,
                        capacity_factor=capacity_factor, heads=heads, hop2=hop2,
-                       expert_init=expert_init)
+                       expert_init=expert_init, shared_expert=shared_expert)
     return MoEGNN(in_channels, hidden_channels, out_channels, num_layers, conv="hop_moe",
                   conv_kwargs=conv_kwargs, ffn="dense", act=act, norm=norm, dropout=dropout,
                   input_dropout=dropout if input_dropout is None else input_dropout)

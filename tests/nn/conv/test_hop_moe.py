@@ -371,3 +371,61 @@ def test_properties(graph, conv, name, training):
         assert (total <= 1 + 1e-6).all()
     unrouted = routing.experts_per_row() == 0
     assert torch.equal(out[unrouted], torch.zeros_like(out[unrouted]))
+
+
+# The shared expert ############################################################
+
+def _dense_gcn(x, edge_index, weight, bias):
+    r"""``D^-1/2 (A + I) D^-1/2 X W + b`` with a dense adjacency (parallel
+    edges counted, existing self-loops replaced by one), by hand."""
+    N = x.size(0)
+    A = torch.zeros(N, N)
+    src, dst = edge_index
+    keep = src != dst
+    A.index_put_((dst[keep], src[keep]), torch.ones(int(keep.sum())), accumulate=True)
+    A = A + torch.eye(N)
+    d = A.sum(1).pow(-0.5)
+    return (d[:, None] * A * d[None, :]) @ x @ weight + bias
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("training", [False, True])
+def test_shared_expert_adds_its_conv_on_every_node(conv, training):
+    torch.manual_seed(0)
+    x, edge_index = random_graph()
+    layer = HopMoEConv(6, 8, num_experts=4, k=1, conv=conv, heads=2 if conv == "gat" else 1,
+                       shared_expert=True)
+    layer.train(training)
+    torch.manual_seed(1)
+    out, routing = layer(x, edge_index)
+    # the routed experts as the all-experts reference, plus the dense conv
+    dense = layer.shared_conv(x, edge_index)
+    torch.testing.assert_close(out, naive(layer, x, edge_index, routing) + dense,
+                               atol=1e-5, rtol=1e-4)
+    assert "shared_expert=True" in repr(layer)
+    if conv == "gcn":  # the dense expert is GCN's formula
+        torch.testing.assert_close(dense, _dense_gcn(x, edge_index, layer.shared_conv.lin.weight.T,
+                                                     layer.shared_conv.bias),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_shared_expert_sees_every_node_and_keeps_full_decay():
+    from moegraph.tasks.common import expert_decay_groups
+
+    torch.manual_seed(0)
+    x, edge_index = random_graph()
+    x.requires_grad_()
+    layer = HopMoEConv(6, 8, num_experts=4, k=1, conv="gcn", shared_expert=True).train()
+    out, routing = layer(x, edge_index)
+    out.pow(2).sum().backward()
+    for name, param in layer.shared_conv.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # the shared expert is dense: not among the routed experts' decay group
+    (params, share), = expert_decay_groups(layer)
+    assert share == 0.25
+    shared = {id(p) for p in layer.shared_conv.parameters()}
+    assert not shared & {id(p) for p in params}
+    # reset_parameters reaches it
+    before = layer.shared_conv.lin.weight.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.shared_conv.lin.weight)

@@ -359,3 +359,22 @@ def test_hop2_parameters_are_expert_parameters(hop2, name):
         assert any(p is getattr(layer, name) for p in params)
         assert sum(p.numel() for p in params) == sum(
             p.numel() for n, p in layer.named_parameters() if not n.startswith("router"))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_shared_expert_from_the_config(residual):
+    r"""``model.net.shared_expert=true`` gives every hop-expert layer a dense
+    convolution; off by default."""
+    experiment = "nc_minesweeper" if residual else "nc_cora"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        off = compose("train", overrides=[f"experiment={experiment}", "model=gmoe"])
+        on = compose("train", overrides=[f"experiment={experiment}", "model=gmoe",
+                                         "model.net.shared_expert=true"])
+    for cfg, expected in ((off, False), (on, True)):
+        net = instantiate(cfg.model.net, in_channels=8, out_channels=3)
+        layers = [m for m in net.modules() if isinstance(m, HopMoEConv)]
+        assert layers and all((m.shared_conv is not None) == expected for m in layers)
+    torch.manual_seed(0)
+    x = torch.randn(12, 8)
+    edge_index = torch.randint(0, 12, (2, 40))
+    assert net(x, edge_index).logits.shape == (12, 3)
