@@ -78,6 +78,12 @@ ROWS: dict[str, list[str]] = {
     "HoME": ["experiment=movielens_home"],
     "HoME (paper form)": ["experiment=movielens_home", *PAPER],
     **{k: ["experiment=movielens_home", *v] for k, v in HOME_ABLATIONS.items()},
+    # early-stopped and checkpointed on watch alone (the others on the mean score): does
+    # the shared selection epoch explain the gap to the single-task watch model?
+    "HoME, checkpoint on watch AUC": ["experiment=movielens_home",
+                                      "optimized_metric=val/watch/auc"],
+    "MMoE, checkpoint on watch AUC": ["experiment=movielens_mmoe",
+                                      "optimized_metric=val/watch/auc"],
 }
 SYN_RUNS = RESULTS / "multitask_synthetic_runs_v2"  # v1: before the gain-0.1 default
 ONEHOT_RUNS = RESULTS / "multitask_onehot_runs"

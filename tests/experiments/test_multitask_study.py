@@ -37,3 +37,25 @@ def test_paired_table_signs_and_verdicts(script):
     std = math.sqrt(((-0.01 + 1 / 300) ** 2 * 2 + (0.01 + 1 / 300) ** 2) / 2)
     assert row["rating RMSE"] == f"{-1 / 300:+.4f} ± {std:.4f} (1/3) ~"
     assert row["like AUC"] == "-"  # no record holds it
+
+
+def test_every_row_composes_and_monitors_a_logged_metric(script):
+    r"""Each row of the MovieLens and synthetic studies is a valid set of
+    overrides, and its early stopping and checkpoint watch the same metric,
+    one that the task logs (``val/mean_score`` or a task's own)."""
+    from hydra import compose, initialize_config_dir
+
+    from moegraph.train import CONFIG_DIR
+
+    study = script("run_multitask_study")
+    rows = {**study.ROWS, **{f"syn {k}": v for k, v in study.SYN_ROWS.items()}}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for name, overrides in rows.items():
+            cfg = compose("train", overrides=list(overrides))
+            monitor = cfg.callbacks.early_stopping.monitor
+            assert monitor == cfg.callbacks.model_checkpoint.monitor, name
+            tasks = list(cfg.data.get("tasks") or [])
+            assert monitor.startswith("val/"), name
+            assert (monitor in ("val/mean_score", "val/mean_r2", "val/mean_auc")
+                    or monitor.split("/")[1] in tasks), (name, monitor)
+    assert study.ROWS["HoME, checkpoint on watch AUC"][-1] == "optimized_metric=val/watch/auc"
