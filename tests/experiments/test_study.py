@@ -254,3 +254,22 @@ def test_mowst_pretrains_as_the_datasets_gnn_runs(script, dataset):
     assert (gnn.trainer.max_epochs, gnn.callbacks.early_stopping.patience) == (
         (150, 30) if dataset == "tolokers" else (300, 50))
     assert mowst.trainer.max_epochs > gnn.trainer.max_epochs  # the schedule's own stop
+
+
+def test_graph_moe_cache_keys_are_those_of_the_cached_runs(script):
+    r"""The graph-MoE study's cached runs stay valid while the configs they
+    ran with are unchanged, including when a new option is added switched
+    off (e.g. ``shared_expert: false`` in ``conf/model/gmoe.yaml``): the hash
+    of each (dataset, model) is the one in the cached file names."""
+    script("run_node_classification")  # imported by run_graph_moe as a sibling script
+    study = script("run_graph_moe")
+    runs = study.RESULTS / "graph_moe_runs_v2"
+    cached = {name.rsplit("__", 1)[0].replace("__seed0", ""): name.rsplit("__", 1)[1][:-5]
+              for name in (p.name for p in runs.glob("*__seed0__*.json"))}
+    checked = 0
+    for dataset in ("cora", "minesweeper"):
+        for model in ("gnn", "gmoe", "dense_gnn", "moe_gnn"):
+            key = f"{dataset}__{model}"
+            assert study.config_hash(dataset, model) == cached[key], key
+            checked += 1
+    assert checked == 8
