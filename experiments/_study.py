@@ -377,3 +377,40 @@ def tune_cached(overrides: Sequence[str], family: str, path: Path, n_trials: int
                if t.datetime_complete and t.datetime_start]
     return {"params": best.params, "value": best.value, "trials": len(done),
             "seconds": statistics.fmean(seconds) if seconds else float("nan")}
+
+
+def tune_cell(name: str, overrides: Sequence[str], family: str, folder: Path,
+              trials: int, info: dict) -> dict:
+    r"""The search ``hparams_search=<family>`` of one cell of a tuned study
+    (``overrides``: its run on seed 0 / split 0; the validation score),
+    resumed from ``folder/<name>.db``; its summary (``info``, then
+    :func:`tune_cached`'s result) is also written to ``folder/<name>.json``."""
+    search = tune_cached(overrides, family, folder / f"{name}.db", trials)
+    summary = {**info, **search}
+    (folder / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    print(f"[tune] {name}: best val {search['value']:.4f} after {search['trials']} trials "
+          f"({search['seconds']:.0f}s each): {' '.join(best_overrides(search['params']))}",
+          flush=True)
+    return summary
+
+
+def load_or_tune(cells: Sequence[tuple[str, Callable[[], dict]]], folder: Path, trials: int,
+                 search: bool = True, dry_run: bool = False) -> dict[str, dict]:
+    r"""The search summaries of a tuned study, cell name -> summary, read from
+    ``folder/*.json``; with ``search``, each cell of ``cells`` (name, a call
+    that searches it) whose summary does not count ``trials`` trials is
+    searched (listed only, with ``dry_run``). Every model gets the same
+    ``trials``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tuned = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    if search:
+        for name, tune in cells:
+            summary = tuned.get(name)
+            if summary is not None and summary["trials"] == trials:
+                continue  # (more trials on disk: the best of the first N is recomputed)
+            if dry_run:
+                print(f"[tune] to do: {name}: {trials} trials "
+                      f"({summary['trials'] if summary else 0} done)")
+                continue
+            tuned[name] = tune()
+    return tuned

@@ -30,6 +30,16 @@ rebuilt from the cached runs of the current configs::
 
 Writes ``experiments/results/graph_moe.md`` and
 ``experiments/results/graph_moe_expert_load.png``.
+
+``--tune N`` runs the tuned study instead, with the same budget for every
+model: for each (dataset, model), N Optuna trials of
+``hparams_search=<model>`` (``gnn``, ``gmoe``, ``dense_gnn``, ``moe_gnn``) on
+seed 0 / split 0, scored on validation and resumable (one SQLite study per
+cell in ``--tuning``), then every seed with the best configuration (runs in
+``graph_moe_runs_tuned/``, table and chosen configurations in
+``graph_moe_tuned.md``)::
+
+    python experiments/run_graph_moe.py --tune 20 --datasets cora amherst41 --seeds 10
 """
 from __future__ import annotations
 
@@ -47,12 +57,16 @@ from _study import (
     ROOT,
     add_study_arguments,
     backbone_protocol,
+    best_overrides,
     command_line,
+    load_or_tune,
     mean_std,
+    params_tag,
     results_header,
     run_diagnostics,
     run_pending,
     train_cached,
+    tune_cell,
     write_results,
 )
 from run_node_classification import DATASETS, SPLIT_DATASETS, seed_major  # the same datasets
@@ -113,9 +127,46 @@ def config_hash(dataset: str, model: str) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_name(dataset: str, model: str, seed: int) -> str:
+def run_name(dataset: str, model: str, seed: int, tuned: dict | None = None) -> str:
+    r"""The cache file of a run; a tuned run's name holds its configuration's
+    tag too."""
     digest = config_hash(dataset, model)
-    return f"{dataset}__{model}__seed{seed}__{digest}.json"
+    tag = f"__t{params_tag(tuned)}" if tuned is not None else ""
+    return f"{dataset}__{model}__seed{seed}__{digest}{tag}.json"
+
+
+def run_one(dataset: str, model: str, seed: int, runs: Path, tuned: dict | None = None) -> dict:
+    r"""Train one run of the study and cache its record; ``tuned``: the
+    chosen parameters of a search, as overrides."""
+    overrides = overrides_for(dataset, model, seed)
+    record: dict = {"dataset": dataset, "model": model, "seed": seed}
+    if tuned is not None:
+        overrides += best_overrides(tuned)
+        record["tuned"] = dict(tuned)
+    return train_cached(overrides, record, runs / run_name(dataset, model, seed, tuned),
+                        (run_diagnostics, backbone_protocol))
+
+
+def tune_one(dataset: str, model: str, trials: int, folder: Path) -> dict:
+    r"""The search of one (dataset, model) cell: ``hparams_search=<model>``
+    on seed 0 / split 0, the validation score."""
+    return tune_cell(f"{dataset}__{model}", overrides_for(dataset, model, 0), model, folder,
+                     trials, {"dataset": dataset, "model": model})
+
+
+def tuned_table(tuned: dict[str, dict]) -> list[str]:
+    r"""The chosen configuration of each searched cell."""
+    lines = ["", "Chosen hyper-parameters per cell (Optuna TPE through "
+             "`hparams_search=<model>`, the same number of trials for every model, on seed 0 / "
+             "split 0, best validation score; the rest is the dataset's protocol):", "",
+             "| dataset | model | trials | best val | s / trial | chosen |",
+             "|---|---|---|---|---|---|"]
+    for s in sorted(tuned.values(), key=lambda s: (DATASETS.index(s["dataset"]),
+                                                   MODELS.index(s["model"]))):
+        chosen = ", ".join(f"`{o}`" for o in best_overrides(s["params"]))
+        lines.append(f"| {s['dataset']} | {s['model']} | {s['trials']} | "
+                     f"{100 * s['value']:.2f} | {s['seconds']:.0f} | {chosen} |")
+    return lines
 
 
 def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
@@ -128,11 +179,20 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     return out
 
 
-def build_table(runs: Path, command: str, seeds: int = 10) -> str:
-    # Only the runs of the current configs (seeds beyond ``seeds`` not probed).
+def build_table(runs: Path, command: str, seeds: int = 10,
+                tuned: dict[str, dict] | None = None) -> str:
+    r"""The tables of the study from its cached runs: only the runs of the
+    current configs (seeds beyond ``seeds`` not probed); with ``tuned`` (cell
+    name -> search summary), those of each cell's chosen configuration."""
+    def params(dataset: str, model: str) -> dict | None:
+        if tuned is None:
+            return None
+        summary = tuned.get(f"{dataset}__{model}")
+        return summary["params"] if summary is not None else {"untuned": True}
+
     records = [json.loads(p.read_text()) for dataset in DATASETS for model in MODELS
                for seed in range(seeds)
-               if (p := runs / run_name(dataset, model, seed)).exists()]
+               if (p := runs / run_name(dataset, model, seed, params(dataset, model))).exists()]
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
@@ -160,7 +220,8 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
         "layers and seeds); **max/mean load**: the most loaded expert's share over the "
         "uniform share, mean over layers and seeds (1 = balanced). Time: mean wall seconds "
         "per run (fit + test) on a 2-core CPU shared with other jobs, one thread. "
-        "Untuned: every model runs the experiment's defaults (no search).",
+        + ("Untuned: every model runs the experiment's defaults (no search)." if tuned is None
+           else "Tuned: each model runs its chosen configuration (below)."),
         "",
         "**GMoE target**: GMoE's mean ≥ GCN's mean − 0.5 × GCN's std (issue 15), *met* or "
         "**NOT met**; **MoE-GNN − GCN**: the MoE-GNN's mean minus GCN's, in GCN's stds.",
@@ -222,10 +283,13 @@ def build_table(runs: Path, command: str, seeds: int = 10) -> str:
         lines += ["", "GCN runs on " + ", ".join(reused) + " are carried over from the "
                   "previous study (`graph_moe_runs/`, the field `reused_from` of each JSON): "
                   "the config of `model=gnn` and its overrides are unchanged."]
+    if tuned is not None:
+        lines += tuned_table(tuned)
     lines += ["", *diagnosis_table(by_key)]
-    _plot_load(by_key)
+    plot = "graph_moe_expert_load.png" if tuned is None else "graph_moe_tuned_expert_load.png"
+    _plot_load(by_key, plot)
     lines += ["", "Expert load (test-time routing on the full graph, experts sorted by load "
-              "within each run, mean over runs): `graph_moe_expert_load.png`."]
+              f"within each run, mean over runs): `{plot}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +336,7 @@ def diagnosis_table(by_key: dict) -> list[str]:
     return out
 
 
-def _plot_load(by_key: dict) -> None:
+def _plot_load(by_key: dict, name: str = "graph_moe_expert_load.png") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +370,7 @@ def _plot_load(by_key: dict) -> None:
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(RESULTS / "graph_moe_expert_load.png", dpi=100)
+    fig.savefig(RESULTS / name, dpi=100)
     plt.close(fig)
 
 
@@ -316,29 +380,50 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help="the tuned study: N search trials per (dataset, model), every "
+                             "model the same N, then every seed with the best configuration")
+    parser.add_argument("--tuning", type=Path, default=RESULTS / "graph_moe_tuning",
+                        help="folder of the searches (one SQLite study per cell)")
     add_study_arguments(parser, RESULTS / "graph_moe_runs_v2")
     args = parser.parse_args(argv)
+    if args.tune < 0:
+        parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
+    if args.tune and args.runs == parser.get_default("runs"):
+        args.runs = RESULTS / "graph_moe_runs_tuned"
     command = command_line(__file__, argv)
 
     import torch
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
+    cells = [(d, m) for d in args.datasets for m in args.models if (d, m) not in SKIP]
+    tuned: dict[str, dict] | None = None
+    if args.tune:
+        tuned = load_or_tune(
+            [(f"{d}__{m}", functools.partial(tune_one, d, m, args.tune, args.tuning))
+             for d, m in cells],
+            args.tuning, args.tune, search=not args.table_only, dry_run=args.dry_run)
     if not args.table_only:
-        run_pending([
-            (args.runs / run_name(dataset, model, seed),
-             functools.partial(train_cached, overrides_for(dataset, model, seed),
-                               {"dataset": dataset, "model": model, "seed": seed},
-                               args.runs / run_name(dataset, model, seed),
-                               (run_diagnostics, backbone_protocol)),
-             f"{dataset} {model} seed {seed}")
-            for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS)
-            for model in args.models if (dataset, model) not in SKIP],
-            dry_run=args.dry_run)
+        jobs = []
+        for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS):
+            for model in args.models:
+                if (dataset, model) in SKIP:
+                    continue
+                best = None
+                if tuned is not None:
+                    summary = tuned.get(f"{dataset}__{model}")
+                    if summary is None:  # a dry run before its search
+                        continue
+                    best = summary["params"]
+                jobs.append((args.runs / run_name(dataset, model, seed, best),
+                             functools.partial(run_one, dataset, model, seed, args.runs, best),
+                             f"{dataset} {model} seed {seed}"))
+        run_pending(jobs, dry_run=args.dry_run)
         if args.dry_run:
             return
-    table = build_table(args.runs, command, seeds=args.seeds or 10)
-    out = RESULTS / "graph_moe.md"
+    table = build_table(args.runs, command, seeds=args.seeds or 10, tuned=tuned)
+    out = RESULTS / ("graph_moe.md" if tuned is None else "graph_moe_tuned.md")
     table = write_results(out, table)
     print(table)
     print(f"[study] wrote {out}")

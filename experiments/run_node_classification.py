@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 from pathlib import Path
@@ -45,6 +44,7 @@ from _study import (
     best_overrides,
     command_line,
     histogram_range,
+    load_or_tune,
     load_runs,
     mean_std,
     params_tag,
@@ -53,7 +53,7 @@ from _study import (
     run_pending,
     target_cell,
     train_cached,
-    tune_cached,
+    tune_cell,
     write_results,
 )
 
@@ -145,15 +145,9 @@ def tune_one(dataset: str, model: str, backbone: str, trials: int, folder: Path)
     r"""The search of one cell (seed 0, split 0, validation score), resumed
     from ``folder/<cell>.db``; its summary is also written to
     ``folder/<cell>.json``."""
-    search = tune_cached(overrides_for(dataset, model, backbone, 0), model,
-                         folder / f"{cell_name(dataset, model, backbone)}.db", trials)
-    summary = {"dataset": dataset, "model": model, "backbone": backbone, **search}
-    (folder / f"{cell_name(dataset, model, backbone)}.json").write_text(
-        json.dumps(summary, indent=1))
-    print(f"[tune] {dataset} {model} {backbone}: best val {search['value']:.4f} after "
-          f"{search['trials']} trials ({search['seconds']:.0f}s each): "
-          f"{' '.join(best_overrides(search['params']))}", flush=True)
-    return summary
+    return tune_cell(cell_name(dataset, model, backbone),
+                     overrides_for(dataset, model, backbone, 0), model, folder, trials,
+                     {"dataset": dataset, "model": model, "backbone": backbone})
 
 
 def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None) -> str:
@@ -360,20 +354,10 @@ def main(argv: list[str] | None = None) -> None:
              for b in (["none"] if m == "mlp" else args.backbones)]
     tuned: dict[str, dict] | None = None
     if args.tune:
-        tuned = {}
-        for path in sorted(args.tuning.glob("*.json")):
-            summary = json.loads(path.read_text())
-            tuned[path.stem] = summary
-        if not args.table_only:
-            for d, m, b in cells:
-                summary = tuned.get(cell_name(d, m, b))
-                if summary is not None and summary["trials"] == args.tune:
-                    continue  # (more trials on disk: the best of the first N is recomputed)
-                if args.dry_run:
-                    print(f"[tune] to do: {d} {m} {b}: {args.tune} trials "
-                          f"({summary['trials'] if summary else 0} done)")
-                    continue
-                tuned[cell_name(d, m, b)] = tune_one(d, m, b, args.tune, args.tuning)
+        tuned = load_or_tune(
+            [(cell_name(d, m, b), functools.partial(tune_one, d, m, b, args.tune, args.tuning))
+             for d, m, b in cells],
+            args.tuning, args.tune, search=not args.table_only, dry_run=args.dry_run)
 
     if not args.table_only:
         jobs = []

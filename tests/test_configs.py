@@ -54,7 +54,8 @@ OPTIONS = {
                    "nc_cora", "nc_minesweeper", "nc_reed98", "nc_tolokers", "synthetic_gnn",
                    "synthetic_moe_gnn"],
     "debug": ["fdr"],
-    "hparams_search": ["gnn", "mlp", "mowst", "mowst_star"],
+    "hparams_search": ["dense_gnn", "gmoe", "gnn", "mlp", "moe_gnn", "mowst",
+                       "mowst_star"],
 }
 # Files that other options of their group build on (their name starts with "_").
 BASES = {"data": ["_real"], "model": ["_multitask", "_node"], "model/strong": ["_base"],

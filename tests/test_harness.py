@@ -62,7 +62,10 @@ def test_optuna_search_runs_and_resumes(tmp_path):
 @pytest.mark.parametrize("family,keys", [
     ("mlp", []), ("gnn", []),
     ("mowst", ["model.net.gate_features", "model.net.gate_hidden_channels"]),
-    ("mowst_star", ["model.net.gate_features", "model.net.gate_hidden_channels"])])
+    ("mowst_star", ["model.net.gate_features", "model.net.gate_hidden_channels"]),
+    ("gmoe", ["model.net.num_experts", "model.net.hop2", "model.aux_loss_weights.importance"]),
+    ("moe_gnn", ["model.net.num_experts", "model.aux_loss_weights.load_balance"]),
+    ("dense_gnn", [])])
 def test_search_spaces_name_real_config_keys(compose_cfg, family, keys):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     from omegaconf import OmegaConf
@@ -79,7 +82,8 @@ def test_search_spaces_name_real_config_keys(compose_cfg, family, keys):
                                                      else "mowst")
 
 
-@pytest.mark.parametrize("family", ["mlp", "gnn", "mowst", "mowst_star"])
+@pytest.mark.parametrize("family", ["mlp", "gnn", "mowst", "mowst_star", "gmoe", "moe_gnn",
+                                    "dense_gnn"])
 def test_every_choice_of_a_search_space_builds(compose_cfg, family):
     r"""Each value a search may pick for a categorical parameter builds the
     model and task (a trial that fails to build ends the whole search):
@@ -104,7 +108,8 @@ def test_every_choice_of_a_search_space_builds(compose_cfg, family):
             run = instantiate_run(cfg, trainer=False)
             assert run["task"] is not None
             picked += 1
-    assert picked >= 7  # hidden size (4 choices) and depth (3) at least
+    depths = 2 if family in ("moe_gnn", "dense_gnn") else 3  # plain stack: >= 2 layers
+    assert picked >= 4 + depths  # hidden size (4 choices) and depth at least
 
 
 def test_tensorboard_and_many_loggers(compose_cfg, tmp_path):

@@ -273,3 +273,55 @@ def test_graph_moe_cache_keys_are_those_of_the_cached_runs(script):
             assert study.config_hash(dataset, model) == cached[key], key
             checked += 1
     assert checked == 8
+
+
+def test_load_or_tune_searches_only_the_cells_short_of_the_budget(script, tmp_path, capsys):
+    study = script("_study")
+    folder = tmp_path / "tuning"
+    folder.mkdir()
+    (folder / "a__gnn.json").write_text(json.dumps({"trials": 20, "params": {"x": 1}}))
+    (folder / "b__gnn.json").write_text(json.dumps({"trials": 5, "params": {"x": 2}}))
+    calls = []
+
+    def tune(name):
+        def run():
+            calls.append(name)
+            return {"trials": 20, "params": {"x": name}}
+        return run
+
+    cells = [(n, tune(n)) for n in ("a__gnn", "b__gnn", "c__gnn")]
+    # a dry run lists the cells to search and searches nothing
+    listed = study.load_or_tune(cells, folder, 20, dry_run=True)
+    assert calls == [] and listed["b__gnn"]["trials"] == 5
+    assert "c__gnn: 20 trials (0 done)" in capsys.readouterr().out
+    # table only: what is on disk
+    assert set(study.load_or_tune(cells, folder, 20, search=False)) == {"a__gnn", "b__gnn"}
+    tuned = study.load_or_tune(cells, folder, 20)
+    assert calls == ["b__gnn", "c__gnn"]  # a__gnn has its 20 trials
+    assert tuned["a__gnn"]["params"] == {"x": 1} and tuned["c__gnn"]["params"] == {"x": "c__gnn"}
+
+
+def test_graph_moe_tuned_table_reads_only_the_runs_of_the_current_choice(script, tmp_path):
+    script("run_node_classification")  # imported by run_graph_moe as a sibling script
+    gm = script("run_graph_moe")
+    chosen, stale = {"backbone.dropout": 0.5}, {"backbone.dropout": 0.1}
+    for params, score, seed in ((chosen, 0.6, 0), (chosen, 0.7, 1), (stale, 0.1, 0)):
+        record = {"dataset": "reed98", "model": "gnn", "seed": seed, "tuned": params,
+                  "metric": "acc", "metrics": {"test/acc": score}, "wall_seconds": 1.0}
+        (tmp_path / gm.run_name("reed98", "gnn", seed, params)).write_text(json.dumps(record))
+    assert gm.run_name("reed98", "gnn", 0, chosen) != gm.run_name("reed98", "gnn", 0, stale)
+    assert gm.run_name("reed98", "gnn", 0) != gm.run_name("reed98", "gnn", 0, chosen)
+    dense = {"backbone.num_layers": 3}  # a row needs a model beside the GCN
+    record = {"dataset": "reed98", "model": "dense_gnn", "seed": 0, "tuned": dense,
+              "metric": "acc", "metrics": {"test/acc": 0.5}, "wall_seconds": 2.0}
+    (tmp_path / gm.run_name("reed98", "dense_gnn", 0, dense)).write_text(json.dumps(record))
+    summary = {"dataset": "reed98", "model": "gnn", "params": chosen, "value": 0.65,
+               "trials": 20, "seconds": 3.0}
+    dense_summary = {**summary, "model": "dense_gnn", "params": dense}
+    table = gm.build_table(tmp_path, "cmd", tuned={"reed98__gnn": summary,
+                                                   "reed98__dense_gnn": dense_summary})
+    row = next(line for line in table.splitlines() if line.startswith("| reed98 | 6"))
+    assert row.startswith("| reed98 | 65.00 ± 7.07 |")  # the stale run left out
+    assert "| 50.00 ± 0.00 |" in row and "| 2 / 0 / 1 / 0 |" in row
+    assert "| reed98 | gnn | 20 | 65.00 | 3 | `backbone.dropout=0.5` |" in table
+    assert "Tuned: each model runs its chosen configuration" in table
