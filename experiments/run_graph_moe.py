@@ -163,7 +163,9 @@ def tuned_table(tuned: dict[str, dict]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for s in sorted(tuned.values(), key=lambda s: (DATASETS.index(s["dataset"]),
                                                    MODELS.index(s["model"]))):
-        chosen = ", ".join(f"`{o}`" for o in best_overrides(s["params"]))
+        chosen = ", ".join(f"`{k}={v:.3g}`" if isinstance(v, float) else f"`{o}`"
+                           for o, (k, v) in zip(best_overrides(s["params"]),
+                                                sorted(s["params"].items()), strict=True))
         lines.append(f"| {s['dataset']} | {s['model']} | {s['trials']} | "
                      f"{100 * s['value']:.2f} | {s['seconds']:.0f} | {chosen} |")
     return lines
