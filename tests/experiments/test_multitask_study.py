@@ -54,8 +54,12 @@ def test_every_row_composes_and_monitors_a_logged_metric(script):
             cfg = compose("train", overrides=list(overrides))
             monitor = cfg.callbacks.early_stopping.monitor
             assert monitor == cfg.callbacks.model_checkpoint.monitor, name
+            assert monitor == cfg.optimized_metric, name  # an override of it moves both
             tasks = list(cfg.data.get("tasks") or [])
             assert monitor.startswith("val/"), name
             assert (monitor in ("val/mean_score", "val/mean_r2", "val/mean_auc")
                     or monitor.split("/")[1] in tasks), (name, monitor)
-    assert study.ROWS["HoME, checkpoint on watch AUC"][-1] == "optimized_metric=val/watch/auc"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=study.ROWS["HoME, checkpoint on watch AUC"])
+    assert cfg.callbacks.model_checkpoint.monitor == "val/watch/auc"
+    assert cfg.callbacks.early_stopping.monitor == "val/watch/auc"
