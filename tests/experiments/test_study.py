@@ -325,3 +325,25 @@ def test_graph_moe_tuned_table_reads_only_the_runs_of_the_current_choice(script,
     assert "| 50.00 ± 0.00 |" in row and "| 2 / 0 / 1 / 0 |" in row
     assert "| reed98 | gnn | 20 | 65.00 | 3 | `backbone.dropout=0.5` |" in table
     assert "Tuned: each model runs its chosen configuration" in table
+
+
+def test_molhiv_table_keeps_one_protocol(script, tmp_path):
+    r"""Runs of two protocols in one cache: the table of each protocol counts its
+    own runs only, and a protocol other than the default gets its own results file."""
+    molhiv = script("run_molhiv")
+    default = dict(molhiv.PROTOCOL)
+    longer = {**default, "epochs": 10, "subset": 1.0}
+    for protocol, score in ((default, 0.6), (longer, 0.8)):
+        tag = molhiv.protocol_tag(protocol)
+        for seed in range(2):
+            record = {"arm": "gin_node", "seed": seed, "protocol_tag": tag,
+                      "wall_seconds": 1.0,
+                      "metrics": {"val/rocauc": score, "test/rocauc": score + 0.01 * seed}}
+            (tmp_path / f"gin_node__{tag}__seed{seed}.json").write_text(json.dumps(record))
+    table = molhiv.build_table(tmp_path, "cmd", molhiv.protocol_tag(longer))
+    row = next(line for line in table.splitlines() if line.startswith("| gin_node |"))
+    # test scores 0.80 and 0.81: mean 80.50, std sqrt(2 * 0.005^2) = 0.0071 -> 0.71
+    assert row.startswith("| gin_node | 2 | 80.00 ± 0.00 | 80.50 ± 0.71 |")
+    assert molhiv.results_name(default) == "molhiv.md"
+    assert molhiv.results_name(longer) == (
+        "molhiv__hidden64_layers3_epochs10_subset1.0_batch_size64_lr0.005.md")
