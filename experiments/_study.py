@@ -186,6 +186,34 @@ def add_study_arguments(parser: Any, runs: Path) -> None:
                         help="list the runs to do (not cached yet), train nothing")
 
 
+def add_tuned_study_arguments(parser: Any, runs: Path, tuning: Path, tuned_runs: Path,
+                              cell: str) -> Callable[[Optional[list[str]]], Any]:
+    r"""The arguments of a study that can be tuned: ``--seeds``, ``--tune N``,
+    ``--tuning`` (default ``tuning``) and those of :func:`add_study_arguments`
+    (default cache ``runs``). Returns the parser's ``parse_args``, which also
+    checks ``--tune`` and, with ``--tune`` and the default ``--runs``, caches
+    the runs in ``tuned_runs`` instead; ``cell`` names what one search covers
+    in the help text."""
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per dataset (default: the per-dataset protocol)")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help=f"the tuned study: N search trials per {cell} (every model the "
+                             "same N), then every seed with the best configuration")
+    parser.add_argument("--tuning", type=Path, default=tuning,
+                        help="folder of the searches (one SQLite study per cell)")
+    add_study_arguments(parser, runs)
+
+    def parse(argv: Optional[list[str]] = None) -> Any:
+        args = parser.parse_args(argv)
+        if args.tune < 0:
+            parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
+        if args.tune and args.runs == runs:
+            args.runs = tuned_runs
+        return args
+
+    return parse
+
+
 def results_header(title: str, command: str, runs: Optional[Path] = None) -> list[str]:
     r"""The first lines of a results file: its title and the command that made
     it (and where its cached runs are)."""

@@ -55,7 +55,7 @@ from _study import (
     QUIET,
     RESULTS,
     ROOT,
-    add_study_arguments,
+    add_tuned_study_arguments,
     backbone_protocol,
     best_overrides,
     command_line,
@@ -380,19 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--tune", type=int, default=0, metavar="N",
-                        help="the tuned study: N search trials per (dataset, model), every "
-                             "model the same N, then every seed with the best configuration")
-    parser.add_argument("--tuning", type=Path, default=RESULTS / "graph_moe_tuning",
-                        help="folder of the searches (one SQLite study per cell)")
-    add_study_arguments(parser, RESULTS / "graph_moe_runs_v2")
-    args = parser.parse_args(argv)
-    if args.tune < 0:
-        parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
-    if args.tune and args.runs == parser.get_default("runs"):
-        args.runs = RESULTS / "graph_moe_runs_tuned"
+    parse = add_tuned_study_arguments(
+        parser, RESULTS / "graph_moe_runs_v2", RESULTS / "graph_moe_tuning",
+        RESULTS / "graph_moe_runs_tuned", "(dataset, model)")
+    args = parse(argv)
     command = command_line(__file__, argv)
 
     import torch

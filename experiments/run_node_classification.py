@@ -39,7 +39,7 @@ from _study import (
     QUIET,
     RESULTS,
     ROOT,
-    add_study_arguments,
+    add_tuned_study_arguments,
     backbone_protocol,
     best_overrides,
     command_line,
@@ -331,19 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--backbones", nargs="+", default=["gcn", "sage"], choices=BACKBONES)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per dataset (default: the per-dataset protocol)")
-    parser.add_argument("--tune", type=int, default=0, metavar="N",
-                        help="the tuned study: N search trials per cell (every model the "
-                             "same N), then every seed with the best configuration")
-    parser.add_argument("--tuning", type=Path, default=RESULTS / "node_classification_tuning",
-                        help="folder of the searches (one SQLite study per cell)")
-    add_study_arguments(parser, RESULTS / "node_classification_runs")
-    args = parser.parse_args(argv)
-    if args.tune < 0:
-        parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
-    if args.tune and args.runs == parser.get_default("runs"):
-        args.runs = RESULTS / "node_classification_runs_tuned"
+    parse = add_tuned_study_arguments(
+        parser, RESULTS / "node_classification_runs", RESULTS / "node_classification_tuning",
+        RESULTS / "node_classification_runs_tuned", "cell")
+    args = parse(argv)
     command = command_line(__file__, argv)
 
     import torch

@@ -347,3 +347,24 @@ def test_molhiv_table_keeps_one_protocol(script, tmp_path):
     assert molhiv.results_name(default) == "molhiv.md"
     assert molhiv.results_name(longer) == (
         "molhiv__hidden64_layers3_epochs10_subset1.0_batch_size64_lr0.005.md")
+
+
+def test_tuned_study_arguments(script, tmp_path):
+    r"""``--tune N`` moves the default cache to the tuned one, keeps a cache the
+    user gave, and refuses a negative budget."""
+    import argparse
+
+    study = script("_study")
+    runs, tuning, tuned = tmp_path / "runs", tmp_path / "tuning", tmp_path / "tuned"
+
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        return study.add_tuned_study_arguments(parser, runs, tuning, tuned, "cell")(argv)
+
+    args = parse([])
+    assert (args.tune, args.seeds, args.runs, args.tuning) == (0, None, runs, tuning)
+    assert parse(["--tune", "20", "--seeds", "3"]).runs == tuned
+    mine = tmp_path / "mine"
+    assert parse(["--tune", "20", "--runs", str(mine)]).runs == mine
+    with pytest.raises(SystemExit):
+        parse(["--tune", "-1"])
