@@ -23,6 +23,7 @@ from moegraph.data.mmoe_synthetic import mmoe_synthetic, mmoe_synthetic_frame
 from moegraph.data.molecules import (
     GRAPH_DATASETS,
     MOLECULE_DATASETS,
+    DropNodes,
     GraphDataModule,
     MoleculeCSVDataset,
     load_graph_dataset,
@@ -41,8 +42,8 @@ from moegraph.data.synthetic import csbm_graph, random_split_masks
 from moegraph.data.tabular import TabularMultiTaskDataModule, read_table
 
 __all__ = ["DATASETS", "GRAPH_DATASETS", "MOLECULE_DATASETS", "REAL_DATASETS",
-           "GraphDataModule", "MoleculeCSVDataset", "load_graph_dataset", "scaffold_split",
-           "smiles_to_data", "ClusterDataModule", "ClusterPatches",
+           "DropNodes", "GraphDataModule", "MoleculeCSVDataset", "load_graph_dataset",
+           "scaffold_split", "smiles_to_data", "ClusterDataModule", "ClusterPatches",
            "EpochRandomSampler", "KHopLoader", "MovieLensDataModule", "NeighborSampler",
            "NodeDataModule", "TabularMultiTaskDataModule", "TorchNeighborLoader", "check_graph",
            "check_ratings",

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch_geometric.data import Data, InMemoryDataset
+from torch_geometric.transforms import BaseTransform, Compose
 
 try:  # optional: only featurisation and the scaffold split need it
     import rdkit  # noqa: F401
@@ -280,6 +281,45 @@ def load_graph_dataset(name: str, root: Optional[str] = None,
     return dataset, dataset.get_idx_split()
 
 
+class DropNodes(BaseTransform):
+    r"""Training-time augmentation for graph-level tasks: drops each node of a
+    graph with probability ``p``, with the edges (and edge attributes) that
+    touch it, and relabels the rest (:meth:`torch_geometric.data.Data.subgraph`);
+    graph-level attributes such as ``y`` are kept. A graph with fewer than
+    ``min_nodes`` nodes, or one that would lose every node, is returned as it
+    is. This is the random node drop that GMoE's released graph-level code
+    applies to every training molecule (``p = 0.2``, ``min_nodes = 5``).
+
+    Draws from torch's global generator (seeded by ``seed_everything``; with
+    loader workers, from each worker's seeded generator).
+
+    Args:
+        p (float): probability of dropping a node, in ``[0, 1)``.
+        min_nodes (int, optional): graphs smaller than this are left whole.
+            (default: :obj:`5`)
+    """
+
+    def __init__(self, p: float, min_nodes: int = 5):
+        if not 0 <= p < 1:
+            raise ValueError(f"'p' must lie in [0, 1) (got {p})")
+        if min_nodes < 1:
+            raise ValueError(f"'min_nodes' must be at least 1 (got {min_nodes})")
+        self.p = float(p)
+        self.min_nodes = int(min_nodes)
+
+    def forward(self, data: Data) -> Data:
+        num_nodes = data.num_nodes
+        if self.p == 0 or num_nodes is None or num_nodes < self.min_nodes:
+            return data
+        keep = torch.rand(num_nodes) >= self.p
+        if not keep.any():
+            return data
+        return data.subgraph(keep)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(p={self.p}, min_nodes={self.min_nodes})"
+
+
 class GraphDataModule(L.LightningDataModule):
     r"""Graph-level prediction over a dataset of many small graphs, in PyG
     :class:`~torch_geometric.loader.DataLoader` mini-batches.
@@ -298,6 +338,10 @@ class GraphDataModule(L.LightningDataModule):
             split (a seeded random draw), for quick runs; validation and test
             stay whole. (default: :obj:`None`)
         subset_seed (int, optional): seed of that order. (default: :obj:`0`)
+        drop_node (float, optional): drop each atom of a training graph with
+            this probability, anew at every epoch (:class:`DropNodes`, graphs of
+            5 or more nodes); validation and test graphs stay whole.
+            (default: :obj:`0.0`: no augmentation)
         metric (str, optional): the metric of the set's OGB evaluator
             (``"rocauc"`` for ogbg-molhiv), for configs that monitor
             ``val/<metric>``; checked against the evaluator.
@@ -306,7 +350,7 @@ class GraphDataModule(L.LightningDataModule):
     def __init__(self, name: str = "molhiv", root: Optional[str] = None,
                  cache_dir: Optional[str] = None, batch_size: int = 32, num_workers: int = 0,
                  subset: Optional[float] = None, subset_seed: int = 0,
-                 metric: Optional[str] = None):
+                 drop_node: float = 0.0, metric: Optional[str] = None):
         super().__init__()
         if name not in GRAPH_DATASETS:
             raise ValueError(f"unknown graph dataset {name!r}; known: "
@@ -315,6 +359,8 @@ class GraphDataModule(L.LightningDataModule):
             raise ValueError(f"'batch_size' must be positive (got {batch_size})")
         if subset is not None and not 0 < subset <= 1:
             raise ValueError(f"'subset' must lie in (0, 1] (got {subset})")
+        if not 0 <= drop_node < 1:
+            raise ValueError(f"'drop_node' must lie in [0, 1) (got {drop_node})")
         self.name: str = name
         from ogb.graphproppred import Evaluator
 
@@ -329,6 +375,7 @@ class GraphDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.subset = subset
         self.subset_seed = subset_seed
+        self.drop_node = float(drop_node)
         self.dataset: Optional[InMemoryDataset] = None
         self.split_idx: dict[str, Tensor] = {}
 
@@ -370,9 +417,12 @@ class GraphDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False):
         from torch_geometric.loader import DataLoader
 
-        dataset = self._loaded()
-        return DataLoader(dataset[self.split_idx[split]], batch_size=self.batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers)
+        graphs = self._loaded()[self.split_idx[split]]  # a copy: its transform is its own
+        if split == "train" and self.drop_node > 0:
+            graphs.transform = (DropNodes(self.drop_node) if graphs.transform is None else
+                                Compose([graphs.transform, DropNodes(self.drop_node)]))
+        return DataLoader(graphs, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
@@ -388,4 +438,5 @@ class GraphDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.name!r}, batch_size={self.batch_size}"
-                f"{f', subset={self.subset}' if self.subset else ''})")
+                f"{f', subset={self.subset}' if self.subset else ''}"
+                f"{f', drop_node={self.drop_node}' if self.drop_node else ''})")

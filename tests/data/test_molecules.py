@@ -169,6 +169,29 @@ def test_datamodule_on_a_handful_of_smiles(tiny_hiv):
     assert torch.equal(sub.split_idx["test"], dm.split_idx["test"])
 
 
+def test_datamodule_drop_node_only_in_training(tiny_hiv):
+    root, cache = tiny_hiv
+    whole = GraphDataModule("molhiv", str(root), str(cache), batch_size=64)
+    drop = GraphDataModule("molhiv", str(root), str(cache), batch_size=64, drop_node=0.5)
+    whole.setup()
+    drop.setup()
+    torch.manual_seed(0)
+    atoms = int(whole.train_dataloader().dataset.x.size(0))  # every training atom
+    dropped = next(iter(drop.train_dataloader()))
+    # Half the atoms of the graphs with >= 5 atoms go (Bernoulli draws, so a
+    # margin), the small graphs stay whole; the labels stay.
+    assert dropped.num_graphs == whole.split_idx["train"].numel()
+    assert dropped.x.size(0) < 0.8 * atoms
+    for split in ("valid", "test"):  # evaluation graphs are never thinned
+        a, b = (next(iter(getattr(m, f"{'val' if split == 'valid' else split}_dataloader")()))
+                for m in (whole, drop))
+        assert torch.equal(a.x, b.x) and torch.equal(a.edge_index, b.edge_index)
+    assert drop.dataset.transform is None  # the shared dataset keeps no transform
+    assert "drop_node=0.5" in repr(drop)
+    with pytest.raises(ValueError, match="'drop_node' must lie in"):
+        GraphDataModule(drop_node=1.0)
+
+
 def test_datamodule_bad_arguments(tiny_hiv):
     with pytest.raises(ValueError, match="unknown graph dataset 'tox'"):
         GraphDataModule("tox")

@@ -105,14 +105,18 @@ def tiny_molhiv(tmp_path):
             "backbone.hidden_channels=16", "backbone.num_layers=2", "data.batch_size=64"]
 
 
-@pytest.mark.parametrize("experiment,moe", [("molhiv_gcn", False), ("molhiv_gmoe", True),
-                                            ("molhiv_gin", False), ("molhiv_gin_gmoe", True)])
-def test_fast_dev_run(compose_cfg, tmp_path, tiny_molhiv, experiment, moe):
+@pytest.mark.parametrize("experiment,moe,drop", [
+    ("molhiv_gcn", False, 0.0), ("molhiv_gmoe", True, 0.0), ("molhiv_gin", False, 0.0),
+    ("molhiv_gin_gmoe", True, 0.0), ("molhiv_gin_gmoe", True, 0.2)])
+def test_fast_dev_run(compose_cfg, tmp_path, tiny_molhiv, experiment, moe, drop):
     from moegraph.nn.models import GraphLevelGNN
     from moegraph.train import instantiate_run, train
 
-    cfg = compose_cfg("debug=fdr", f"experiment={experiment}", *tiny_molhiv)
-    net = instantiate_run(cfg, trainer=False)["net"]
+    cfg = compose_cfg("debug=fdr", f"experiment={experiment}", f"data.drop_node={drop}",
+                      *tiny_molhiv)
+    built = instantiate_run(cfg, trainer=False)
+    assert built["datamodule"].drop_node == drop
+    net = built["net"]
     assert isinstance(net, GraphLevelGNN)
     assert net.conv_name == ("gin" if "gin" in experiment else "gcn")
     assert (net.num_experts is not None) == moe
