@@ -64,34 +64,55 @@ RUNS = ROOT / "experiments" / "results" / "graph_moe_ablation_runs" / "moe_gnn_l
 
 SN = ["model.net.spectral_norm=true", "model.net.ffn_bias=false"]  # section 5's default
 
+# model=moe_gnn before section 9 (8 routed experts, top-2, no shared expert): the
+# MoE variants of sections 5-6 pin it.
+TOP2 = ["model.net.k=2", "~model.net.moe_kwargs.num_shared_experts"]
+# section 9's default: top-1 routed experts beside one shared expert
+SHARED = ["model.net.k=1", "model.net.moe_kwargs={num_shared_experts:1}"]
+
 VARIANTS: dict[str, list[str]] = {
     "gcn": ["model=gnn", "model/strong=gcn"],
     # the plain stack as it was: FFN weights used as they are, with biases
     "dense": ["model=dense_gnn", "model.net.spectral_norm=false", "model.net.ffn_bias=true"],
-    "moe": ["model=moe_gnn", "model.net.spectral_norm=false",
+    "moe": ["model=moe_gnn", *TOP2, "model.net.spectral_norm=false",
             "model.net.ffn_bias=true"],
     # spectrally normalised FFN / expert weights, with biases
     "dense, spectral norm": ["model=dense_gnn", "model.net.spectral_norm=true",
                              "model.net.ffn_bias=true"],
-    "moe, spectral norm": ["model=moe_gnn", "model.net.spectral_norm=true",
+    "moe, spectral norm": ["model=moe_gnn", *TOP2, "model.net.spectral_norm=true",
                            "model.net.ffn_bias=true"],
     # without biases too (section 5's default): with spectral norm a bias-free
     # FFN or expert cannot make its output longer than its input
     "dense, spectral norm, no bias": ["model=dense_gnn", *SN],
-    "moe, spectral norm, no bias": ["model=moe_gnn", *SN],
+    "moe, spectral norm, no bias": ["model=moe_gnn", *TOP2, *SN],
     # section 6, from section 5's default: the router reads the block's output
     # before its dropout; the experts' coupled L2 or learning rate scaled by
     # their share k / E of the nodes; every expert started alike; noisy top-k
     # gating
-    "moe, route before dropout": ["model=moe_gnn", *SN,
+    "moe, route before dropout": ["model=moe_gnn", *TOP2, *SN,
                                   "model.net.route_before_dropout=true"],
-    "moe, expert decay k/E": ["model=moe_gnn", *SN,
+    "moe, expert decay k/E": ["model=moe_gnn", *TOP2, *SN,
                               "+model.expert_weight_decay=load_share"],
-    "moe, shared expert init": ["model=moe_gnn", *SN,
+    "moe, shared expert init": ["model=moe_gnn", *TOP2, *SN,
                                 "+model.net.moe_kwargs.expert_init=shared"],
-    "moe, noisy router": ["model=moe_gnn", *SN, "+model.net.moe_kwargs.router_kwargs.noisy=true"],
-    "moe, expert lr k/E": ["model=moe_gnn", *SN,
+    "moe, noisy router": ["model=moe_gnn", *TOP2, *SN,
+                          "+model.net.moe_kwargs.router_kwargs.noisy=true"],
+    "moe, expert lr k/E": ["model=moe_gnn", *TOP2, *SN,
                            "+model.param_groups=[{params:net.ffns.0.experts,lr:0.0025}]"],
+    # section 9, against the over-fitting of section 6 (8 experts hold four times
+    # the dense twin's FFN parameters): fewer experts at the same active width;
+    # an always-on shared expert (Dai et al., 2024) beside top-1 routing, at the
+    # dense twin's active width (64 shared + 64 routed; the new default); the
+    # aux-loss weight; LayerScale / ReZero on the feed-forward branch
+    "moe, 4 experts": ["model=moe_gnn", *TOP2, *SN, "model.net.num_experts=4"],
+    "moe, shared expert, top-1": ["model=moe_gnn", *SHARED, *SN],
+    "moe, shared expert, top-1, 4 experts": ["model=moe_gnn", *SHARED, *SN,
+                                             "model.net.num_experts=4"],
+    "moe, load balance 0.1": ["model=moe_gnn", *TOP2, *SN,
+                              "model.aux_loss_weights.load_balance=0.1"],
+    "dense, layer scale 0": ["model=dense_gnn", *SN, "+model.net.ffn_scale=0.0"],
+    "moe, shared expert, top-1, layer scale 0": ["model=moe_gnn", *SHARED, *SN,
+                                                 "+model.net.ffn_scale=0.0"],
 }
 
 

@@ -14,9 +14,10 @@ Pairs, each MoE model against its dense twin:
   router; hop-2 experts aggregate over more edges.
 * ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: the
   experiment's backbone blocks, GCN layers or residual GCN blocks, each
-  followed by a sparse MoE feed-forward part of 8 experts of width 64, top-2)
-  against ``dense_gnn`` (``model=dense_gnn``: the same blocks with a dense
-  feed-forward part of width 128 = k x 64).
+  followed by a sparse MoE feed-forward part: 8 routed experts of width 64,
+  top-1, beside one always-on shared expert of width 64) against ``dense_gnn``
+  (``model=dense_gnn``: the same blocks with a dense feed-forward part of
+  width 128, the MoE's active width).
 
 Runs are cached one JSON per (dataset, model, seed, configuration) under
 ``--runs``, so the study can be completed in parts; the file name holds a hash
@@ -102,11 +103,15 @@ def config_hash(dataset: str, model: str) -> str:
     net = model_cfg["net"]
     net["_target_"] = TARGET_ALIASES.get(net["_target_"], net["_target_"])
     if net.get("ffn") == "dense" and net.get("k") is not None:
-        # model=dense_gnn now gives k and lets MoEGNN take the product
-        # k * ffn_hidden_channels; hashed as the same width given directly
+        # model=dense_gnn gives k (and moe_gnn's shared experts) and lets
+        # MoEGNN take the active width k * ffn_hidden_channels + the shared
+        # experts' width; hashed as that width given directly
         # (ffn_hidden_channels=128, k=null), the network it builds.
         width = net.get("ffn_hidden_channels") or net["hidden_channels"]
-        net["ffn_hidden_channels"], net["k"] = width * net["k"], None
+        moe_kwargs = net.get("moe_kwargs") or {}
+        shared = (moe_kwargs.get("num_shared_experts") or 0) * (
+            moe_kwargs.get("shared_hidden_channels") or width)
+        net["ffn_hidden_channels"], net["k"] = width * net["k"] + shared, None
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},
@@ -215,7 +220,8 @@ def build_table(runs: Path, command: str, seeds: int = 10,
         "depth; **MoE-GNN** (the "
         "experiment's backbone blocks: GCN layers with input dropout on cora, citeseer, "
         "amherst41, reed98, residual LayerNorm blocks on minesweeper and tolokers, each "
-        "followed by a sparse MoE feed-forward part, 8 experts of width 64, top-2) vs "
+        "followed by a sparse MoE feed-forward part: 8 routed experts of width 64, top-1, "
+        "beside one always-on shared expert of width 64) vs "
         "**dense-FFN GNN** (the same blocks, dense feed-forward of width 128). Δ of GMoE: "
         "GMoE − GCN; Δ of MoE-GNN: MoE − dense. **hop-2 share**: share of GMoE's "
         "assignments on hop-2 experts (test-time routing on the full graph, mean over "

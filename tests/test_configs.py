@@ -97,7 +97,9 @@ def test_default_config(compose_cfg, tmp_path):
     # PyG's plain 2-layer stack: one MoE feed-forward block, between the convolutions
     assert [type(f) for f in net.ffns] == [SparseMoE] and len(net.convs) == 2
     assert net.convs[-1].out_channels == 4 and net.lin_out is None
-    assert isinstance(net.ffns[0].router, TopKRouter) and net.ffns[0].router.k == 2
+    # top-1 routed experts beside one always-on shared expert of the same width
+    assert isinstance(net.ffns[0].router, TopKRouter) and net.ffns[0].router.k == 1
+    assert net.ffns[0].num_shared_experts == 1 and net.ffns[0].shared[0].out_features == 64
     task = run["task"]
     assert isinstance(task, NodeClassificationTask) and task.net is net
     assert task.aux_loss_weights == {"load_balance": 0.01, "z_loss": 0.001}
@@ -149,7 +151,7 @@ def test_gnn_baseline(compose_cfg):
     run = instantiate_run(compose_cfg(TINY, "model=dense_gnn"), trainer=False)
     net, task = run["net"], run["task"]
     dense = net.ffns[0]
-    assert dense[0].out_features == 128  # moe_gnn's k * expert hidden = 2 * 64
+    assert dense[0].out_features == 128  # moe_gnn's active width: 1 routed + 1 shared x 64
     # The dense baseline weights no auxiliary loss (moe_gnn's weights are not inherited).
     assert task.aux_loss_weights == {}
 

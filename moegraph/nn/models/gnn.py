@@ -1,12 +1,13 @@
 r"""GNN backbones whose feed-forward part can be a sparse MoE block."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn import Identity, Linear, Module, ModuleList
+from torch.nn import Identity, Linear, Module, ModuleList, Parameter, ParameterList
 from torch_geometric.nn import GATConv, GCNConv, GINConv, SAGEConv
 from torch_geometric.nn.resolver import activation_resolver
 
@@ -117,8 +118,10 @@ class MoEGNN(Module):
         ffn_hidden_channels (int, optional): hidden size of each expert (and
             of the dense FFN); :obj:`hidden_channels` if :obj:`None`.
             With :obj:`ffn="dense"` and :obj:`k` given, the dense FFN is
-            :obj:`k * ffn_hidden_channels` wide: the active width of the
-            top-:obj:`k` MoE block it stands in for (``model=dense_gnn``).
+            :obj:`k * ffn_hidden_channels` wide, plus the width of the shared
+            experts named in :obj:`moe_kwargs` (``num_shared_experts`` x
+            ``shared_hidden_channels``): the active width of the MoE block it
+            stands in for (``model=dense_gnn``).
         num_experts (int, optional): experts per MoE block. (default: :obj:`8`)
         k (int, optional): experts per node for the top-k router (with
             :obj:`ffn="dense"`: the width multiplier above).
@@ -176,6 +179,15 @@ class MoEGNN(Module):
             norm is applied to both inputs (its running statistics are
             updated twice per step). No effect without dropout, at
             evaluation or on dense feed-forward parts. (default: :obj:`False`)
+        ffn_scale (float, optional): LayerScale (Touvron et al., 2021) of
+            the feed-forward parts: each block's feed-forward output is
+            multiplied by a learned per-channel vector :math:`\gamma` started
+            at this value, :math:`h + \gamma \odot \mathrm{FFN}(h)`; with
+            :obj:`0.0` (ReZero, Bachlechner et al., 2021) the network starts as
+            the convolutions alone and the feed-forward parts enter only as
+            far as training moves :math:`\gamma` (which the optimiser's
+            weight decay pulls back to zero). :obj:`None`: no scale.
+            (default: :obj:`None`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -206,6 +218,7 @@ class MoEGNN(Module):
         spectral_norm: bool = False,
         ffn_bias: bool = True,
         route_before_dropout: bool = False,
+        ffn_scale: Optional[float] = None,
     ):
         super().__init__()
         if num_layers < 1:
@@ -238,10 +251,15 @@ class MoEGNN(Module):
         self.route_before_dropout = route_before_dropout
         self.act = activation_resolver(act)
         ffn_hidden = ffn_hidden_channels or hidden_channels
-        # The dense twin of a top-k MoE block: equal active width.
+        # The dense twin of a top-k MoE block: equal active width, the k
+        # routed experts' and the always-on shared experts' together.
         dense_hidden = ffn_hidden
         if ffn == "dense" and k is not None:
-            dense_hidden = ffn_hidden * check_int("k", k)
+            num_shared = check_int("num_shared_experts",
+                                   moe_kwargs.get("num_shared_experts", 0), low=0)
+            shared_hidden = moe_kwargs.get("shared_hidden_channels") or ffn_hidden
+            dense_hidden = (ffn_hidden * check_int("k", k)
+                            + num_shared * check_int("shared_hidden_channels", shared_hidden))
 
         if not residual and num_layers < 2 and ffn != "none":
             raise ValueError("residual=False puts the feed-forward parts between "
@@ -283,10 +301,25 @@ class MoEGNN(Module):
             # No FFN, no residual step to normalise: no dead norm parameters.
             self.ffn_norms.append(make_norm(norm if ffn != "none" else None, hidden_channels))
         self.lin_out = Linear(hidden_channels, out_channels) if residual else None
+        if ffn_scale is not None:
+            if isinstance(ffn_scale, bool) or not isinstance(ffn_scale, (int, float)) \
+                    or not math.isfinite(ffn_scale):
+                raise ValueError(f"'ffn_scale' must be a finite number or None (got "
+                                 f"{ffn_scale!r})")
+            ffn_scale = float(ffn_scale)
+        self.ffn_scale = ffn_scale
+        self.ffn_scales: Optional[ParameterList] = None
+        if ffn_scale is not None and ffn != "none":
+            self.ffn_scales = ParameterList(
+                [Parameter(torch.empty(hidden_channels)) for _ in self.ffns])
         self.reset_parameters()
 
     def reset_parameters(self):
         reset_submodules(self)
+        if self.ffn_scales is not None:
+            assert self.ffn_scale is not None
+            for gamma in self.ffn_scales:
+                torch.nn.init.constant_(gamma, self.ffn_scale)
 
     def forward(self, x: Tensor, edge_index: Optional[Tensor] = None) -> ModelOutput:
         r"""
@@ -327,14 +360,19 @@ class MoEGNN(Module):
     def ffn_branch(self, layer: int, h: Tensor,
                    router_input: Optional[Tensor] = None) -> tuple[Tensor, Optional[Routing]]:
         r"""What the feed-forward part of block ``layer`` adds to ``h [N, H]``
-        (before dropout and the residual step), and its routing record
+        (before dropout and the residual step; times its LayerScale vector
+        with ``ffn_scale``), and its routing record
         (:obj:`None` for a dense FFN); a MoE block's router reads
         ``router_input`` if given (else ``h``)."""
         ffn = self.ffns[layer]
+        routing = None
         if isinstance(ffn, SparseMoE):
             y, routing = ffn(h, router_input)
-            return y, routing
-        return ffn(h), None
+        else:
+            y = ffn(h)
+        if self.ffn_scales is not None:
+            y = y * self.ffn_scales[layer]
+        return y, routing
 
     def __repr__(self) -> str:
         num_moe = sum(isinstance(f, SparseMoE) for f in self.ffns)

@@ -208,6 +208,25 @@ def test_dense_twin_has_the_active_width_of_top_k():
             MoEGNN(FEAT, HID, OUT, ffn="dense", k=bad)
 
 
+def test_dense_twin_counts_the_shared_experts():
+    # A top-1 block with one shared expert of the experts' width is active on
+    # 2 x 24 hidden units per node; with shared_hidden_channels=10 on 24 + 2 x 10.
+    def widths(**moe_kwargs):
+        twin = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn="dense", ffn_hidden_channels=24,
+                      k=1, moe_kwargs=moe_kwargs)
+        return [(f[0].out_features, f[2].in_features) for f in twin.ffns]
+
+    assert widths(num_shared_experts=1) == [(48, 48)] * 3  # residual: an FFN per layer
+    assert widths(num_shared_experts=2, shared_hidden_channels=10) == [(44, 44)] * 3
+    # The MoE block it stands in for: routed k x 24 plus the shared experts, per node.
+    moe = MoEGNN(FEAT, HID, OUT, num_layers=2, ffn_hidden_channels=24, k=1,
+                 moe_kwargs={"num_shared_experts": 1}).ffns[0]
+    assert moe.router.k * moe.hidden_channels + moe.shared[0].out_features == 48
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="'num_shared_experts'"):
+            widths(num_shared_experts=bad)
+
+
 def test_conv_kwargs_not_mutated():
     conv_kwargs = {"heads": 4}
     net = MoEGNN(FEAT, HID, OUT, num_layers=2, conv="gat", conv_kwargs=conv_kwargs)
@@ -512,3 +531,60 @@ def test_make_norm():
     assert isinstance(bn, BatchNorm1d) and bn.num_features == 8
     with pytest.raises(ValueError, match=r"'norm' must be one of .* \(got 'LayerNorm'\)"):
         make_norm("LayerNorm", 8)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_ffn_scale_zero_starts_as_the_convolutions_alone(ffn):
+    r"""``ffn_scale=0.0`` (ReZero): at initialisation the plain stack is PyG's
+    GCN of the same convolution weights, whatever the feed-forward parts hold;
+    training moves the scales and, through them, the feed-forward weights."""
+    from torch_geometric.nn.models import GCN
+
+    x, edge_index = make_graph()
+    torch.manual_seed(0)
+    net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn=ffn, norm=None, dropout=0.5,
+                 input_dropout=0.5, residual=False, num_experts=4, k=2, ffn_scale=0.0)
+    gcn = GCN(FEAT, HID, 3, OUT, dropout=0.5).eval()
+    for ours, theirs in zip(net.convs, gcn.convs, strict=True):
+        theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(net.eval()(x, edge_index).logits, gcn(x, edge_index))
+    assert all(torch.equal(g, torch.zeros(HID)) for g in net.ffn_scales)
+
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    y = torch.randint(0, OUT, (N,))
+    for _ in range(2):  # step 1 moves the scales, step 2 the feed-forward weights too
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x, edge_index).logits, y).backward()
+        opt.step()
+    assert all(g.abs().sum() > 0 for g in net.ffn_scales)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in net.ffns.parameters() if p.requires_grad)
+
+
+def test_ffn_scale_multiplies_each_channel_of_the_branch():
+    # h + gamma * FFN(h), gamma a learned vector per block, against the branch by hand
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=2, ffn="dense", norm=None,
+                 residual=True, ffn_scale=0.5).eval()
+    assert len(net.ffn_scales) == 2 and all(torch.equal(g, torch.full((HID,), 0.5))
+                                            for g in net.ffn_scales)
+    with torch.no_grad():
+        for g in net.ffn_scales:
+            g.copy_(torch.randn(HID))
+    h = net.lin_in(x)
+    for conv, block, gamma in zip(net.convs, net.ffns, net.ffn_scales, strict=True):
+        h = h + torch.relu(conv(h, edge_index))
+        h = h + gamma * block(h)
+    torch.testing.assert_close(net(x, edge_index).logits, net.lin_out(h))
+    net.reset_parameters()
+    assert all(torch.equal(g, torch.full((HID,), 0.5)) for g in net.ffn_scales)
+    # no feed-forward parts, nothing to scale
+    assert MoEGNN(FEAT, HID, OUT, ffn="none", ffn_scale=0.0).ffn_scales is None
+    assert MoEGNN(FEAT, HID, OUT).ffn_scales is None
+
+
+@pytest.mark.parametrize("bad", [True, "0", float("nan"), float("inf")])
+def test_ffn_scale_bad_values(bad):
+    with pytest.raises(ValueError, match="'ffn_scale' must be a finite number"):
+        MoEGNN(FEAT, HID, OUT, ffn_scale=bad)
