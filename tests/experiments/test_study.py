@@ -260,17 +260,20 @@ def test_graph_moe_cache_keys_are_those_of_the_cached_runs(script):
     r"""The graph-MoE study's cached runs stay valid while the configs they
     ran with are unchanged, including when a new option is added switched
     off (e.g. ``shared_expert: false`` in ``conf/model/gmoe.yaml``): the hash
-    of each (dataset, model) is the one in the cached file names."""
+    of each (dataset, model) is one in the cached file names (a cell whose
+    default changed holds the runs of both configs, each under its hash)."""
     script("run_node_classification")  # imported by run_graph_moe as a sibling script
     study = script("run_graph_moe")
     runs = study.RESULTS / "graph_moe_runs_v2"
-    cached = {name.rsplit("__", 1)[0].replace("__seed0", ""): name.rsplit("__", 1)[1][:-5]
-              for name in (p.name for p in runs.glob("*__seed0__*.json"))}
+    cached: dict[str, set[str]] = {}
+    for name in (p.name for p in runs.glob("*__seed0__*.json")):
+        key, digest = name.rsplit("__", 1)
+        cached.setdefault(key.replace("__seed0", ""), set()).add(digest[:-5])
     checked = 0
     for dataset in ("cora", "minesweeper"):
         for model in ("gnn", "gmoe", "dense_gnn", "moe_gnn"):
             key = f"{dataset}__{model}"
-            assert study.config_hash(dataset, model) == cached[key], key
+            assert study.config_hash(dataset, model) in cached[key], key
             checked += 1
     assert checked == 8
 
