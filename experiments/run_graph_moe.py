@@ -95,6 +95,7 @@ def config_hash(dataset: str, model: str) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from moegraph.nn.models.gnn import dense_twin_width
     from moegraph.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -108,10 +109,8 @@ def config_hash(dataset: str, model: str) -> str:
         # experts' width; hashed as that width given directly
         # (ffn_hidden_channels=128, k=null), the network it builds.
         width = net.get("ffn_hidden_channels") or net["hidden_channels"]
-        moe_kwargs = net.get("moe_kwargs") or {}
-        shared = (moe_kwargs.get("num_shared_experts") or 0) * (
-            moe_kwargs.get("shared_hidden_channels") or width)
-        net["ffn_hidden_channels"], net["k"] = width * net["k"] + shared, None
+        net["ffn_hidden_channels"] = dense_twin_width(width, net["k"], net.get("moe_kwargs"))
+        net["k"] = None
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},

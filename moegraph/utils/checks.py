@@ -24,6 +24,16 @@ def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None,
     raise ValueError(f"'{name}' must be {allowed} (got {value!r})")
 
 
+def check_finite_float(name: str, value: Any) -> float:
+    r"""``value`` as a finite :obj:`float` (zero and negatives allowed);
+    raises a :class:`ValueError` naming ``name`` for anything else (booleans
+    and strings included)."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value)):
+        raise ValueError(f"'{name}' must be a finite number (got {value!r})")
+    return float(value)
+
+
 def check_positive_float(name: str, value: Any) -> float:
     r"""``value`` as a finite positive :obj:`float`; raises a
     :class:`ValueError` naming ``name`` for anything else."""

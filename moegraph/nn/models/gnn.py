@@ -1,7 +1,6 @@
 r"""GNN backbones whose feed-forward part can be a sparse MoE block."""
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Union
 
 import torch
@@ -16,7 +15,7 @@ from moegraph.nn.experts import SpectralLinear
 from moegraph.nn.moe import MoEOutput, SparseMoE
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import Routing, sum_aux_losses
-from moegraph.utils.checks import check_int
+from moegraph.utils.checks import check_finite_float, check_int
 
 CONVS = ("gcn", "sage", "gat", "gin", "hop_moe", "none")
 
@@ -68,6 +67,21 @@ def make_norm(name: Optional[str], channels: int) -> Module:
     if name == "batch_norm":
         return torch.nn.BatchNorm1d(channels)
     raise ValueError(f"'norm' must be one of {NORMS} (got {name!r})")
+
+
+def dense_twin_width(ffn_hidden_channels: int, k: int,
+                     moe_kwargs: Optional[dict[str, Any]] = None) -> int:
+    r"""The hidden width of the dense feed-forward part that stands in for a
+    top-:obj:`k` :class:`~moegraph.nn.SparseMoE` block of experts
+    :obj:`ffn_hidden_channels` wide, at equal active width: the :obj:`k`
+    routed experts' and the always-on shared experts' of :obj:`moe_kwargs`
+    (``num_shared_experts`` x ``shared_hidden_channels``, the latter
+    :obj:`ffn_hidden_channels` if not given) together."""
+    moe_kwargs = moe_kwargs or {}
+    num_shared = check_int("num_shared_experts", moe_kwargs.get("num_shared_experts", 0), low=0)
+    shared_hidden = moe_kwargs.get("shared_hidden_channels") or ffn_hidden_channels
+    return (ffn_hidden_channels * check_int("k", k)
+            + num_shared * check_int("shared_hidden_channels", shared_hidden))
 
 
 class MoEGNN(Module):
@@ -251,15 +265,9 @@ class MoEGNN(Module):
         self.route_before_dropout = route_before_dropout
         self.act = activation_resolver(act)
         ffn_hidden = ffn_hidden_channels or hidden_channels
-        # The dense twin of a top-k MoE block: equal active width, the k
-        # routed experts' and the always-on shared experts' together.
         dense_hidden = ffn_hidden
         if ffn == "dense" and k is not None:
-            num_shared = check_int("num_shared_experts",
-                                   moe_kwargs.get("num_shared_experts", 0), low=0)
-            shared_hidden = moe_kwargs.get("shared_hidden_channels") or ffn_hidden
-            dense_hidden = (ffn_hidden * check_int("k", k)
-                            + num_shared * check_int("shared_hidden_channels", shared_hidden))
+            dense_hidden = dense_twin_width(ffn_hidden, k, moe_kwargs)
 
         if not residual and num_layers < 2 and ffn != "none":
             raise ValueError("residual=False puts the feed-forward parts between "
@@ -302,11 +310,7 @@ class MoEGNN(Module):
             self.ffn_norms.append(make_norm(norm if ffn != "none" else None, hidden_channels))
         self.lin_out = Linear(hidden_channels, out_channels) if residual else None
         if ffn_scale is not None:
-            if isinstance(ffn_scale, bool) or not isinstance(ffn_scale, (int, float)) \
-                    or not math.isfinite(ffn_scale):
-                raise ValueError(f"'ffn_scale' must be a finite number or None (got "
-                                 f"{ffn_scale!r})")
-            ffn_scale = float(ffn_scale)
+            ffn_scale = check_finite_float("ffn_scale", ffn_scale)
         self.ffn_scale = ffn_scale
         self.ffn_scales: Optional[ParameterList] = None
         if ffn_scale is not None and ffn != "none":
