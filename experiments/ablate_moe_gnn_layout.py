@@ -113,6 +113,21 @@ VARIANTS: dict[str, list[str]] = {
     "dense, layer scale 0": ["model=dense_gnn", *SN, "+model.net.ffn_scale=0.0"],
     "moe, shared expert, top-1, layer scale 0": ["model=moe_gnn", *SHARED, *SN,
                                                  "+model.net.ffn_scale=0.0"],
+    # section 10: no dropout on the input features, as PyG's GCN (model=gnn), so
+    # that the plain stack without its feed-forward parts is the GCN baseline
+    "dense, no input dropout": ["model=dense_gnn", *SN, "model.net.input_dropout=0.0"],
+    "moe, shared expert, top-1, no input dropout": ["model=moe_gnn", *SHARED, *SN,
+                                                    "model.net.input_dropout=0.0"],
+    # ... and on top of that (the new default): LayerScale / ReZero, 4 experts
+    "dense, no input dropout, layer scale 0": ["model=dense_gnn", *SN,
+                                               "model.net.input_dropout=0.0",
+                                               "+model.net.ffn_scale=0.0"],
+    "moe, shared expert, top-1, no input dropout, layer scale 0": [
+        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        "+model.net.ffn_scale=0.0"],
+    "moe, shared expert, top-1, no input dropout, 4 experts": [
+        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        "model.net.num_experts=4"],
 }
 
 

@@ -111,6 +111,10 @@ def config_hash(dataset: str, model: str) -> str:
         width = net.get("ffn_hidden_channels") or net["hidden_channels"]
         net["ffn_hidden_channels"] = dense_twin_width(width, net["k"], net.get("moe_kwargs"))
         net["k"] = None
+    if "input_dropout" in net and net["input_dropout"] is None:
+        # MoEGNN's None: the dropout in the residual layout, none in the plain
+        # stack; hashed as that value (the runs of the residual layout keep theirs)
+        net["input_dropout"] = net["dropout"] if net.get("residual") else 0.0
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},

@@ -146,8 +146,14 @@ class MoEGNN(Module):
         norm (str, optional): ``"layer_norm"``, ``"batch_norm"`` or
             :obj:`None`. (default: :obj:`"layer_norm"`)
         dropout (float, optional): dropout rate. (default: :obj:`0.0`)
-        input_dropout (float, optional): dropout on the input features.
-            (default: :obj:`0.0`)
+        input_dropout (float, optional): dropout on the input features;
+            :obj:`None`: that of the GNN baseline of the layout, ``dropout``
+            in the residual layout (as
+            :func:`~moegraph.nn.models.make_backbone`'s residual model) and
+            none in the plain stack (as PyG's
+            :class:`~torch_geometric.nn.models.GCN`, which drops out between
+            layers only), so that with ``ffn="none"`` the network is the
+            baseline in training too. (default: :obj:`0.0`)
         residual (bool, optional): the residual layout (each convolution's
             input added back to its output) or the plain stack (see above).
             GAT's last convolution in the plain stack has one head.
@@ -227,7 +233,7 @@ class MoEGNN(Module):
         act: Union[str, Module] = "relu",
         norm: Optional[str] = "layer_norm",
         dropout: float = 0.0,
-        input_dropout: float = 0.0,
+        input_dropout: Optional[float] = 0.0,
         residual: bool = True,
         spectral_norm: bool = False,
         ffn_bias: bool = True,
@@ -249,6 +255,8 @@ class MoEGNN(Module):
         self.ffn = ffn
         self.moe_every = moe_every
         self.dropout = dropout
+        if input_dropout is None:
+            input_dropout = dropout if residual else 0.0
         self.input_dropout = input_dropout
         self.residual = residual
         self.spectral_norm = bool(spectral_norm)

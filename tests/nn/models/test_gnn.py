@@ -281,6 +281,35 @@ def test_plain_stack_is_pyg_gcn_with_ffns_between_convolutions(ffn):
         torch.testing.assert_close(out.logits, gcn(x, edge_index))
 
 
+def test_input_dropout_none_is_that_of_the_layouts_baseline():
+    r"""``input_dropout=None``: none in the plain stack, so that without
+    feed-forward parts it is PyG's GCN in training too (same dropout masks
+    from the same seed, same outputs); ``dropout`` in the residual layout (as
+    ``make_backbone``'s residual model)."""
+    from torch_geometric.nn.models import GCN
+
+    assert MoEGNN(FEAT, HID, OUT, dropout=0.3, input_dropout=None,
+                  residual=True).input_dropout == 0.3
+    assert MoEGNN(FEAT, HID, OUT, dropout=0.3, input_dropout=None,
+                  residual=False).input_dropout == 0.0
+    assert MoEGNN(FEAT, HID, OUT, dropout=0.3, input_dropout=0.1,
+                  residual=False).input_dropout == 0.1
+    x, edge_index = make_graph()
+    net = MoEGNN(FEAT, HID, OUT, num_layers=3, ffn="none", norm=None, dropout=0.5,
+                 input_dropout=None, residual=False).train()
+    gcn = GCN(FEAT, HID, 3, OUT, dropout=0.5).train()
+    for mine, theirs in zip(net.convs, gcn.convs, strict=True):
+        theirs.load_state_dict(mine.state_dict())
+    torch.manual_seed(7)
+    ours = net(x, edge_index).logits
+    torch.manual_seed(7)
+    theirs = gcn(x, edge_index)
+    torch.testing.assert_close(ours, theirs)
+    torch.manual_seed(7)  # with the old default (input dropout = dropout) it is not
+    net.input_dropout = 0.5
+    assert not torch.allclose(net(x, edge_index).logits, theirs)
+
+
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_spectral_norm_feed_forward_parts(ffn, residual):
