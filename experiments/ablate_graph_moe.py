@@ -195,6 +195,25 @@ def lean_setup(overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     return cfg, task, run["datamodule"].data, opt
 
 
+def lean_step(net: Any, task: Any, data: Any, opt: Any) -> tuple[Any, Any]:
+    r"""One full-batch training step of the lean loop, as the Lightning task
+    takes it: ``net`` in training mode, cross-entropy on the training nodes
+    plus the task's weighted aux losses, backward, optimizer step. Returns the
+    training-mode output and the cross-entropy (without the aux losses)."""
+    import torch.nn.functional as F
+
+    from moegraph.nn.output import as_model_output
+    from moegraph.tasks.node_classification import weighted_aux_loss
+
+    net.train()
+    opt.zero_grad()
+    out = as_model_output(net(data.x, data.edge_index))
+    ce = F.cross_entropy(out.logits[data.train_mask], data.y[data.train_mask])
+    (ce + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, ce)).backward()
+    opt.step()
+    return out, ce
+
+
 def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None = None,
                diagnose: Callable[[Any, Any], dict] | None = None) -> dict:
     r"""Fit and test one configuration with the protocol of the Lightning
@@ -207,10 +226,8 @@ def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None 
     adds its entries to the record, called on the best-validation state in
     eval mode."""
     import torch
-    import torch.nn.functional as F
 
     from moegraph.nn.output import as_model_output
-    from moegraph.tasks.node_classification import weighted_aux_loss
 
     cfg, task, data, opt = lean_setup(overrides)
     net, metric = task.net, cfg.data.get("metric", "acc")
@@ -222,13 +239,7 @@ def train_lean(overrides: list[str], make_net: Callable[[Any, Any], Any] | None 
     best, best_state, since, epochs, best_epoch = -1.0, None, 0, 0, 0
     start = time.perf_counter()
     for epoch in range(cfg.trainer.max_epochs):
-        net.train()
-        opt.zero_grad()
-        out = as_model_output(net(data.x, data.edge_index))
-        loss = F.cross_entropy(out.logits[data.train_mask], data.y[data.train_mask])
-        loss = loss + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, loss)
-        loss.backward()
-        opt.step()
+        lean_step(net, task, data, opt)
         net.eval()
         with torch.no_grad():
             logits = as_model_output(net(data.x, data.edge_index)).logits

@@ -95,7 +95,7 @@ def config_hash(dataset: str, model: str) -> str:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from moegraph.nn.models.gnn import dense_twin_width
+    from moegraph.nn.models.gnn import baseline_input_dropout, dense_twin_width
     from moegraph.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -112,9 +112,10 @@ def config_hash(dataset: str, model: str) -> str:
         net["ffn_hidden_channels"] = dense_twin_width(width, net["k"], net.get("moe_kwargs"))
         net["k"] = None
     if "input_dropout" in net and net["input_dropout"] is None:
-        # MoEGNN's None: the dropout in the residual layout, none in the plain
-        # stack; hashed as that value (the runs of the residual layout keep theirs)
-        net["input_dropout"] = net["dropout"] if net.get("residual") else 0.0
+        # MoEGNN's None, hashed as the value it builds (the runs of the residual
+        # layout keep their hash)
+        net["input_dropout"] = baseline_input_dropout(net["dropout"],
+                                                      bool(net.get("residual")))
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},

@@ -40,22 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) -> None:
     import torch
-    import torch.nn.functional as F
 
-    from experiments.ablate_graph_moe import lean_setup, overrides_for, score
+    from experiments.ablate_graph_moe import lean_setup, lean_step, overrides_for, score
     from moegraph.nn.output import as_model_output
-    from moegraph.tasks.node_classification import weighted_aux_loss
 
     cfg, task, data, opt = lean_setup(overrides_for(dataset, extra, seed))
     net, metric = task.net, cfg.data.get("metric", "acc")
     tr, va, te = data.train_mask, data.val_mask, data.test_mask
     for epoch in range(epochs):
-        net.train()
-        opt.zero_grad()
-        out = as_model_output(net(data.x, data.edge_index))
-        ce = F.cross_entropy(out.logits[tr], data.y[tr])
-        (ce + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, ce)).backward()
-        opt.step()
+        out, ce = lean_step(net, task, data, opt)
         if epoch % every and epoch != epochs - 1:
             continue
         net.eval()
@@ -81,10 +74,9 @@ def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[s
     import torch
     import torch.nn.functional as F
 
-    from experiments.ablate_graph_moe import lean_setup, overrides_for, score
+    from experiments.ablate_graph_moe import lean_setup, lean_step, overrides_for, score
     from moegraph.nn.conv.hop_moe import HopMoEConv
     from moegraph.nn.output import as_model_output
-    from moegraph.tasks.node_classification import weighted_aux_loss
 
     cfg, task, data, opt = lean_setup(overrides_for(dataset, extra, seed))
     net, metric = task.net, cfg.data.get("metric", "acc")
@@ -102,12 +94,7 @@ def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[s
 
     best, best_epoch = -1.0, 0
     for epoch in range(epochs):
-        net.train()
-        opt.zero_grad()
-        out = as_model_output(net(data.x, data.edge_index))
-        ce = F.cross_entropy(out.logits[tr], data.y[tr])
-        (ce + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, ce)).backward()
-        opt.step()
+        out, ce = lean_step(net, task, data, opt)
         net.eval()
         with torch.no_grad():
             ev = as_model_output(net(data.x, data.edge_index))

@@ -17,9 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from experiments.ablate_graph_moe import lean_setup, overrides_for, score
+from experiments.ablate_graph_moe import lean_setup, lean_step, overrides_for, score
 from moegraph.nn.output import as_model_output
-from moegraph.tasks.node_classification import weighted_aux_loss
 
 
 def main() -> None:
@@ -45,14 +44,7 @@ def main() -> None:
         tr, va_, te = data.train_mask, data.val_mask, data.test_mask
         best = (-1.0, 0, 0.0)
         for epoch in range(epochs):
-            net.train()
-            opt.zero_grad()
-            out = as_model_output(net(data.x, data.edge_index))
-            loss = F.cross_entropy(out.logits[tr], data.y[tr])
-            train_mode_loss = float(loss.detach())
-            loss = loss + weighted_aux_loss(out.aux_loss, task.aux_loss_weights, loss)
-            loss.backward()
-            opt.step()
+            train_mode_loss = float(lean_step(net, task, data, opt)[1].detach())
             net.eval()
             with torch.no_grad():
                 logits = as_model_output(net(data.x, data.edge_index)).logits

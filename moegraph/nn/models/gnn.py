@@ -84,6 +84,15 @@ def dense_twin_width(ffn_hidden_channels: int, k: int,
             + num_shared * check_int("shared_hidden_channels", shared_hidden))
 
 
+def baseline_input_dropout(dropout: float, residual: bool) -> float:
+    r"""The input-feature dropout of the GNN baseline of a layout, what
+    :class:`MoEGNN` takes for ``input_dropout=None``: :obj:`dropout` in the
+    residual layout (as :func:`~moegraph.nn.models.make_backbone`'s residual
+    model), none in the plain stack (PyG's
+    :class:`~torch_geometric.nn.models.GCN` drops out between layers only)."""
+    return dropout if residual else 0.0
+
+
 class MoEGNN(Module):
     r"""A GNN of blocks, each a graph convolution followed by a feed-forward
     part that is a sparse MoE block every ``moe_every``-th layer
@@ -147,13 +156,10 @@ class MoEGNN(Module):
             :obj:`None`. (default: :obj:`"layer_norm"`)
         dropout (float, optional): dropout rate. (default: :obj:`0.0`)
         input_dropout (float, optional): dropout on the input features;
-            :obj:`None`: that of the GNN baseline of the layout, ``dropout``
-            in the residual layout (as
-            :func:`~moegraph.nn.models.make_backbone`'s residual model) and
-            none in the plain stack (as PyG's
-            :class:`~torch_geometric.nn.models.GCN`, which drops out between
-            layers only), so that with ``ffn="none"`` the network is the
-            baseline in training too. (default: :obj:`0.0`)
+            :obj:`None`: that of the GNN baseline of the layout
+            (:func:`baseline_input_dropout`: ``dropout`` in the residual
+            layout, none in the plain stack), so that with ``ffn="none"`` the
+            network is the baseline in training too. (default: :obj:`0.0`)
         residual (bool, optional): the residual layout (each convolution's
             input added back to its output) or the plain stack (see above).
             GAT's last convolution in the plain stack has one head.
@@ -256,7 +262,7 @@ class MoEGNN(Module):
         self.moe_every = moe_every
         self.dropout = dropout
         if input_dropout is None:
-            input_dropout = dropout if residual else 0.0
+            input_dropout = baseline_input_dropout(dropout, residual)
         self.input_dropout = input_dropout
         self.residual = residual
         self.spectral_norm = bool(spectral_norm)
