@@ -137,8 +137,17 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         # every layer adds a dense GCN that every node runs (DeepSeekMoE's shared
         # expert, DeepSpeed's Residual-MoE): the routed experts learn corrections
         "gmoe, shared expert": ["model=gmoe", "model.net.shared_expert=true"],
+        # balance the hop-1 experts and the hop-2 experts each among themselves
+        "gmoe, per-hop balance": ["model=gmoe", "model.net.balance=per_hop"],
     },
 }
+# model=gmoe balanced every expert against every other (balance: all) until section 11
+# made it per_hop: the variants that ran as model=gmoe pin it (their cached runs were
+# renamed to the hash with the pin).
+for _overrides in GROUPS["gmoe"].values():
+    if _overrides[0] == "model=gmoe" and not any(o.startswith("model.net.balance=")
+                                                  for o in _overrides):
+        _overrides.insert(1, "model.net.balance=all")
 
 
 def run_key(dataset: str, variant: str, overrides: list[str], seed: int) -> str:

@@ -57,12 +57,15 @@ ARMS = {
     "gin": ["experiment=molhiv_gin"],
     "gin_node_drop": ["experiment=molhiv_gin", "model.net.edge_mode=node", "data.drop_node=0.2"],
     "gin_gmoe_drop": ["experiment=molhiv_gin_gmoe", "data.drop_node=0.2"],
+    # hop-1 and hop-2 experts each balanced among themselves (model=gmoe's default)
+    "gin_gmoe_per_hop": ["experiment=molhiv_gin_gmoe", "model.net.balance=per_hop"],
 }
 # (arm, its reference): each MoE arm against its dense twin, the node drop
 # against none, and GMoE with the node drop against the baseline without it
 # (the comparison behind GMoE's published gain).
 PAIRS = (("gmoe", "gcn_node"), ("gin_gmoe", "gin_node"), ("gin_gmoe_drop", "gin_node_drop"),
-         ("gin_node_drop", "gin_node"), ("gin_gmoe_drop", "gin_node"))
+         ("gin_node_drop", "gin_node"), ("gin_gmoe_drop", "gin_node"),
+         ("gin_gmoe_per_hop", "gin_node"))
 DEFAULT_RUNS = RESULTS / "molhiv_runs"
 # The CPU protocol (OGB's: hidden 300, 5 layers, 100 epochs, all training graphs).
 PROTOCOL = {"hidden": 64, "layers": 3, "epochs": 5, "subset": 0.1, "batch_size": 64,

@@ -321,6 +321,8 @@ def test_gmoe_follows_the_backbone(compose_cfg):
     assert conv.num_experts == 4 and conv.num_hop2_experts == 2 and conv.router.k == 1
     assert conv.router.noisy and conv.router.straight_through
     assert conv.expert_init == "shared"
+    # hop-1 and hop-2 experts balanced each among themselves: the hop share is learned
+    assert conv.balance == "per_hop" and conv.router.balance_groups == (2, 2)
     assert torch.equal(conv.experts.weight[1], conv.experts.weight[0])
     assert cfg.model.aux_loss_weights == {"importance": 0.01}
     # the experts' coupled L2 scaled by their share k / E = 1/4 (Adam of nc_cora: 5e-4)
@@ -338,6 +340,7 @@ def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
     conv = net.convs[0]
     assert conv.router.noisy and not conv.router.straight_through and conv.router.normalize
     assert conv.expert_init == "independent" and conv.hop2 == "square"
+    assert conv.balance == "all" and conv.router.balance_groups is None
     assert cfg.model.expert_weight_decay is None
     assert not torch.equal(conv.experts.weight[1], conv.experts.weight[0])
 

@@ -12,7 +12,7 @@ experts run in.
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +157,77 @@ def importance_loss(gates: Tensor, load: Tensor) -> Tensor:
             noisy gating, otherwise assignment counts).
     """
     return cv_squared(gates.sum(dim=0)) + cv_squared(load)
+
+
+def check_balance_groups(groups: Optional[Sequence[int]], num_experts: int,
+                         num_null_experts: int = 0) -> Optional[tuple[int, ...]]:
+    r"""``groups`` as a tuple of positive ints summing to ``num_experts``
+    (:obj:`None` stays :obj:`None`); raises a :class:`ValueError` otherwise,
+    or when the router has null experts."""
+    if groups is None:
+        return None
+    sizes = tuple(groups)
+    if (len(sizes) == 0 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0
+                                   for g in sizes)):
+        raise ValueError(f"'balance_groups' must be a non-empty list of positive ints "
+                         f"(got {groups!r})")
+    if sum(sizes) != num_experts:
+        raise ValueError(f"'balance_groups' {list(sizes)} must sum to num_experts={num_experts} "
+                         f"(got {sum(sizes)})")
+    if num_null_experts > 0:
+        raise ValueError("'balance_groups' cannot be combined with null experts")
+    return sizes
+
+
+def _group_slices(groups: Sequence[int]) -> list[slice]:
+    slices, start = [], 0
+    for size in groups:
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def _group_shares(top1: Tensor, groups: Sequence[int]) -> list[tuple[slice, Tensor, Tensor]]:
+    r"""Each group's slice, the mask of the rows whose first choice is in it
+    and the share of those rows (a constant: no gradient)."""
+    N = max(top1.numel(), 1)
+    out = []
+    for g in _group_slices(groups):
+        inside = (top1 >= g.start) & (top1 < g.stop)
+        out.append((g, inside, inside.sum().to(torch.float32) / N))
+    return out
+
+
+def grouped_importance_loss(gates: Tensor, load: Tensor, top1: Tensor,
+                            groups: Optional[Sequence[int]] = None) -> Tensor:
+    r""":func:`importance_loss` of each group of consecutive experts
+    (``groups``: their sizes), weighted by the share of rows whose first
+    choice (``top1 [N]``) is in the group: 0 when the routing is balanced
+    within every group, whatever the share each group gets. The plain loss
+    when ``groups`` is :obj:`None`."""
+    if groups is None:
+        return importance_loss(gates, load)
+    total = gates.new_zeros(())
+    for g, _, share in _group_shares(top1, groups):
+        total = total + share.to(gates.dtype) * importance_loss(gates[:, g], load[g])
+    return total
+
+
+def grouped_load_balancing_loss(probs: Tensor, top1: Tensor,
+                                groups: Optional[Sequence[int]] = None) -> Tensor:
+    r""":func:`load_balancing_loss` of each group of consecutive experts over
+    the rows whose first choice is in it, with the probabilities renormalised
+    over the group, weighted by the group's share of those rows: 1 under
+    uniform routing within every group, whatever the share each group gets.
+    The plain loss when ``groups`` is :obj:`None`."""
+    if groups is None:
+        return load_balancing_loss(probs, top1)
+    total = probs.new_zeros(())
+    for g, inside, share in _group_shares(top1, groups):
+        p = probs[inside][:, g]
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        total = total + share.to(probs.dtype) * load_balancing_loss(p, top1[inside] - g.start)
+    return total
 
 
 def entropy_loss(probs: Tensor) -> Tensor:
@@ -340,6 +411,18 @@ class TopKRouter(Router):
             the router gets the gradient of the Switch gate :math:`p_e`
             (Fedus et al., 2021) without its scaling of the output.
             (default: :obj:`False`)
+        balance_groups (list of int, optional): sizes of consecutive groups
+            of experts (summing to ``num_experts``; no null experts) that are
+            balanced each within itself: the ``load_balance`` and
+            ``importance`` losses are the sums over the groups of the losses
+            computed on each group alone (Switch's over the rows whose first
+            choice is in the group, with the probabilities renormalised over
+            the group), each weighted by the share of rows whose first choice
+            is in the group, so nothing pushes rows from one group to
+            another.
+            :class:`~moegraph.nn.conv.HopMoEConv` uses it to balance its
+            hop-1 and hop-2 experts separately while the router learns which
+            hop a node needs. :obj:`None`: one group. (default: :obj:`None`)
 
     Shapes:
         - **input:** ``[N, in_channels]``
@@ -348,10 +431,13 @@ class TopKRouter(Router):
 
     def __init__(self, in_channels: int, num_experts: int, k: int = 2, noisy: bool = False,
                  num_null_experts: int = 0, normalize: bool = True, noise_epsilon: float = 1e-2,
-                 straight_through: bool = False, noise: str = "gaussian"):
+                 straight_through: bool = False, noise: str = "gaussian",
+                 balance_groups: Optional[Sequence[int]] = None):
         super().__init__(in_channels, num_experts, num_null_experts)
         if noise not in NOISES:
             raise ValueError(f"'noise' must be one of {NOISES} (got {noise!r})")
+        self.balance_groups = check_balance_groups(balance_groups, num_experts,
+                                                   num_null_experts)
         if straight_through and not (normalize and k == 1):
             raise ValueError("'straight_through' applies to k=1 with normalize=True only "
                              f"(got k={k}, normalize={normalize})")
@@ -376,7 +462,9 @@ class TopKRouter(Router):
     def _repr_args(self) -> str:
         return (f", k={self.k}" + (", noisy=True" if self.noisy else "")
                 + (f", noise={self.noise!r}" if self.noisy and self.noise != "gaussian" else "")
-                + (", straight_through=True" if self.straight_through else ""))
+                + (", straight_through=True" if self.straight_through else "")
+                + (f", balance_groups={list(self.balance_groups)}" if self.balance_groups
+                   else ""))
 
     def forward(self, x: Tensor) -> Routing:
         r"""Route ``x`` of shape ``[N, F]`` (N rows, F features) to ``K = k`` experts each."""
@@ -416,9 +504,11 @@ class TopKRouter(Router):
             else:
                 load = count_index(expert, Et).to(probs.dtype)
             losses = {
-                "load_balance": load_balancing_loss(probs, top_idx[:, 0]),
+                "load_balance": grouped_load_balancing_loss(probs, top_idx[:, 0],
+                                                            self.balance_groups),
                 "z_loss": z_loss(logits),
-                "importance": importance_loss(gates, load),
+                "importance": grouped_importance_loss(gates, load, top_idx[:, 0],
+                                                      self.balance_groups),
             }
         else:
             losses = dict.fromkeys(("load_balance", "z_loss", "importance"), probs.new_zeros(()))

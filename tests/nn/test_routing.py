@@ -28,7 +28,13 @@ from moegraph.nn import (
     TopPRouter,
     sum_aux_losses,
 )
-from moegraph.nn.routing import drop_overflow, expert_capacity, z_loss
+from moegraph.nn.routing import (
+    drop_overflow,
+    expert_capacity,
+    grouped_importance_loss,
+    grouped_load_balancing_loss,
+    z_loss,
+)
 
 # Naive references #############################################################
 
@@ -795,3 +801,71 @@ def test_constant_noise_matches_naive(k):
     ref = naive_topk(naive_softmax(clean), k, E)
     assert pairs_of(routing) == pairs_of_naive(ref)
     assert "noise='constant'" in repr(router)
+
+
+# Balance groups (HopMoEConv(balance="per_hop")) ###############################
+
+# Six rows, first choices 0, 1, 0, 1 (group {0, 1}) and 2, 3 (group {2, 3}): balanced
+# within each group, not across (4 rows against 2).
+PROBS_GROUPS = [[0.6, 0.4, 0.0, 0.0], [0.4, 0.6, 0.0, 0.0], [0.6, 0.4, 0.0, 0.0],
+                [0.4, 0.6, 0.0, 0.0], [0.0, 0.0, 0.6, 0.4], [0.0, 0.0, 0.4, 0.6]]
+TOP1_GROUPS = [0, 1, 0, 1, 2, 3]
+
+
+def test_grouped_losses_hand_computed():
+    probs, top1 = torch.tensor(PROBS_GROUPS), torch.tensor(TOP1_GROUPS)
+    gates = torch.zeros(6, 4).scatter_(1, top1.unsqueeze(1), 1.0)
+    load = gates.sum(0)  # (2, 2, 1, 1)
+    # One group: Switch's f = (2, 2, 1, 1) / 6, P = (1/3, 1/3, 1/6, 1/6):
+    # 4 * (1/9 + 1/9 + 1/36 + 1/36) = 10/9; CV^2 of (2, 2, 1, 1) twice.
+    assert grouped_load_balancing_loss(probs, top1).item() == pytest.approx(10 / 9)
+    assert grouped_load_balancing_loss(probs, top1, [4]).item() == pytest.approx(10 / 9)
+    cv2 = naive_cv_squared([2.0, 2.0, 1.0, 1.0])
+    assert grouped_importance_loss(gates, load, top1).item() == pytest.approx(2 * cv2)
+    assert grouped_importance_loss(gates, load, top1, [4]).item() == pytest.approx(2 * cv2)
+    # Groups {0, 1} and {2, 3}: uniform within each, so Switch's loss is 1 in
+    # each (weights 4/6 and 2/6) and the CV^2 are 0, whatever the groups' shares.
+    assert grouped_load_balancing_loss(probs, top1, [2, 2]).item() == pytest.approx(1.0)
+    assert grouped_importance_loss(gates, load, top1, [2, 2]).item() == pytest.approx(0.0)
+    # Imbalance within a group: first choices 0, 0, 0, 1, nothing in {2, 3}.
+    top1 = torch.tensor([0, 0, 0, 1])
+    gates = torch.zeros(4, 4).scatter_(1, top1.unsqueeze(1), 1.0)
+    expected = 2 * naive_cv_squared([3.0, 1.0])  # group {0, 1} has every row
+    assert grouped_importance_loss(gates, gates.sum(0), top1, [2, 2]).item() == \
+        pytest.approx(expected)
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 4)  # renormalised over {0, 1}: the same
+    assert grouped_load_balancing_loss(probs, top1, [2, 2]).item() == \
+        pytest.approx(2 * (3 / 4 * 0.5 + 1 / 4 * 0.5))
+
+
+def test_topk_balance_groups_in_the_router():
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    plain = TopKRouter(8, 4, k=1)
+    one = TopKRouter(8, 4, k=1, balance_groups=[4])
+    two = TopKRouter(8, 4, k=1, balance_groups=[2, 2])
+    one.load_state_dict(plain.state_dict())
+    two.load_state_dict(plain.state_dict())
+    a, b, c = plain(x), one(x), two(x)
+    for name in ("load_balance", "importance"):
+        torch.testing.assert_close(a.aux_loss[name], b.aux_loss[name])
+    # the routing itself does not change, only what the losses balance
+    assert torch.equal(a.expert, c.expert)
+    gates = torch.zeros(40, 4).scatter_(1, c.expert.unsqueeze(1), 1.0)
+    torch.testing.assert_close(c.aux_loss["importance"],
+                               grouped_importance_loss(gates, gates.sum(0), c.expert, [2, 2]))
+    torch.testing.assert_close(c.aux_loss["load_balance"],
+                               grouped_load_balancing_loss(c.probs, c.expert, [2, 2]))
+    assert "balance_groups=[2, 2]" in repr(two)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(balance_groups=[2, 1]), "must sum to num_experts=4"),
+    (dict(balance_groups=[]), "non-empty list of positive ints"),
+    (dict(balance_groups=[2, 0, 2]), "positive ints"),
+    (dict(balance_groups=[2.0, 2.0]), "positive ints"),
+    (dict(balance_groups=[2, 2], num_null_experts=1), "null experts"),
+])
+def test_topk_bad_balance_groups(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKRouter(8, 4, k=1, **kwargs)

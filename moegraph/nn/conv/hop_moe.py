@@ -25,6 +25,7 @@ __all__ = ["HOP_EXPERT_CONVS", "HopGraph", "HopMoEConv", "check_edge_index", "re
 HOP_EXPERT_CONVS = ("gcn", "sage", "gin", "gat")
 HOP2_MODES = ("pairs", "square", "mix", "concat", "blend")
 EXPERT_INITS = ("independent", "shared")
+BALANCES = ("all", "per_hop")
 
 
 class HopMoEConv(MessagePassing):
@@ -160,6 +161,15 @@ class HopMoEConv(MessagePassing):
             sees every labelled node. It adds the active FLOPs of one dense
             layer (at ``k=1``, twice those of the plain GNN layer).
             (default: :obj:`False`)
+        balance (str, optional): what the router's balance losses balance:
+            ``"all"``, every expert against every other (the paper), which
+            pushes half of the nodes onto the hop-2 experts when half of the
+            experts are hop-2, whether or not the data wants them; or
+            ``"per_hop"``, the hop-1 experts among themselves and the hop-2
+            experts among themselves (``TopKRouter(balance_groups=...)``), so
+            that the share of nodes on each hop is left to the task's
+            gradient. Needs the ``"topk"`` router given by name.
+            (default: :obj:`"all"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -186,6 +196,7 @@ class HopMoEConv(MessagePassing):
         hop2: str = "pairs",
         expert_init: str = "independent",
         shared_expert: bool = False,
+        balance: str = "all",
     ):
         super().__init__(aggr="add", node_dim=0)
         in_channels = check_int("in_channels", in_channels)
@@ -210,6 +221,11 @@ class HopMoEConv(MessagePassing):
             raise ValueError(f"'hop2={hop2!r}' applies to GCN experts only (conv={conv!r})")
         if expert_init not in EXPERT_INITS:
             raise ValueError(f"'expert_init' must be one of {EXPERT_INITS} (got {expert_init!r})")
+        if balance not in BALANCES:
+            raise ValueError(f"'balance' must be one of {BALANCES} (got {balance!r})")
+        if balance == "per_hop" and router != "topk":
+            raise ValueError("balance='per_hop' needs the 'topk' router given by name (got "
+                             f"{router if isinstance(router, str) else type(router).__name__})")
         if aggregate_first is False and conv not in ("gcn", "sage"):
             raise ValueError(f"'aggregate_first=False' applies to GCN and SAGE experts only "
                              f"(conv={conv!r}): the others aggregate before they transform")
@@ -227,8 +243,12 @@ class HopMoEConv(MessagePassing):
         self.hop2 = hop2
         self.expert_init = expert_init
 
+        self.balance = balance
         if router_kwargs is None and router == "topk":
             router_kwargs = {"noisy": True}
+        if balance == "per_hop":
+            groups = [n for n in (num_experts - num_hop2_experts, num_hop2_experts) if n > 0]
+            router_kwargs = {**(router_kwargs or {}), "balance_groups": groups}
         self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
 
         self.experts: Union[MLPExperts, LinearExperts]
@@ -525,7 +545,8 @@ class HopMoEConv(MessagePassing):
                 f"num_experts={self.num_experts}, num_hop2_experts={self.num_hop2_experts}"
                 f"{extra}, conv={self.conv}"
                 f"{'' if self.hop2 == 'pairs' else f', hop2={self.hop2}'}"
-                f"{', shared_expert=True' if self.shared_expert else ''})")
+                f"{', shared_expert=True' if self.shared_expert else ''}"
+                f"{', balance=' + repr(self.balance) if self.balance != 'all' else ''})")
 
 
 def _dense_conv(conv: str, in_channels: int, out_channels: int, heads: int,

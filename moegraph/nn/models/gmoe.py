@@ -76,6 +76,9 @@ class GMoE(Module):
             of the expert type that every node runs (see
             :class:`~moegraph.nn.conv.HopMoEConv`): twice the active FLOPs
             of the plain GNN at ``k=1``. (default: :obj:`False`)
+        balance (str, optional): ``"all"`` or ``"per_hop"``: what the
+            router's balance losses balance (see
+            :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"all"`)
 
     Shapes:
         - **input:** ``x [N, F]``, ``edge_index [2, M]``
@@ -105,6 +108,7 @@ class GMoE(Module):
         hop2: str = "pairs",
         expert_init: str = "independent",
         shared_expert: bool = False,
+        balance: str = "all",
     ):
         super().__init__()
         if num_layers < 1:
@@ -136,7 +140,7 @@ class GMoE(Module):
                 num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                 router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor,
                 heads=1 if last else heads, hop2=hop2, expert_init=expert_init,
-                shared_expert=shared_expert))
+                shared_expert=shared_expert, balance=balance))
             if not last:
                 self.norms.append(make_norm(norm, hidden_channels))
         self.reset_parameters()
@@ -173,7 +177,8 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
               act: Union[str, Module] = "relu", norm: Optional[str] = None,
               dropout: float = 0.5, input_dropout: Optional[float] = 0.0,
               residual: bool = False, hop2: str = "pairs",
-              expert_init: str = "independent", shared_expert: bool = False) -> Module:
+              expert_init: str = "independent", shared_expert: bool = False,
+              balance: str = "all") -> Module:
     r"""A hop-expert graph MoE by the layout of the experiment's backbone, as
     :func:`~moegraph.nn.models.make_backbone` builds the dense ones: with
     ``residual=False`` the paper's plain stack :class:`GMoE`; with
@@ -197,14 +202,14 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
                     router=router, router_kwargs=router_kwargs,
                     capacity_factor=capacity_factor, heads=heads, act=act, norm=norm,
                     dropout=dropout, input_dropout=input_dropout, hop2=hop2,
-                    expert_init=expert_init, shared_expert=shared_expert)
+                    expert_init=expert_init, shared_expert=shared_expert, balance=balance)
     if not isinstance(router, str) and num_layers > 1:
         raise ValueError("a Router module cannot be shared by several layers: give the "
                          "router by name")
     conv_kwargs = dict(num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
                        conv=conv, router=router, router_kwargs=router_kwargs,
                        capacity_factor=capacity_factor, heads=heads, hop2=hop2,
-                       expert_init=expert_init, shared_expert=shared_expert)
+                       expert_init=expert_init, shared_expert=shared_expert, balance=balance)
     return MoEGNN(in_channels, hidden_channels, out_channels, num_layers, conv="hop_moe",
                   conv_kwargs=conv_kwargs, ffn="dense", act=act, norm=norm, dropout=dropout,
                   input_dropout=dropout if input_dropout is None else input_dropout)

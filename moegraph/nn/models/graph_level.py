@@ -223,6 +223,9 @@ class GraphLevelGNN(Module):
         router (str, optional): router by name. (default: :obj:`"topk"`)
         router_kwargs (dict, optional): arguments of the router.
         capacity_factor (float, optional): expert capacity; dropless if :obj:`None`.
+        balance (str, optional): ``"all"`` or ``"per_hop"``: what the
+            router's balance losses balance (see
+            :class:`~moegraph.nn.conv.HopMoEConv`). (default: :obj:`"all"`)
 
     Shapes:
         - **input:** ``x [N, 9]`` (integer atom features) or ``[N, F]``,
@@ -249,6 +252,7 @@ class GraphLevelGNN(Module):
         router: Union[str, Router] = "topk",
         router_kwargs: Optional[dict[str, Any]] = None,
         capacity_factor: Optional[float] = None,
+        balance: str = "all",
     ):
         super().__init__()
         for name, value in (("hidden_channels", hidden_channels),
@@ -291,7 +295,8 @@ class GraphLevelGNN(Module):
                 self.convs.append(HopMoEConv(C, C, num_experts=num_experts,
                                              num_hop2_experts=num_hop2_experts, k=k, conv=conv,
                                              router=router, router_kwargs=router_kwargs,
-                                             capacity_factor=capacity_factor))
+                                             capacity_factor=capacity_factor,
+                                             balance=balance))
             elif edge_mode == "message":
                 self.convs.append(BondGCNConv(C) if conv == "gcn" else BondGINConv(C))
             elif conv == "gcn":

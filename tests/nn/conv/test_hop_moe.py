@@ -429,3 +429,36 @@ def test_shared_expert_sees_every_node_and_keeps_full_decay():
     before = layer.shared_conv.lin.weight.detach().clone()
     layer.reset_parameters()
     assert not torch.equal(before, layer.shared_conv.lin.weight)
+
+
+# balance="per_hop" #############################################################
+
+def test_per_hop_balance_groups_the_router_by_hop():
+    layer = HopMoEConv(6, 8, num_experts=5, num_hop2_experts=2, k=1, balance="per_hop")
+    assert layer.router.balance_groups == (3, 2)
+    assert "balance='per_hop'" in repr(layer)
+    assert HopMoEConv(6, 8, num_experts=4, num_hop2_experts=0,
+                      balance="per_hop").router.balance_groups == (4,)
+    # the router's own arguments are kept beside the groups
+    layer = HopMoEConv(6, 8, num_experts=4, k=1, balance="per_hop",
+                       router_kwargs={"noisy": True, "straight_through": True})
+    assert layer.router.straight_through and layer.router.balance_groups == (2, 2)
+    assert HopMoEConv(6, 8, num_experts=4).router.balance_groups is None
+    # same routing and output as balance="all"; only the losses differ
+    x, edge_index = random_graph()
+    torch.manual_seed(0)
+    a = HopMoEConv(6, 8, num_experts=4, k=1, router_kwargs={"noisy": False})
+    b = HopMoEConv(6, 8, num_experts=4, k=1, router_kwargs={"noisy": False}, balance="per_hop")
+    b.load_state_dict(a.state_dict())
+    out_a, out_b = a(x, edge_index), b(x, edge_index)
+    torch.testing.assert_close(out_a.out, out_b.out)
+    assert torch.equal(out_a.routing.expert, out_b.routing.expert)
+
+
+def test_per_hop_balance_bad_arguments():
+    with pytest.raises(ValueError, match="'balance' must be one of"):
+        HopMoEConv(6, 8, num_experts=4, balance="hop")
+    with pytest.raises(ValueError, match="needs the 'topk' router given by name"):
+        HopMoEConv(6, 8, num_experts=4, balance="per_hop", router=TopKRouter(6, 4))
+    with pytest.raises(ValueError, match="needs the 'topk' router given by name"):
+        HopMoEConv(6, 8, num_experts=4, balance="per_hop", router="expert_choice")

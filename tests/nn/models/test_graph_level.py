@@ -84,6 +84,7 @@ MODELS = [
     dict(conv="gin", edge_mode="none"), dict(conv="gcn", pool="sum"),
     dict(conv="gcn", pool="attention"), dict(conv="gin", pool="max", residual=True),
     dict(conv="gcn", num_experts=4, k=1), dict(conv="gin", num_experts=4, k=2),
+    dict(conv="gin", num_experts=4, k=1, balance="per_hop"),
 ]
 
 
@@ -91,6 +92,8 @@ MODELS = [
 def test_shapes_gradients_and_batching(kwargs):
     torch.manual_seed(0)
     net = GraphLevelGNN(16, 2, num_layers=3, dropout=0.0, **kwargs)
+    if "balance" in kwargs:  # hop-1 and hop-2 experts balanced each among themselves
+        assert all(conv.router.balance_groups == (2, 2) for conv in net.convs)
     data = batch_of()
     out = net(data.x, data.edge_index, data.edge_attr, data.batch)
     assert out.logits.shape == (3, 2)
@@ -151,6 +154,8 @@ def test_bad_arguments():
         GraphLevelGNN(8, 1, num_experts=4, edge_mode="message")
     with pytest.raises(ValueError, match="'hidden_channels' must be a positive integer"):
         GraphLevelGNN(0, 1)
+    with pytest.raises(ValueError, match="'balance' must be one of"):
+        GraphLevelGNN(8, 1, num_experts=4, balance="hops")
     net = GraphLevelGNN(8, 1, num_layers=1)
     data = batch_of()
     with pytest.raises(ValueError, match="needs 'edge_attr'"):
