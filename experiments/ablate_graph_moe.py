@@ -139,6 +139,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "gmoe, shared expert": ["model=gmoe", "model.net.shared_expert=true"],
         # balance the hop-1 experts and the hop-2 experts each among themselves
         "gmoe, per-hop balance": ["model=gmoe", "model.net.balance=per_hop"],
+        # one expert per hop: the router only picks each node's receptive field
+        "gmoe, per-hop balance, 2 experts (1 per hop)": [
+            "model=gmoe", "model.net.balance=per_hop", "model.net.num_experts=2"],
     },
 }
 # model=gmoe balanced every expert against every other (balance: all) until section 11
