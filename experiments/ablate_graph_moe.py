@@ -144,13 +144,16 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "model=gmoe", "model.net.balance=per_hop", "model.net.num_experts=2"],
     },
 }
-# model=gmoe balanced every expert against every other (balance: all) until section 11
-# made it per_hop: the variants that ran as model=gmoe pin it (their cached runs were
-# renamed to the hash with the pin).
+# model=gmoe balanced every expert against every other (balance: all) with 4 experts
+# until section 11 made it per_hop with 2: the variants that ran as model=gmoe pin what
+# they ran with (their cached runs were renamed to the hash with the pins).
 for _overrides in GROUPS["gmoe"].values():
-    if _overrides[0] == "model=gmoe" and not any(o.startswith("model.net.balance=")
-                                                  for o in _overrides):
+    if _overrides[0] != "model=gmoe":
+        continue
+    if not any(o.startswith("model.net.balance=") for o in _overrides):
         _overrides.insert(1, "model.net.balance=all")
+    if not any(o.startswith("model.net.num_experts=") for o in _overrides):
+        _overrides.insert(1, "model.net.num_experts=4")
 
 
 def run_key(dataset: str, variant: str, overrides: list[str], seed: int) -> str:

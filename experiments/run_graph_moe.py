@@ -5,9 +5,10 @@ the one training entry point (``train(cfg)`` with ``experiment=nc_<dataset>``).
 Pairs, each MoE model against its dense twin:
 
 * ``gmoe`` (:class:`~moegraph.nn.models.GMoE`, ``model=gmoe``: every layer a
-  :class:`~moegraph.nn.HopMoEConv` with 4 GCN experts, 2 on hop 1 and 2 on
+  :class:`~moegraph.nn.HopMoEConv` with 2 GCN experts, 1 on hop 1 and 1 on
   hop 2 (the squared GCN adjacency), noisy top-1 routing with a
-  straight-through gate, experts started alike) against ``gnn`` (PyG's
+  straight-through gate, experts started alike, balanced within each hop)
+  against ``gnn`` (PyG's
   GCN, ``model=gnn``), same
   width and depth (``backbone.*`` of the experiment). At ``k = 1`` a node
   runs one expert conv per layer: the transform FLOPs of the GCN, plus the
@@ -219,11 +220,11 @@ def build_table(runs: Path, command: str, seeds: int = 10,
                         "their dense twins", command, runs),
         "Test score in percent, mean ± std over `n` seeds (on minesweeper, tolokers, "
         "amherst41 and reed98 seed *s* also picks split *s*); accuracy, ROC-AUC on "
-        "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (4 GCN "
-        "experts per layer, 2 on hop 1 and 2 on hop 2 aggregating with the squared GCN "
+        "minesweeper and tolokers. Equal active FLOPs within each pair: **GMoE** (2 GCN "
+        "experts per layer, 1 on hop 1 and 1 on hop 2 aggregating with the squared GCN "
         "adjacency, noisy top-1 with a straight-through gate, experts started alike, "
-        "the balance losses over the hop-1 and the hop-2 experts each among themselves "
-        "(since 2026-12-03; before, over all 4); "
+        "the balance losses within each hop: the router learns each node's hop (since "
+        "2026-12-03; before, 4 experts, 2 per hop, balanced over all 4); "
         "the paper's router is `model=gmoe_paper`) vs the **GCN** of the same width and "
         "depth; **MoE-GNN** (the "
         "experiment's backbone blocks: PyG's GCN stack, no dropout on the input "

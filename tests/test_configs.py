@@ -318,19 +318,19 @@ def test_gmoe_follows_the_backbone(compose_cfg):
     net = hydra.utils.instantiate(cfg.model.net, in_channels=8, out_channels=3)
     assert isinstance(net, GMoE) and net.num_layers == 3 and net.hidden_channels == 32
     conv = net.convs[0]
-    assert conv.num_experts == 4 and conv.num_hop2_experts == 2 and conv.router.k == 1
+    # one expert per hop, balanced each within its hop: the router learns the hop
+    assert conv.num_experts == 2 and conv.num_hop2_experts == 1 and conv.router.k == 1
     assert conv.router.noisy and conv.router.straight_through
     assert conv.expert_init == "shared"
-    # hop-1 and hop-2 experts balanced each among themselves: the hop share is learned
-    assert conv.balance == "per_hop" and conv.router.balance_groups == (2, 2)
+    assert conv.balance == "per_hop" and conv.router.balance_groups == (1, 1)
     assert torch.equal(conv.experts.weight[1], conv.experts.weight[0])
     assert cfg.model.aux_loss_weights == {"importance": 0.01}
-    # the experts' coupled L2 scaled by their share k / E = 1/4 (Adam of nc_cora: 5e-4)
+    # the experts' coupled L2 scaled by their share k / E = 1/2 (Adam of nc_cora: 5e-4)
     assert cfg.model.expert_weight_decay == "load_share"
     task = hydra.utils.instantiate(cfg.model, net=net, num_classes=3)
     opt = task.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam) and not opt.defaults["decoupled_weight_decay"]
-    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([5e-4] + [1.25e-4] * 3)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([5e-4] + [2.5e-4] * 3)
 
 
 def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
@@ -341,6 +341,7 @@ def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
     assert conv.router.noisy and not conv.router.straight_through and conv.router.normalize
     assert conv.expert_init == "independent" and conv.hop2 == "square"
     assert conv.balance == "all" and conv.router.balance_groups is None
+    assert conv.num_experts == 4 and conv.num_hop2_experts == 2
     assert cfg.model.expert_weight_decay is None
     assert not torch.equal(conv.experts.weight[1], conv.experts.weight[0])
 
