@@ -247,7 +247,7 @@ class HopMoEConv(MessagePassing):
         if router_kwargs is None and router == "topk":
             router_kwargs = {"noisy": True}
         if balance == "per_hop":
-            groups = [n for n in (num_experts - num_hop2_experts, num_hop2_experts) if n > 0]
+            groups = [n for n in (self.num_hop1_experts, self.num_hop2_experts) if n > 0]
             router_kwargs = {**(router_kwargs or {}), "balance_groups": groups}
         self.router = build_router(router, in_channels, num_experts, k, router_kwargs)
 
