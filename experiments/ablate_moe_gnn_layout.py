@@ -128,6 +128,19 @@ VARIANTS: dict[str, list[str]] = {
     "moe, shared expert, top-1, no input dropout, 4 experts": [
         "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
         "model.net.num_experts=4"],
+    # section 12: at k=1 the renormalised gate is the constant 1, so the default's
+    # router learns from its aux losses only. A task gradient through a
+    # straight-through gate (value 1, gradient of p_e; as model=gmoe), through
+    # Switch's gate p_e (normalize=false), or a slower router (lr 0.001)
+    "moe, shared expert, top-1, no input dropout, straight-through router": [
+        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        "+model.net.moe_kwargs.router_kwargs={straight_through:true}"],
+    "moe, shared expert, top-1, no input dropout, Switch gate": [
+        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        "+model.net.moe_kwargs.router_kwargs={normalize:false}"],
+    "moe, shared expert, top-1, no input dropout, router lr 0.001": [
+        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        "+model.param_groups=[{params:net.ffns.0.router,lr:0.001}]"],
 }
 
 
