@@ -219,14 +219,30 @@ def grouped_load_balancing_loss(probs: Tensor, top1: Tensor,
     the rows whose first choice is in it, with the probabilities renormalised
     over the group, weighted by the group's share of those rows: 1 under
     uniform routing within every group, whatever the share each group gets.
-    The plain loss when ``groups`` is :obj:`None`."""
+    The plain loss when ``groups`` is :obj:`None`.
+
+    With :math:`n_g` rows in group :math:`g` of :math:`E_g` experts, each
+    group adds :math:`\frac{n_g}{N} E_g \sum_{i \in g} f_i P_i` with
+    :math:`f_i` and :math:`P_i` over those rows, which is
+    :math:`\frac{E_g}{N n_g} \sum_{i \in g} c_i \sum_{r \in g} q_{ri}`
+    (:math:`c_i` the rows whose first choice is :math:`i`, :math:`q` the
+    probabilities renormalised over the group): computed with the rows
+    masked by multiplication, not selected, so that there is no host sync on
+    CUDA."""
     if groups is None:
         return load_balancing_loss(probs, top1)
+    N = probs.size(0)
+    if N == 0:
+        return probs.new_zeros(())
+    counts = count_index(top1, probs.size(1)).to(probs.dtype)  # [E]
     total = probs.new_zeros(())
-    for g, inside, share in _group_shares(top1, groups):
-        p = probs[inside][:, g]
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        total = total + share.to(probs.dtype) * load_balancing_loss(p, top1[inside] - g.start)
+    for g, inside, _ in _group_shares(top1, groups):
+        q = probs[:, g]
+        q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # [N, E_g]
+        mask = inside.to(probs.dtype)
+        rows = mask.sum().clamp_min(1.0)  # n_g (no rows: every c_i is 0)
+        summed = (q * mask.unsqueeze(-1)).sum(dim=0)  # [E_g]: sum over the group's rows
+        total = total + (q.size(1) / (N * rows)) * (counts[g] * summed).sum()
     return total
 
 
@@ -524,9 +540,10 @@ class TopKRouter(Router):
         threshold_if_in = top_vals[:, self.k:self.k + 1]
         threshold_if_out = top_vals[:, self.k - 1:self.k]
         is_in = noisy > threshold_if_in
-        normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-        prob_if_in = normal.cdf((clean - threshold_if_in) / noise_std)
-        prob_if_out = normal.cdf((clean - threshold_if_out) / noise_std)
+        # the standard normal CDF; torch.distributions.Normal would validate its
+        # arguments and inputs, four host syncs per call on CUDA
+        prob_if_in = torch.special.ndtr((clean - threshold_if_in) / noise_std)
+        prob_if_out = torch.special.ndtr((clean - threshold_if_out) / noise_std)
         return torch.where(is_in, prob_if_in, prob_if_out).sum(dim=0)  # [Et]
 
 

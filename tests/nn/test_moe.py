@@ -687,6 +687,26 @@ def test_host_syncs_per_call(monkeypatch, backend, expected, training):
     assert count_syncs(monkeypatch, step) == expected
 
 
+def test_host_syncs_noisy_router_with_balance_groups(monkeypatch):
+    # HopMoEConv(balance="per_hop")'s router: the grouped Switch and importance
+    # losses mask the rows of each group by multiplication, never select them,
+    # and the noisy gate's smooth load uses the normal CDF without
+    # torch.distributions' argument checks. What is left: the finite checks of
+    # the clean and the noise logits.
+    from moegraph.nn.routing import TopKRouter
+
+    torch.manual_seed(31)
+    router = TopKRouter(16, 4, k=1, noisy=True, straight_through=True,
+                        balance_groups=[2, 2]).train()
+    x = make_x(f=16, seed=32).requires_grad_()
+
+    def step():
+        routing = router(x)
+        sum(routing.aux_loss.values()).backward()
+
+    assert count_syncs(monkeypatch, step) == ["scalar read", "scalar read"]
+
+
 def test_host_syncs_expert_choice_and_deterministic(monkeypatch):
     torch.manual_seed(27)
     m = SparseMoE(16, 16, 16, num_experts=4, router="expert_choice", deterministic=True).train()

@@ -838,6 +838,38 @@ def test_grouped_losses_hand_computed():
         pytest.approx(2 * (3 / 4 * 0.5 + 1 / 4 * 0.5))
 
 
+def naive_grouped_switch(probs, top1, groups):
+    # each group's Switch loss over the rows it owns, selected row by row
+    total, start, N = 0.0, 0, len(top1)
+    for size in groups:
+        rows = [r for r in range(N) if start <= int(top1[r]) < start + size]
+        if rows:
+            q = torch.stack([probs[r, start:start + size] / probs[r, start:start + size].sum()
+                             for r in rows])
+            f = torch.tensor([sum(int(top1[r]) == start + i for r in rows) / len(rows)
+                              for i in range(size)])
+            total = total + len(rows) / N * size * (f * q.mean(0)).sum()
+        start += size
+    return total
+
+
+@pytest.mark.parametrize("groups", [[2, 2], [1, 3], [3, 1, 1]])
+def test_grouped_switch_loss_against_naive_rows(groups):
+    torch.manual_seed(0)
+    E = sum(groups)
+    logits = torch.randn(30, E, requires_grad=True)
+    top1 = torch.randint(0, E, (30,))
+    top1[top1 == E - 1] = 0  # the last group of [3, 1, 1] owns no row
+    ours = grouped_load_balancing_loss(logits.softmax(-1), top1, groups)
+    (grad,) = torch.autograd.grad(ours, logits)
+    ref = naive_grouped_switch(logits.softmax(-1), top1, groups)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    empty = torch.zeros(0, E)
+    assert grouped_load_balancing_loss(empty, top1[:0], groups).item() == 0.0
+
+
 def test_topk_balance_groups_in_the_router():
     torch.manual_seed(0)
     x = torch.randn(40, 8)
