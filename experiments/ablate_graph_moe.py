@@ -142,6 +142,29 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         # one expert per hop: the router only picks each node's receptive field
         "gmoe, per-hop balance, 2 experts (1 per hop)": [
             "model=gmoe", "model.net.balance=per_hop", "model.net.num_experts=2"],
+        # model=gmoe reduced to one expert: a GCN on Â X (HopMoEConv's own
+        # aggregation, not PyG's GCNConv) or one on Â² X in every layer; where GMoE
+        # beats GCN, is it the hop the router picks or the convolution itself?
+        "gmoe, 1 expert, hop 1 only": ["model=gmoe", "model.net.balance=per_hop",
+                                       "model.net.num_experts=1",
+                                       "model.net.num_hop2_experts=0"],
+        "gmoe, 1 expert, hop 2 only": ["model=gmoe", "model.net.balance=per_hop",
+                                       "model.net.num_experts=1",
+                                       "model.net.num_hop2_experts=1"],
+        # In the residual layout (minesweeper, tolokers) model=gnn drops out its input
+        # features (backbone.dropout) and model=gmoe did not (make_gmoe's
+        # input_dropout 0.0): each with the other's input dropout
+        "gcn, no input dropout": ["model=gnn", "model/strong=gcn",
+                                  "+backbone.strong.input_dropout=0.0"],
+        "gmoe, per-hop balance, 2 experts (1 per hop), input dropout as GCN": [
+            "model=gmoe", "model.net.balance=per_hop", "model.net.num_experts=2",
+            "+model.net.input_dropout=null"],
+        # tolokers' 150-epoch budget ends while GCN and GMoE still improve (best
+        # epochs 137-149): the two with twice the budget
+        "gcn, 300 epochs": ["model=gnn", "model/strong=gcn", "trainer.max_epochs=300"],
+        "gmoe, per-hop balance, 2 experts (1 per hop), 300 epochs": [
+            "model=gmoe", "model.net.balance=per_hop", "model.net.num_experts=2",
+            "trainer.max_epochs=300"],
     },
 }
 # model=gmoe balanced every expert against every other (balance: all) with 4 experts
