@@ -117,6 +117,9 @@ def config_hash(dataset: str, model: str) -> str:
         # layout keep their hash)
         net["input_dropout"] = baseline_input_dropout(net["dropout"],
                                                       bool(net.get("residual")))
+        if net["_target_"] == "moegraph.nn.models.GMoE" and net["input_dropout"] == 0.0:
+            # GMoE's old default (the key absent): the plain stack's runs keep their hash
+            del net["input_dropout"]
     key = {"model": model_cfg,
            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
            "data": {k: cfg.data.get(k) for k in ("name", "batch_size", "metric")},
@@ -225,7 +228,9 @@ def build_table(runs: Path, command: str, seeds: int = 10,
         "adjacency, noisy top-1 with a straight-through gate, experts started alike, "
         "the balance losses within each hop: the router learns each node's hop (since "
         "2026-12-03; before, 4 experts, 2 per hop, balanced over all 4); "
-        "the paper's router is `model=gmoe_paper`) vs the **GCN** of the same width and "
+        "the paper's router is `model=gmoe_paper`; in the residual layout of minesweeper "
+        "and tolokers GCN's dropout on the input features, since 2026-12-03, none "
+        "before) vs the **GCN** of the same width and "
         "depth; **MoE-GNN** (the "
         "experiment's backbone blocks: PyG's GCN stack, no dropout on the input "
         "features, on cora, citeseer, amherst41, reed98 (before 2026-12-03 with input "

@@ -333,6 +333,24 @@ def test_gmoe_follows_the_backbone(compose_cfg):
     assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([5e-4] + [2.5e-4] * 3)
 
 
+@pytest.mark.parametrize("experiment", ["nc_cora", "nc_minesweeper"])
+def test_gmoe_has_the_input_dropout_of_its_gcn_baseline(compose_cfg, experiment):
+    # GMoE differs from model=gnn by its hop experts only: none on the input
+    # features in the plain stack (PyG's GCN), backbone.dropout in the residual layout
+    cfg = compose_cfg(f"experiment={experiment}", "model=gmoe")
+    gmoe = hydra.utils.instantiate(cfg.model.net, in_channels=8, out_channels=3)
+    gnn_cfg = compose_cfg(f"experiment={experiment}", "model=gnn")
+    gcn = hydra.utils.instantiate(gnn_cfg.model.net)(in_channels=8, out_channels=3)
+    residual = experiment == "nc_minesweeper"
+    assert cfg.backbone.residual == residual
+    expected = cfg.backbone.dropout if residual else 0.0
+    assert gmoe.input_dropout == expected
+    if residual:
+        assert isinstance(gmoe, MoEGNN) and gcn.input_dropout == expected > 0.0
+    else:
+        assert isinstance(gmoe, GMoE) and gcn.__class__.__name__ == "GCN"
+
+
 def test_gmoe_paper_is_gmoe_with_the_papers_router(compose_cfg):
     cfg = compose_cfg("experiment=nc_cora", "model=gmoe_paper")
     net = hydra.utils.instantiate(cfg.model.net, in_channels=8, out_channels=3)

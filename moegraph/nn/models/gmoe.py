@@ -10,7 +10,7 @@ from torch.nn import Module, ModuleList
 from torch_geometric.nn.resolver import activation_resolver
 
 from moegraph.nn.conv.hop_moe import HopMoEConv, reset_submodules
-from moegraph.nn.models.gnn import MoEGNN, make_norm
+from moegraph.nn.models.gnn import MoEGNN, baseline_input_dropout, make_norm
 from moegraph.nn.output import ModelOutput
 from moegraph.nn.routing import Router, sum_aux_losses
 
@@ -191,11 +191,17 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
     Args:
         residual (bool, optional): the residual blocks instead of the plain
             stack. (default: :obj:`False`)
-        input_dropout (float, optional): dropout on the input features; with
-            ``residual=True``, :obj:`None` means ``dropout``.
-            (default: :obj:`0.0`)
+        input_dropout (float, optional): dropout on the input features;
+            :obj:`None`: that of the GNN baseline of the layout
+            (:func:`~moegraph.nn.models.gnn.baseline_input_dropout`: ``dropout``
+            with ``residual=True``, as
+            :func:`~moegraph.nn.models.make_backbone`'s residual model; none in
+            the plain stack, as PyG's ``GCN``), so that GMoE differs from its
+            baseline by its hop experts only. (default: :obj:`0.0`)
         **others: as :class:`GMoE`.
     """
+    if input_dropout is None:
+        input_dropout = baseline_input_dropout(dropout, residual)
     if not residual:
         return GMoE(in_channels, hidden_channels, out_channels, num_layers=num_layers, conv=conv,
                     num_experts=num_experts, num_hop2_experts=num_hop2_experts, k=k,
@@ -212,4 +218,4 @@ def make_gmoe(in_channels: int, hidden_channels: int, out_channels: int, num_lay
                        expert_init=expert_init, shared_expert=shared_expert, balance=balance)
     return MoEGNN(in_channels, hidden_channels, out_channels, num_layers, conv="hop_moe",
                   conv_kwargs=conv_kwargs, ffn="dense", act=act, norm=norm, dropout=dropout,
-                  input_dropout=dropout if input_dropout is None else input_dropout)
+                  input_dropout=input_dropout)

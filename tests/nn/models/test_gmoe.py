@@ -76,6 +76,17 @@ def test_make_gmoe_residual_blocks_are_moegnn_with_hop_moe_convs():
     torch.testing.assert_close(body(x, edge_index).logits, model(x, edge_index).logits)
 
 
+def test_make_gmoe_input_dropout_none_is_the_baselines():
+    # None: dropout in the residual layout (make_backbone's residual model), none in
+    # the plain stack (PyG's GCN); a number is taken as given
+    assert make_gmoe(6, 16, 3, dropout=0.3, residual=True, input_dropout=None,
+                     norm="layer_norm").input_dropout == 0.3
+    assert make_gmoe(6, 16, 3, dropout=0.3, residual=False,
+                     input_dropout=None).input_dropout == 0.0
+    assert make_gmoe(6, 16, 3, dropout=0.3, residual=False,
+                     input_dropout=0.2).input_dropout == 0.2
+
+
 def test_make_gmoe_plain_is_gmoe():
     x, edge_index = random_graph(30, 90, 5)
     kwargs = dict(num_layers=2, conv="sage", num_experts=4, k=1, dropout=0.3)
