@@ -167,6 +167,10 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "trainer.max_epochs=300"],
     },
 }
+# Since 2026-12-03 model=gmoe takes GCN's input dropout (input_dropout: null); the
+# variants below ran before, with none: the same network in the plain stack, but on
+# minesweeper and tolokers (residual layout) a rerun of a cached "model=gmoe" variant
+# would now drop 20% of the input features (section 13 of graph_moe_ablation.md).
 # model=gmoe balanced every expert against every other (balance: all) with 4 experts
 # until section 11 made it per_hop with 2: the variants that ran as model=gmoe pin what
 # they ran with (their cached runs were renamed to the hash with the pins).
