@@ -69,6 +69,8 @@ SN = ["model.net.spectral_norm=true", "model.net.ffn_bias=false"]  # section 5's
 TOP2 = ["model.net.k=2", "~model.net.moe_kwargs.num_shared_experts"]
 # section 9's default: top-1 routed experts beside one shared expert
 SHARED = ["model.net.k=1", "model.net.moe_kwargs={num_shared_experts:1}"]
+# section 10's default (model=moe_gnn as studied since): SHARED without input dropout
+MOE_NO_INPUT_DROPOUT = ["model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0"]
 
 VARIANTS: dict[str, list[str]] = {
     "gcn": ["model=gnn", "model/strong=gcn"],
@@ -116,30 +118,27 @@ VARIANTS: dict[str, list[str]] = {
     # section 10: no dropout on the input features, as PyG's GCN (model=gnn), so
     # that the plain stack without its feed-forward parts is the GCN baseline
     "dense, no input dropout": ["model=dense_gnn", *SN, "model.net.input_dropout=0.0"],
-    "moe, shared expert, top-1, no input dropout": ["model=moe_gnn", *SHARED, *SN,
-                                                    "model.net.input_dropout=0.0"],
+    "moe, shared expert, top-1, no input dropout": [*MOE_NO_INPUT_DROPOUT],
     # ... and on top of that (the new default): LayerScale / ReZero, 4 experts
     "dense, no input dropout, layer scale 0": ["model=dense_gnn", *SN,
                                                "model.net.input_dropout=0.0",
                                                "+model.net.ffn_scale=0.0"],
     "moe, shared expert, top-1, no input dropout, layer scale 0": [
-        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
-        "+model.net.ffn_scale=0.0"],
+        *MOE_NO_INPUT_DROPOUT, "+model.net.ffn_scale=0.0"],
     "moe, shared expert, top-1, no input dropout, 4 experts": [
-        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
-        "model.net.num_experts=4"],
+        *MOE_NO_INPUT_DROPOUT, "model.net.num_experts=4"],
     # section 12: at k=1 the renormalised gate is the constant 1, so the default's
     # router learns from its aux losses only. A task gradient through a
     # straight-through gate (value 1, gradient of p_e; as model=gmoe), through
     # Switch's gate p_e (normalize=false), or a slower router (lr 0.001)
     "moe, shared expert, top-1, no input dropout, straight-through router": [
-        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        *MOE_NO_INPUT_DROPOUT,
         "+model.net.moe_kwargs.router_kwargs={straight_through:true}"],
     "moe, shared expert, top-1, no input dropout, Switch gate": [
-        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        *MOE_NO_INPUT_DROPOUT,
         "+model.net.moe_kwargs.router_kwargs={normalize:false}"],
     "moe, shared expert, top-1, no input dropout, router lr 0.001": [
-        "model=moe_gnn", *SHARED, *SN, "model.net.input_dropout=0.0",
+        *MOE_NO_INPUT_DROPOUT,
         "+model.param_groups=[{params:net.ffns.0.router,lr:0.001}]"],
 }
 

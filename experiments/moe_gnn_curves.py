@@ -137,7 +137,8 @@ def main(argv=None) -> None:
                    if (r := cached(args.dataset, variant, seed, args.table_only)) is not None]
         if not records:
             continue
-        cols = {k: [summary(r)[k] for r in records] for k in keys}
+        summaries = [summary(r) for r in records]
+        cols = {k: [s[k] for s in summaries] for k in keys}
         cell = {k: mean_std(xs, 0 if k == "epoch" else 2) for k, xs in cols.items()}
         rows.append(f"| {variant} | {len(records)} | " + " | ".join(cell[k] for k in keys) + " |")
     print("\n".join(rows))
