@@ -23,6 +23,20 @@ a cell gets the same ``N``. Tuned runs are cached apart, named after the
 configuration they ran, and the table (``node_classification_tuned.md``)
 lists the chosen hyper-parameters beside it.
 
+``--set KEY=VALUE ...`` runs the study with one fixed configuration added to
+every cell's protocol instead (for instance the published depth on the
+heterophilous sets, which the default protocol's hidden 64 / 2 layers do not
+reach)::
+
+    python experiments/run_node_classification.py --datasets minesweeper \
+        --models gnn --backbones sage gat --seeds 10 \
+        --set backbone.hidden_channels=128 backbone.num_layers=4
+
+Its runs are cached under ``node_classification_runs_set/``, named after the
+configuration, and its table goes to ``node_classification_set_<tag>.md``
+(``<tag>``: :func:`params_tag` of the overrides), with the overrides in its
+first lines.
+
 Writes ``experiments/results/node_classification.md`` and, per dataset,
 ``experiments/results/confidence_<dataset>.png`` (histogram of the Mowst
 confidence on test nodes, split by whether the MLP classifies them rightly).
@@ -83,26 +97,28 @@ def cell_name(dataset: str, model: str, backbone: str) -> str:
 
 
 def run_name(dataset: str, model: str, backbone: str, seed: int,
-             tuned: dict | None = None) -> str:
+             tuned: dict | None = None, fixed: dict | None = None) -> str:
     r"""The cache file of a run; a tuned run's name holds its configuration's
-    :func:`params_tag`."""
+    :func:`params_tag`, a run of ``--set`` that of the fixed overrides."""
     tag = f"__t{params_tag(tuned)}" if tuned is not None else ""
+    tag += f"__s{params_tag(fixed)}" if fixed else ""
     return f"{cell_name(dataset, model, backbone)}{tag}__seed{seed}.json"
 
 
 @functools.cache
-def baseline_pretraining(dataset: str) -> tuple[str, ...]:
+def baseline_pretraining(dataset: str, fixed: tuple[str, ...] = ()) -> tuple[str, ...]:
     r"""Mowst's pre-training budget, patience and minimum gain set to those
     of the dataset's ``model=gnn`` runs (its ``trainer.max_epochs`` and
     ``EarlyStopping``): so Mowst's GNN is that run's GNN, bit for bit (see
     :class:`moegraph.tasks.MowstTask`), also where an experiment departs
-    from ``conf/model/mowst.yaml``'s 300 epochs and patience 50 (tolokers)."""
+    from ``conf/model/mowst.yaml``'s 300 epochs and patience 50 (tolokers).
+    ``fixed``: the overrides of ``--set``, which may change them."""
     from hydra.core.hydra_config import HydraConfig
 
     from moegraph.train import compose_config
 
     try:
-        cfg = compose_config([f"experiment=nc_{dataset}", "model=gnn"])
+        cfg = compose_config([f"experiment=nc_{dataset}", "model=gnn", *fixed])
         epochs, stopping = cfg.trainer.max_epochs, cfg.callbacks.early_stopping
         patience, min_delta = stopping.patience, stopping.get("min_delta", 0.0)
     finally:
@@ -111,8 +127,10 @@ def baseline_pretraining(dataset: str) -> tuple[str, ...]:
             f"model.pretrain_patience={patience}", f"model.pretrain_min_delta={min_delta}")
 
 
-def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[str]:
-    r"""The command-line overrides of one run (``moegraph-train`` takes the same)."""
+def overrides_for(dataset: str, model: str, backbone: str, seed: int,
+                  fixed: tuple[str, ...] = ()) -> list[str]:
+    r"""The command-line overrides of one run (``moegraph-train`` takes the same);
+    ``fixed``: those of ``--set``, last (so they win over the protocol's)."""
     out = [f"experiment=nc_{dataset}", f"seed={seed}", *QUIET]
     if dataset in SPLIT_DATASETS:
         out.append(f"data.split={seed}")
@@ -123,21 +141,29 @@ def overrides_for(dataset: str, model: str, backbone: str, seed: int) -> list[st
         if model == "mowst_star":  # joint training: the baselines' patience
             out += ["model.net.variant=mowst_star", "model.turn_patience=50"]
         if model.startswith("mowst"):
-            out.append("trainer.max_epochs=2000")  # the schedule decides when to stop
-            out += baseline_pretraining(dataset)
+            out += baseline_pretraining(dataset, fixed)
+    out += fixed
+    if model.startswith("mowst"):
+        out.append("trainer.max_epochs=2000")  # the schedule decides when to stop
     return out
 
 
 def run_one(dataset: str, model: str, backbone: str, seed: int, runs: Path,
-            tuned: dict | None = None) -> dict:
+            tuned: dict | None = None, fixed: dict | None = None) -> dict:
     r"""Train one configuration of this study and cache its record; ``tuned``:
-    the best parameters of the cell's search, added to the overrides."""
-    overrides = overrides_for(dataset, model, backbone, seed)
+    the best parameters of the cell's search, added to the overrides;
+    ``fixed``: the overrides of ``--set`` (``{key: value}``), kept in the
+    record as ``set``."""
+    overrides = overrides_for(dataset, model, backbone, seed,
+                              tuple(best_overrides(fixed)) if fixed else ())
     record = {"dataset": dataset, "model": model, "backbone": backbone, "seed": seed}
     if tuned is not None:
         overrides += best_overrides(tuned)
         record["tuned"] = dict(tuned)
-    return train_cached(overrides, record, runs / run_name(dataset, model, backbone, seed, tuned),
+    if fixed:
+        record["set"] = dict(fixed)
+    path = runs / run_name(dataset, model, backbone, seed, tuned, fixed)
+    return train_cached(overrides, record, path,
                         collect=(run_diagnostics, backbone_protocol))
 
 
@@ -150,13 +176,17 @@ def tune_one(dataset: str, model: str, backbone: str, trials: int, folder: Path)
                      {"dataset": dataset, "model": model, "backbone": backbone})
 
 
-def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None) -> str:
+def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None,
+                fixed: dict | None = None) -> str:
     r"""The markdown table of every cached run, and the confidence PNGs;
     ``tuned`` (cell name -> search summary): the tuned study, of the runs made
     with each cell's current best configuration, with a table of them and
-    no PNGs."""
+    no PNGs; ``fixed``: the study of ``--set``, of the runs made with those
+    overrides only, no PNGs."""
     by_key: dict[tuple, list[dict]] = {}
     for r in load_runs(runs):
+        if r.get("set") != (fixed or None):
+            continue
         if tuned is not None:
             best = tuned.get(cell_name(r["dataset"], r["model"], r["backbone"]))
             if best is None or r.get("tuned") != best["params"]:
@@ -179,6 +209,8 @@ def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None) 
         "where C ≥ 0.5), which sparse inference computes; **GNN share** the share of "
         "test nodes with C < 0.5 (decided by the GNN). Time: mean wall seconds per run "
         "(fit + test) on a 2-core CPU, one thread.",
+        *(["", "Every run adds to its dataset's protocol: "
+           + ", ".join(f"`{o}`" for o in best_overrides(fixed)) + "."] if fixed else []),
         "",
         "| dataset | backbone | MLP | GNN | Mowst | Mowst τ | Mowst* | GNN share (Mowst) "
         "| n MLP / GNN / Mowst / Mowst* | time MLP / GNN / Mowst / Mowst* (s) |",
@@ -226,7 +258,8 @@ def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None) 
     for dataset, p in protocols.items():
         lines.append(f"| {dataset} | {p['hidden_channels']} | {p['num_layers']} | "
                      f"{'yes' if p['residual'] else 'no'} | {p['max_epochs']} | {p['lr']} |")
-    _plot_confidence(by_key)
+    if not fixed:
+        _plot_confidence(by_key)
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +359,22 @@ def _plot_confidence(by_key: dict) -> None:
         plt.close(fig)
 
 
+def parse_set(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    r"""``--set``'s ``KEY=VALUE`` items as ``{key: value}`` (values as given);
+    a malformed or repeated key is a usage error."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value or key.startswith(("+", "~")) or " " in key:
+            parser.error(f"--set takes KEY=VALUE overrides, got {item!r}")
+        if key in out:
+            parser.error(f"--set gives {key!r} twice")
+        if key in ("seed", "data.split", "experiment", "model"):
+            parser.error(f"--set cannot change {key!r}: the study sets it per run")
+        out[key] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -334,7 +383,16 @@ def main(argv: list[str] | None = None) -> None:
     parse = add_tuned_study_arguments(
         parser, RESULTS / "node_classification_runs", RESULTS / "node_classification_tuning",
         RESULTS / "node_classification_runs_tuned", "cell")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="a fixed configuration added to every cell's protocol (Hydra "
+                             "overrides), cached under node_classification_runs_set/ and "
+                             "tabled in node_classification_set_<tag>.md")
     args = parse(argv)
+    fixed = parse_set(parser, args.set)
+    if fixed and args.tune:
+        parser.error("--set and --tune are two studies: give one of them")
+    if fixed and args.runs == RESULTS / "node_classification_runs":
+        args.runs = RESULTS / "node_classification_runs_set"
     command = command_line(__file__, argv)
 
     import torch
@@ -362,15 +420,16 @@ def main(argv: list[str] | None = None) -> None:
                     if summary is None:  # a dry run before its search
                         continue
                     best = summary["params"]
-                jobs.append((args.runs / run_name(d, model, backbone, seed, best),
+                jobs.append((args.runs / run_name(d, model, backbone, seed, best, fixed),
                              functools.partial(run_one, d, model, backbone, seed, args.runs,
-                                               best),
+                                               best, fixed),
                              f"{d} {model} {backbone} seed {seed}"))
         run_pending(jobs, dry_run=args.dry_run)
         if args.dry_run:
             return
-    table = build_table(args.runs, command, tuned)
+    table = build_table(args.runs, command, tuned, fixed)
     out = RESULTS / ("node_classification_tuned.md" if tuned is not None
+                     else f"node_classification_set_{params_tag(fixed)}.md" if fixed
                      else "node_classification.md")
     write_results(out, table)
     print(table)

@@ -371,3 +371,63 @@ def test_tuned_study_arguments(script, tmp_path):
     assert parse(["--tune", "20", "--runs", str(mine)]).runs == mine
     with pytest.raises(SystemExit):
         parse(["--tune", "-1"])
+
+
+def test_set_study_overrides_every_model_and_pairs_mowst_with_its_gnn(script):
+    r"""``--set`` adds its overrides to every run after the protocol's (so they
+    win), and Mowst pre-trains its GNN with the budget the set gives the
+    ``model=gnn`` runs, its own schedule still deciding when to stop."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import compose_config
+
+    nc = script("run_node_classification")
+    fixed = ("backbone.hidden_channels=128", "backbone.num_layers=4", "trainer.max_epochs=200")
+    try:
+        gnn = compose_config(nc.overrides_for("minesweeper", "gnn", "sage", 3, fixed))
+        mowst = compose_config(nc.overrides_for("minesweeper", "mowst", "sage", 3, fixed))
+        mlp = compose_config(nc.overrides_for("minesweeper", "mlp", "none", 3, fixed))
+    finally:
+        HydraConfig.instance().cfg = None
+    for cfg in (gnn, mowst, mlp):
+        assert (cfg.backbone.hidden_channels, cfg.backbone.num_layers) == (128, 4)
+        assert cfg.data.split == 3 and cfg.seed == 3
+    assert gnn.trainer.max_epochs == 200 == mlp.trainer.max_epochs
+    assert mowst.model.pretrain_strong_epochs == 200 == mowst.model.pretrain_weak_epochs
+    assert mowst.trainer.max_epochs == 2000
+
+
+def test_set_study_arguments_cache_and_table(script, tmp_path):
+    r"""``--set``: a malformed, repeated or per-run key is a usage error, it
+    excludes ``--tune``; its runs are named after the overrides and its table
+    reads only them, naming the overrides."""
+    import argparse
+
+    nc = script("run_node_classification")
+    parser = argparse.ArgumentParser()
+    assert nc.parse_set(parser, ["backbone.num_layers=4", "a.b=x=y"]) == {
+        "backbone.num_layers": "4", "a.b": "x=y"}
+    for bad in (["backbone.num_layers"], ["=4"], ["a=1", "a=2"], ["data.split=2"],
+                ["+trainer.x=1"]):
+        with pytest.raises(SystemExit):
+            nc.parse_set(parser, bad)
+    with pytest.raises(SystemExit):
+        nc.main(["--tune", "2", "--set", "backbone.num_layers=4", "--dry-run"])
+
+    fixed = {"backbone.num_layers": "4"}
+    protocol = {"hidden_channels": 64, "num_layers": 4, "residual": True,
+                "max_epochs": 300, "lr": 0.003}
+    for params, score, seed in ((fixed, 0.9, 0), (fixed, 0.8, 1), (None, 0.1, 0)):
+        record = {"dataset": "minesweeper", "model": "gnn", "backbone": "sage", "seed": seed,
+                  "metric": "auroc", "metrics": {"test/auroc": score}, "wall_seconds": 1.0,
+                  "protocol": protocol, **({"set": params} if params else {})}
+        (tmp_path / nc.run_name("minesweeper", "gnn", "sage", seed, None, params)).write_text(
+            json.dumps(record))
+    assert len(list(tmp_path.glob("*.json"))) == 3  # the set's runs do not overwrite
+    table = nc.build_table(tmp_path, "cmd", fixed=fixed)
+    row = next(line for line in table.splitlines() if line.startswith("| minesweeper | sage"))
+    assert "85.00 ± 7.07" in row  # the run without the set left out
+    assert "`backbone.num_layers=4`" in table
+    plain = nc.build_table(tmp_path, "cmd")
+    row = next(line for line in plain.splitlines() if line.startswith("| minesweeper | sage"))
+    assert "10.00" in row and "85.00" not in row
