@@ -275,10 +275,12 @@ def run_diagnostics(cfg: Any, output_dir: Path) -> dict:
 
 def backbone_protocol(cfg: Any, output_dir: Optional[Path] = None) -> dict:
     r"""A ``collect``: the protocol fields of a node-classification run."""
+    stopping = (cfg.get("callbacks") or {}).get("early_stopping")
     return {"protocol": {
         "hidden_channels": cfg.backbone.hidden_channels, "num_layers": cfg.backbone.num_layers,
         "residual": cfg.backbone.residual, "max_epochs": cfg.trainer.max_epochs,
-        "lr": cfg.model.optimizer.lr}}
+        "lr": cfg.model.optimizer.lr,
+        "patience": stopping.get("patience") if stopping else None}}
 
 
 def score_line(record: dict) -> str:

@@ -30,7 +30,9 @@ reach)::
 
     python experiments/run_node_classification.py --datasets minesweeper \
         --models gnn --backbones sage gat --seeds 10 \
-        --set backbone.hidden_channels=128 backbone.num_layers=4
+        --set backbone.hidden_channels=128 backbone.num_layers=5
+    python experiments/run_node_classification.py --datasets tolokers \
+        --models gnn --backbones gcn sage --seeds 5 --set trainer.max_epochs=300
 
 Its runs are cached under ``node_classification_runs_set/``, named after the
 configuration, and its table goes to ``node_classification_set_<tag>.md``
@@ -241,7 +243,7 @@ def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None,
                          f"{mean_std(mowst)} | {mean_std(tau)} | {mean_std(star)} | "
                          f"{share_txt} | {n} | {times} |")
             for r in gnn_runs[:1] or mowst_runs[:1]:
-                protocols[dataset] = r["protocol"]
+                protocols[dataset] = {**r["protocol"], "patience": patience_text(r)}
     lines += gate_table(by_key)
     if tuned is not None:
         lines += tuned_table(tuned)
@@ -253,20 +255,45 @@ def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None,
               "gate alone trains, at most 100 epochs with patience 20 (Mowst*: 50, its "
               "mixture loss) and min gain 0.001, kept only if it beats the GNN's "
               "validation score, else rolled back to Mowst = its GNN):", "",
-              "| dataset | hidden | layers | residual + LayerNorm | max epochs (baselines, "
-              "early stopping) | lr |", "|---|---|---|---|---|---|"]
+              "| dataset | hidden | layers | residual + LayerNorm | max epochs (baselines) | "
+              "early-stopping patience | lr |", "|---|---|---|---|---|---|---|"]
     for dataset, p in protocols.items():
         lines.append(f"| {dataset} | {p['hidden_channels']} | {p['num_layers']} | "
-                     f"{'yes' if p['residual'] else 'no'} | {p['max_epochs']} | {p['lr']} |")
+                     f"{'yes' if p['residual'] else 'no'} | {p['max_epochs']} | "
+                     f"{p['patience']} | {p['lr']} |")
     if not fixed:
         _plot_confidence(by_key)
     return "\n".join(lines) + "\n"
 
 
+def patience_text(record: dict) -> str:
+    r"""The early-stopping patience of a cached run, as the protocol table
+    prints it (``none``: no early stopping; ``–``: not known): the
+    protocol's, or, for a record from before the protocol held it, that of
+    the config its overrides compose."""
+    protocol = record.get("protocol", {})
+    if "patience" in protocol:
+        patience = protocol["patience"]
+    elif "overrides" in record:
+        from hydra.core.hydra_config import HydraConfig
+
+        from moegraph.train import compose_config
+
+        try:
+            stopping = (compose_config(record["overrides"]).get("callbacks") or {}).get(
+                "early_stopping")
+        finally:
+            HydraConfig.instance().cfg = None
+        patience = stopping.get("patience") if stopping else None
+    else:
+        return "–"
+    return "none" if patience is None else str(patience)
+
+
 def gate_table(by_key: dict) -> list[str]:
     r"""Mowst / Mowst* against their GNN per cell (issue 11's rule on the seeds
     both have) and what the gate did on the test nodes."""
-    lines = ["", "Mowst against its GNN, per cell with Mowst runs: `Mowst τ` / `Mowst*` = "
+    head = ["", "Mowst against its GNN, per cell with Mowst runs: `Mowst τ` / `Mowst*` = "
              "gap of the deterministic score to the `model=gnn` runs of the same seeds, in "
              "points, and issue 11's verdict (`gain`: above by more than one GNN std; `ok`: "
              "not below by more than half a GNN std; `BELOW`); `− own GNN` = the score "
@@ -277,6 +304,7 @@ def gate_table(by_key: dict) -> list[str]:
              "| dataset | backbone | Mowst τ vs GNN | Mowst* vs GNN | − own GNN (Mowst τ / "
              "Mowst*) | weak share % (Mowst / Mowst*) | C 5–95% (Mowst / Mowst*) | n |",
              "|---|---|---|---|---|---|---|---|"]
+    lines: list[str] = []
     for dataset in DATASETS:
         for backbone in BACKBONES:
             gnn = {r["seed"]: r["metrics"][f"test/{r['metric']}"]
@@ -305,7 +333,7 @@ def gate_table(by_key: dict) -> list[str]:
             lines.append(f"| {dataset} | {backbone} | {cells[0]} | {cells[1]} | "
                          f"{' / '.join(own)} | {' / '.join(share)} | {' / '.join(spread)} | "
                          f"{' / '.join(n)} |")
-    return lines
+    return head + lines if lines else []  # no Mowst runs: no table
 
 
 def tuned_table(tuned: dict[str, dict]) -> list[str]:

@@ -416,7 +416,7 @@ def test_set_study_arguments_cache_and_table(script, tmp_path):
 
     fixed = {"backbone.num_layers": "4"}
     protocol = {"hidden_channels": 64, "num_layers": 4, "residual": True,
-                "max_epochs": 300, "lr": 0.003}
+                "max_epochs": 300, "lr": 0.003, "patience": 300}
     for params, score, seed in ((fixed, 0.9, 0), (fixed, 0.8, 1), (None, 0.1, 0)):
         record = {"dataset": "minesweeper", "model": "gnn", "backbone": "sage", "seed": seed,
                   "metric": "auroc", "metrics": {"test/auroc": score}, "wall_seconds": 1.0,
@@ -428,6 +428,22 @@ def test_set_study_arguments_cache_and_table(script, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| minesweeper | sage"))
     assert "85.00 ± 7.07" in row  # the run without the set left out
     assert "`backbone.num_layers=4`" in table
+    assert "| minesweeper | 64 | 4 | yes | 300 | 300 | 0.003 |" in table  # protocol row
+    assert "Mowst against its GNN" not in table  # no Mowst runs: no verdict table
     plain = nc.build_table(tmp_path, "cmd")
     row = next(line for line in plain.splitlines() if line.startswith("| minesweeper | sage"))
     assert "10.00" in row and "85.00" not in row
+
+
+def test_patience_text_reads_the_record_or_composes_its_overrides(script):
+    r"""The protocol table's patience: the record's own, else that of the
+    config of the record's overrides (records from before it was kept),
+    else unknown."""
+    nc = script("run_node_classification")
+    assert nc.patience_text({"protocol": {"patience": 50}}) == "50"
+    assert nc.patience_text({"protocol": {"patience": None}}) == "none"
+    assert nc.patience_text({"protocol": {}}) == "–"
+    old = {"protocol": {}, "overrides": nc.overrides_for("tolokers", "gnn", "gcn", 1)}
+    assert nc.patience_text(old) == "30"  # experiment/nc_tolokers.yaml
+    old["overrides"].append("callbacks.early_stopping.patience=7")
+    assert nc.patience_text(old) == "7"
