@@ -397,7 +397,7 @@ def parse_set(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, st
             parser.error(f"--set takes KEY=VALUE overrides, got {item!r}")
         if key in out:
             parser.error(f"--set gives {key!r} twice")
-        if key in ("seed", "data.split", "experiment", "model"):
+        if key in ("seed", "data.split", "experiment", "model", "model/strong"):
             parser.error(f"--set cannot change {key!r}: the study sets it per run")
         out[key] = value
     return out

@@ -408,7 +408,7 @@ def test_set_study_arguments_cache_and_table(script, tmp_path):
     assert nc.parse_set(parser, ["backbone.num_layers=4", "a.b=x=y"]) == {
         "backbone.num_layers": "4", "a.b": "x=y"}
     for bad in (["backbone.num_layers"], ["=4"], ["a=1", "a=2"], ["data.split=2"],
-                ["+trainer.x=1"]):
+                ["model/strong=gin"], ["+trainer.x=1"]):
         with pytest.raises(SystemExit):
             nc.parse_set(parser, bad)
     with pytest.raises(SystemExit):
