@@ -272,21 +272,18 @@ def patience_text(record: dict) -> str:
     protocol's, or, for a record from before the protocol held it, that of
     the config its overrides compose."""
     protocol = record.get("protocol", {})
-    if "patience" in protocol:
-        patience = protocol["patience"]
-    elif "overrides" in record:
+    if "patience" not in protocol:
+        if "overrides" not in record:
+            return "–"
         from hydra.core.hydra_config import HydraConfig
 
         from moegraph.train import compose_config
 
         try:
-            stopping = (compose_config(record["overrides"]).get("callbacks") or {}).get(
-                "early_stopping")
+            protocol = backbone_protocol(compose_config(record["overrides"]))["protocol"]
         finally:
             HydraConfig.instance().cfg = None
-        patience = stopping.get("patience") if stopping else None
-    else:
-        return "–"
+    patience = protocol["patience"]
     return "none" if patience is None else str(patience)
 
 
