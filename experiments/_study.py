@@ -16,13 +16,14 @@ module as ``_study``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -187,13 +188,19 @@ def add_study_arguments(parser: Any, runs: Path) -> None:
 
 
 def add_tuned_study_arguments(parser: Any, runs: Path, tuning: Path, tuned_runs: Path,
-                              cell: str) -> Callable[[Optional[list[str]]], Any]:
+                              cell: str, set_runs: Optional[Path] = None,
+                              set_table: str = "") -> Callable[[Optional[list[str]]], Any]:
     r"""The arguments of a study that can be tuned: ``--seeds``, ``--tune N``,
     ``--tuning`` (default ``tuning``) and those of :func:`add_study_arguments`
     (default cache ``runs``). Returns the parser's ``parse_args``, which also
     checks ``--tune`` and, with ``--tune`` and the default ``--runs``, caches
     the runs in ``tuned_runs`` instead; ``cell`` names what one search covers
-    in the help text."""
+    in the help text.
+
+    With ``set_runs``, also ``--set KEY=VALUE ...``: fixed overrides added to
+    every run (read by :func:`parse_set` into ``args.fixed``, ``{}`` without
+    ``--set``), cached in ``set_runs`` with the default ``--runs`` and tabled
+    in ``set_table``; ``--set`` with ``--tune`` is refused."""
     parser.add_argument("--seeds", type=int, default=None,
                         help="seeds per dataset (default: the per-dataset protocol)")
     parser.add_argument("--tune", type=int, default=0, metavar="N",
@@ -202,16 +209,47 @@ def add_tuned_study_arguments(parser: Any, runs: Path, tuning: Path, tuned_runs:
     parser.add_argument("--tuning", type=Path, default=tuning,
                         help="folder of the searches (one SQLite study per cell)")
     add_study_arguments(parser, runs)
+    if set_runs is not None:
+        parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                            help="a fixed configuration added to every run's protocol "
+                                 f"(Hydra overrides), cached under {set_runs.name}/ and "
+                                 f"tabled in {set_table}")
 
     def parse(argv: Optional[list[str]] = None) -> Any:
         args = parser.parse_args(argv)
         if args.tune < 0:
             parser.error("--tune takes a number of trials >= 1 (0: the untuned study)")
+        args.fixed = parse_set(parser, getattr(args, "set", []))
+        if args.fixed and args.tune:
+            parser.error("--set and --tune are two studies: give one of them")
         if args.tune and args.runs == runs:
             args.runs = tuned_runs
+        elif args.fixed and args.runs == runs and set_runs is not None:
+            args.runs = set_runs
         return args
 
     return parse
+
+
+# Keys a study sets per run, which ``--set`` may not change.
+PER_RUN_KEYS = ("seed", "data.split", "experiment", "model", "model/strong")
+
+
+def parse_set(parser: Any, items: Sequence[str]) -> dict[str, str]:
+    r"""``--set``'s ``KEY=VALUE`` items as ``{key: value}`` (values as given);
+    a malformed or repeated key, or one of :data:`PER_RUN_KEYS`, is a usage
+    error."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value or key.startswith(("+", "~")) or " " in key:
+            parser.error(f"--set takes KEY=VALUE overrides, got {item!r}")
+        if key in out:
+            parser.error(f"--set gives {key!r} twice")
+        if key in PER_RUN_KEYS:
+            parser.error(f"--set cannot change {key!r}: the study sets it per run")
+        out[key] = value
+    return out
 
 
 def results_header(title: str, command: str, runs: Optional[Path] = None) -> list[str]:
@@ -227,6 +265,21 @@ def load_runs(runs: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(runs).glob("*.json"))]
 
 
+@contextlib.contextmanager
+def composed(overrides: Sequence[str], output_dir: str | Path | None = None) -> Iterator[Any]:
+    r"""The config ``moegraph-train`` composes from ``overrides``
+    (:func:`moegraph.train.compose_config`), registered with Hydra for the
+    ``with`` block and cleared from it after, also on error."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from moegraph.train import compose_config
+
+    try:
+        yield compose_config(overrides, output_dir)
+    finally:
+        HydraConfig.instance().cfg = None
+
+
 def train_cached(overrides: Sequence[str], record: dict, path: Path,
                  collect: Sequence[Collect] = ()) -> dict:
     r"""Train one configuration through ``train(cfg)`` (the entry point of
@@ -235,24 +288,51 @@ def train_cached(overrides: Sequence[str], record: dict, path: Path,
     the wall time (``wall_seconds``, fit and test) and what each
     ``collect(cfg, output_dir)`` returns, called before the run's temporary
     output folder is deleted."""
-    from hydra.core.hydra_config import HydraConfig
+    from moegraph.train import train
 
-    from moegraph.train import compose_config, train
-
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = compose_config(overrides, tmp)
-            with Timer() as timer:
-                metrics = train(cfg)
-            record = {"overrides": list(overrides), **record, "metrics": metrics,
-                      "wall_seconds": timer.seconds}
-            for fn in collect:
-                record.update(fn(cfg, Path(tmp)))
-    finally:
-        HydraConfig.instance().cfg = None
+    with tempfile.TemporaryDirectory() as tmp, composed(overrides, tmp) as cfg:
+        with Timer() as timer:
+            metrics = train(cfg)
+        record = {"overrides": list(overrides), **record, "metrics": metrics,
+                  "wall_seconds": timer.seconds}
+        for fn in collect:
+            record.update(fn(cfg, Path(tmp)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1))
     return record
+
+
+def reuse_run(overrides: Sequence[str], record: dict, path: Path,
+              sources: Sequence[Path]) -> Optional[dict]:
+    r"""Cache at ``path`` the record of a run another study already made with
+    the same configuration: the first of ``sources`` (cached records) whose
+    overrides compose the config that ``overrides`` compose (the ``hydra``
+    node aside, so the order of the overrides does not matter). The copy
+    takes ``overrides`` and ``record``'s keys and names its source in
+    ``reused_from``. ``None`` (nothing written) where no source exists or
+    none has this configuration."""
+    from omegaconf import OmegaConf
+
+    def config(o: Sequence[str]) -> dict:
+        with composed(o) as cfg:
+            out = OmegaConf.to_container(cfg, resolve=False)
+        assert isinstance(out, dict)
+        out.pop("hydra", None)
+        return out
+
+    ours = None
+    for source in sources:
+        if not source.exists():
+            continue
+        old = json.loads(source.read_text())
+        ours = config(overrides) if ours is None else ours
+        if config(old["overrides"]) != ours:
+            continue
+        new = {**old, **record, "overrides": list(overrides), "reused_from": relative(source)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(new, indent=1))
+        return new
+    return None
 
 
 def run_diagnostics(cfg: Any, output_dir: Path) -> dict:

@@ -31,7 +31,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from _study import RESULTS, command_line, results_header, run_pending, write_results
+from _study import RESULTS, command_line, composed, results_header, run_pending, write_results
 from run_node_classification import overrides_for
 
 RUNS = RESULTS / "mowst_expert_bins_runs"
@@ -44,7 +44,6 @@ def predictions(dataset: str, model: str, seed: int) -> dict[str, Any]:
     import tempfile
 
     import torch
-    from hydra.core.hydra_config import HydraConfig
 
     import moegraph.train as mt
 
@@ -70,12 +69,11 @@ def predictions(dataset: str, model: str, seed: int) -> dict[str, Any]:
 
     mt.instantiate_run = instantiate_run
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = mt.compose_config(overrides_for(dataset, model, "gcn", seed), tmp)
+        with (tempfile.TemporaryDirectory() as tmp,
+              composed(overrides_for(dataset, model, "gcn", seed), tmp) as cfg):
             metrics = mt.train(cfg)
     finally:
         mt.instantiate_run = build
-        HydraConfig.instance().cfg = None
     return {"test_acc": metrics["test/acc"], **kept}
 
 

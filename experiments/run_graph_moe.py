@@ -42,6 +42,15 @@ cell in ``--tuning``), then every seed with the best configuration (runs in
 ``graph_moe_tuned.md``)::
 
     python experiments/run_graph_moe.py --tune 20 --datasets cora amherst41 --seeds 10
+
+``--set KEY=VALUE ...`` runs the study with fixed overrides added to every
+run (runs in ``graph_moe_runs_set/``, the file name tagged with the
+overrides; table ``graph_moe_set_<tag>.md``), as ``run_node_classification.py
+--set`` does; a GCN run that study already made with the same config is
+copied (``reused_from``), not trained again::
+
+    python experiments/run_graph_moe.py --datasets tolokers --models gnn gmoe --seeds 5 \
+        --set trainer.max_epochs=300
 """
 from __future__ import annotations
 
@@ -65,13 +74,19 @@ from _study import (
     mean_std,
     params_tag,
     results_header,
+    reuse_run,
     run_diagnostics,
     run_pending,
     train_cached,
     tune_cell,
     write_results,
 )
-from run_node_classification import DATASETS, SPLIT_DATASETS, seed_major  # the same datasets
+from run_node_classification import (  # the same datasets
+    DATASETS,
+    SPLIT_DATASETS,
+    seed_major,
+)
+from run_node_classification import run_name as nc_run_name
 
 MODELS = ("gnn", "gmoe", "dense_gnn", "moe_gnn")
 PAIRS = (("gmoe", "gnn"), ("moe_gnn", "dense_gnn"))
@@ -89,10 +104,11 @@ TARGET_ALIASES = {"moegraph.nn.models.make_gmoe": "moegraph.nn.models.GMoE"}
 
 
 @functools.cache
-def config_hash(dataset: str, model: str) -> str:
+def config_hash(dataset: str, model: str, fixed: tuple[str, ...] = ()) -> str:
     r"""A short hash of what decides the runs of ``model`` on ``dataset``
     (the seed and split aside): the resolved model config (network and
-    optimiser), the backbone sizes, the data and the stopping rule."""
+    optimiser), the backbone sizes, the data and the stopping rule;
+    ``fixed``: the overrides of ``--set``."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -100,7 +116,7 @@ def config_hash(dataset: str, model: str) -> str:
     from moegraph.train import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides_for(dataset, model, 0))
+        cfg = compose("train", overrides=[*overrides_for(dataset, model, 0), *fixed])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net = model_cfg["net"]
     net["_target_"] = TARGET_ALIASES.get(net["_target_"], net["_target_"])
@@ -142,24 +158,40 @@ def config_hash(dataset: str, model: str) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_name(dataset: str, model: str, seed: int, tuned: dict | None = None) -> str:
-    r"""The cache file of a run; a tuned run's name holds its configuration's
-    tag too."""
-    digest = config_hash(dataset, model)
+def run_name(dataset: str, model: str, seed: int, tuned: dict | None = None,
+             fixed: dict | None = None) -> str:
+    r"""The cache file of a run; the name of a tuned run holds its
+    configuration's tag too, that of a run of ``--set`` the tag of its
+    overrides."""
+    digest = config_hash(dataset, model, tuple(best_overrides(fixed)) if fixed else ())
     tag = f"__t{params_tag(tuned)}" if tuned is not None else ""
+    tag += f"__s{params_tag(fixed)}" if fixed else ""
     return f"{dataset}__{model}__seed{seed}__{digest}{tag}.json"
 
 
-def run_one(dataset: str, model: str, seed: int, runs: Path, tuned: dict | None = None) -> dict:
+def run_one(dataset: str, model: str, seed: int, runs: Path, tuned: dict | None = None,
+            fixed: dict | None = None) -> dict:
     r"""Train one run of the study and cache its record; ``tuned``: the
-    chosen parameters of a search, as overrides."""
+    chosen parameters of a search, as overrides; ``fixed``: the overrides of
+    ``--set`` (``{key: value}``), kept in the record as ``set``. A GCN run of
+    ``--set`` that the node-classification study already made with the same
+    config (:func:`reuse_run`) is copied, not trained again."""
     overrides = overrides_for(dataset, model, seed)
     record: dict = {"dataset": dataset, "model": model, "seed": seed}
     if tuned is not None:
         overrides += best_overrides(tuned)
         record["tuned"] = dict(tuned)
-    return train_cached(overrides, record, runs / run_name(dataset, model, seed, tuned),
-                        (run_diagnostics, backbone_protocol))
+    if fixed:
+        overrides += best_overrides(fixed)
+        record["set"] = dict(fixed)
+    path = runs / run_name(dataset, model, seed, tuned, fixed)
+    if model == "gnn" and fixed and tuned is None:
+        source = RESULTS / "node_classification_runs_set" / nc_run_name(
+            dataset, "gnn", "gcn", seed, None, fixed)
+        reused = reuse_run(overrides, record, path, [source])
+        if reused is not None:
+            return reused
+    return train_cached(overrides, record, path, (run_diagnostics, backbone_protocol))
 
 
 def tune_one(dataset: str, model: str, trials: int, folder: Path) -> dict:
@@ -197,10 +229,12 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
 
 
 def build_table(runs: Path, command: str, seeds: int = 10,
-                tuned: dict[str, dict] | None = None) -> str:
+                tuned: dict[str, dict] | None = None, fixed: dict | None = None) -> str:
     r"""The tables of the study from its cached runs: only the runs of the
     current configs (seeds beyond ``seeds`` not probed); with ``tuned`` (cell
-    name -> search summary), those of each cell's chosen configuration."""
+    name -> search summary), those of each cell's chosen configuration; with
+    ``fixed``, those of the ``--set`` overrides (the load plot named after
+    their tag)."""
     def params(dataset: str, model: str) -> dict | None:
         if tuned is None:
             return None
@@ -209,7 +243,8 @@ def build_table(runs: Path, command: str, seeds: int = 10,
 
     records = [json.loads(p.read_text()) for dataset in DATASETS for model in MODELS
                for seed in range(seeds)
-               if (p := runs / run_name(dataset, model, seed, params(dataset, model))).exists()]
+               if (p := runs / run_name(dataset, model, seed, params(dataset, model),
+                                        fixed)).exists()]
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
@@ -245,6 +280,8 @@ def build_table(runs: Path, command: str, seeds: int = 10,
         "per run (fit + test) on a 2-core CPU shared with other jobs, one thread. "
         + ("Untuned: every model runs the experiment's defaults (no search)." if tuned is None
            else "Tuned: each model runs its chosen configuration (below)."),
+        *(["", "Every run adds to its dataset's protocol: "
+           + ", ".join(f"`{o}`" for o in best_overrides(fixed)) + "."] if fixed else []),
         "",
         "**GMoE target**: GMoE's mean ≥ GCN's mean − 0.5 × GCN's std (issue 15), *met* or "
         "**NOT met**; **MoE-GNN − GCN**: the MoE-GNN's mean minus GCN's, in GCN's stds.",
@@ -303,13 +340,17 @@ def build_table(runs: Path, command: str, seeds: int = 10,
         lines += ["", f"{model} not run on {dataset}: {why}."]
     reused = sorted({r["dataset"] for r in records if "reused_from" in r})
     if reused:
-        lines += ["", "GCN runs on " + ", ".join(reused) + " are carried over from the "
-                  "previous study (`graph_moe_runs/`, the field `reused_from` of each JSON): "
-                  "the config of `model=gnn` and its overrides are unchanged."]
+        sources = sorted({str(Path(r["reused_from"]).parent.name)
+                          for r in records if "reused_from" in r})
+        lines += ["", "GCN runs on " + ", ".join(reused) + " are carried over from "
+                  + ", ".join(f"`{s}/`" for s in sources) + " (the field `reused_from` of "
+                  "each JSON): the same config of `model=gnn`, composed from the overrides."]
     if tuned is not None:
         lines += tuned_table(tuned)
     lines += ["", *diagnosis_table(by_key)]
-    plot = "graph_moe_expert_load.png" if tuned is None else "graph_moe_tuned_expert_load.png"
+    plot = ("graph_moe_tuned_expert_load.png" if tuned is not None else
+            f"graph_moe_set_{params_tag(fixed)}_expert_load.png" if fixed else
+            "graph_moe_expert_load.png")
     _plot_load(by_key, plot)
     lines += ["", "Expert load (test-time routing on the full graph, experts sorted by load "
               f"within each run, mean over runs): `{plot}`."]
@@ -403,8 +444,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parse = add_tuned_study_arguments(
         parser, RESULTS / "graph_moe_runs_v2", RESULTS / "graph_moe_tuning",
-        RESULTS / "graph_moe_runs_tuned", "(dataset, model)")
+        RESULTS / "graph_moe_runs_tuned", "(dataset, model)",
+        RESULTS / "graph_moe_runs_set", "graph_moe_set_<tag>.md")
     args = parse(argv)
+    fixed = args.fixed
     command = command_line(__file__, argv)
 
     import torch
@@ -430,14 +473,16 @@ def main(argv: list[str] | None = None) -> None:
                     if summary is None:  # a dry run before its search
                         continue
                     best = summary["params"]
-                jobs.append((args.runs / run_name(dataset, model, seed, best),
-                             functools.partial(run_one, dataset, model, seed, args.runs, best),
+                jobs.append((args.runs / run_name(dataset, model, seed, best, fixed),
+                             functools.partial(run_one, dataset, model, seed, args.runs, best,
+                                               fixed),
                              f"{dataset} {model} seed {seed}"))
         run_pending(jobs, dry_run=args.dry_run)
         if args.dry_run:
             return
-    table = build_table(args.runs, command, seeds=args.seeds or 10, tuned=tuned)
-    out = RESULTS / ("graph_moe.md" if tuned is None else "graph_moe_tuned.md")
+    table = build_table(args.runs, command, seeds=args.seeds or 10, tuned=tuned, fixed=fixed)
+    out = RESULTS / ("graph_moe_tuned.md" if tuned is not None else
+                     f"graph_moe_set_{params_tag(fixed)}.md" if fixed else "graph_moe.md")
     table = write_results(out, table)
     print(table)
     print(f"[study] wrote {out}")

@@ -48,6 +48,7 @@ from _study import (
     QUIET,
     RESULTS,
     command_line,
+    composed,
     load_runs,
     mean_std,
     paired_difference,
@@ -205,19 +206,12 @@ def paired_table(records: dict[str, list[dict]], pairs: list[tuple[str, str]]) -
 def protocol() -> dict:
     r"""The training protocol the ``experiment=movielens_*`` configs share, read
     from the composed config (so that the text of the results file follows it)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from moegraph.train import compose_config
-
-    try:
-        cfg = compose_config(["experiment=movielens_mmoe"])
+    with composed(["experiment=movielens_mmoe"]) as cfg:
         stop = cfg.callbacks.early_stopping
         return {"batch_size": cfg.data.batch_size, "max_epochs": cfg.trainer.max_epochs,
                 "patience": stop.patience, "monitor": stop.monitor, "mode": stop.mode,
                 "checkpoint": cfg.callbacks.model_checkpoint.monitor,
                 "lr": cfg.model.optimizer.lr}
-    finally:
-        HydraConfig.instance().cfg = None
 
 
 def diag_table(records: dict[str, list[dict]]) -> str:

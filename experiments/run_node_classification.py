@@ -59,6 +59,7 @@ from _study import (
     backbone_protocol,
     best_overrides,
     command_line,
+    composed,
     histogram_range,
     load_or_tune,
     load_runs,
@@ -115,16 +116,9 @@ def baseline_pretraining(dataset: str, fixed: tuple[str, ...] = ()) -> tuple[str
     :class:`moegraph.tasks.MowstTask`), also where an experiment departs
     from ``conf/model/mowst.yaml``'s 300 epochs and patience 50 (tolokers).
     ``fixed``: the overrides of ``--set``, which may change them."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from moegraph.train import compose_config
-
-    try:
-        cfg = compose_config([f"experiment=nc_{dataset}", "model=gnn", *fixed])
+    with composed([f"experiment=nc_{dataset}", "model=gnn", *fixed]) as cfg:
         epochs, stopping = cfg.trainer.max_epochs, cfg.callbacks.early_stopping
         patience, min_delta = stopping.patience, stopping.get("min_delta", 0.0)
-    finally:
-        HydraConfig.instance().cfg = None
     return (f"model.pretrain_weak_epochs={epochs}", f"model.pretrain_strong_epochs={epochs}",
             f"model.pretrain_patience={patience}", f"model.pretrain_min_delta={min_delta}")
 
@@ -275,14 +269,8 @@ def patience_text(record: dict) -> str:
     if "patience" not in protocol:
         if "overrides" not in record:
             return "–"
-        from hydra.core.hydra_config import HydraConfig
-
-        from moegraph.train import compose_config
-
-        try:
-            protocol = backbone_protocol(compose_config(record["overrides"]))["protocol"]
-        finally:
-            HydraConfig.instance().cfg = None
+        with composed(record["overrides"]) as cfg:
+            protocol = backbone_protocol(cfg)["protocol"]
     patience = protocol["patience"]
     return "none" if patience is None else str(patience)
 
@@ -384,22 +372,6 @@ def _plot_confidence(by_key: dict) -> None:
         plt.close(fig)
 
 
-def parse_set(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
-    r"""``--set``'s ``KEY=VALUE`` items as ``{key: value}`` (values as given);
-    a malformed or repeated key is a usage error."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value or key.startswith(("+", "~")) or " " in key:
-            parser.error(f"--set takes KEY=VALUE overrides, got {item!r}")
-        if key in out:
-            parser.error(f"--set gives {key!r} twice")
-        if key in ("seed", "data.split", "experiment", "model", "model/strong"):
-            parser.error(f"--set cannot change {key!r}: the study sets it per run")
-        out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
@@ -407,17 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parse = add_tuned_study_arguments(
         parser, RESULTS / "node_classification_runs", RESULTS / "node_classification_tuning",
-        RESULTS / "node_classification_runs_tuned", "cell")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="a fixed configuration added to every cell's protocol (Hydra "
-                             "overrides), cached under node_classification_runs_set/ and "
-                             "tabled in node_classification_set_<tag>.md")
+        RESULTS / "node_classification_runs_tuned", "cell",
+        RESULTS / "node_classification_runs_set", "node_classification_set_<tag>.md")
     args = parse(argv)
-    fixed = parse_set(parser, args.set)
-    if fixed and args.tune:
-        parser.error("--set and --tune are two studies: give one of them")
-    if fixed and args.runs == RESULTS / "node_classification_runs":
-        args.runs = RESULTS / "node_classification_runs_set"
+    fixed = args.fixed
     command = command_line(__file__, argv)
 
     import torch

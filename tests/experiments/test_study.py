@@ -403,14 +403,15 @@ def test_set_study_arguments_cache_and_table(script, tmp_path):
     reads only them, naming the overrides."""
     import argparse
 
+    study = script("_study")
     nc = script("run_node_classification")
     parser = argparse.ArgumentParser()
-    assert nc.parse_set(parser, ["backbone.num_layers=4", "a.b=x=y"]) == {
+    assert study.parse_set(parser, ["backbone.num_layers=4", "a.b=x=y"]) == {
         "backbone.num_layers": "4", "a.b": "x=y"}
     for bad in (["backbone.num_layers"], ["=4"], ["a=1", "a=2"], ["data.split=2"],
                 ["model/strong=gin"], ["+trainer.x=1"]):
         with pytest.raises(SystemExit):
-            nc.parse_set(parser, bad)
+            study.parse_set(parser, bad)
     with pytest.raises(SystemExit):
         nc.main(["--tune", "2", "--set", "backbone.num_layers=4", "--dry-run"])
 
@@ -447,3 +448,98 @@ def test_patience_text_reads_the_record_or_composes_its_overrides(script):
     assert nc.patience_text(old) == "30"  # experiment/nc_tolokers.yaml
     old["overrides"].append("callbacks.early_stopping.patience=7")
     assert nc.patience_text(old) == "7"
+
+
+def test_set_arguments_move_the_default_cache(script, tmp_path):
+    r"""``--set`` (where a study offers it) gives ``args.fixed`` and moves the
+    default cache to the set's; a cache the user gave is kept; a study
+    without it has ``args.fixed == {}``."""
+    import argparse
+
+    study = script("_study")
+    runs, tuning, tuned, fixed = (tmp_path / n for n in ("runs", "tuning", "tuned", "fixed"))
+
+    def parse(argv, set_runs=fixed):
+        parser = argparse.ArgumentParser()
+        return study.add_tuned_study_arguments(parser, runs, tuning, tuned, "cell",
+                                               set_runs, "t.md")(argv)
+
+    args = parse(["--set", "trainer.max_epochs=300"])
+    assert args.fixed == {"trainer.max_epochs": "300"} and args.runs == fixed
+    assert parse([]).runs == runs and parse([]).fixed == {}
+    mine = tmp_path / "mine"
+    assert parse(["--set", "a=1", "--runs", str(mine)]).runs == mine
+    with pytest.raises(SystemExit):
+        parse(["--set", "a=1", "--tune", "3"])
+    assert parse([], set_runs=None).fixed == {}
+    with pytest.raises(SystemExit):
+        parse(["--set", "a=1"], set_runs=None)  # no such option there
+
+
+def test_composed_clears_hydra_config_also_on_error(script):
+    from hydra.core.hydra_config import HydraConfig
+
+    study = script("_study")
+    with study.composed(["experiment=nc_cora", "trainer.max_epochs=7"]) as cfg:
+        assert cfg.trainer.max_epochs == 7 and HydraConfig.initialized()
+    assert not HydraConfig.initialized()
+    with pytest.raises(RuntimeError), study.composed(["experiment=nc_cora"]):
+        raise RuntimeError("inside")
+    assert not HydraConfig.initialized()
+
+
+def test_reuse_run_copies_only_a_run_of_the_same_config(script, tmp_path):
+    r"""A run another study made is reused when its overrides compose the same
+    config, in any order; a different config or a missing file is not."""
+    study = script("_study")
+    ours = ["experiment=nc_cora", "seed=1", "model=gnn", "trainer.max_epochs=7"]
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"overrides": list(reversed(ours)), "metric": "acc",
+                                "metrics": {"test/acc": 0.5}, "model": "old"}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"overrides": [*ours, "trainer.max_epochs=8"],
+                                 "metrics": {"test/acc": 0.9}}))
+    out = tmp_path / "out" / "copy.json"
+    assert study.reuse_run(ours, {"model": "gnn"}, out, [tmp_path / "missing.json", other]) is None
+    assert not out.exists()
+    record = study.reuse_run(ours, {"model": "gnn"}, out, [other, same])
+    assert record == json.loads(out.read_text())
+    assert record["metrics"] == {"test/acc": 0.5} and record["model"] == "gnn"
+    assert record["overrides"] == ours and record["reused_from"].endswith("same.json")
+
+
+def test_graph_moe_set_study_names_reuses_and_tables_its_runs(script, tmp_path, monkeypatch):
+    r"""The graph-MoE study's ``--set``: runs tagged with the overrides (the
+    config hash composed with them), the GCN run of the node-classification
+    study with that config copied rather than trained, and a table of the
+    set's runs only, naming the overrides."""
+    script("run_node_classification")  # imported by run_graph_moe as a sibling script
+    gm = script("run_graph_moe")
+    fixed = {"trainer.max_epochs": "300"}
+    assert gm.run_name("tolokers", "gmoe", 0, None, fixed) != gm.run_name("tolokers", "gmoe", 0)
+    assert gm.config_hash("tolokers", "gmoe", ("trainer.max_epochs=300",)) != gm.config_hash(
+        "tolokers", "gmoe")
+    assert gm.run_name("tolokers", "gmoe", 0, None, fixed).endswith("__s60c82cb8.json")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a run it could reuse")
+
+    monkeypatch.setattr(gm, "train_cached", no_training)
+    record = gm.run_one("tolokers", "gnn", 0, tmp_path, None, fixed)  # committed study run
+    assert record["set"] == fixed and record["model"] == "gnn"
+    assert record["reused_from"] == (
+        "experiments/results/node_classification_runs_set/tolokers__gnn__gcn__s60c82cb8__seed0.json")
+    assert (tmp_path / gm.run_name("tolokers", "gnn", 0, None, fixed)).exists()
+
+    for model, score in (("gmoe", 0.9), ("gnn", 0.1)):  # a run outside the set: left out
+        plain = {"dataset": "tolokers", "model": model, "seed": 1, "metric": "auroc",
+                 "metrics": {"test/auroc": score}, "wall_seconds": 1.0}
+        (tmp_path / gm.run_name("tolokers", model, 1)).write_text(json.dumps(plain))
+    gmoe = {"dataset": "tolokers", "model": "gmoe", "seed": 0, "metric": "auroc", "set": fixed,
+            "metrics": {"test/auroc": 0.5}, "wall_seconds": 1.0}
+    (tmp_path / gm.run_name("tolokers", "gmoe", 0, None, fixed)).write_text(json.dumps(gmoe))
+    table = gm.build_table(tmp_path, "cmd", fixed=fixed)
+    row = next(line for line in table.splitlines() if line.startswith("| tolokers | 8"))
+    assert "| 50.00 ± 0.00 |" in row and "| 1 / 1 / 0 / 0 |" in row
+    assert "`trainer.max_epochs=300`" in table
+    assert "node_classification_runs_set/`" in table  # the reused run is named
