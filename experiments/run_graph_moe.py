@@ -228,13 +228,26 @@ def overrides_for(dataset: str, model: str, seed: int) -> list[str]:
     return out
 
 
-def build_table(runs: Path, command: str, seeds: int = 10,
-                tuned: dict[str, dict] | None = None, fixed: dict | None = None) -> str:
-    r"""The tables of the study from its cached runs: only the runs of the
-    current configs (seeds beyond ``seeds`` not probed); with ``tuned`` (cell
-    name -> search summary), those of each cell's chosen configuration; with
-    ``fixed``, those of the ``--set`` overrides (the load plot named after
-    their tag)."""
+def cached_runs(runs: Path, dataset: str, model: str, tuned: dict | None = None,
+                fixed: dict | None = None) -> list[Path]:
+    r"""The cached run files of one (dataset, model) cell under its current
+    config (and ``tuned`` / ``fixed`` choice), every seed, in seed order."""
+    prefix, suffix = run_name(dataset, model, 0, tuned, fixed).split("__seed0__")
+    found = []
+    for path in runs.glob(f"{prefix}__seed*__{suffix}"):
+        seed = path.name[len(prefix) + len("__seed"):-len(suffix) - 2]
+        if seed.isdigit():
+            found.append((int(seed), path))
+    return [path for _, path in sorted(found)]
+
+
+def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None,
+                fixed: dict | None = None) -> str:
+    r"""The tables of the study from its cached runs: those of the current
+    configs, every seed cached (whatever ``--seeds`` the last call gave);
+    with ``tuned`` (cell name -> search summary), those of each cell's chosen
+    configuration; with ``fixed``, those of the ``--set`` overrides (the load
+    plot named after their tag)."""
     def params(dataset: str, model: str) -> dict | None:
         if tuned is None:
             return None
@@ -242,9 +255,7 @@ def build_table(runs: Path, command: str, seeds: int = 10,
         return summary["params"] if summary is not None else {"untuned": True}
 
     records = [json.loads(p.read_text()) for dataset in DATASETS for model in MODELS
-               for seed in range(seeds)
-               if (p := runs / run_name(dataset, model, seed, params(dataset, model),
-                                        fixed)).exists()]
+               for p in cached_runs(runs, dataset, model, params(dataset, model), fixed)]
     by_key: dict[tuple, list[dict]] = {}
     for r in records:
         by_key.setdefault((r["dataset"], r["model"]), []).append(r)
@@ -480,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         run_pending(jobs, dry_run=args.dry_run)
         if args.dry_run:
             return
-    table = build_table(args.runs, command, seeds=args.seeds or 10, tuned=tuned, fixed=fixed)
+    table = build_table(args.runs, command, tuned=tuned, fixed=fixed)
     out = RESULTS / ("graph_moe_tuned.md" if tuned is not None else
                      f"graph_moe_set_{params_tag(fixed)}.md" if fixed else "graph_moe.md")
     table = write_results(out, table)

@@ -541,5 +541,13 @@ def test_graph_moe_set_study_names_reuses_and_tables_its_runs(script, tmp_path, 
     table = gm.build_table(tmp_path, "cmd", fixed=fixed)
     row = next(line for line in table.splitlines() if line.startswith("| tolokers | 8"))
     assert "| 50.00 ± 0.00 |" in row and "| 1 / 1 / 0 / 0 |" in row
+    # every cached seed counts, however many a call asked for: seed 12 too
+    (tmp_path / gm.run_name("tolokers", "gmoe", 12, None, fixed)).write_text(
+        json.dumps({**gmoe, "seed": 12, "metrics": {"test/auroc": 0.7}}))
+    assert [p.name.split("__")[2] for p in gm.cached_runs(tmp_path, "tolokers", "gmoe", None,
+                                                         fixed)] == ["seed0", "seed12"]
+    table = gm.build_table(tmp_path, "cmd", fixed=fixed)
+    row = next(line for line in table.splitlines() if line.startswith("| tolokers | 8"))
+    assert "| 60.00 ± 14.14 |" in row and "| 1 / 2 / 0 / 0 |" in row
     assert "`trainer.max_epochs=300`" in table
     assert "node_classification_runs_set/`" in table  # the reused run is named
