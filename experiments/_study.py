@@ -4,7 +4,11 @@ r"""What every study runner and benchmark under ``experiments/`` shares.
   :func:`moegraph.train.train` (a config composed by
   :func:`moegraph.train.compose_config`, the overrides ``moegraph-train``
   takes) and caches its record as one JSON file; :func:`run_pending` runs the
-  jobs whose file does not exist yet, so a study can be completed in parts.
+  jobs whose file does not exist yet, so a study can be completed in parts;
+  :func:`reuse_run` copies a run another study made with the same config;
+  :func:`composed` holds a composed config for a ``with`` block.
+* :func:`add_tuned_study_arguments` gives a study runner its arguments
+  (``--seeds``, ``--tune``, ``--set``, ...); :func:`parse_set` reads ``--set``.
 * :func:`mean_std` formats the mean and sample standard deviation of a cell;
   :func:`command_line` and :func:`results_header` put the command that made a
   results file at its top; :class:`Timer`, :func:`timed` and
