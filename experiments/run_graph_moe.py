@@ -235,7 +235,7 @@ def cached_runs(runs: Path, dataset: str, model: str, tuned: dict | None = None,
     prefix, suffix = run_name(dataset, model, 0, tuned, fixed).split("__seed0__")
     found = []
     for path in runs.glob(f"{prefix}__seed*__{suffix}"):
-        seed = path.name[len(prefix) + len("__seed"):-len(suffix) - 2]
+        seed = path.name.removeprefix(f"{prefix}__seed").removesuffix(f"__{suffix}")
         if seed.isdigit():
             found.append((int(seed), path))
     return [path for _, path in sorted(found)]
