@@ -699,6 +699,11 @@ class MowstTask(NodeClassificationTask):
         # before the loader of the first epoch draws its seed (in Lightning's
         # fit loop, ahead of on_train_epoch_start)
         self._switch_stream()
+        # The frozen parts' eval mode is set again at every epoch and step
+        # (on_train_epoch_start, training_step); until then every part is in
+        # train mode, so that Lightning's fit loop, which warns of modules in
+        # eval mode when it starts, does not warn of an intended freeze.
+        self.net.train()
 
     def _fit_schedule_to_budget(self, max_epochs: Optional[int]) -> None:
         r"""Scale the pre-training budgets and the patience down (with a

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import math
 import types
+import warnings
 
 import lightning as L
 import pytest
@@ -624,3 +625,20 @@ def test_a_rolled_back_gate_turn_tests_mowst_as_its_gnn(tmp_path):
     result = t.test(task, datamodule=make_dm(), ckpt_path="best", verbose=False)[0]
     assert result["test/confident"] == 0.0
     assert result["test/acc"] == result["test/acc_strong"]
+
+
+@pytest.mark.parametrize("variant", ["mowst", "mowst_star"])
+def test_fit_does_not_warn_of_frozen_parts_in_eval_mode(variant):
+    # Lightning's fit loop warns of modules in eval mode when it starts; the
+    # schedule's freeze (pre-training: the other expert and the gate frozen)
+    # is intended, and applied from the first epoch on, not before.
+    task = make_task(variant, pretrain_weak_epochs=2, pretrain_strong_epochs=2,
+                     turn_patience=2, max_rounds=1)
+    recorder = Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[recorder], max_epochs=6).fit(task, datamodule=make_dm())
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+    # the freeze itself still holds in every step of pre-training
+    assert ("pretrain_weak", True, False, False) in recorder.modes
+    assert ("pretrain_strong", False, False, True) in recorder.modes
