@@ -31,6 +31,7 @@ Writes ``experiments/results/mowst_expert_bins.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -160,6 +161,12 @@ def both_expert_rules(record: dict) -> dict[str, float]:
     }
 
 
+def _rule_column(rules: list[dict[str, float]], gnn: list[float], key: str) -> str:
+    r"""``mean ± std (gain over the GNN of the same run)`` of one rule."""
+    gain = [x[key] - b for x, b in zip(rules, gnn, strict=True)]
+    return f"{pct([x[key] for x in rules])} ({pct(gain)})"
+
+
 def pct(values: list[float]) -> str:
     mean = statistics.fmean(values) * 100
     std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
@@ -229,11 +236,7 @@ def report(datasets: list[str], seeds: int, command: str) -> str:
             f"{statistics.fmean(s['only_gnn']):.1f} |", ""]
         rules = [both_expert_rules(r) for r in recs]
         gnn = [statistics.fmean(split_arrays(r, "test")[2]) for r in recs]
-
-        def col(key: str) -> str:
-            gain = [x[key] - b for x, b in zip(rules, gnn, strict=True)]
-            return f"{pct([x[key] for x in rules])} ({pct(gain)})"
-
+        col = functools.partial(_rule_column, rules, gnn)
         lines += [
             "Rules that read both experts (test accuracy, in brackets the gain over the GNN "
             "of the same run):", "",

@@ -551,3 +551,22 @@ def test_graph_moe_set_study_names_reuses_and_tables_its_runs(script, tmp_path, 
     assert "| 60.00 ± 14.14 |" in row and "| 1 / 2 / 0 / 0 |" in row
     assert "`trainer.max_epochs=300`" in table
     assert "node_classification_runs_set/`" in table  # the reused run is named
+
+
+def test_graph_moe_set_of_a_key_only_some_models_have(script, tmp_path):
+    r"""``--set model.net.conv=sage`` fits the MoE models (their net has
+    ``conv``) and not GCN's (``model/strong``): the table shows the set's
+    MoE runs and no GCN cell, instead of failing to compose GCN's config."""
+    script("run_node_classification")
+    gm = script("run_graph_moe")
+    fixed = {"model.net.conv": "sage"}
+    moe = {"dataset": "minesweeper", "model": "moe_gnn", "seed": 0, "metric": "auroc",
+           "set": fixed, "metrics": {"test/auroc": 0.94}, "wall_seconds": 1.0}
+    (tmp_path / gm.run_name("minesweeper", "moe_gnn", 0, None, fixed)).write_text(
+        json.dumps(moe))
+    table = gm.build_table(tmp_path, "cmd", fixed=fixed)
+    row = next(line for line in table.splitlines() if line.startswith("| minesweeper |"))
+    assert "| 94.00 ± 0.00 |" in row and "| 0 / 0 / 0 / 1 |" in row
+    # a key that fits no model is an error, not an empty table
+    with pytest.raises(Exception, match="conv2"):
+        gm.build_table(tmp_path, "cmd", fixed={"model.net.conv2": "sage"})
