@@ -41,9 +41,14 @@ MIXTURE_PHASES = ("weak", "strong", "joint", "gate")
 # Full-batch steps of the gate on the out-of-fold logits before its turn's epochs
 # (one step each): a fresh gate moves too little within the turn's patience.
 GATE_FIT_STEPS = 300
-# The gate's logit (C = 0.018 on every node) that a gate turn which does not beat
-# the GNN is rolled back to: Mowst is then its GNN.
-GATE_START_LOGIT = -4.0
+# The gate's logit that a gate turn which does not beat the GNN is rolled back to:
+# C = sigmoid(-30) = 9e-14 on every node, so that Mowst is then its GNN in every
+# inference: the deterministic one (C < tau), the sampled one's expectation, and
+# Mowst*'s mixture C p_weak + (1 - C) p_strong, whose argmax is the GNN's (in
+# float32 1 - C rounds to 1). It was -4 (C = 0.018), which mixed 1.8% of the MLP
+# into Mowst*'s prediction: where the GNN's softmax is flat (GAT early-stopped at
+# epoch 8 on Cora, loss 1.91 for 7 classes) that moved 4.2% of the test nodes.
+GATE_OFF_LOGIT = -30.0
 
 
 def holdout_mask(node_id: Tensor, share: float, salt: int = 0) -> Tensor:
@@ -140,7 +145,8 @@ class MowstTask(NodeClassificationTask):
     out-of-fold prediction): :data:`GATE_FIT_STEPS` full-batch steps first,
     then the turn's epochs, early-stopped on validation with the final
     experts. It must beat the GNN's own validation score to be kept, else it
-    is rolled back to :math:`C \approx 0` on every node (Mowst = its GNN).
+    is rolled back to :math:`C \approx 0` (:data:`GATE_OFF_LOGIT`) on every node
+    (Mowst = its GNN, Mowst* too).
     By default (``max_rounds=0``) training ends there; with ``max_rounds > 0``
     rounds of alternating turns follow (the gate turn is round 1's weak
     turn). The cross-fitting trains
@@ -758,7 +764,7 @@ class MowstTask(NodeClassificationTask):
             last: Any = gate.mlp.lins[-1]  # type: ignore[index]  # PyG's MLP: a Linear
             with torch.no_grad():  # a constant C on every node
                 last.weight.zero_()
-                last.bias.fill_(GATE_START_LOGIT)
+                last.bias.fill_(GATE_OFF_LOGIT)
         self._turn_start_state = self._trained_state()
         if self.phase == "gate":
             # The gate learns from a fresh initialisation (C about 0.5): from the

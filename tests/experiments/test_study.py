@@ -531,6 +531,7 @@ def test_graph_moe_set_study_names_reuses_and_tables_its_runs(script, tmp_path, 
         "experiments/results/node_classification_runs_set/tolokers__gnn__gcn__s60c82cb8__seed0.json")
     assert (tmp_path / gm.run_name("tolokers", "gnn", 0, None, fixed)).exists()
 
+    monkeypatch.setattr(gm, "RESULTS", tmp_path)  # the tables' load plot: not in the repo
     for model, score in (("gmoe", 0.9), ("gnn", 0.1)):  # a run outside the set: left out
         plain = {"dataset": "tolokers", "model": model, "seed": 1, "metric": "auroc",
                  "metrics": {"test/auroc": score}, "wall_seconds": 1.0}
@@ -553,13 +554,14 @@ def test_graph_moe_set_study_names_reuses_and_tables_its_runs(script, tmp_path, 
     assert "node_classification_runs_set/`" in table  # the reused run is named
 
 
-def test_graph_moe_set_of_a_key_only_some_models_have(script, tmp_path):
+def test_graph_moe_set_of_a_key_only_some_models_have(script, tmp_path, monkeypatch):
     r"""``--set model.net.conv=sage`` fits the MoE models (their net has
     ``conv``) and not GCN's (``model/strong``): the table shows the set's
     MoE runs and no GCN cell, instead of failing to compose GCN's config."""
     script("run_node_classification")
     gm = script("run_graph_moe")
     fixed = {"model.net.conv": "sage"}
+    monkeypatch.setattr(gm, "RESULTS", tmp_path)  # the tables' load plot: not in the repo
     moe = {"dataset": "minesweeper", "model": "moe_gnn", "seed": 0, "metric": "auroc",
            "set": fixed, "metrics": {"test/auroc": 0.94}, "wall_seconds": 1.0}
     (tmp_path / gm.run_name("minesweeper", "moe_gnn", 0, None, fixed)).write_text(

@@ -513,8 +513,39 @@ def test_gate_turn_trains_a_fresh_gate_and_rolls_back_to_the_gnn():
     assert float((confidence - 0.5).abs().max()) < 0.3  # a fresh gate: about 0.5
     task._load_trained_state(task._turn_start_state)  # a turn rolled back
     confidence = task.net.forward_experts(data.x, data.edge_index).confidence
-    torch.testing.assert_close(confidence, torch.full_like(confidence, 0.01799),
-                               atol=1e-4, rtol=0)  # sigmoid(-4): every node to the GNN
+    assert float(confidence.max()) < 1e-12  # sigmoid(-30): every node to the GNN
+
+
+def test_a_rolled_back_mowst_star_predicts_as_its_gnn_even_when_the_gnn_is_unsure():
+    r"""Mowst* predicts the argmax of ``C p_weak + (1 - C) p_strong``: the
+    rolled-back gate must make that the GNN's argmax, also where the GNN's
+    softmax is nearly flat (an under-trained GAT on Cora: loss 1.91 for 7
+    classes) and a confident MLP disagrees. With the former roll-back logit
+    (-4, C = 0.018) the MLP decides such nodes."""
+    data = csbm_graph(num_nodes=N, num_classes=C, num_features=FEAT)
+    task = make_task("mowst_star", crossfit_folds=2)
+    net = task.net
+    task._begin_turn()
+    task._load_trained_state(task._turn_start_state)  # the gate's turn rolled back
+    net.eval()
+    with torch.no_grad():
+        for param in net.strong.convs[-1].parameters():  # unsure: its logits * 1e-3
+            param.mul_(1e-3)
+        out = net.forward_experts(data.x, data.edge_index)
+        strong = out.strong_logits.argmax(-1)
+        weak = out.weak_logits.argmax(-1)
+        assert float(out.strong_logits.softmax(-1).max()) < 0.4  # flat
+        assert bool((weak != strong).any())  # the MLP disagrees somewhere
+        # Mowst*'s prediction (forward: the mixture's log-probabilities) and Mowst's
+        mixed = net(data.x, data.edge_index).logits.argmax(-1)
+        torch.testing.assert_close(mixed, strong, rtol=0, atol=0)
+        torch.testing.assert_close(net.predict(data.x, data.edge_index).probs.argmax(-1),
+                                   strong, rtol=0, atol=0)
+        # the former roll-back state would have let the MLP decide some nodes
+        from moegraph.nn.mowst import mixture_log_probs
+        old = mixture_log_probs(out.weak_logits, out.strong_logits,
+                                torch.full_like(out.gate_logit, -4.0)).argmax(-1)
+        assert bool((old != strong).any())
 
 
 def test_crossfit_is_refused_with_a_fixed_gate_and_one_fold():
