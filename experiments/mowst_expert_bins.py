@@ -98,8 +98,7 @@ def split_arrays(record: dict, split: str) -> tuple[list[float], list[bool], lis
     assert m["y"] == g["y"]
     conf = [max(p) for p in m["prob"]]
     def right(r: dict) -> list[bool]:
-        return [max(range(len(p)), key=p.__getitem__) == y
-                for p, y in zip(r["prob"], r["y"], strict=True)]
+        return [_argmax(p) == y for p, y in zip(r["prob"], r["y"], strict=True)]
 
     return conf, right(m), right(g)
 
@@ -134,6 +133,14 @@ def blend(record: dict, split: str, w: float) -> float:
         for pm, pg, y in zip(m["prob"], g["prob"], m["y"], strict=True))
 
 
+def _thresholds(record: dict, split: str) -> list[float]:
+    r"""The candidate ``t`` of :func:`margin_switch` on ``split``: every
+    node's margin, and ``inf`` (the GNN alone)."""
+    m, g = record["mlp"][split], record["gnn"][split]
+    return [float("inf"), *{max(pm) - max(pg)
+                            for pm, pg in zip(m["prob"], g["prob"], strict=True)}]
+
+
 def _argmax(p: list[float]) -> int:
     return max(range(len(p)), key=p.__getitem__)
 
@@ -145,17 +152,12 @@ def both_expert_rules(record: dict) -> dict[str, float]:
     r"""Test accuracy of the two rules that read both experts, with ``t`` /
     ``w`` chosen on the validation nodes and on the test nodes (ties go to the
     GNN: the larger ``t``, the smaller ``w``)."""
-    m, g = record["mlp"]["val"], record["gnn"]["val"]
-    margins = sorted({max(pm) - max(pg) for pm, pg in zip(m["prob"], g["prob"], strict=True)})
-    t_val = max([float("inf"), *margins],
-                key=lambda t: (margin_switch(record, "val", t), t))
-    m, g = record["mlp"]["test"], record["gnn"]["test"]
-    test_margins = {max(pm) - max(pg) for pm, pg in zip(m["prob"], g["prob"], strict=True)}
+    t_val = max(_thresholds(record, "val"), key=lambda t: (margin_switch(record, "val", t), t))
     w_val = max(BLEND_WEIGHTS, key=lambda w: (blend(record, "val", w), -w))
     return {
         "switch_val": margin_switch(record, "test", t_val),
         "switch_test": max(margin_switch(record, "test", t)
-                           for t in [float("inf"), *test_margins]),
+                           for t in _thresholds(record, "test")),
         "blend_val": blend(record, "test", w_val), "blend_w": w_val,
         "blend_test": max(blend(record, "test", w) for w in BLEND_WEIGHTS),
     }

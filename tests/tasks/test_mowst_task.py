@@ -13,6 +13,7 @@ from torch_geometric.nn.models import GCN, MLP
 
 from moegraph.data import NodeDataModule, csbm_graph
 from moegraph.nn import Mowst, MowstOutput
+from moegraph.nn.mowst import mixture_log_probs
 from moegraph.tasks import MowstMetrics, MowstTask, NodeClassificationTask
 from moegraph.tasks.metrics import expected_accuracy
 from moegraph.tasks.mowst_schedule import ScheduleConfig
@@ -542,7 +543,6 @@ def test_a_rolled_back_mowst_star_predicts_as_its_gnn_even_when_the_gnn_is_unsur
         torch.testing.assert_close(net.predict(data.x, data.edge_index).probs.argmax(-1),
                                    strong, rtol=0, atol=0)
         # the former roll-back state would have let the MLP decide some nodes
-        from moegraph.nn.mowst import mixture_log_probs
         old = mixture_log_probs(out.weak_logits, out.strong_logits,
                                 torch.full_like(out.gate_logit, -4.0)).argmax(-1)
         assert bool((old != strong).any())
