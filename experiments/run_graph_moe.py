@@ -151,6 +151,8 @@ def config_hash(dataset: str, model: str, fixed: tuple[str, ...] = ()) -> str:
         net.pop("shared_expert", None)  # off: the network of the older runs
     if net.get("balance", "all") == "all":
         net.pop("balance", None)  # the paper's balance: the network of the older runs
+    if net.get("ffn_scale", 0.0) is None:
+        net.pop("ffn_scale")  # no LayerScale: the network of the older runs
     if net.get("ffn") == "dense":
         net["moe_kwargs"] = {}  # no MoE block to take them: the network of the older runs
     if net["_target_"].endswith("MoEGNN") and not net.get("residual", True):

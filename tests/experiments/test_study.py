@@ -276,6 +276,10 @@ def test_graph_moe_cache_keys_are_those_of_the_cached_runs(script):
             assert study.config_hash(dataset, model) in cached[key], key
             checked += 1
     assert checked == 8
+    # an option whose default (null) builds the older network is hashed only when set
+    for model in ("dense_gnn", "moe_gnn"):
+        assert study.config_hash("cora", model, ("model.net.ffn_scale=0.0",)) != \
+            study.config_hash("cora", model)
 
 
 def test_load_or_tune_searches_only_the_cells_short_of_the_budget(script, tmp_path, capsys):
