@@ -483,6 +483,16 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MOEGRAPH_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
     cells = [(d, m) for d in args.datasets for m in args.models if (d, m) not in SKIP]
+    if fixed and not args.table_only:
+        from hydra.errors import ConfigCompositionException
+        for dataset, model in cells:
+            try:
+                config_hash(dataset, model, tuple(best_overrides(fixed)))
+            except ConfigCompositionException as error:  # e.g. model.net.conv for model=gnn
+                parser.error(f"--set {' '.join(best_overrides(fixed))} does not fit "
+                             f"model={model} on {dataset} ({str(error).splitlines()[0]}); "
+                             f"leave {model} out of "
+                             "--models")
     tuned: dict[str, dict] | None = None
     if args.tune:
         tuned = load_or_tune(

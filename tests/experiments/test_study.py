@@ -576,3 +576,16 @@ def test_graph_moe_set_of_a_key_only_some_models_have(script, tmp_path, monkeypa
     # a key that fits no model is an error, not an empty table
     with pytest.raises(Exception, match="conv2"):
         gm.build_table(tmp_path, "cmd", fixed={"model.net.conv2": "sage"})
+
+
+def test_graph_moe_set_that_does_not_fit_a_named_model_is_a_usage_error(script, capsys):
+    r"""``--set`` with a key that one of ``--models`` lacks (GCN has no
+    feed-forward part) stops before any run, naming the model."""
+    script("run_node_classification")  # imported by run_graph_moe as a sibling script
+    gm = script("run_graph_moe")
+    with pytest.raises(SystemExit) as stop:
+        gm.main(["--set", "model.net.ffn_scale=0.0", "--datasets", "cora",
+                 "--models", "moe_gnn", "gnn", "--dry-run"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not fit model=gnn on cora" in err and "leave gnn out of --models" in err
