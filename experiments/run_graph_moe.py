@@ -16,9 +16,10 @@ Pairs, each MoE model against its dense twin:
 * ``moe_gnn`` (:class:`~moegraph.nn.models.MoEGNN`, ``model=moe_gnn``: the
   experiment's backbone blocks, GCN layers or residual GCN blocks, each
   followed by a sparse MoE feed-forward part: 8 routed experts of width 64,
-  top-1, beside one always-on shared expert of width 64) against ``dense_gnn``
+  top-1, beside one always-on shared expert of width 64, scaled by a learned
+  per-channel gamma started at 0, ReZero) against ``dense_gnn``
   (``model=dense_gnn``: the same blocks with a dense feed-forward part of
-  width 128, the MoE's active width).
+  width 128, the MoE's active width, scaled alike).
 
 Runs are cached one JSON per (dataset, model, seed, configuration) under
 ``--runs``, so the study can be completed in parts; the file name holds a hash
@@ -299,7 +300,8 @@ def build_table(runs: Path, command: str, tuned: dict[str, dict] | None = None,
         "features, on cora, citeseer, amherst41, reed98 (before 2026-12-03 with input "
         "dropout), residual LayerNorm blocks on minesweeper and tolokers, each "
         "followed by a sparse MoE feed-forward part: 8 routed experts of width 64, top-1, "
-        "beside one always-on shared expert of width 64) vs "
+        "beside one always-on shared expert of width 64; each feed-forward part scaled by "
+        "a learned per-channel γ started at 0 (ReZero, since 2026-12-04; none before)) vs "
         "**dense-FFN GNN** (the same blocks, dense feed-forward of width 128). Δ of GMoE: "
         "GMoE − GCN; Δ of MoE-GNN: MoE − dense. **hop-2 share**: share of GMoE's "
         "assignments on hop-2 experts (test-time routing on the full graph, mean over "

@@ -157,6 +157,20 @@ def test_gnn_baseline(compose_cfg):
 
 
 @pytest.mark.parametrize("model", ["moe_gnn", "dense_gnn"])
+def test_moe_gnn_feed_forward_starts_at_zero_scale_by_default(compose_cfg, model):
+    r"""``model=moe_gnn`` and its dense twin put ReZero on every feed-forward
+    part (a learned per-channel scale started at 0); ``ffn_scale=null`` is the
+    unscaled branch of the older runs."""
+    net = instantiate_run(compose_cfg(TINY, f"model={model}"), trainer=False)["net"]
+    assert net.ffn_scale == 0.0 and net.ffn_scales is not None
+    assert len(net.ffn_scales) == len(net.ffns) > 0
+    assert all(g.requires_grad and torch.equal(g, torch.zeros_like(g)) for g in net.ffn_scales)
+    off = instantiate_run(compose_cfg(TINY, f"model={model}", "model.net.ffn_scale=null"),
+                          trainer=False)["net"]
+    assert off.ffn_scale is None and off.ffn_scales is None
+
+
+@pytest.mark.parametrize("model", ["moe_gnn", "dense_gnn"])
 def test_moe_gnn_feed_forward_is_spectral_and_bias_free_by_default(compose_cfg, model):
     from moegraph.nn.experts import SpectralLinear
 
