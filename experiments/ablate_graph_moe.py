@@ -55,6 +55,11 @@ GROUPS: dict[str, dict[str, list[str]]] = {
         "dense, dropout 0.5 (input too)": OLD_DENSE + ["model.net.input_dropout=0.5",
                                                        "model.net.dropout=0.5"],
         "dense, no norm": OLD_DENSE + ["model.net.norm=null"],
+        # tolokers' 150 epochs end while every model still improves: does ReZero
+        # (the default since section 14) lose there only because it fits later?
+        "moe, 300 epochs": ["model=moe_gnn", "trainer.max_epochs=300"],
+        "moe, no ffn scale, 300 epochs": ["model=moe_gnn", "model.net.ffn_scale=null",
+                                          "trainer.max_epochs=300"],
         "dense, no FFN": OLD_DENSE + ["model.net.ffn=none"],
         "dense, no conv residual": OLD_DENSE + ["model.net.residual=false"],
         "dense, no conv residual, dropout 0.5": OLD_DENSE + [
