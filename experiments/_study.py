@@ -508,15 +508,49 @@ def tune_cell(name: str, overrides: Sequence[str], family: str, folder: Path,
     return summary
 
 
+def set_aside_search(folder: Path, name: str, summary: dict) -> Path:
+    r"""Move the search ``folder/<name>.db`` / ``.json`` to
+    ``folder/stale/<name>__<its config>/``, where a later search of the cell
+    cannot resume it; the new folder."""
+    target = folder / "stale" / f"{name}__{summary.get('config') or 'unrecorded'}"
+    target.mkdir(parents=True, exist_ok=True)
+    for suffix in (".db", ".json"):
+        source = folder / f"{name}{suffix}"
+        if source.exists():
+            source.rename(target / source.name)
+    return target
+
+
 def load_or_tune(cells: Sequence[tuple[str, Callable[[], dict]]], folder: Path, trials: int,
-                 search: bool = True, dry_run: bool = False) -> dict[str, dict]:
+                 search: bool = True, dry_run: bool = False,
+                 configs: Optional[dict[str, str]] = None) -> dict[str, dict]:
     r"""The search summaries of a tuned study, cell name -> summary, read from
     ``folder/*.json``; with ``search``, each cell of ``cells`` (name, a call
     that searches it) whose summary does not count ``trials`` trials is
     searched (listed only, with ``dry_run``). Every model gets the same
-    ``trials``."""
+    ``trials``.
+
+    ``configs`` (cell name -> a hash of the cell's untuned config, which the
+    search's summary records as ``config``): a summary made under another
+    config (a default changed since, or none recorded) is *stale*: its
+    trials searched another model. It is left out; with ``search`` (not
+    ``dry_run``) it is moved to ``folder/stale/`` (:func:`set_aside_search`)
+    and the cell searched again."""
     folder.mkdir(parents=True, exist_ok=True)
     tuned = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    for name, config in (configs or {}).items():
+        summary = tuned.get(name)
+        if summary is None or summary.get("config") == config:
+            continue
+        del tuned[name]
+        was = summary.get("config") or "not recorded"
+        if search and not dry_run:
+            moved = set_aside_search(folder, name, summary)
+            print(f"[tune] {name}: the search ran under another config ({was}, now "
+                  f"{config}): moved to {moved}, searched again", flush=True)
+        else:
+            print(f"[tune] {name}: stale search (config {was}, now {config}): left out",
+                  flush=True)
     if search:
         for name, tune in cells:
             summary = tuned.get(name)

@@ -44,6 +44,10 @@ cell in ``--tuning``), then every seed with the best configuration (runs in
 
     python experiments/run_graph_moe.py --tune 20 --datasets cora amherst41 --seeds 10
 
+A search records the hash of the cell's untuned config; once a default of
+the model changes, the search is stale (it searched another model): it is
+moved to ``--tuning``'s ``stale/`` folder and the cell searched again.
+
 ``--set KEY=VALUE ...`` runs the study with fixed overrides added to every
 run (runs in ``graph_moe_runs_set/``, the file name tagged with the
 overrides; table ``graph_moe_set_<tag>.md``), as ``run_node_classification.py
@@ -201,7 +205,8 @@ def tune_one(dataset: str, model: str, trials: int, folder: Path) -> dict:
     r"""The search of one (dataset, model) cell: ``hparams_search=<model>``
     on seed 0 / split 0, the validation score."""
     return tune_cell(f"{dataset}__{model}", overrides_for(dataset, model, 0), model, folder,
-                     trials, {"dataset": dataset, "model": model})
+                     trials, {"dataset": dataset, "model": model,
+                              "config": config_hash(dataset, model)})
 
 
 def tuned_table(tuned: dict[str, dict]) -> list[str]:
@@ -500,7 +505,8 @@ def main(argv: list[str] | None = None) -> None:
         tuned = load_or_tune(
             [(f"{d}__{m}", functools.partial(tune_one, d, m, args.tune, args.tuning))
              for d, m in cells],
-            args.tuning, args.tune, search=not args.table_only, dry_run=args.dry_run)
+            args.tuning, args.tune, search=not args.table_only, dry_run=args.dry_run,
+            configs={f"{d}__{m}": config_hash(d, m) for d, m in cells})
     if not args.table_only:
         jobs = []
         for seed, dataset in seed_major(args.datasets, args.seeds, DEFAULT_SEEDS):

@@ -591,3 +591,46 @@ def test_graph_moe_set_that_does_not_fit_a_named_model_is_a_usage_error(script, 
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "does not fit model=gnn on cora" in err and "leave gnn out of --models" in err
+
+
+def test_load_or_tune_sets_aside_a_search_of_another_config(script, tmp_path, capsys):
+    r"""A default changed after a search: its trials searched another model,
+    so the search is neither read nor resumed (the SQLite study moves with
+    it), and the cell is searched again."""
+    study = script("_study")
+    folder = tmp_path / "tuning"
+    folder.mkdir()
+    for name, config in (("a__moe", "old"), ("b__gnn", "cur"), ("c__moe", None)):
+        record = {"trials": 20, "params": {"x": name}}
+        if config is not None:
+            record["config"] = config
+        (folder / f"{name}.json").write_text(json.dumps(record))
+        (folder / f"{name}.db").write_text("trials")
+    calls = []
+
+    def tune(name):
+        def run():
+            assert not (folder / f"{name}.db").exists()  # never resumed
+            calls.append(name)
+            return {"trials": 20, "params": {"x": "new"}, "config": "cur"}
+        return run
+
+    names = ("a__moe", "b__gnn", "c__moe")
+    cells = [(n, tune(n)) for n in names]
+    configs = dict.fromkeys(names, "cur")
+    # table only / dry run: the stale searches are left out, and left where they are
+    assert set(study.load_or_tune(cells, folder, 20, search=False, configs=configs)) == {
+        "b__gnn"}
+    assert set(study.load_or_tune(cells, folder, 20, dry_run=True, configs=configs)) == {
+        "b__gnn"}
+    assert calls == [] and (folder / "a__moe.db").exists()
+    assert "a__moe: stale search (config old, now cur)" in capsys.readouterr().out
+    tuned = study.load_or_tune(cells, folder, 20, configs=configs)
+    assert calls == ["a__moe", "c__moe"]
+    assert tuned["b__gnn"]["params"] == {"x": "b__gnn"}
+    assert tuned["a__moe"]["params"] == {"x": "new"}
+    for name, config in (("a__moe", "old"), ("c__moe", "unrecorded")):
+        moved = folder / "stale" / f"{name}__{config}"
+        assert json.loads((moved / f"{name}.json").read_text())["params"] == {"x": name}
+        assert (moved / f"{name}.db").read_text() == "trials"
+    assert "moved to" in capsys.readouterr().out
