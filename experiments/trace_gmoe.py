@@ -5,7 +5,8 @@ r"""Why GMoE underfits: a per-epoch trace of one run, and the router's scale.
 stopping) and prints every ``--every`` epochs the cross-entropy, the training
 accuracy in training and in eval mode, the validation and test accuracy, and
 per routed layer the share of nodes whose training-time expert (noise, dropout)
-is their test-time one::
+is their test-time one, and for MoE-GNN with ``ffn_scale`` the mean |γ| of each
+feed-forward part::
 
     python experiments/trace_gmoe.py trace reed98 --seed 1 --epochs 200 -- model=gmoe_paper
     python experiments/trace_gmoe.py trace reed98 --seed 0 --epochs 150 -- \
@@ -57,12 +58,16 @@ def trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) ->
         agree = [float((a.expert == b.expert).float().mean())
                  for a, b in zip(out.routing or (), ev.routing or (), strict=True)
                  if a.expert.shape == b.expert.shape]
+        # MoEGNN's LayerScale / ReZero vectors: mean |gamma| of each feed-forward part
+        gammas = [float(g.detach().abs().mean()) for g in getattr(net, "ffn_scales", None) or ()]
         print(f"epoch {epoch:3d}  ce {float(ce):.3f}  "
               f"train {score(out.logits.detach()[tr], data.y[tr], metric):.3f} (train mode) "
               f"{score(ev.logits[tr], data.y[tr], metric):.3f} (eval)  "
               f"val {score(ev.logits[va], data.y[va], metric):.3f}  "
               f"test {score(ev.logits[te], data.y[te], metric):.3f}  "
-              f"routing agreement {' / '.join(f'{a:.2f}' for a in agree) or '-'}", flush=True)
+              f"routing agreement {' / '.join(f'{a:.2f}' for a in agree) or '-'}"
+              + (f"  |gamma| {' / '.join(f'{g:.3f}' for g in gammas)}" if gammas else ""),
+              flush=True)
 
 
 def router_trace(dataset: str, seed: int, epochs: int, every: int, extra: list[str]) -> None:
